@@ -1,0 +1,100 @@
+"""Engine and sessions for the index, on SQLite (embedded default) and PostgreSQL alike."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+
+
+class Database:
+    """The index database: an engine, a session factory and the write discipline.
+
+    On SQLite only one writer can hold the database at a time. Write transactions therefore
+    start with ``BEGIN IMMEDIATE`` (no late lock upgrade that fails with "database is locked")
+    and are serialised inside the process; other processes wait on ``busy_timeout``.
+    PostgreSQL needs neither: concurrent writers rely on row locks and unique constraints.
+    """
+
+    def __init__(
+        self, url: str, *, sqlite_synchronous: str = "NORMAL", pool_size: int = 10
+    ) -> None:
+        self.url = make_url(url)
+        self.is_sqlite = self.url.get_backend_name() == "sqlite"
+        self._write_lock = threading.Lock()
+        kwargs: dict[str, Any] = {"future": True}
+        if self.is_sqlite:
+            database = self.url.database
+            if database and database != ":memory:":
+                Path(database).parent.mkdir(parents=True, exist_ok=True)
+            kwargs["connect_args"] = {"check_same_thread": False, "timeout": 60}
+            kwargs["pool_size"] = pool_size
+        else:
+            kwargs["pool_size"] = pool_size
+            kwargs["max_overflow"] = pool_size * 2
+            kwargs["pool_pre_ping"] = True
+        self.engine: Engine = create_engine(url, **kwargs)
+        if self.is_sqlite:
+            self._configure_sqlite(self.engine, sqlite_synchronous)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._write_engine = self.engine.execution_options(pacsbridge_write=True)
+        self._write_sessions = sessionmaker(self._write_engine, expire_on_commit=False)
+
+    @staticmethod
+    def _configure_sqlite(engine: Engine, synchronous: str) -> None:
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+            # Let SQLAlchemy's "begin" event decide how a transaction starts.
+            dbapi_conn.isolation_level = None
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute(f"PRAGMA synchronous={synchronous}")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA busy_timeout=60000")
+            cur.execute("PRAGMA cache_size=-65536")
+            cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _on_begin(conn: Any) -> None:
+            if conn.get_execution_options().get("pacsbridge_write"):
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+            else:
+                conn.exec_driver_sql("BEGIN")
+
+    def session(self) -> Session:
+        """A session for reading (and incidental writes on PostgreSQL)."""
+        return self._sessions()
+
+    @contextmanager
+    def write_session(self) -> Iterator[Session]:
+        """A session for one write transaction; commits on success, rolls back on error."""
+        if self.is_sqlite:
+            with self._write_lock, self._write_sessions() as session, session.begin():
+                yield session
+        else:
+            with self._write_sessions() as session, session.begin():
+                yield session
+
+    def upgrade(self) -> None:
+        """Bring the schema to the newest Alembic revision."""
+        command.upgrade(alembic_config(self.engine), "head")
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def alembic_config(engine: Engine) -> AlembicConfig:
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.attributes["engine"] = engine
+    return cfg

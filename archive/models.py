@@ -1,0 +1,165 @@
+"""The index: patient, study, series, instance (PS3.4 C.6 query/retrieve levels).
+
+Columns hold the attributes C-FIND and QIDO-RS match on (PS3.4 C.6.1.1 / C.6.2.1 required and
+optional keys); everything else of an instance is in its DICOM JSON (PS3.18 F.2), stored at ingest
+so that metadata requests never re-read the file. Person names are also kept in an upper-cased
+``*_search`` column for case-insensitive matching.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    func,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+# Stable constraint names so that Alembic migrations are the same on SQLite and PostgreSQL.
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+DicomJson = JSON().with_variant(JSONB(), "postgresql")
+
+# VR lengths (PS3.5 6.2): UI 64, LO 64, SH 16, CS 16, PN 64 per component group, DA 8, TM 16, IS 12.
+UI = String(64)
+PN = String(324)
+LO = String(64)
+SH = String(16)
+CS = String(16)
+DA = String(8)
+TM = String(16)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class Patient(Base):
+    __tablename__ = "patient"
+    __table_args__ = (UniqueConstraint("patient_id", "issuer_of_patient_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    patient_id: Mapped[str] = mapped_column(LO, nullable=False, index=True)
+    issuer_of_patient_id: Mapped[str] = mapped_column(LO, nullable=False, default="")
+    patient_name: Mapped[str | None] = mapped_column(PN)
+    patient_name_search: Mapped[str | None] = mapped_column(PN, index=True)
+    patient_birth_date: Mapped[str | None] = mapped_column(DA, index=True)
+    patient_sex: Mapped[str | None] = mapped_column(CS)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+    studies: Mapped[list[Study]] = relationship(back_populates="patient")
+
+
+class Study(Base):
+    __tablename__ = "study"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(UI, nullable=False, unique=True)
+    patient_fk: Mapped[int] = mapped_column(
+        ForeignKey("patient.id", ondelete="CASCADE"), nullable=False, index=True
+    )
+    study_date: Mapped[str | None] = mapped_column(DA, index=True)
+    study_time: Mapped[str | None] = mapped_column(TM)
+    accession_number: Mapped[str | None] = mapped_column(SH, index=True)
+    study_id: Mapped[str | None] = mapped_column(SH)
+    study_description: Mapped[str | None] = mapped_column(LO)
+    referring_physician_name: Mapped[str | None] = mapped_column(PN)
+    referring_physician_name_search: Mapped[str | None] = mapped_column(PN)
+    institution_name: Mapped[str | None] = mapped_column(LO)
+    specific_character_set: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now(), index=True
+    )
+    """When the last instance of the study arrived (stable-study detection)."""
+
+    patient: Mapped[Patient] = relationship(back_populates="studies")
+    series: Mapped[list[Series]] = relationship(back_populates="study")
+
+
+class Series(Base):
+    __tablename__ = "series"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_instance_uid: Mapped[str] = mapped_column(UI, nullable=False, unique=True)
+    study_fk: Mapped[int] = mapped_column(
+        ForeignKey("study.id", ondelete="CASCADE"), nullable=False, index=True
+    )
+    modality: Mapped[str | None] = mapped_column(CS, index=True)
+    series_number: Mapped[int | None] = mapped_column(Integer)
+    series_description: Mapped[str | None] = mapped_column(LO)
+    body_part_examined: Mapped[str | None] = mapped_column(CS)
+    series_date: Mapped[str | None] = mapped_column(DA)
+    series_time: Mapped[str | None] = mapped_column(TM)
+    protocol_name: Mapped[str | None] = mapped_column(LO)
+    station_name: Mapped[str | None] = mapped_column(SH)
+    manufacturer: Mapped[str | None] = mapped_column(LO)
+    performed_procedure_step_start_date: Mapped[str | None] = mapped_column(DA)
+    performed_procedure_step_start_time: Mapped[str | None] = mapped_column(TM)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+    study: Mapped[Study] = relationship(back_populates="series")
+    instances: Mapped[list[Instance]] = relationship(back_populates="series")
+
+
+class Instance(Base):
+    __tablename__ = "instance"
+    __table_args__ = (
+        Index("ix_instance_series_fk_instance_number", "series_fk", "instance_number"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(UI, nullable=False, unique=True)
+    sop_class_uid: Mapped[str] = mapped_column(UI, nullable=False, index=True)
+    series_fk: Mapped[int] = mapped_column(
+        ForeignKey("series.id", ondelete="CASCADE"), nullable=False
+    )
+    instance_number: Mapped[int | None] = mapped_column(Integer)
+    number_of_frames: Mapped[int | None] = mapped_column(Integer)
+    rows: Mapped[int | None] = mapped_column(Integer)
+    columns: Mapped[int | None] = mapped_column(Integer)
+    content_date: Mapped[str | None] = mapped_column(DA)
+    content_time: Mapped[str | None] = mapped_column(TM)
+    transfer_syntax_uid: Mapped[str] = mapped_column(UI, nullable=False)
+    size_bytes: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    sha256: Mapped[str] = mapped_column(String(64), nullable=False)
+    blob_key: Mapped[str] = mapped_column(Text, nullable=False)
+    calling_ae_title: Mapped[str | None] = mapped_column(String(16))
+    """Who sent it (Calling AE Title for DIMSE; empty for imports)."""
+    dicom_json: Mapped[dict] = mapped_column(DicomJson, nullable=False)
+    received_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now()
+    )
+
+    series: Mapped[Series] = relationship(back_populates="instances")
+
+
+class PendingBlobDeletion(Base):
+    """Blobs whose index rows are gone; deleted after the commit, retried at start.
+
+    Written in the same transaction that removes the index rows, so that a crash between the
+    commit and the blob deletion neither loses the deletion nor lets the start-up reconciler
+    bring a deleted instance back.
+    """
+
+    __tablename__ = "pending_blob_deletion"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    blob_key: Mapped[str] = mapped_column(Text, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())

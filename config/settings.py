@@ -1,0 +1,161 @@
+"""pacsbridge settings.
+
+Sources, highest priority first: keyword arguments, environment variables ``PACSBRIDGE_*``,
+a ``.env`` file in the working directory, the TOML file named by ``PACSBRIDGE_CONFIG``, defaults.
+Every setting is documented in the README with its default.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+DuplicatePolicy = Literal["keep", "overwrite"]
+
+
+class PeerSettings(BaseModel):
+    """A remote DICOM application entity (``[peers.<name>]`` in the TOML file)."""
+
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="PACSBRIDGE_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+    )
+
+    # --- where things live -------------------------------------------------------------
+    config: Path | None = None
+    """TOML file with structured settings (only read from the environment / .env)."""
+    data_dir: Path = Path("./pacsbridge-data")
+    database_url: str | None = None
+    """SQLAlchemy URL of the index. Default: ``sqlite:///<data_dir>/index.sqlite``."""
+    storage_url: str | None = None
+    """``file:///path`` or ``s3://bucket[/prefix]``. Default: ``file://<data_dir>/blobs``."""
+    s3_endpoint: str | None = None
+    s3_access_key: str | None = None
+    s3_secret_key: str | None = None
+    s3_secure: bool = True
+    s3_region: str | None = None
+
+    # --- index -------------------------------------------------------------------------
+    sqlite_synchronous: Literal["NORMAL", "FULL"] = "NORMAL"
+    database_pool_size: int = Field(default=10, ge=1)
+    migrate_on_start: bool = True
+
+    # --- blob store --------------------------------------------------------------------
+    storage_fsync: bool = True
+    """Flush every blob to stable storage before the sender is told it is stored."""
+    min_free_disk_mb: int = Field(default=500, ge=0)
+    """Refuse new instances (0xA700 / 507) when the filesystem store has less free space."""
+    reconcile_on_start: bool = True
+    """At start, index blobs that have no index row (a crash between blob and index write)."""
+
+    # --- ingest ------------------------------------------------------------------------
+    duplicate_policy: DuplicatePolicy = "keep"
+    refused_sop_classes: list[str] = Field(default_factory=list)
+    """Storage SOP Class UIDs (or pydicom keywords) the node refuses."""
+
+    # --- DIMSE -------------------------------------------------------------------------
+    ae_title: str = "PACSBRIDGE"
+    dimse_host: str = "0.0.0.0"
+    dimse_port: int = Field(default=11112, ge=0, le=65535)
+    max_associations: int = Field(default=64, ge=1)
+    require_called_ae_title: bool = False
+    """Reject associations whose Called AE Title is not ``ae_title``."""
+    allowed_calling_ae_titles: list[str] = Field(default_factory=list)
+    """When not empty, only these Calling AE Titles may associate."""
+    maximum_pdu_size: int = Field(default=0, ge=0)
+    """Maximum PDU size we receive (0 = unlimited)."""
+    dimse_timeout: float = 60.0
+    network_timeout: float = 60.0
+    acse_timeout: float = 30.0
+
+    # --- HTTP --------------------------------------------------------------------------
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(default=8000, ge=0, le=65535)
+
+    # --- logging -----------------------------------------------------------------------
+    log_level: str = "INFO"
+    log_format: Literal["text", "json"] = "text"
+
+    # --- structured (TOML) -------------------------------------------------------------
+    peers: dict[str, PeerSettings] = Field(default_factory=dict)
+
+    @field_validator("ae_title")
+    @classmethod
+    def _valid_ae_title(cls, value: str) -> str:
+        # PS3.5 6.2: AE is at most 16 characters of the Default Character Repertoire,
+        # no backslash or control characters; leading/trailing spaces are not significant.
+        value = value.strip()
+        if not value or len(value) > 16 or "\\" in value or not value.isascii():
+            raise ValueError("an AE title is 1 to 16 ASCII characters without backslash")
+        if any(ord(c) < 0x20 for c in value):
+            raise ValueError("an AE title may not contain control characters")
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml_path = os.environ.get("PACSBRIDGE_CONFIG")
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings, dotenv_settings]
+        if toml_path:
+            if not Path(toml_path).is_file():
+                raise FileNotFoundError(f"PACSBRIDGE_CONFIG names {toml_path}, which is not a file")
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_path))
+        sources.append(file_secret_settings)
+        return tuple(sources)
+
+    # --- derived -----------------------------------------------------------------------
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'index.sqlite').resolve()}"
+
+    @property
+    def resolved_storage_url(self) -> str:
+        if self.storage_url:
+            return self.storage_url
+        return (self.data_dir / "blobs").resolve().as_uri()
+
+    def redacted(self) -> dict[str, Any]:
+        """Settings as a dict with secrets masked, for logs and ``/health``."""
+        data = self.model_dump(mode="json")
+        for key in ("s3_secret_key", "s3_access_key"):
+            if data.get(key):
+                data[key] = "***"
+        if data.get("database_url") and "@" in data["database_url"]:
+            scheme, _, rest = data["database_url"].partition("://")
+            creds, _, host = rest.rpartition("@")
+            user = creds.split(":", 1)[0]
+            data["database_url"] = (
+                f"{scheme}://{user}:***@{host}" if ":" in creds else data["database_url"]
+            )
+        return data
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,171 @@
+"""DIMSE service class provider: Verification (C-ECHO) and Storage (C-STORE).
+
+PS3.4 Annex A (Verification) and Annex B (Storage). Every storage SOP class pynetdicom knows is
+offered with every transfer syntax pydicom knows, and each instance is stored as received.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import threading
+from typing import Any, cast
+
+from pydicom.dataset import Dataset
+from pydicom.uid import AllTransferSyntaxes
+from pynetdicom import AE, evt
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.events import Event
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+
+from archive import Archive, IngestError, IngestErrorKind
+from archive.ingest import resolve_sop_classes
+from config import Settings
+from dicom_node.sop_classes import storage_sop_classes
+
+log = logging.getLogger(__name__)
+
+# PS3.4 B.2.3 / PS3.7 C: C-STORE status codes.
+STATUS_SUCCESS = 0x0000
+STATUS_REFUSED_SOP_CLASS_NOT_SUPPORTED = 0x0122
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_DATASET_MISMATCH = 0xA900
+STATUS_CANNOT_UNDERSTAND = 0xC000
+STATUS_PROCESSING_FAILURE = 0x0110
+
+_STATUS_FOR_ERROR = {
+    IngestErrorKind.CANNOT_UNDERSTAND: STATUS_CANNOT_UNDERSTAND,
+    IngestErrorKind.DATASET_MISMATCH: STATUS_DATASET_MISMATCH,
+    IngestErrorKind.REFUSED: STATUS_REFUSED_SOP_CLASS_NOT_SUPPORTED,
+    IngestErrorKind.OUT_OF_RESOURCES: STATUS_OUT_OF_RESOURCES,
+}
+
+
+class _NoDelayAssociationServer(ThreadedAssociationServer):
+    """Sets TCP_NODELAY on every accepted socket, so that our small DIMSE responses go out at
+    once instead of waiting on Nagle's algorithm for the sender's delayed ACK."""
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        client, address = super().get_request()
+        with contextlib.suppress(OSError):  # the peer may already be gone
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return client, address
+
+
+def _status(code: int, comment: str | None = None) -> Dataset:
+    ds = Dataset()
+    ds.Status = code
+    if comment:
+        # ErrorComment is LO: at most 64 characters (PS3.7 C.4).
+        ds.ErrorComment = comment[:64]
+    return ds
+
+
+class DimseServer:
+    """The pynetdicom AE serving C-ECHO and C-STORE for the archive."""
+
+    def __init__(self, archive: Archive, settings: Settings) -> None:
+        self.archive = archive
+        self.settings = settings
+        self.server: ThreadedAssociationServer | None = None
+        self._thread: threading.Thread | None = None
+        self.ae = self._build_ae()
+
+    def _build_ae(self) -> AE:
+        s = self.settings
+        ae = AE(ae_title=s.ae_title)
+        ae.maximum_associations = s.max_associations
+        ae.maximum_pdu_size = s.maximum_pdu_size
+        ae.require_called_aet = s.require_called_ae_title
+        ae.require_calling_aet = list(s.allowed_calling_ae_titles)
+        ae.dimse_timeout = s.dimse_timeout
+        ae.network_timeout = s.network_timeout
+        ae.acse_timeout = s.acse_timeout
+        ae.add_supported_context(Verification)
+        refused = resolve_sop_classes(s.refused_sop_classes)
+        transfer_syntaxes = list(AllTransferSyntaxes)
+        for uid in storage_sop_classes():
+            if uid in refused:
+                continue  # refused at negotiation: the context is rejected (PS3.8 9.3.3.2)
+            ae.add_supported_context(uid, transfer_syntaxes)
+        return ae
+
+    @property
+    def handlers(self) -> list[Any]:
+        return [
+            (evt.EVT_C_ECHO, self.handle_echo),
+            (evt.EVT_C_STORE, self.handle_store),
+        ]
+
+    def start(self) -> tuple[str, int]:
+        """Start accepting associations in background threads; returns the bound address."""
+        s = self.settings
+        server = self.ae.make_server(
+            (s.dimse_host, s.dimse_port),
+            evt_handlers=self.handlers,
+            server_class=_NoDelayAssociationServer,
+        )
+        self.server = server
+        self._thread = threading.Thread(
+            target=server.serve_forever, name="dimse-acceptor", daemon=True
+        )
+        self._thread.start()
+        host, port = server.server_address[:2]
+        log.info(
+            "DIMSE listening",
+            extra={"ae_title": s.ae_title, "host": host, "port": port},
+        )
+        return str(host), int(port)
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
+        self.ae.shutdown()
+
+    # --- handlers ----------------------------------------------------------------------
+    def handle_echo(self, event: Event) -> int:
+        return STATUS_SUCCESS
+
+    def handle_store(self, event: Event) -> Dataset | int:
+        request = cast(C_STORE, event.request)
+        calling = event.assoc.requestor.ae_title
+        try:
+            data = event.encoded_dataset(include_meta=True)
+        except Exception as exc:  # the stream could not be framed as a Part-10 file
+            log.warning("C-STORE without a usable data set", extra={"err": str(exc)})
+            return _status(STATUS_CANNOT_UNDERSTAND, "no usable data set")
+        try:
+            result = self.archive.ingest(
+                data,
+                calling_ae_title=calling,
+                expected_sop_class_uid=str(request.AffectedSOPClassUID),
+                expected_sop_instance_uid=str(request.AffectedSOPInstanceUID),
+            )
+        except IngestError as exc:
+            status = _STATUS_FOR_ERROR[exc.kind]
+            log.warning(
+                "C-STORE refused",
+                extra={
+                    "calling_ae": calling,
+                    "sop": str(request.AffectedSOPInstanceUID),
+                    "status": f"0x{status:04X}",
+                    "reason": exc.reason,
+                },
+            )
+            return _status(status, exc.reason)
+        except Exception as exc:
+            log.exception("C-STORE failed", extra={"sop": str(request.AffectedSOPInstanceUID)})
+            return _status(STATUS_PROCESSING_FAILURE, f"processing failure: {type(exc).__name__}")
+        log.debug(
+            "C-STORE",
+            extra={
+                "calling_ae": calling,
+                "sop": result.sop_instance_uid,
+                "outcome": result.outcome,
+            },
+        )
+        return STATUS_SUCCESS

@@ -1,0 +1,3 @@
+"""pacsbridge: composition root (CLI, HTTP application, wiring of the parts)."""
+
+__version__ = "0.1.0"

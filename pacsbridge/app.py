@@ -1,0 +1,45 @@
+"""The HTTP application: one FastAPI app that the edges' routers mount into."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+from sqlalchemy import text
+
+from archive import Archive
+from config import Settings
+from pacsbridge import __version__
+
+
+def create_app(archive: Archive, settings: Settings) -> FastAPI:
+    app = FastAPI(
+        title="pacsbridge",
+        version=__version__,
+        description="DICOM-native PACS integration server.",
+    )
+    app.state.archive = archive
+    app.state.settings = settings
+
+    @app.get("/health", tags=["operations"])
+    def health() -> JSONResponse:
+        """Liveness and readiness: the index answers and the blob store is writable."""
+        checks: dict[str, Any] = {}
+        try:
+            with archive.db.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+            checks["database"] = "ok"
+        except Exception as exc:
+            checks["database"] = f"error: {type(exc).__name__}"
+        checks["storage"] = "ok" if archive.blobs.healthy() else "error"
+        healthy = all(v == "ok" for v in checks.values())
+        body = {
+            "status": "ok" if healthy else "error",
+            "version": __version__,
+            "ae_title": settings.ae_title,
+            **checks,
+        }
+        return JSONResponse(body, status_code=200 if healthy else 503)
+
+    return app
