@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Run the test suite: installs the project with its test tools, checks the external programs
+# the tests drive (DCMTK, Orthanc, dicom3tools), then runs pytest.  ./run-tests.sh [pytest args]
+set -euo pipefail
+cd "$(dirname "$0")"
+
+./install.sh --dev >/dev/null
+
+missing=()
+for tool in echoscu storescu storescp findscu movescu getscu Orthanc dciodvfy; do
+    command -v "$tool" >/dev/null 2>&1 || [ -x "/usr/sbin/$tool" ] || missing+=("$tool")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    packages="dcmtk orthanc orthanc-dicomweb dicom3tools"
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "installing $packages (missing: ${missing[*]})"
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $packages >/dev/null
+    else
+        echo "missing ${missing[*]}: run  sudo apt-get install -y $packages" >&2
+        exit 1
+    fi
+fi
+
+exec .venv/bin/pytest "$@"
