@@ -107,7 +107,7 @@ class FileBlobStore:
                         written = os.write(fd, view)
                         view = view[written:]
                     if self.fsync:
-                        os.fsync(fd)
+                        os.fdatasync(fd)  # data and size; the rename is made durable below
                 finally:
                     os.close(fd)
                 os.replace(tmp, path)

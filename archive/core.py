@@ -153,6 +153,7 @@ class Archive:
                     s.scalars(select(Study.id).where(Study.study_instance_uid.in_(study_uids)))
                 )
             self._prune(s, series_fks, study_fks, patient_key)
+        self.ingestor.forget_cached_parents()
         self.flush_pending_deletions()
         return len(rows)
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -84,6 +84,16 @@ class Database:
         else:
             with self._write_sessions() as session, session.begin():
                 yield session
+
+    @contextmanager
+    def write_connection(self) -> Iterator[Connection]:
+        """A Core connection in one write transaction (the ingest hot path: no ORM)."""
+        if self.is_sqlite:
+            with self._write_lock, self._write_engine.begin() as conn:
+                yield conn
+        else:
+            with self._write_engine.begin() as conn:
+                yield conn
 
     def upgrade(self) -> None:
         """Bring the schema to the newest Alembic revision."""

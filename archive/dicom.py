@@ -10,18 +10,18 @@ import hashlib
 import io
 import struct
 from dataclasses import dataclass, field
+from functools import cache
 from typing import Any
 
 import pydicom
 import pydicom.config
-from pydicom.dataelem import DataElement
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.sequence import Sequence
 from pydicom.uid import UID
 
-#: Value Representations whose values are bulk data (PS3.18 F.2.7).
-BULK_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
+from archive.dicom_json import dataset_to_json
+
 #: Values longer than this are replaced by a BulkDataURI.
 BULK_DATA_THRESHOLD = 1024
 _UID_CHARS = frozenset("0123456789.")
@@ -61,41 +61,54 @@ class ParsedInstance:
     dataset: Dataset = field(repr=False)
 
 
-def _text(ds: Dataset, keyword: str, limit: int | None = None) -> str | None:
-    value = ds.get(keyword)
-    if value is None:
+@cache
+def _json_key(keyword: str) -> str:
+    tag = tag_for_keyword(keyword)
+    if tag is None:
+        raise KeyError(keyword)
+    return f"{tag:08X}"
+
+
+def _values(j: dict[str, Any], keyword: str) -> list[Any] | None:
+    element = j.get(_json_key(keyword))
+    return element.get("Value") if element else None
+
+
+def _person_name_string(value: dict[str, str]) -> str:
+    groups = [value.get(g, "") for g in ("Alphabetic", "Ideographic", "Phonetic")]
+    while groups and not groups[-1]:
+        groups.pop()
+    return "=".join(groups)
+
+
+def _text(j: dict[str, Any], keyword: str, limit: int | None = None) -> str | None:
+    """An attribute's value as DICOM text (multiple values joined by backslash)."""
+    values = _values(j, keyword)
+    if not values:
         return None
-    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
-        text = "\\".join(str(v) for v in value)
-    else:
-        text = str(value)
-    text = text.strip()
+    parts = [
+        "" if v is None else _person_name_string(v) if isinstance(v, dict) else str(v)
+        for v in values
+    ]
+    text = "\\".join(parts).strip()
     if not text:
         return None
     return text[:limit] if limit else text
 
 
-def _int(ds: Dataset, keyword: str) -> int | None:
-    try:
-        value = ds.get(keyword)
-    except (ValueError, TypeError, OverflowError):
-        return None
-    if value is None or value == "":
+def _int(j: dict[str, Any], keyword: str) -> int | None:
+    values = _values(j, keyword)
+    if not values or values[0] is None:
         return None
     try:
-        if type(value).__name__ == "MultiValue":
-            value = value[0]
-        return int(value)
-    except (ValueError, TypeError, OverflowError, IndexError):
+        return int(values[0])
+    except (TypeError, ValueError, OverflowError):
         return None
 
 
-def _uid(ds: Dataset, keyword: str) -> str | None:
-    value = ds.get(keyword)
-    if value is None:
-        return None
-    text = str(value).strip().rstrip("\x00")
-    return text or None
+def _uid(j: dict[str, Any], keyword: str) -> str | None:
+    text = _text(j, keyword)
+    return text.rstrip("\x00") if text else None
 
 
 def valid_uid(value: str) -> bool:
@@ -145,16 +158,18 @@ def parse_header(data: bytes) -> ParsedInstance:
         dicom_json[f"{tag:08X}"] = {"vr": vr, "BulkDataURI": f"bulkdata/{tag:08X}"}
 
     meta = ds.file_meta
-    transfer_syntax = _uid(meta, "TransferSyntaxUID") if meta is not None else None
+    j = dicom_json
+    meta_ts = meta.get("TransferSyntaxUID") if meta is not None else None
+    transfer_syntax = str(meta_ts).strip().rstrip("\x00") if meta_ts else None
     if not transfer_syntax:
         raise InvalidInstance(
             "the File Meta Information has no Transfer Syntax UID", cannot_understand=True
         )
 
-    sop_class = _uid(ds, "SOPClassUID")
-    sop_instance = _uid(ds, "SOPInstanceUID")
-    study_uid = _uid(ds, "StudyInstanceUID")
-    series_uid = _uid(ds, "SeriesInstanceUID")
+    sop_class = _uid(j, "SOPClassUID")
+    sop_instance = _uid(j, "SOPInstanceUID")
+    study_uid = _uid(j, "StudyInstanceUID")
+    series_uid = _uid(j, "SeriesInstanceUID")
     for keyword, value in (
         ("SOPClassUID", sop_class),
         ("SOPInstanceUID", sop_instance),
@@ -167,8 +182,8 @@ def parse_header(data: bytes) -> ParsedInstance:
             raise InvalidInstance(f"{keyword} {value!r} is not a valid UID (PS3.5 9.1)")
     assert sop_class and sop_instance and study_uid and series_uid
 
-    patient_name = _text(ds, "PatientName", 324)
-    referring = _text(ds, "ReferringPhysicianName", 324)
+    patient_name = _text(j, "PatientName", 324)
+    referring = _text(j, "ReferringPhysicianName", 324)
     return ParsedInstance(
         sop_class_uid=sop_class,
         sop_instance_uid=sop_instance,
@@ -176,44 +191,48 @@ def parse_header(data: bytes) -> ParsedInstance:
         series_instance_uid=series_uid,
         transfer_syntax_uid=transfer_syntax,
         patient={
-            "patient_id": _text(ds, "PatientID", 64) or "",
-            "issuer_of_patient_id": _text(ds, "IssuerOfPatientID", 64) or "",
+            "patient_id": _text(j, "PatientID", 64) or "",
+            "issuer_of_patient_id": _text(j, "IssuerOfPatientID", 64) or "",
             "patient_name": patient_name,
             "patient_name_search": _person_name_search(patient_name),
-            "patient_birth_date": _text(ds, "PatientBirthDate", 8),
-            "patient_sex": _text(ds, "PatientSex", 16),
+            "patient_birth_date": _text(j, "PatientBirthDate", 8),
+            "patient_sex": _text(j, "PatientSex", 16),
         },
         study={
-            "study_date": _text(ds, "StudyDate", 8),
-            "study_time": _text(ds, "StudyTime", 16),
-            "accession_number": _text(ds, "AccessionNumber", 16),
-            "study_id": _text(ds, "StudyID", 16),
-            "study_description": _text(ds, "StudyDescription", 64),
+            "study_date": _text(j, "StudyDate", 8),
+            "study_time": _text(j, "StudyTime", 16),
+            "accession_number": _text(j, "AccessionNumber", 16),
+            "study_id": _text(j, "StudyID", 16),
+            "study_description": _text(j, "StudyDescription", 64),
             "referring_physician_name": referring,
             "referring_physician_name_search": _person_name_search(referring),
-            "institution_name": _text(ds, "InstitutionName", 64),
-            "specific_character_set": _text(ds, "SpecificCharacterSet", 64),
+            "institution_name": _text(j, "InstitutionName", 64),
+            "specific_character_set": _text(j, "SpecificCharacterSet", 64),
         },
         series={
-            "modality": _text(ds, "Modality", 16),
-            "series_number": _int(ds, "SeriesNumber"),
-            "series_description": _text(ds, "SeriesDescription", 64),
-            "body_part_examined": _text(ds, "BodyPartExamined", 16),
-            "series_date": _text(ds, "SeriesDate", 8),
-            "series_time": _text(ds, "SeriesTime", 16),
-            "protocol_name": _text(ds, "ProtocolName", 64),
-            "station_name": _text(ds, "StationName", 16),
-            "manufacturer": _text(ds, "Manufacturer", 64),
-            "performed_procedure_step_start_date": _text(ds, "PerformedProcedureStepStartDate", 8),
-            "performed_procedure_step_start_time": _text(ds, "PerformedProcedureStepStartTime", 16),
+            "modality": _text(j, "Modality", 16),
+            "series_number": _int(j, "SeriesNumber"),
+            "series_description": _text(j, "SeriesDescription", 64),
+            "body_part_examined": _text(j, "BodyPartExamined", 16),
+            "series_date": _text(j, "SeriesDate", 8),
+            "series_time": _text(j, "SeriesTime", 16),
+            "protocol_name": _text(j, "ProtocolName", 64),
+            "station_name": _text(j, "StationName", 16),
+            "manufacturer": _text(j, "Manufacturer", 64),
+            "performed_procedure_step_start_date": _text(
+                dicom_json, "PerformedProcedureStepStartDate", 8
+            ),
+            "performed_procedure_step_start_time": _text(
+                dicom_json, "PerformedProcedureStepStartTime", 16
+            ),
         },
         instance={
-            "instance_number": _int(ds, "InstanceNumber"),
-            "number_of_frames": _int(ds, "NumberOfFrames"),
-            "rows": _int(ds, "Rows"),
-            "columns": _int(ds, "Columns"),
-            "content_date": _text(ds, "ContentDate", 8),
-            "content_time": _text(ds, "ContentTime", 16),
+            "instance_number": _int(j, "InstanceNumber"),
+            "number_of_frames": _int(j, "NumberOfFrames"),
+            "rows": _int(j, "Rows"),
+            "columns": _int(j, "Columns"),
+            "content_date": _text(j, "ContentDate", 8),
+            "content_time": _text(j, "ContentTime", 16),
         },
         dicom_json=dicom_json,
         size=len(data),
@@ -252,8 +271,8 @@ def _pixel_data_element(data: bytes, offset: int, ds: Dataset) -> tuple[int, str
     else:
         if tag == 0x7FE00010:
             # Implicit VR: OW unless BitsAllocated <= 8 (PS3.5 A.1 c).
-            bits = _int(ds, "BitsAllocated")
-            vr = "OB" if bits is not None and bits <= 8 else "OW"
+            bits = ds.get("BitsAllocated")
+            vr = "OB" if isinstance(bits, int) and bits <= 8 else "OW"
         (length,) = struct.unpack(endian + "L", data[offset + 4 : offset + 8])
         value_start = offset + 8
     if length == 0xFFFFFFFF:
@@ -280,30 +299,7 @@ def _dicom_json(ds: Dataset) -> dict[str, Any]:
     ``bulkdata/{seq tag}/{item index}/{tag}`` inside sequences. The DICOMweb layer makes them
     absolute.
     """
-    paths: dict[int, str] = {}
-    _collect_bulk_paths(ds, "bulkdata", paths)
-
-    def handler(elem: DataElement) -> str:
-        return paths.get(id(elem), f"bulkdata/{elem.tag:08X}")
-
-    # An element whose value breaks its VR is left out of the JSON (and logged by pydicom)
-    # rather than refusing the instance: the bytes as received stay the record.
-    return ds.to_json_dict(
-        bulk_data_threshold=BULK_DATA_THRESHOLD,
-        bulk_data_element_handler=handler,
-        suppress_invalid_tags=True,
-    )
-
-
-def _collect_bulk_paths(ds: Dataset, prefix: str, paths: dict[int, str]) -> None:
-    for elem in ds:
-        if elem.VR == "SQ":
-            seq = elem.value
-            if isinstance(seq, Sequence):
-                for index, item in enumerate(seq):
-                    _collect_bulk_paths(item, f"{prefix}/{elem.tag:08X}/{index}", paths)
-        elif elem.VR in BULK_VRS:
-            paths[id(elem)] = f"{prefix}/{elem.tag:08X}"
+    return dataset_to_json(ds, lambda _tag, _vr, path: path, BULK_DATA_THRESHOLD)
 
 
 def sop_class_name(uid: str) -> str:

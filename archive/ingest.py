@@ -14,14 +14,14 @@ import enum
 import hashlib
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, cast
 
-from sqlalchemy import Table, select, update
+from sqlalchemy import Connection, Table, bindparam, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError
-from sqlalchemy.orm import Session
+from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 
 from archive.blobstore import BlobStore, BlobStoreError, OutOfSpace, instance_key
 from archive.db import Database
@@ -30,6 +30,18 @@ from archive.models import Instance, Patient, PendingBlobDeletion, Series, Study
 from config import Settings
 
 log = logging.getLogger(__name__)
+
+
+_PATIENT = cast(Table, Patient.__table__)
+_STUDY = cast(Table, Study.__table__)
+_SERIES = cast(Table, Series.__table__)
+_INSTANCE = cast(Table, Instance.__table__)
+_PENDING_DELETION = cast(Table, PendingBlobDeletion.__table__)
+_PARENT_CACHE_SIZE = 10_000
+_HELD = select(_INSTANCE.c.id).where(_INSTANCE.c.sop_instance_uid == bindparam("sop"))
+_TOUCH_STUDY = (
+    update(_STUDY).where(_STUDY.c.id == bindparam("study_fk")).values(updated_at=bindparam("now"))
+)
 
 
 class IngestOutcome(enum.StrEnum):
@@ -82,8 +94,17 @@ class IngestService:
         self.settings = settings
         self.refused_sop_classes = resolve_sop_classes(settings.refused_sop_classes)
         self._locks = _StripedLocks()
+        # series UID -> (series id, study id); study id -> when this process last touched it
+        self._parents: dict[str, tuple[int, int]] = {}
+        self._study_touched: dict[int, float] = {}
         self._insert = (
             postgresql.insert if db.engine.dialect.name == "postgresql" else sqlite.insert
+        )
+        # Built once: SQLAlchemy then reuses the compiled statement for every instance.
+        self._insert_instance = (
+            self._insert(_INSTANCE)
+            .on_conflict_do_nothing(index_elements=["sop_instance_uid"])
+            .returning(_INSTANCE.c.id)
         )
 
     def ingest(
@@ -149,19 +170,22 @@ class IngestService:
             parsed.study_instance_uid, parsed.series_instance_uid, parsed.sop_instance_uid
         )
         try:
-            with self.db.session() as session:
-                existing = session.execute(
-                    select(Instance.id, Instance.blob_key).where(
-                        Instance.sop_instance_uid == parsed.sop_instance_uid
-                    )
-                ).first()
-            if existing is not None and self.settings.duplicate_policy == "keep":
-                return self._result(parsed, IngestOutcome.DUPLICATE)
+            if self.settings.duplicate_policy == "keep":
+                with self.db.engine.connect() as conn:
+                    held = conn.execute(_HELD, {"sop": parsed.sop_instance_uid}).first()
+                if held is not None:
+                    return self._result(parsed, IngestOutcome.DUPLICATE)
 
             self.blobs.check_space(len(data))
             self.blobs.put(key, data)
-            with self.db.write_session() as session:
-                outcome = self._index(session, parsed, key, calling_ae_title)
+            try:
+                with self.db.write_connection() as conn:
+                    outcome = self._index(conn, parsed, key, calling_ae_title, use_cache=True)
+            except IntegrityError:
+                # A cached parent row was deleted by another process: look everything up again.
+                self._parents.clear()
+                with self.db.write_connection() as conn:
+                    outcome = self._index(conn, parsed, key, calling_ae_title, use_cache=False)
         except OutOfSpace as exc:
             raise IngestError(IngestErrorKind.OUT_OF_RESOURCES, str(exc)) from exc
         except BlobStoreError as exc:
@@ -173,6 +197,11 @@ class IngestService:
                 IngestErrorKind.OUT_OF_RESOURCES, f"index unavailable: {type(exc).__name__}"
             ) from exc
         return self._result(parsed, outcome)
+
+    def forget_cached_parents(self) -> None:
+        """Drop cached patient/study/series ids (after deletes)."""
+        self._parents.clear()
+        self._study_touched.clear()
 
     @staticmethod
     def _result(parsed: ParsedInstance, outcome: IngestOutcome) -> IngestResult:
@@ -186,13 +215,13 @@ class IngestService:
             size=parsed.size,
         )
 
-    def _index(
-        self, session: Session, parsed: ParsedInstance, key: str, calling_ae_title: str
-    ) -> IngestOutcome:
-        now = datetime.now(UTC)
+    def _parent_ids(
+        self, conn: Connection, parsed: ParsedInstance, now: datetime
+    ) -> tuple[int, int]:
+        """(series id, study id), creating patient, study and series rows as needed."""
         patient_fk = self._get_or_create(
-            session,
-            Patient,
+            conn,
+            _PATIENT,
             {
                 "patient_id": parsed.patient["patient_id"],
                 "issuer_of_patient_id": parsed.patient["issuer_of_patient_id"],
@@ -200,17 +229,36 @@ class IngestService:
             parsed.patient,
         )
         study_fk = self._get_or_create(
-            session,
-            Study,
+            conn,
+            _STUDY,
             {"study_instance_uid": parsed.study_instance_uid},
             {**parsed.study, "patient_fk": patient_fk, "created_at": now, "updated_at": now},
         )
         series_fk = self._get_or_create(
-            session,
-            Series,
+            conn,
+            _SERIES,
             {"series_instance_uid": parsed.series_instance_uid},
             {**parsed.series, "study_fk": study_fk},
         )
+        return series_fk, study_fk
+
+    def _index(
+        self,
+        conn: Connection,
+        parsed: ParsedInstance,
+        key: str,
+        calling_ae_title: str,
+        *,
+        use_cache: bool,
+    ) -> IngestOutcome:
+        now = datetime.now(UTC)
+        cached = self._parents.get(parsed.series_instance_uid) if use_cache else None
+        if cached is None:
+            cached = self._parent_ids(conn, parsed, now)
+            self._parents[parsed.series_instance_uid] = cached
+            if len(self._parents) > _PARENT_CACHE_SIZE:
+                self._parents.pop(next(iter(self._parents)))
+        series_fk, study_fk = cached
         values: dict[str, Any] = {
             **parsed.instance,
             "sop_instance_uid": parsed.sop_instance_uid,
@@ -224,53 +272,42 @@ class IngestService:
             "dicom_json": parsed.dicom_json,
             "received_at": now,
         }
-        table = cast(Table, Instance.__table__)
-        inserted = session.execute(
-            self._insert(table)
-            .values(**values)
-            .on_conflict_do_nothing(index_elements=["sop_instance_uid"])
-            .returning(table.c.id)
-        ).first()
+        inserted = conn.execute(self._insert_instance, values).first()
         outcome = IngestOutcome.STORED
         if inserted is None:
             if self.settings.duplicate_policy == "keep":
-                # Another process stored it between our check and our insert.
+                # Another association stored it between our check and our insert.
                 return IngestOutcome.DUPLICATE
-            old_key = session.execute(
-                select(Instance.blob_key).where(
-                    Instance.sop_instance_uid == parsed.sop_instance_uid
-                )
-            ).scalar_one()
-            session.execute(
-                update(Instance)
-                .where(Instance.sop_instance_uid == parsed.sop_instance_uid)
-                .values(**values)
-            )
+            where = _INSTANCE.c.sop_instance_uid == parsed.sop_instance_uid
+            old_key = conn.execute(select(_INSTANCE.c.blob_key).where(where)).scalar_one()
+            conn.execute(update(_INSTANCE).where(where).values(**values))
             if old_key != key:
-                session.add(PendingBlobDeletion(blob_key=old_key))
+                conn.execute(insert(_PENDING_DELETION).values(blob_key=old_key, created_at=now))
             outcome = IngestOutcome.OVERWRITTEN
-        session.execute(update(Study).where(Study.id == study_fk).values(updated_at=now))
+        # Stable-study detection needs to know when the study last grew; a second is precise
+        # enough, so a burst of instances updates the study row once per second, not each time.
+        mono = time.monotonic()
+        if mono - self._study_touched.get(study_fk, 0.0) >= 1.0 or not use_cache:
+            conn.execute(_TOUCH_STUDY, {"study_fk": study_fk, "now": now})
+            self._study_touched[study_fk] = mono
+            if len(self._study_touched) > _PARENT_CACHE_SIZE:
+                self._study_touched.pop(next(iter(self._study_touched)))
         return outcome
 
     def _get_or_create(
-        self,
-        session: Session,
-        model: type[Patient] | type[Study] | type[Series],
-        unique: dict[str, Any],
-        values: dict[str, Any],
+        self, conn: Connection, table: Table, unique: dict[str, Any], values: dict[str, Any]
     ) -> int:
-        table = cast(Table, model.__table__)
         where = [table.c[name] == value for name, value in unique.items()]
-        row_id = session.execute(select(table.c.id).where(*where)).scalar()
+        row_id = conn.execute(select(table.c.id).where(*where)).scalar()
         if row_id is not None:
             return int(row_id)
         # Concurrent associations may create the same row: let the unique constraint decide.
-        session.execute(
+        conn.execute(
             self._insert(table)
             .values(**{**values, **unique})
             .on_conflict_do_nothing(index_elements=list(unique))
         )
-        return int(session.execute(select(table.c.id).where(*where)).scalar_one())
+        return int(conn.execute(select(table.c.id).where(*where)).scalar_one())
 
 
 def resolve_sop_classes(values: list[str]) -> frozenset[str]:

@@ -46,13 +46,21 @@ DA = String(8)
 TM = String(16)
 
 
+# Ingest caches parent row ids per process; SQLite must never hand a deleted row's id to a new
+# row (AUTOINCREMENT), as PostgreSQL sequences never do.
+_NEVER_REUSE_IDS = {"sqlite_autoincrement": True}
+
+
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
 
 
 class Patient(Base):
     __tablename__ = "patient"
-    __table_args__ = (UniqueConstraint("patient_id", "issuer_of_patient_id"),)
+    __table_args__ = (
+        UniqueConstraint("patient_id", "issuer_of_patient_id"),
+        _NEVER_REUSE_IDS,
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     patient_id: Mapped[str] = mapped_column(LO, nullable=False, index=True)
@@ -68,6 +76,7 @@ class Patient(Base):
 
 class Study(Base):
     __tablename__ = "study"
+    __table_args__ = (_NEVER_REUSE_IDS,)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_instance_uid: Mapped[str] = mapped_column(UI, nullable=False, unique=True)
@@ -95,6 +104,7 @@ class Study(Base):
 
 class Series(Base):
     __tablename__ = "series"
+    __table_args__ = (_NEVER_REUSE_IDS,)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     series_instance_uid: Mapped[str] = mapped_column(UI, nullable=False, unique=True)
@@ -122,6 +132,7 @@ class Instance(Base):
     __tablename__ = "instance"
     __table_args__ = (
         Index("ix_instance_series_fk_instance_number", "series_fk", "instance_number"),
+        _NEVER_REUSE_IDS,
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom.filereader import read_preamble
-from pydicom.uid import generate_uid
+from pydicom.uid import UID, generate_uid
 from pynetdicom import AE, _config, build_context
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     CTImageStorage,
@@ -214,7 +214,7 @@ def test_htj2k_is_accepted_as_received(server: RunningServer, tmp_path: Path):
     from pydicom.encaps import encapsulate
 
     ds = ct_slice(study_uid=generate_uid(), series_uid=generate_uid(), index=0)
-    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.201"  # HTJ2K Lossless
+    ds.file_meta.TransferSyntaxUID = UID("1.2.840.10008.1.2.4.201")  # HTJ2K Lossless
     ds.PixelData = encapsulate([b"\xff\x4f\xff\x51" + b"\x00" * 60])  # stored, never decoded
     ds["PixelData"].VR = "OB"
     ae = _ae()

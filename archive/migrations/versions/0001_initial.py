@@ -43,6 +43,7 @@ def upgrade() -> None:
             "issuer_of_patient_id",
             name=op.f("uq_patient_patient_id_issuer_of_patient_id"),
         ),
+        sqlite_autoincrement=True,
     )
     with op.batch_alter_table("patient", schema=None) as batch_op:
         batch_op.create_index(
@@ -99,6 +100,7 @@ def upgrade() -> None:
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_study")),
         sa.UniqueConstraint("study_instance_uid", name=op.f("uq_study_study_instance_uid")),
+        sqlite_autoincrement=True,
     )
     with op.batch_alter_table("study", schema=None) as batch_op:
         batch_op.create_index(
@@ -135,6 +137,7 @@ def upgrade() -> None:
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_series")),
         sa.UniqueConstraint("series_instance_uid", name=op.f("uq_series_series_instance_uid")),
+        sqlite_autoincrement=True,
     )
     with op.batch_alter_table("series", schema=None) as batch_op:
         batch_op.create_index(batch_op.f("ix_series_modality"), ["modality"], unique=False)
@@ -176,6 +179,7 @@ def upgrade() -> None:
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_instance")),
         sa.UniqueConstraint("sop_instance_uid", name=op.f("uq_instance_sop_instance_uid")),
+        sqlite_autoincrement=True,
     )
     with op.batch_alter_table("instance", schema=None) as batch_op:
         batch_op.create_index(
