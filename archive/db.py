@@ -10,11 +10,13 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
-from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+_UPGRADE_LOCK = threading.Lock()
+_MIGRATION_LOCK = 0x70616373  # "pacs": the advisory lock key that serialises migrations
 
 
 class Database:
@@ -96,8 +98,23 @@ class Database:
                 yield conn
 
     def upgrade(self) -> None:
-        """Bring the schema to the newest Alembic revision."""
-        command.upgrade(alembic_config(self.engine), "head")
+        """Bring the schema to the newest Alembic revision.
+
+        Several processes may start at once on one PostgreSQL index: a session advisory lock
+        lets one migrate while the others wait (and then find nothing left to do).
+        """
+        with _UPGRADE_LOCK, self.engine.connect() as conn:  # Alembic's context is global
+            if not self.is_sqlite:
+                conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": _MIGRATION_LOCK})
+                conn.commit()
+            try:
+                cfg = alembic_config(self.engine)
+                cfg.attributes["connection"] = conn
+                command.upgrade(cfg, "head")
+            finally:
+                if not self.is_sqlite:
+                    conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": _MIGRATION_LOCK})
+                    conn.commit()
 
     def dispose(self) -> None:
         self.engine.dispose()

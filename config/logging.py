@@ -49,4 +49,5 @@ def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
     root.setLevel(level.upper())
     # pynetdicom logs every PDU at DEBUG/INFO; keep it to warnings unless asked for debug.
     if level.upper() != "DEBUG":
-        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+        for noisy in ("pynetdicom", "alembic"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -283,3 +286,21 @@ def test_reconcile_indexes_orphan_blobs_and_finishes_deletions(archive: Archive,
     assert archive.stats().instances == 2
     assert not archive.blobs.exists(gone_key)
     assert archive.reconcile().reindexed == 0
+
+
+@pytest.mark.parametrize("index", ["sqlite", "postgresql"])
+def test_concurrent_start_up_migrations(make_backend, index: str):
+    # Several processes starting at once on one new index: each migrates or finds it done.
+    backend = make_backend(index)
+    env = {**os.environ, **backend.env}
+    exe = Path(sys.executable).parent / "pacsbridge"
+    procs = [
+        subprocess.Popen([str(exe), "db", "upgrade"], env=env, stderr=subprocess.PIPE, text=True)
+        for _ in range(4)
+    ]
+    for proc in procs:
+        _out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+    archive = Archive(backend.settings, migrate=False)
+    assert archive.stats().instances == 0
+    archive.close()
