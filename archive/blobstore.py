@@ -54,7 +54,7 @@ class BlobStore(Protocol):
         """Remove the blob; a missing blob is not an error."""
 
     def keys(self, prefix: str = "") -> Iterator[str]:
-        """Every key under ``prefix``, in no particular order."""
+        """Every key that starts with ``prefix`` (a plain string prefix, as in S3)."""
 
     def check_space(self, needed: int) -> None:
         """Raise :class:`OutOfSpace` when ``needed`` bytes would not fit."""
@@ -64,6 +64,13 @@ class BlobStore(Protocol):
 
 def instance_key(study_uid: str, series_uid: str, sop_uid: str) -> str:
     return f"studies/{study_uid}/series/{series_uid}/{sop_uid}.dcm"
+
+
+def _validate_prefix(prefix: str) -> str:
+    """A listing prefix: a key, a key's beginning, or a folder ending in ``/``."""
+    if prefix:
+        _validate_key(prefix[:-1] if prefix.endswith("/") else prefix)
+    return prefix
 
 
 def _validate_key(key: str) -> str:
@@ -122,34 +129,36 @@ class FileBlobStore:
                     raise OutOfSpace(f"no space left in {self.root}") from exc
                 raise BlobStoreError(f"cannot write {key}: {exc}") from exc
         finally:
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError):
                 tmp.unlink()
 
     def open(self, key: str, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
         path = self._path(key)
         try:
             fh = path.open("rb")
-        except FileNotFoundError as exc:
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
             raise BlobNotFound(key) from exc
         return _iter_file(fh, chunk_size)
 
     def read(self, key: str) -> bytes:
         try:
             return self._path(key).read_bytes()
-        except FileNotFoundError as exc:
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
             raise BlobNotFound(key) from exc
 
     def size(self, key: str) -> int:
-        try:
-            return self._path(key).stat().st_size
-        except FileNotFoundError as exc:
-            raise BlobNotFound(key) from exc
+        path = self._path(key)
+        if not path.is_file():
+            raise BlobNotFound(key)
+        return path.stat().st_size
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
     def delete(self, key: str) -> None:
         path = self._path(key)
+        if not path.is_file():
+            return
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
         # Prune empty series/study directories, never the root.
@@ -162,14 +171,19 @@ class FileBlobStore:
             parent = parent.parent
 
     def keys(self, prefix: str = "") -> Iterator[str]:
-        start = self.root / prefix if prefix else self.root
-        if not start.exists():
+        _validate_prefix(prefix)
+        # Walk from the deepest folder the prefix names, then match it as a string prefix.
+        folder = prefix.rpartition("/")[0]
+        start = self.root / folder if folder else self.root
+        if not start.is_dir():
             return
         for dirpath, _dirnames, filenames in os.walk(start):
             for name in filenames:
                 if name.startswith(".") and name.endswith(self.TMP_SUFFIX):
                     continue
-                yield Path(dirpath, name).relative_to(self.root).as_posix()
+                key = Path(dirpath, name).relative_to(self.root).as_posix()
+                if key.startswith(prefix):
+                    yield key
 
     def remove_partials(self) -> int:
         """Delete temporary files a killed process left behind; return how many."""
@@ -303,6 +317,7 @@ class S3BlobStore:
                 raise BlobStoreError(f"cannot delete {key}: {exc}") from exc
 
     def keys(self, prefix: str = "") -> Iterator[str]:
+        _validate_prefix(prefix)
         for obj in self.client.list_objects(
             self.bucket, prefix=self.prefix + prefix, recursive=True
         ):

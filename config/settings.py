@@ -118,7 +118,7 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        toml_path = os.environ.get("PACSBRIDGE_CONFIG")
+        toml_path = os.environ.get("PACSBRIDGE_CONFIG") or dotenv_settings().get("config")
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings, dotenv_settings]
         if toml_path:
             if not Path(toml_path).is_file():
@@ -146,14 +146,27 @@ class Settings(BaseSettings):
         for key in ("s3_secret_key", "s3_access_key"):
             if data.get(key):
                 data[key] = "***"
-        if data.get("database_url") and "@" in data["database_url"]:
-            scheme, _, rest = data["database_url"].partition("://")
-            creds, _, host = rest.rpartition("@")
-            user = creds.split(":", 1)[0]
-            data["database_url"] = (
-                f"{scheme}://{user}:***@{host}" if ":" in creds else data["database_url"]
-            )
+        if data.get("database_url"):
+            data["database_url"] = _redact_url(data["database_url"])
         return data
+
+
+def _redact_url(url: str) -> str:
+    """Mask the password of ``scheme://user:password@host/db?password=…``."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    userinfo, at, hostpart = rest.rpartition("@")  # the last @: passwords may hold one
+    if at and ":" in userinfo:
+        userinfo = userinfo.split(":", 1)[0] + ":***"
+    location, q, query = hostpart.partition("?")
+    if q:
+        params = []
+        for param in query.split("&"):
+            name, eq, _value = param.partition("=")
+            params.append(f"{name}=***" if eq and "password" in name.lower() else param)
+        query = "&".join(params)
+    return f"{scheme}://{userinfo}{at}{location}{q}{query}"
 
 
 @lru_cache(maxsize=1)
