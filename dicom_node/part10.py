@@ -48,9 +48,7 @@ def file_meta(
             _element(0x00020003, b"UI", _ui(sop_instance_uid)),
             _element(0x00020010, b"UI", _ui(transfer_syntax_uid)),
             _IMPLEMENTATION,
-            _element(0x00020016, b"AE", _text(source_ae_title.strip()[:16]))
-            if source_ae_title.strip()
-            else b"",
+            _source_ae(source_ae_title),
         )
     )
     return _PREAMBLE + _element(0x00020000, b"UL", struct.pack("<L", len(body))) + body
