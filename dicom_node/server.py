@@ -11,6 +11,7 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Sequence
 from io import BytesIO
 from typing import Any, cast
 
@@ -27,6 +28,7 @@ from archive import Archive, IngestError, IngestErrorKind
 from archive.ingest import resolve_sop_classes
 from config import Settings
 from dicom_node.part10 import file_meta
+from dicom_node.services import DimseService, default_services
 from dicom_node.sop_classes import storage_sop_classes
 
 log = logging.getLogger(__name__)
@@ -91,9 +93,17 @@ def _status(code: int, comment: str | None = None) -> Dataset:
 class DimseServer:
     """The pynetdicom AE serving C-ECHO and C-STORE for the archive."""
 
-    def __init__(self, archive: Archive, settings: Settings) -> None:
+    def __init__(
+        self,
+        archive: Archive,
+        settings: Settings,
+        services: Sequence[DimseService] | None = None,
+    ) -> None:
         self.archive = archive
         self.settings = settings
+        self.services = (
+            list(services) if services is not None else default_services(archive, settings)
+        )
         self.server: ThreadedAssociationServer | None = None
         self._thread: threading.Thread | None = None
         self.ae = self._build_ae()
@@ -114,16 +124,23 @@ class DimseServer:
         for uid in storage_sop_classes():
             if uid in refused:
                 continue  # refused at negotiation: the context is rejected (PS3.8 9.3.3.2)
-            ae.add_supported_context(uid, transfer_syntaxes)
+            # Accept SCP/SCU Role Selection (PS3.7 D.3.3.4): a C-GET requestor proposes to be
+            # the Storage SCP on these contexts so that we can send it the instances.
+            ae.add_supported_context(uid, transfer_syntaxes, scu_role=True, scp_role=True)
+        for service in self.services:
+            service.add_contexts(ae)
         return ae
 
     @property
     def handlers(self) -> list[Any]:
-        return [
+        handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, self.handle_connection),
             (evt.EVT_C_ECHO, self.handle_echo),
             (evt.EVT_C_STORE, self.handle_store),
         ]
+        for service in self.services:
+            handlers.extend(service.handlers())
+        return handlers
 
     def start(self) -> tuple[str, int]:
         """Start accepting associations in background threads; returns the bound address."""
