@@ -71,6 +71,10 @@ class Settings(BaseSettings):
     refused_sop_classes: list[str] = Field(default_factory=list)
     """Storage SOP Class UIDs (or pydicom keywords) the node refuses."""
 
+    # --- query -------------------------------------------------------------------------
+    query_case_insensitive_pn: bool = True
+    """Person names match case-insensitively in C-FIND and QIDO-RS (like most PACS)."""
+
     # --- DIMSE -------------------------------------------------------------------------
     ae_title: str = "PACSBRIDGE"
     dimse_host: str = "0.0.0.0"

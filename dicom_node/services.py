@@ -26,5 +26,7 @@ class DimseService(Protocol):
 
 
 def default_services(archive: Archive, settings: Settings) -> list[DimseService]:
-    services: list[DimseService] = []
+    from dicom_node.find import FindService
+
+    services: list[DimseService] = [FindService(archive, settings)]
     return services

@@ -1,0 +1,834 @@
+"""One query matcher for C-FIND and QIDO-RS (PS3.4 C.2.2.2 attribute matching).
+
+A :class:`Query` names a level (PATIENT / STUDY / SERIES / IMAGE), the information model, and
+matching keys as DICOM text values. :func:`find` turns the indexed keys into parameterised SQL,
+matches everything else against each candidate's stored DICOM JSON (slower, still correct), and
+yields one DICOM JSON object (PS3.18 F.2) per match holding the requested return keys.
+
+Matching rules implemented (PS3.4 C.2.2.2):
+- single value matching; case-insensitive for person names when ``case_insensitive_pn``;
+- universal matching: an empty value (or ``*`` alone) matches everything, including no value;
+- wildcard matching with ``*`` and ``?`` for text VRs (AE CS LO LT PN SH ST UC UR UT);
+- range matching ``a-b``, ``a-``, ``-b`` for DA, TM, DT, and a combined date+time range when both
+  the date and the time of a pair (e.g. StudyDate + StudyTime) are ranges (C.2.2.2.5.2);
+- list of UID matching: ``uid1\\uid2\\…`` (C.2.2.2.2);
+- sequence matching is not supported: a sequence key is a return key only.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
+from sqlalchemy import (
+    ColumnElement,
+    Select,
+    and_,
+    distinct,
+    exists,
+    false,
+    func,
+    literal,
+    or_,
+    select,
+    true,
+)
+from sqlalchemy.orm import aliased
+
+from archive.db import Database
+from archive.models import Instance, Patient, Series, Study
+
+
+class QueryLevel(enum.StrEnum):
+    PATIENT = "PATIENT"
+    STUDY = "STUDY"
+    SERIES = "SERIES"
+    IMAGE = "IMAGE"
+
+
+class QueryModel(enum.StrEnum):
+    PATIENT_ROOT = "PATIENT_ROOT"
+    STUDY_ROOT = "STUDY_ROOT"
+
+
+class QueryError(ValueError):
+    """The query cannot be run as given (C-FIND 0xA900 / 0xC000, QIDO-RS 400)."""
+
+
+_LEVEL_ORDER = [QueryLevel.PATIENT, QueryLevel.STUDY, QueryLevel.SERIES, QueryLevel.IMAGE]
+UNIQUE_KEYS = {
+    QueryLevel.PATIENT: "PatientID",
+    QueryLevel.STUDY: "StudyInstanceUID",
+    QueryLevel.SERIES: "SeriesInstanceUID",
+    QueryLevel.IMAGE: "SOPInstanceUID",
+}
+_WILDCARD_VRS = frozenset({"AE", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UR", "UT"})
+_RANGE_VRS = frozenset({"DA", "TM", "DT"})
+_INT_VRS = frozenset({"IS", "US", "UL", "SS", "SL"})
+
+
+@dataclass(frozen=True, slots=True)
+class Attribute:
+    """An attribute the index holds in a column (or computes)."""
+
+    keyword: str
+    level: QueryLevel
+    column: Any | None = None  # an InstrumentedAttribute of the models
+    search_column: Any | None = None  # upper-cased copy for case-insensitive PN matching
+    computed: bool = False
+
+
+def _attr(keyword: str, level: QueryLevel, column: Any = None, search: Any = None) -> Attribute:
+    return Attribute(keyword, level, column, search)
+
+
+P, ST, SE, IM = QueryLevel.PATIENT, QueryLevel.STUDY, QueryLevel.SERIES, QueryLevel.IMAGE
+
+#: Attributes held in index columns: matched in SQL, returned without reading any file.
+INDEXED: dict[str, Attribute] = {
+    a.keyword: a
+    for a in (
+        _attr("PatientID", P, Patient.patient_id),
+        _attr("IssuerOfPatientID", P, Patient.issuer_of_patient_id),
+        _attr("PatientName", P, Patient.patient_name, Patient.patient_name_search),
+        _attr("PatientBirthDate", P, Patient.patient_birth_date),
+        _attr("PatientSex", P, Patient.patient_sex),
+        _attr("StudyInstanceUID", ST, Study.study_instance_uid),
+        _attr("StudyDate", ST, Study.study_date),
+        _attr("StudyTime", ST, Study.study_time),
+        _attr("AccessionNumber", ST, Study.accession_number),
+        _attr("StudyID", ST, Study.study_id),
+        _attr("StudyDescription", ST, Study.study_description),
+        _attr(
+            "ReferringPhysicianName",
+            ST,
+            Study.referring_physician_name,
+            Study.referring_physician_name_search,
+        ),
+        _attr("InstitutionName", ST, Study.institution_name),
+        _attr("SeriesInstanceUID", SE, Series.series_instance_uid),
+        _attr("Modality", SE, Series.modality),
+        _attr("SeriesNumber", SE, Series.series_number),
+        _attr("SeriesDescription", SE, Series.series_description),
+        _attr("BodyPartExamined", SE, Series.body_part_examined),
+        _attr("SeriesDate", SE, Series.series_date),
+        _attr("SeriesTime", SE, Series.series_time),
+        _attr("ProtocolName", SE, Series.protocol_name),
+        _attr("StationName", SE, Series.station_name),
+        _attr("Manufacturer", SE, Series.manufacturer),
+        _attr("PerformedProcedureStepStartDate", SE, Series.performed_procedure_step_start_date),
+        _attr("PerformedProcedureStepStartTime", SE, Series.performed_procedure_step_start_time),
+        _attr("SOPInstanceUID", IM, Instance.sop_instance_uid),
+        _attr("SOPClassUID", IM, Instance.sop_class_uid),
+        _attr("InstanceNumber", IM, Instance.instance_number),
+        _attr("NumberOfFrames", IM, Instance.number_of_frames),
+        _attr("Rows", IM, Instance.rows),
+        _attr("Columns", IM, Instance.columns),
+        _attr("ContentDate", IM, Instance.content_date),
+        _attr("ContentTime", IM, Instance.content_time),
+    )
+}
+
+#: Attributes computed from the index (PS3.4 C.3.4, C.6.1.1.x "computed" keys).
+COMPUTED: dict[str, QueryLevel] = {
+    "NumberOfPatientRelatedStudies": P,
+    "NumberOfPatientRelatedSeries": P,
+    "NumberOfPatientRelatedInstances": P,
+    "ModalitiesInStudy": ST,
+    "SOPClassesInStudy": ST,
+    "NumberOfStudyRelatedSeries": ST,
+    "NumberOfStudyRelatedInstances": ST,
+    "NumberOfSeriesRelatedInstances": SE,
+}
+
+#: Date/time pairs that combine into one date-time range (PS3.4 C.2.2.2.5.2).
+_DATE_TIME_PAIRS = {
+    "StudyDate": "StudyTime",
+    "SeriesDate": "SeriesTime",
+    "ContentDate": "ContentTime",
+    "PerformedProcedureStepStartDate": "PerformedProcedureStepStartTime",
+}
+
+#: Attributes of the query/retrieve protocol itself: never matched, never stored.
+_PROTOCOL_KEYS = frozenset(
+    {
+        "QueryRetrieveLevel",
+        "SpecificCharacterSet",
+        "RetrieveAETitle",
+        "InstanceAvailability",
+        "TimezoneOffsetFromUTC",
+        "RetrieveURL",
+        "RetrieveURI",
+    }
+)
+
+
+@dataclass(slots=True)
+class Key:
+    """One attribute of the query: a matching key (``value`` not empty) or a return key."""
+
+    tag: int
+    vr: str
+    value: str | None = None
+
+    @property
+    def keyword(self) -> str:
+        return keyword_for_tag(self.tag) or f"{self.tag:08X}"
+
+    @property
+    def matching(self) -> bool:
+        return bool(self.value) and self.value != "*" and self.vr != "SQ"
+
+
+@dataclass
+class Query:
+    level: QueryLevel
+    model: QueryModel = QueryModel.STUDY_ROOT
+    keys: list[Key] = field(default_factory=list)
+    hierarchical: bool = True
+    """Unique keys of the levels above must be single values (PS3.4 C.4.1.2.2.1 baseline)."""
+    case_insensitive_pn: bool = True
+    limit: int | None = None
+    offset: int = 0
+
+    @classmethod
+    def from_keywords(
+        cls, level: QueryLevel | str, values: dict[str, str | None], **kwargs: Any
+    ) -> Query:
+        keys = []
+        for name, value in values.items():
+            tag = _tag(name)
+            keys.append(Key(tag, _vr(tag), value))
+        return cls(QueryLevel(level), keys=keys, **kwargs)
+
+    def key(self, keyword: str) -> Key | None:
+        tag = tag_for_keyword(keyword)
+        return next((k for k in self.keys if k.tag == tag), None)
+
+
+def _tag(name: str) -> int:
+    tag = tag_for_keyword(name)
+    if tag is not None:
+        return int(tag)
+    text = name.replace(",", "").replace("(", "").replace(")", "")
+    if re.fullmatch(r"[0-9A-Fa-f]{8}", text):
+        return int(text, 16)
+    raise QueryError(f"unknown attribute {name!r}: give a keyword or an 8-digit hex tag")
+
+
+def _vr(tag: int) -> str:
+    try:
+        vr = dictionary_VR(tag)
+    except KeyError:
+        return "UN"
+    return "US" if vr == "US or SS" else ("OB" if " or " in vr else vr)
+
+
+# --- value matching --------------------------------------------------------------------------
+
+
+def _like_pattern(value: str) -> str:
+    escaped = value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return escaped.replace("*", "%").replace("?", "_")
+
+
+def _has_wildcard(value: str) -> bool:
+    return "*" in value or "?" in value
+
+
+def _split_range(value: str, vr: str) -> tuple[str | None, str | None] | None:
+    if vr not in _RANGE_VRS or "-" not in value:
+        return None
+    if vr == "DT":
+        # A DT may carry a UTC offset "-hhmm"; a range has exactly one separating "-"
+        # between two DT values: split on the "-" that is followed by a full value or nothing.
+        parts = re.split(r"-(?=\d{4}|$)", value, maxsplit=1)
+        if len(parts) != 2:
+            return None
+        low, high = parts
+    else:
+        low, _, high = value.partition("-")
+    return (low.strip() or None, high.strip() or None)
+
+
+_TM_RE = re.compile(r"^\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?$")
+_DA_RE = re.compile(r"^\d{8}$")
+
+
+def _normalise_date(value: str) -> str:
+    text = value.replace(".", "") if len(value) == 10 else value  # ACR-NEMA "yyyy.mm.dd"
+    if not _DA_RE.match(text):
+        raise QueryError(f"{value!r} is not a DICOM date (YYYYMMDD)")
+    return text
+
+
+def _normalise_time(value: str, upper: bool) -> str:
+    text = value.replace(":", "")
+    if not _TM_RE.match(text):
+        raise QueryError(f"{value!r} is not a DICOM time (HHMMSS.FFFFFF)")
+    if upper:
+        # "11" means up to 11:59:59.999999 (PS3.4 C.2.2.2.5: range bounds are inclusive)
+        base, _, frac = text.partition(".")
+        base = base + "5959"[: 6 - len(base)] if len(base) < 6 else base
+        text = f"{base}.{(frac + '999999')[:6]}" if frac or len(base) == 6 else base
+    return text
+
+
+def _bound(value: str | None, vr: str, upper: bool) -> str | None:
+    if value is None:
+        return None
+    if vr == "DA":
+        return _normalise_date(value)
+    if vr == "TM":
+        return _normalise_time(value, upper)
+    if not re.fullmatch(r"\d{4,14}(\.\d{1,6})?([+-]\d{4})?", value):
+        raise QueryError(f"{value!r} is not a DICOM date-time (YYYYMMDDHHMMSS.FFFFFF&ZZXX)")
+    return value + ("99999999999999"[len(value) - 4 :] if upper and len(value) < 14 else "")
+
+
+@dataclass(slots=True)
+class _Matcher:
+    """A compiled matching key: SQL for indexed columns, a predicate for JSON values."""
+
+    key: Key
+    kind: str  # "single" | "wildcard" | "range" | "uids" | "universal"
+    values: tuple[str, ...] = ()
+    low: str | None = None
+    high: str | None = None
+    fold_case: bool = False
+
+
+def _compile(key: Key, case_insensitive_pn: bool) -> _Matcher:
+    value = (key.value or "").strip() if key.vr not in ("LT", "ST", "UT") else key.value or ""
+    if key.vr == "PN":
+        value = value.rstrip("^=")
+    fold = key.vr == "PN" and case_insensitive_pn
+    if fold:
+        value = value.upper()
+    if not value or value == "*" or key.vr == "SQ":
+        return _Matcher(key, "universal")
+    if key.vr == "UI":
+        uids = tuple(u.strip() for u in value.split("\\") if u.strip())
+        if any(_has_wildcard(u) for u in uids):
+            raise QueryError(f"{key.keyword}: wildcards are not allowed in UIDs (PS3.4 C.2.2.2.4)")
+        return _Matcher(key, "uids", uids)
+    bounds = _split_range(value, key.vr)
+    if bounds is not None:
+        low, high = bounds
+        if low is None and high is None:
+            return _Matcher(key, "universal")
+        return _Matcher(
+            key, "range", low=_bound(low, key.vr, False), high=_bound(high, key.vr, True)
+        )
+    if key.vr in _RANGE_VRS:
+        _bound(value, key.vr, False)  # validate
+        if key.vr == "TM":
+            # A single time value matches times that start with it: "1015" ~ "101500.00"
+            return _Matcher(key, "wildcard", (value.replace(":", "") + "*",))
+    if key.vr in _WILDCARD_VRS and _has_wildcard(value):
+        return _Matcher(key, "wildcard", (value,), fold_case=fold)
+    if key.vr in _INT_VRS or key.vr in ("DS", "FL", "FD"):
+        try:
+            float(value)
+        except ValueError:
+            raise QueryError(f"{key.keyword}: {value!r} is not a number") from None
+    if "\\" in value and key.vr in ("CS",):
+        return _Matcher(key, "uids", tuple(v.strip() for v in value.split("\\")), fold_case=fold)
+    return _Matcher(key, "single", (value,), fold_case=fold)
+
+
+def _sql_condition(m: _Matcher, attr: Attribute) -> ColumnElement[bool]:
+    column = attr.search_column if (m.fold_case and attr.search_column is not None) else attr.column
+    assert column is not None
+    if m.kind == "universal":
+        return true()
+    if attr.keyword in ("SeriesNumber", "InstanceNumber", "NumberOfFrames", "Rows", "Columns"):
+        try:
+            numbers = [int(float(v)) for v in m.values]
+        except ValueError:
+            return false()
+        return column.in_(numbers) if m.kind in ("uids", "single") else false()
+    if m.kind == "uids":
+        return column.in_(list(m.values))
+    if m.kind == "single":
+        if m.fold_case and attr.search_column is None:
+            return func.upper(column) == m.values[0]
+        return column == m.values[0]
+    if m.kind == "wildcard":
+        target = func.upper(column) if m.fold_case and attr.search_column is None else column
+        return target.like(_like_pattern(m.values[0]), escape="\\")
+    # range
+    conditions = []
+    if m.low is not None:
+        conditions.append(column >= m.low)
+    if m.high is not None:
+        conditions.append(column <= m.high)
+    return and_(*conditions)
+
+
+def _combined_range(
+    date_m: _Matcher, time_m: _Matcher, date_col: Any, time_col: Any
+) -> ColumnElement[bool]:
+    """Date and time ranges as one date-time range (PS3.4 C.2.2.2.5.2)."""
+    time_or_zero = func.coalesce(time_col, "")
+    lower: ColumnElement[bool] = true()
+    upper: ColumnElement[bool] = true()
+    if date_m.low is not None:
+        lower = or_(
+            date_col > date_m.low,
+            and_(date_col == date_m.low, time_or_zero >= (time_m.low or "")),
+        )
+    if date_m.high is not None:
+        upper = or_(
+            date_col < date_m.high,
+            and_(date_col == date_m.high, time_or_zero <= (time_m.high or "999999")),
+        )
+    return and_(lower, upper)
+
+
+# --- JSON-side matching (not indexed attributes) ---------------------------------------------
+
+
+def _json_texts(element: dict[str, Any] | None) -> list[str]:
+    if not element:
+        return []
+    texts = []
+    for value in element.get("Value", []):
+        if value is None:
+            continue
+        if isinstance(value, dict):
+            groups = [value.get(g, "") for g in ("Alphabetic", "Ideographic", "Phonetic")]
+            while groups and not groups[-1]:
+                groups.pop()
+            texts.append("=".join(groups))
+        else:
+            texts.append(str(value))
+    return texts
+
+
+def _match_text(m: _Matcher, texts: list[str]) -> bool:
+    if m.kind == "universal":
+        return True
+    if m.fold_case:
+        texts = [t.upper() for t in texts]
+    if m.kind == "uids":
+        return any(t in m.values for t in texts)
+    if m.kind == "single":
+        if m.key.vr in _INT_VRS or m.key.vr in ("DS", "FL", "FD"):
+            try:
+                return any(float(t) == float(m.values[0]) for t in texts)
+            except ValueError:
+                return False
+        return m.values[0] in texts
+    if m.kind == "wildcard":
+        pattern = re.compile(
+            "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in m.values[0]),
+            re.DOTALL,
+        )
+        return any(pattern.fullmatch(t) for t in texts)
+    return any((m.low is None or t >= m.low) and (m.high is None or t <= m.high) for t in texts)
+
+
+# --- the query -------------------------------------------------------------------------------
+
+
+def _levels_for(query: Query) -> list[QueryLevel]:
+    """The levels from the root of the model down to the query level."""
+    index = _LEVEL_ORDER.index(query.level)
+    start = 0 if query.model is QueryModel.PATIENT_ROOT else 1
+    if query.model is QueryModel.STUDY_ROOT and query.level is QueryLevel.PATIENT:
+        raise QueryError("the Study Root model has no PATIENT level (PS3.4 C.6.2)")
+    return _LEVEL_ORDER[start : index + 1]
+
+
+def validate(query: Query) -> None:
+    """Check the identifier against the model (hierarchical unique keys, known values)."""
+    levels = _levels_for(query)
+    if not query.hierarchical:
+        return
+    for level in levels[:-1]:
+        keyword = UNIQUE_KEYS[level]
+        if query.model is QueryModel.STUDY_ROOT and level is QueryLevel.PATIENT:
+            continue
+        key = query.key(keyword)
+        if key is None or not (key.value or "").strip():
+            raise QueryError(
+                f"{keyword} is required for a {query.level} query in the "
+                f"{query.model.replace('_', ' ').title()} model (PS3.4 C.4.1.2.2.1)"
+            )
+        value = key.value or ""
+        if "\\" in value or _has_wildcard(value):
+            raise QueryError(f"{keyword} above the query level must be a single value")
+
+
+def find(db: Database, query: Query) -> Iterator[dict[str, Any]]:
+    """Run ``query``; yield DICOM JSON of each match with the requested keys."""
+    validate(query)
+    level = query.level
+    matchers = [
+        _compile(k, query.case_insensitive_pn)
+        for k in query.keys
+        if k.keyword not in _PROTOCOL_KEYS
+    ]
+    by_keyword = {m.key.keyword: m for m in matchers}
+
+    stmt, ids = _base_select(level)
+    conditions: list[ColumnElement[bool]] = []
+    json_matchers: list[_Matcher] = []
+    combined: set[str] = set()
+    for date_kw, time_kw in _DATE_TIME_PAIRS.items():
+        dm, tm = by_keyword.get(date_kw), by_keyword.get(time_kw)
+        pair_ranges = dm and tm and dm.kind == "range" and tm.kind == "range"
+        if pair_ranges and _LEVEL_ORDER.index(INDEXED[date_kw].level) <= _LEVEL_ORDER.index(level):
+            assert dm is not None and tm is not None
+            conditions.append(
+                _combined_range(dm, tm, INDEXED[date_kw].column, INDEXED[time_kw].column)
+            )
+            combined |= {date_kw, time_kw}
+    for m in matchers:
+        keyword = m.key.keyword
+        if m.kind == "universal" or keyword in combined:
+            continue
+        attr = INDEXED.get(keyword)
+        if attr is not None and _LEVEL_ORDER.index(attr.level) <= _LEVEL_ORDER.index(level):
+            conditions.append(_sql_condition(m, attr))
+        elif keyword in COMPUTED:
+            if _LEVEL_ORDER.index(COMPUTED[keyword]) <= _LEVEL_ORDER.index(level):
+                conditions.append(_computed_condition(keyword, m))
+            # below the query level a computed key has no meaning: it matches everything
+        else:
+            json_matchers.append(m)
+    stmt = stmt.where(*conditions).order_by(ids)
+    if query.limit is not None and not json_matchers:
+        stmt = stmt.limit(query.limit).offset(query.offset)
+    elif query.offset and not json_matchers:
+        stmt = stmt.offset(query.offset)
+
+    return_keys = [k for k in query.keys if k.keyword not in ("QueryRetrieveLevel",)]
+    needs_json = bool(json_matchers) or any(
+        k.keyword not in INDEXED and k.keyword not in COMPUTED and k.keyword not in _PROTOCOL_KEYS
+        for k in return_keys
+    )
+    with db.engine.connect() as conn:
+        rows = conn.execute(stmt).mappings().all()
+    yield from _results(db, query, rows, return_keys, json_matchers, needs_json)
+
+
+def _results(
+    db: Database,
+    query: Query,
+    rows: Sequence[Any],
+    return_keys: list[Key],
+    json_matchers: list[_Matcher],
+    needs_json: bool,
+) -> Iterator[dict[str, Any]]:
+    level = query.level
+    skipped = 0
+    emitted = 0
+    for chunk_start in range(0, len(rows), 500):
+        chunk = rows[chunk_start : chunk_start + 500]
+        ids = [row["_id"] for row in chunk]
+        computed = _computed_values(db, level, ids, return_keys)
+        documents = _representative_json(db, level, ids) if needs_json else {}
+        for row in chunk:
+            document = documents.get(row["_id"], {})
+            if json_matchers and not all(
+                _match_text(m, _json_texts(document.get(f"{m.key.tag:08X}"))) for m in json_matchers
+            ):
+                continue
+            if json_matchers:
+                if skipped < query.offset:
+                    skipped += 1
+                    continue
+                if query.limit is not None and emitted >= query.limit:
+                    return
+            emitted += 1
+            yield _result(query, row, return_keys, computed.get(row["_id"], {}), document)
+
+
+def _base_select(level: QueryLevel) -> tuple[Select[Any], Any]:
+    columns: list[Any] = []
+    for attr in INDEXED.values():
+        if _LEVEL_ORDER.index(attr.level) <= _LEVEL_ORDER.index(level):
+            columns.append(attr.column.label(attr.keyword))  # type: ignore[union-attr]
+    if level is QueryLevel.PATIENT:
+        ids = Patient.id
+        stmt = select(ids.label("_id"), *columns)
+    elif level is QueryLevel.STUDY:
+        ids = Study.id
+        stmt = select(ids.label("_id"), *columns).join(Patient, Study.patient_fk == Patient.id)
+    elif level is QueryLevel.SERIES:
+        ids = Series.id
+        stmt = (
+            select(ids.label("_id"), *columns)
+            .join(Study, Series.study_fk == Study.id)
+            .join(Patient, Study.patient_fk == Patient.id)
+        )
+    else:
+        ids = Instance.id
+        stmt = (
+            select(ids.label("_id"), *columns)
+            .join(Series, Instance.series_fk == Series.id)
+            .join(Study, Series.study_fk == Study.id)
+            .join(Patient, Study.patient_fk == Patient.id)
+        )
+    return stmt, ids
+
+
+def _computed_condition(keyword: str, m: _Matcher) -> ColumnElement[bool]:
+    if keyword == "ModalitiesInStudy":
+        s = aliased(Series)
+        values = list(m.values)
+        if m.kind == "wildcard":
+            cond = s.modality.like(_like_pattern(values[0]), escape="\\")
+        else:
+            cond = s.modality.in_([v for part in values for v in part.split("\\")])
+        return exists(select(literal(1)).where(s.study_fk == Study.id, cond))
+    if keyword == "SOPClassesInStudy":
+        s, i = aliased(Series), aliased(Instance)
+        return exists(
+            select(literal(1))
+            .select_from(i)
+            .join(s, i.series_fk == s.id)
+            .where(s.study_fk == Study.id, i.sop_class_uid.in_(list(m.values)))
+        )
+    # Counts are return keys; matching on them compares the number.
+    try:
+        number = int(float(m.values[0])) if m.values else None
+    except ValueError as exc:
+        raise QueryError(f"{keyword}: {m.values[0]!r} is not a number") from exc
+    return _count_expression(keyword) == number
+
+
+def _count_expression(keyword: str) -> Any:
+    s, i, st = aliased(Series), aliased(Instance), aliased(Study)
+    if keyword == "NumberOfStudyRelatedSeries":
+        return select(func.count()).where(s.study_fk == Study.id).scalar_subquery()
+    if keyword == "NumberOfStudyRelatedInstances":
+        return (
+            select(func.count())
+            .select_from(i)
+            .join(s, i.series_fk == s.id)
+            .where(s.study_fk == Study.id)
+            .scalar_subquery()
+        )
+    if keyword == "NumberOfSeriesRelatedInstances":
+        return select(func.count()).where(i.series_fk == Series.id).scalar_subquery()
+    if keyword == "NumberOfPatientRelatedStudies":
+        return select(func.count()).where(st.patient_fk == Patient.id).scalar_subquery()
+    if keyword == "NumberOfPatientRelatedSeries":
+        return (
+            select(func.count())
+            .select_from(s)
+            .join(st, s.study_fk == st.id)
+            .where(st.patient_fk == Patient.id)
+            .scalar_subquery()
+        )
+    return (
+        select(func.count())
+        .select_from(i)
+        .join(s, i.series_fk == s.id)
+        .join(st, s.study_fk == st.id)
+        .where(st.patient_fk == Patient.id)
+        .scalar_subquery()
+    )
+
+
+def _computed_values(
+    db: Database, level: QueryLevel, ids: list[int], keys: Iterable[Key]
+) -> dict[int, dict[str, Any]]:
+    """Computed attributes for the matched rows, one grouped query per attribute."""
+    wanted = [k.keyword for k in keys if k.keyword in COMPUTED]
+    out: dict[int, dict[str, Any]] = defaultdict(dict)
+    if not wanted or not ids:
+        return out
+    with db.engine.connect() as conn:
+        for keyword in wanted:
+            owner = COMPUTED[keyword]
+            if _LEVEL_ORDER.index(owner) > _LEVEL_ORDER.index(level):
+                continue
+            stmt = _computed_select(keyword, level, ids)
+            for row_id, value in conn.execute(stmt):
+                if keyword in ("ModalitiesInStudy", "SOPClassesInStudy"):
+                    out[row_id].setdefault(keyword, []).append(value)
+                else:
+                    out[row_id][keyword] = value
+    for values in out.values():
+        for keyword in ("ModalitiesInStudy", "SOPClassesInStudy"):
+            if keyword in values:
+                values[keyword] = sorted(v for v in values[keyword] if v)
+    return out
+
+
+def _computed_select(keyword: str, level: QueryLevel, ids: list[int]) -> Select[Any]:
+    owner = COMPUTED[keyword]
+    # Results of a lower level report the computed attributes of their ancestors.
+    if owner is ST:
+        study_id = {ST: Study.id, SE: Series.study_fk, IM: Series.study_fk}[level]
+        row_id = {ST: Study.id, SE: Series.id, IM: Instance.id}[level]
+        base = select(row_id.label("rid"), study_id.label("sid"))
+        if level is SE:
+            base = base.select_from(Series)
+        elif level is IM:
+            base = base.select_from(Instance).join(Series, Instance.series_fk == Series.id)
+        else:
+            base = base.select_from(Study)
+        base = base.where(row_id.in_(ids))
+        rows = base.subquery()
+        if keyword == "ModalitiesInStudy":
+            return (
+                select(rows.c.rid, Series.modality)
+                .join(Series, Series.study_fk == rows.c.sid)
+                .distinct()
+            )
+        if keyword == "SOPClassesInStudy":
+            return (
+                select(rows.c.rid, Instance.sop_class_uid)
+                .join(Series, Series.study_fk == rows.c.sid)
+                .join(Instance, Instance.series_fk == Series.id)
+                .distinct()
+            )
+        if keyword == "NumberOfStudyRelatedSeries":
+            return (
+                select(rows.c.rid, func.count(Series.id))
+                .join(Series, Series.study_fk == rows.c.sid)
+                .group_by(rows.c.rid)
+            )
+        return (
+            select(rows.c.rid, func.count(Instance.id))
+            .join(Series, Series.study_fk == rows.c.sid)
+            .join(Instance, Instance.series_fk == Series.id)
+            .group_by(rows.c.rid)
+        )
+    if owner is SE:
+        row_id = {SE: Series.id, IM: Instance.id}[level]
+        series_id = {SE: Series.id, IM: Instance.series_fk}[level]
+        base = select(row_id.label("rid"), series_id.label("seid")).where(row_id.in_(ids))
+        rows = base.subquery()
+        i = aliased(Instance)
+        return (
+            select(rows.c.rid, func.count(i.id))
+            .join(i, i.series_fk == rows.c.seid)
+            .group_by(rows.c.rid)
+        )
+    # Patient-level counts
+    row_id = {P: Patient.id, ST: Study.id, SE: Series.id, IM: Instance.id}[level]
+    if level is P:
+        base = select(Patient.id.label("rid"), Patient.id.label("pid")).where(Patient.id.in_(ids))
+    elif level is ST:
+        base = select(Study.id.label("rid"), Study.patient_fk.label("pid")).where(Study.id.in_(ids))
+    elif level is SE:
+        base = (
+            select(Series.id.label("rid"), Study.patient_fk.label("pid"))
+            .join(Study, Series.study_fk == Study.id)
+            .where(Series.id.in_(ids))
+        )
+    else:
+        base = (
+            select(Instance.id.label("rid"), Study.patient_fk.label("pid"))
+            .join(Series, Instance.series_fk == Series.id)
+            .join(Study, Series.study_fk == Study.id)
+            .where(Instance.id.in_(ids))
+        )
+    rows = base.subquery()
+    st, se, i = aliased(Study), aliased(Series), aliased(Instance)
+    del row_id
+    if keyword == "NumberOfPatientRelatedStudies":
+        counted = st.id
+        stmt = select(rows.c.rid, func.count(distinct(counted))).join(
+            st, st.patient_fk == rows.c.pid
+        )
+    elif keyword == "NumberOfPatientRelatedSeries":
+        stmt = (
+            select(rows.c.rid, func.count(distinct(se.id)))
+            .join(st, st.patient_fk == rows.c.pid)
+            .join(se, se.study_fk == st.id)
+        )
+    else:
+        stmt = (
+            select(rows.c.rid, func.count(distinct(i.id)))
+            .join(st, st.patient_fk == rows.c.pid)
+            .join(se, se.study_fk == st.id)
+            .join(i, i.series_fk == se.id)
+        )
+    return stmt.group_by(rows.c.rid)
+
+
+def _representative_json(db: Database, level: QueryLevel, ids: list[int]) -> dict[int, Any]:
+    """The DICOM JSON of one instance per matched row (its first instance)."""
+    if level is QueryLevel.IMAGE:
+        stmt = select(Instance.id, Instance.dicom_json).where(Instance.id.in_(ids))
+    else:
+        owner = {P: Patient.id, ST: Study.id, SE: Series.id}[level]
+        first = select(owner.label("oid"), func.min(Instance.id).label("iid")).select_from(Instance)
+        first = first.join(Series, Instance.series_fk == Series.id)
+        if level in (P, ST):
+            first = first.join(Study, Series.study_fk == Study.id)
+        if level is P:
+            first = first.join(Patient, Study.patient_fk == Patient.id)
+        sub = first.where(owner.in_(ids)).group_by(owner).subquery()
+        stmt = select(sub.c.oid, Instance.dicom_json).join(Instance, Instance.id == sub.c.iid)
+    with db.engine.connect() as conn:
+        return {row[0]: row[1] for row in conn.execute(stmt)}
+
+
+def _column_json(keyword: str, vr: str, value: Any) -> dict[str, Any]:
+    if value is None or value == "":
+        return {"vr": vr}
+    if vr == "PN":
+        groups = str(value).split("=")
+        pn = {
+            name: group
+            for name, group in zip(("Alphabetic", "Ideographic", "Phonetic"), groups, strict=False)
+            if group
+        }
+        return {"vr": vr, "Value": [pn]}
+    if vr in _INT_VRS:
+        return {"vr": vr, "Value": [int(value)]}
+    if vr == "DS":
+        return {"vr": vr, "Value": [float(value)]}
+    if vr in ("CS",) and "\\" in str(value):
+        return {"vr": vr, "Value": str(value).split("\\")}
+    return {"vr": vr, "Value": [str(value)]}
+
+
+def _result(
+    query: Query,
+    row: Any,
+    return_keys: list[Key],
+    computed: dict[str, Any],
+    document: dict[str, Any],
+) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    level_index = _LEVEL_ORDER.index(query.level)
+    wanted = list(return_keys)
+    # The unique key of the query level (and of the levels above) is always returned.
+    for level in _levels_for(query):
+        unique_tag = int(tag_for_keyword(UNIQUE_KEYS[level]))  # type: ignore[arg-type]
+        if not any(k.tag == unique_tag for k in wanted):
+            wanted.append(Key(unique_tag, _vr(unique_tag)))
+    for key in wanted:
+        keyword = key.keyword
+        tag = f"{key.tag:08X}"
+        if keyword in _PROTOCOL_KEYS:
+            continue
+        attr = INDEXED.get(keyword)
+        if attr is not None and _LEVEL_ORDER.index(attr.level) <= level_index:
+            out[tag] = _column_json(keyword, key.vr, row[keyword])
+        elif keyword in COMPUTED:
+            value = computed.get(keyword)
+            if keyword in ("ModalitiesInStudy", "SOPClassesInStudy"):
+                out[tag] = {"vr": key.vr, "Value": value} if value else {"vr": key.vr}
+            else:
+                out[tag] = {"vr": key.vr, "Value": [int(value or 0)]}
+        elif tag in document:
+            out[tag] = document[tag]
+        else:
+            out[tag] = {"vr": key.vr}
+    out["00080052"] = {"vr": "CS", "Value": [query.level.value]}
+    return out
