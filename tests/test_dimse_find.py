@@ -338,7 +338,7 @@ def test_non_ascii_names_and_character_sets(qr_server, tmp_path: Path):
     assert "Müller^Jürgen".encode("latin-1") in path.read_bytes()  # encoded in ISO 8859-1
 
 
-def _scu_find(server: RunningServer, model, identifier: Dataset):
+def _scu_find(server: RunningServer, model):
     ae = AE(ae_title="FINDSCU")
     ae.add_requested_context(model)
     assoc = ae.associate("127.0.0.1", server.dimse_port, ae_title=server.ae_title)
@@ -408,9 +408,7 @@ def test_c_cancel_stops_the_responses(make_backend, tmp_path: Path):
         for status, _identifier in responses:
             statuses.append(status.Status)
             if len(statuses) == 3:
-                context_id = (
-                    assoc._accepted_cx[0].context_id if hasattr(assoc, "_accepted_cx") else 1
-                )
+                context_id = assoc.accepted_contexts[0].context_id
                 assoc.send_c_cancel(7, context_id)
         assoc.release()
         assert statuses[-1] == 0xFE00
