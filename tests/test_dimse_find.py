@@ -48,7 +48,7 @@ STUDIES = [
 
 
 def _populate(archive: Archive) -> dict[str, StudySpec]:
-    by_uid = {}
+    by_uid: dict[str, StudySpec] = {}
     for n, spec in enumerate(STUDIES):
         spec.uid = generate_uid()
         for s, modality in enumerate(spec.modalities):
@@ -293,7 +293,7 @@ def test_patient_root_model(qr_server, tmp_path: Path):
 
 
 def test_non_ascii_names_and_character_sets(qr_server, tmp_path: Path):
-    server, studies = qr_server
+    server, _studies = qr_server
     (utf8,) = findscu(
         server,
         tmp_path,
@@ -348,7 +348,7 @@ def _scu_find(server: RunningServer, model):
 
 def test_hierarchical_rules_and_bad_identifiers(qr_server):
     server, _studies = qr_server
-    ae, assoc = _scu_find(server, StudyRootQueryRetrieveInformationModelFind)
+    _ae, assoc = _scu_find(server, StudyRootQueryRetrieveInformationModelFind)
     try:
         # SERIES level without the study's unique key (PS3.4 C.4.1.2.2.1).
         ds = Dataset()
@@ -397,7 +397,7 @@ def test_c_cancel_stops_the_responses(make_backend, tmp_path: Path):
     archive.close()
     server = start_server(backend, tmp_path)
     try:
-        ae, assoc = _scu_find(server, StudyRootQueryRetrieveInformationModelFind)
+        _ae, assoc = _scu_find(server, StudyRootQueryRetrieveInformationModelFind)
         ds = Dataset()
         ds.QueryRetrieveLevel = "IMAGE"
         ds.StudyInstanceUID = study
@@ -419,7 +419,7 @@ def test_c_cancel_stops_the_responses(make_backend, tmp_path: Path):
 
 def test_patient_root_study_level_needs_patient_id(qr_server):
     server, _ = qr_server
-    ae, assoc = _scu_find(server, PatientRootQueryRetrieveInformationModelFind)
+    _ae, assoc = _scu_find(server, PatientRootQueryRetrieveInformationModelFind)
     try:
         ds = Dataset()
         ds.QueryRetrieveLevel = "STUDY"
