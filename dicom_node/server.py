@@ -81,6 +81,15 @@ class _ReactorClock:
 pynetdicom.association.time = _ReactorClock()  # type: ignore[assignment]
 
 
+class _SharedPortAssociationServer(_NoDelayAssociationServer):
+    """Binds with SO_REUSEPORT so that several processes accept on one port; the kernel
+    spreads incoming associations over them (scaling past one interpreter's GIL)."""
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # type: ignore[union-attr]
+        super().server_bind()
+
+
 def _status(code: int, comment: str | None = None) -> Dataset:
     ds = Dataset()
     ds.Status = code
@@ -98,7 +107,10 @@ class DimseServer:
         archive: Archive,
         settings: Settings,
         services: Sequence[DimseService] | None = None,
+        *,
+        share_port: bool = False,
     ) -> None:
+        self.share_port = share_port
         self.archive = archive
         self.settings = settings
         self.services = (
@@ -148,9 +160,12 @@ class DimseServer:
         server = self.ae.make_server(
             (s.dimse_host, s.dimse_port),
             evt_handlers=self.handlers,
-            server_class=_NoDelayAssociationServer,
+            server_class=(
+                _SharedPortAssociationServer if self.share_port else _NoDelayAssociationServer
+            ),
         )
         self.server = server
+        self.ae._servers.append(server)  # so that ae.shutdown() stops it (as start_server does)
         self._thread = threading.Thread(
             target=server.serve_forever, name="dimse-acceptor", daemon=True
         )
@@ -163,11 +178,8 @@ class DimseServer:
         return str(host), int(port)
 
     def stop(self) -> None:
-        if self.server is not None:
-            self.server.shutdown()
-            self.server.server_close()
-            self.server = None
-        self.ae.shutdown()
+        self.ae.shutdown()  # stops our server, aborts what is still associated
+        self.server = None
 
     # --- handlers ----------------------------------------------------------------------
     def handle_connection(self, event: Event) -> None:

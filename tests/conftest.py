@@ -263,4 +263,4 @@ def start_server(backend: Backend, tmp_path: Path, **extra_env: str) -> RunningS
 def server(backend: Backend, tmp_path: Path) -> Iterator[RunningServer]:
     srv = start_server(backend, tmp_path)
     yield srv
-    srv.stop()
+    assert srv.stop() == 0, f"pacsbridge serve did not stop cleanly:\n{srv.log()[-3000:]}"
