@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 from archive.blobstore import BlobStore, FileBlobStore, open_blob_store
 from archive.db import Database
 from archive.ingest import IngestError, IngestOutcome, IngestResult, IngestService
+from archive.jobs import JobQueue
 from archive.models import Instance, Patient, PendingBlobDeletion, Series, Study
 from config import Settings
 
@@ -50,6 +51,13 @@ class Archive:
             self.db.upgrade()
         self.blobs: BlobStore = open_blob_store(settings)
         self.ingestor = IngestService(self.db, self.blobs, settings)
+        self.jobs = JobQueue(
+            self.db,
+            max_attempts=settings.job_max_attempts,
+            lease_seconds=settings.job_lease_seconds,
+            backoff_base=settings.job_backoff_base,
+            backoff_max=settings.job_backoff_max,
+        )
 
     # --- ingest ------------------------------------------------------------------------
     def ingest(

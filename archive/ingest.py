@@ -39,8 +39,11 @@ _INSTANCE = cast(Table, Instance.__table__)
 _PENDING_DELETION = cast(Table, PendingBlobDeletion.__table__)
 _PARENT_CACHE_SIZE = 10_000
 _HELD = select(_INSTANCE.c.id).where(_INSTANCE.c.sop_instance_uid == bindparam("sop"))
+# A study that grows is no longer stable (archive.stable declares it stable again later).
 _TOUCH_STUDY = (
-    update(_STUDY).where(_STUDY.c.id == bindparam("study_fk")).values(updated_at=bindparam("now"))
+    update(_STUDY)
+    .where(_STUDY.c.id == bindparam("study_fk"))
+    .values(updated_at=bindparam("now"), stable_at=None)
 )
 
 

@@ -13,6 +13,7 @@ from datetime import datetime
 from sqlalchemy import (
     JSON,
     BigInteger,
+    CheckConstraint,
     DateTime,
     ForeignKey,
     Index,
@@ -22,6 +23,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     func,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -76,7 +78,16 @@ class Patient(Base):
 
 class Study(Base):
     __tablename__ = "study"
-    __table_args__ = (_NEVER_REUSE_IDS,)
+    __table_args__ = (
+        # The stable-study scanner looks only at studies not (yet, or no longer) stable.
+        Index(
+            "ix_study_updated_at_unstable",
+            "updated_at",
+            postgresql_where=text("stable_at IS NULL"),
+            sqlite_where=text("stable_at IS NULL"),
+        ),
+        _NEVER_REUSE_IDS,
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_instance_uid: Mapped[str] = mapped_column(UI, nullable=False, unique=True)
@@ -97,6 +108,8 @@ class Study(Base):
         DateTime(timezone=True), server_default=func.now(), index=True
     )
     """When the last instance of the study arrived (stable-study detection)."""
+    stable_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    """When the study was declared stable; ingest resets it to NULL when the study grows."""
 
     patient: Mapped[Patient] = relationship(back_populates="studies")
     series: Mapped[list[Series]] = relationship(back_populates="study")
@@ -174,3 +187,36 @@ class PendingBlobDeletion(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     blob_key: Mapped[str] = mapped_column(Text, nullable=False)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class Job(Base):
+    """One unit of background work in the durable queue (see ``archive.jobs``).
+
+    ``failed`` means "failed, will be retried at ``next_run_at``"; ``dead`` means it gave up
+    after ``max_attempts``. A ``running`` job is leased to ``locked_by`` until ``locked_until``:
+    a worker that dies loses the lease and the job is claimed again once it has expired.
+    """
+
+    __tablename__ = "job"
+    __table_args__ = (
+        CheckConstraint(
+            "status IN ('queued', 'running', 'done', 'failed', 'dead')", name="ck_job_status"
+        ),
+        Index("ix_job_status_next_run_at", "status", "next_run_at"),
+        _NEVER_REUSE_IDS,
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(64), nullable=False, index=True)
+    payload: Mapped[dict] = mapped_column(DicomJson, nullable=False)
+    study_instance_uid: Mapped[str | None] = mapped_column(UI, index=True)
+    status: Mapped[str] = mapped_column(String(16), nullable=False)
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer, nullable=False)
+    next_run_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    locked_by: Mapped[str | None] = mapped_column(String(128))
+    locked_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

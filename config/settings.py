@@ -94,6 +94,28 @@ class Settings(BaseSettings):
     http_host: str = "127.0.0.1"
     http_port: int = Field(default=8000, ge=0, le=65535)
 
+    # --- stable studies and jobs ---------------------------------------------------------
+    stable_age: float = Field(default=60.0, ge=1.0)
+    """Seconds without a new instance after which a study is stable (its jobs are enqueued)."""
+    stable_scan_interval: float = Field(default=5.0, gt=0)
+    """How often the stable-study scanner looks for quiet studies."""
+    job_max_attempts: int = Field(default=8, ge=1)
+    """Attempts before a job is dead (a crashed worker's attempt counts)."""
+    job_lease_seconds: float = Field(default=60.0, ge=1.0)
+    """A claimed job is another worker's to take if not renewed for this long."""
+    job_backoff_base: float = Field(default=5.0, ge=0)
+    """Retry delay after the first failure; doubles with every further failure (jittered)."""
+    job_backoff_max: float = Field(default=3600.0, ge=0)
+    """Longest retry delay."""
+    worker_in_serve: bool = True
+    """``pacsbridge serve`` runs a job worker and the stable-study scanner in-process."""
+    worker_poll_interval: float = Field(default=1.0, gt=0)
+    """How long an idle worker sleeps before looking for jobs again."""
+    worker_threads: int = Field(default=1, ge=1)
+    """Jobs one process (``serve`` or ``worker``) runs at the same time."""
+    extra_handlers: list[str] = Field(default_factory=list)
+    """``module:function`` callables that register more job kinds (plugins, tests)."""
+
     # --- logging -----------------------------------------------------------------------
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "text"
