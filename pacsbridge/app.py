@@ -11,6 +11,7 @@ from sqlalchemy import text
 from archive import Archive
 from config import Settings
 from pacsbridge import __version__
+from pacsbridge.jobs_api import router as jobs_router
 
 
 def create_app(archive: Archive, settings: Settings) -> FastAPI:
@@ -21,6 +22,7 @@ def create_app(archive: Archive, settings: Settings) -> FastAPI:
     )
     app.state.archive = archive
     app.state.settings = settings
+    app.include_router(jobs_router)
 
     @app.get("/health", tags=["operations"])
     def health() -> JSONResponse:

@@ -31,6 +31,8 @@ app = typer.Typer(
 )
 db_app = typer.Typer(help="Index database maintenance.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+jobs_app = typer.Typer(help="The durable job queue.", no_args_is_help=True)
+app.add_typer(jobs_app, name="jobs")
 
 console = Console(stderr=True)
 log = logging.getLogger("pacsbridge")
@@ -84,6 +86,7 @@ def serve(
         threading.Thread(
             target=_reconcile_in_background, args=(archive,), name="reconcile", daemon=True
         ).start()
+    runtime = _job_runtime(archive, settings) if settings.worker_in_serve else None
     dimse = DimseServer(archive, settings)
     try:
         host, port = dimse.start()
@@ -93,6 +96,8 @@ def serve(
             f"[/red] {exc.strerror or exc}"
         )
         raise typer.Exit(4) from exc
+    if runtime is not None:
+        runtime.start()
     log.info(
         "pacsbridge ready",
         extra={
@@ -103,6 +108,9 @@ def serve(
             "storage": archive.blobs.url,
         },
     )
+    # uvicorn shuts down on SIGTERM and then raises the signal again with the handler it found:
+    # make that handler an exit through the ``finally`` below, not an abrupt termination.
+    _exit_on_sigterm()
     try:
         uvicorn.run(
             create_app(archive, settings),
@@ -113,6 +121,8 @@ def serve(
         )
     finally:
         dimse.stop()
+        if runtime is not None:
+            _stop_job_runtime(runtime, settings)
         archive.close()
 
 
@@ -276,6 +286,149 @@ def db_reconcile(data_dir: DataDir = None) -> None:
             }
         )
     )
+
+
+def _exit_on_sigterm() -> None:
+    import signal
+
+    def on_sigterm(_signum: int, _frame: Any) -> None:
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def _job_runtime(archive: Any, settings: Settings) -> Any:
+    """The worker + scanner of this process, with every registered job kind."""
+    from pacsbridge.jobs import JobRuntime, build_registry
+
+    try:
+        return JobRuntime(archive, settings, build_registry(settings))
+    except Exception as exc:
+        console.print(f"[red]cannot load job handlers:[/red] {type(exc).__name__}: {exc}")
+        archive.close()
+        raise typer.Exit(2) from exc
+
+
+def _stop_job_runtime(runtime: Any, settings: Settings) -> None:
+    if not runtime.stop(timeout=settings.job_lease_seconds):
+        log.warning("a job is still running at exit; it runs again once its lease expires")
+
+
+@app.command()
+def worker(data_dir: DataDir = None) -> None:
+    """Run a job worker and the stable-study scanner until SIGTERM or SIGINT.
+
+    The first signal lets the running job finish; a second one exits at once (the job is
+    claimed again when its lease expires)."""
+    import signal
+
+    settings = _settings(data_dir=data_dir)
+    archive = _archive(settings)
+    runtime = _job_runtime(archive, settings)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        if stop.is_set():
+            log.warning("second signal: exiting without waiting for the running job")
+            raise SystemExit(128 + signum)
+        log.info("stopping after the running job", extra={"signal": signum})
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    runtime.start()
+    log.info(
+        "worker ready",
+        extra={
+            "worker": runtime.name,
+            "index": archive.db.url.render_as_string(hide_password=True),
+        },
+    )
+    while not stop.wait(0.5):
+        pass
+    runtime.stop()
+    archive.close()
+    log.info("worker exited")
+
+
+def _job_status(value: str | None) -> Any:
+    from archive.jobs import JobStatus
+
+    if value is None:
+        return None
+    try:
+        return JobStatus(value)
+    except ValueError:
+        allowed = ", ".join(s.value for s in JobStatus)
+        console.print(f"[red]unknown job status {value!r}:[/red] one of {allowed}")
+        raise typer.Exit(2) from None
+
+
+@jobs_app.command("list")
+def jobs_list(
+    status: Annotated[
+        str | None, typer.Option(help="queued, running, done, failed or dead.")
+    ] = None,
+    kind: Annotated[str | None, typer.Option(help="Job kind.")] = None,
+    study: Annotated[str | None, typer.Option(help="Study Instance UID.")] = None,
+    limit: Annotated[int, typer.Option(min=1, help="At most this many (newest first).")] = 50,
+    offset: Annotated[int, typer.Option(min=0, help="Skip this many.")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False,
+    data_dir: DataDir = None,
+) -> None:
+    """Jobs, newest first: what is queued, running, failed (will retry) or dead, and why."""
+    job_status = _job_status(status)
+    settings = _settings(data_dir=data_dir)
+    archive = _archive(settings)
+    jobs = archive.jobs.list(
+        status=job_status, kind=kind, study_instance_uid=study, limit=limit, offset=offset
+    )
+    archive.close()
+    if as_json:
+        print(json.dumps([job.to_json() for job in jobs]))
+        return
+    print(f"{'id':>8}  {'kind':<20} {'status':<8} {'tries':>5}  {'next run (UTC)':<19}  study")
+    for job in jobs:
+        print(
+            f"{job.id:>8}  {job.kind:<20} {job.status.value:<8} "
+            f"{job.attempts:>2}/{job.max_attempts:<2}  "
+            f"{job.next_run_at.strftime('%Y-%m-%d %H:%M:%S')}  {job.study_instance_uid or '-'}"
+        )
+        if job.last_error and job.status.value in ("failed", "dead", "running"):
+            print(f"{'':>10}last error: {job.last_error.splitlines()[0][:200]}")
+
+
+@jobs_app.command("requeue")
+def jobs_requeue(
+    job_id: Annotated[int | None, typer.Argument(help="The job to run again.")] = None,
+    dead: Annotated[bool, typer.Option("--dead", help="Requeue every dead job.")] = False,
+    kind: Annotated[str | None, typer.Option(help="With --dead: only this kind.")] = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Run a job (or every dead job) again from its first attempt."""
+    from archive.jobs import JobStateError, JobStatus
+
+    if (job_id is not None) == dead or (kind is not None and not dead):
+        console.print("[red]give either a JOB_ID or --dead (optionally with --kind)[/red]")
+        raise typer.Exit(2)
+    settings = _settings(data_dir=data_dir)
+    archive = _archive(settings)
+    try:
+        if job_id is not None:
+            try:
+                job = archive.jobs.requeue(job_id)
+            except JobStateError as exc:
+                console.print(f"[red]{exc}[/red]")
+                raise typer.Exit(1) from exc
+            if job is None:
+                console.print(f"[red]no job {job_id}[/red]")
+                raise typer.Exit(1)
+            count = 1
+        else:
+            count = archive.jobs.requeue_all(JobStatus.DEAD, kind=kind)
+    finally:
+        archive.close()
+    print(json.dumps({"requeued": count}))
 
 
 def main() -> None:

@@ -1,0 +1,159 @@
+"""Job handler wiring: which job kinds exist, what runs when a study becomes stable.
+
+A part of pacsbridge that does background work registers a job kind here::
+
+    from pacsbridge.jobs import registry
+
+    def build(archive: Archive, settings: Settings) -> JobHandler:
+        def handle(job: JobRecord) -> None: ...
+        return handle
+
+    registry.register("forward", build, on_stable_study=True)
+
+``build`` is called once per worker process with that process's archive and settings, and
+returns the handler. ``on_stable_study=True`` makes the stable-study scanner enqueue one job of
+this kind each time a study becomes stable (payload ``{"study_instance_uid", "updated_at"}``).
+
+Handlers run **at least once** (see ``archive.jobs``): they must be idempotent.
+
+Kinds from outside the package (plugins, the test suite) come from the ``extra_handlers``
+setting (``PACSBRIDGE_EXTRA_HANDLERS='["package.module:function"]'``): each ``function`` is
+imported at start and called with the registry. Every process that runs workers or the scanner
+must have the same ``extra_handlers``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from archive import Archive
+from archive.jobs import JobHandler, Worker, worker_name
+from archive.stable import StableStudyScanner
+from config import Settings
+
+log = logging.getLogger(__name__)
+
+HandlerFactory = Callable[[Archive, Settings], JobHandler]
+
+
+@dataclass(frozen=True, slots=True)
+class HandlerSpec:
+    kind: str
+    build: HandlerFactory
+    on_stable_study: bool = False
+
+
+class HandlerRegistry:
+    def __init__(self) -> None:
+        self._specs: dict[str, HandlerSpec] = {}
+        self._loaded: set[str] = set()
+        self._lock = threading.Lock()
+
+    def register(self, kind: str, build: HandlerFactory, *, on_stable_study: bool = False) -> None:
+        if not kind or len(kind) > 64:
+            raise ValueError(f"a job kind is 1 to 64 characters, not {kind!r}")
+        with self._lock:
+            if kind in self._specs:
+                raise ValueError(f"job kind {kind!r} is already registered")
+            self._specs[kind] = HandlerSpec(kind, build, on_stable_study)
+
+    @property
+    def specs(self) -> list[HandlerSpec]:
+        with self._lock:
+            return sorted(self._specs.values(), key=lambda spec: spec.kind)
+
+    @property
+    def stable_study_kinds(self) -> list[str]:
+        return [spec.kind for spec in self.specs if spec.on_stable_study]
+
+    def load_extra(self, entries: list[str]) -> None:
+        """Import ``module:function`` entries and call each with this registry (once)."""
+        for entry in entries:
+            module_name, sep, function_name = entry.partition(":")
+            if not sep or not module_name or not function_name:
+                raise ValueError(f"extra handler {entry!r} is not of the form module:function")
+            if entry in self._loaded:
+                continue
+            function = getattr(importlib.import_module(module_name), function_name)
+            function(self)
+            self._loaded.add(entry)
+
+
+registry = HandlerRegistry()
+"""The process-wide registry that pacsbridge's own job kinds register into."""
+
+
+def build_registry(settings: Settings) -> HandlerRegistry:
+    """The registry with built-in kinds and the ``extra_handlers`` setting loaded."""
+    registry.load_extra(settings.extra_handlers)
+    return registry
+
+
+class JobRuntime:
+    """Job workers (``worker_threads``) and the stable-study scanner, as background threads of
+    one process. A handler is built once per process and shared by its worker threads."""
+
+    def __init__(
+        self,
+        archive: Archive,
+        settings: Settings,
+        handlers: HandlerRegistry,
+        *,
+        name: str | None = None,
+    ) -> None:
+        base = name or worker_name()
+        self.workers = [
+            Worker(
+                archive.jobs,
+                name=base if settings.worker_threads == 1 else f"{base}:{i}",
+                poll_interval=settings.worker_poll_interval,
+            )
+            for i in range(settings.worker_threads)
+        ]
+        for spec in handlers.specs:
+            handler = spec.build(archive, settings)
+            for worker in self.workers:
+                worker.register(spec.kind, handler)
+        self.scanner = StableStudyScanner(
+            archive.db,
+            archive.jobs,
+            stable_age=settings.stable_age,
+            kinds=handlers.stable_study_kinds,
+        )
+        self.scan_interval = settings.stable_scan_interval
+
+    @property
+    def name(self) -> str:
+        return self.workers[0].name
+
+    def start(self) -> None:
+        self.scanner.start(self.scan_interval)
+        for worker in self.workers:
+            worker.start()
+        log.info(
+            "job workers and stable-study scanner started",
+            extra={
+                "workers": ",".join(w.name for w in self.workers),
+                "kinds": ",".join(self.workers[0].kinds) or "-",
+                "on_stable_study": ",".join(self.scanner.kinds) or "-",
+            },
+        )
+
+    def stop(self, timeout: float | None = None) -> bool:
+        """Stop scanning, let the current job finish; True if both stopped within timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+
+        def left() -> float | None:
+            return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+        for worker in self.workers:
+            worker.request_stop()
+        stopped = self.scanner.stop(left())
+        for worker in self.workers:
+            stopped = worker.stop(left()) and stopped
+        return stopped
