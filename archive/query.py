@@ -18,6 +18,7 @@ Matching rules implemented (PS3.4 C.2.2.2):
 from __future__ import annotations
 
 import enum
+import functools
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
@@ -29,6 +30,7 @@ from sqlalchemy import (
     ColumnElement,
     Select,
     and_,
+    bindparam,
     distinct,
     exists,
     false,
@@ -168,6 +170,11 @@ _PROTOCOL_KEYS = frozenset(
 )
 
 
+@functools.cache
+def _keyword(tag: int) -> str:
+    return keyword_for_tag(tag) or f"{tag:08X}"
+
+
 @dataclass(slots=True)
 class Key:
     """One attribute of the query: a matching key (``value`` not empty) or a return key."""
@@ -178,7 +185,7 @@ class Key:
 
     @property
     def keyword(self) -> str:
-        return keyword_for_tag(self.tag) or f"{self.tag:08X}"
+        return _keyword(self.tag)
 
     @property
     def matching(self) -> bool:
@@ -652,8 +659,8 @@ def _computed_values(
             owner = COMPUTED[keyword]
             if _LEVEL_ORDER.index(owner) > _LEVEL_ORDER.index(level):
                 continue
-            stmt = _computed_select(keyword, level, ids)
-            for row_id, value in conn.execute(stmt):
+            stmt = _computed_select(keyword, level)
+            for row_id, value in conn.execute(stmt, {"ids": ids}):
                 if keyword in ("ModalitiesInStudy", "SOPClassesInStudy"):
                     out[row_id].setdefault(keyword, []).append(value)
                 else:
@@ -665,7 +672,11 @@ def _computed_values(
     return out
 
 
-def _computed_select(keyword: str, level: QueryLevel, ids: list[int]) -> Select[Any]:
+@functools.cache
+def _computed_select(keyword: str, level: QueryLevel) -> Select[Any]:
+    """The grouped query of one computed attribute for the rows ``:ids`` (built once: building
+    and compiling it costs more than running it)."""
+    ids: Any = bindparam("ids", expanding=True)
     owner = COMPUTED[keyword]
     # Results of a lower level report the computed attributes of their ancestors.
     if owner is ST:
