@@ -75,6 +75,15 @@ class Settings(BaseSettings):
     query_case_insensitive_pn: bool = True
     """Person names match case-insensitively in C-FIND and QIDO-RS (like most PACS)."""
 
+    # --- DICOMweb ----------------------------------------------------------------------
+    dicomweb_base_url: str | None = None
+    """The DICOMweb root as clients reach it, for RetrieveURL and BulkDataURI values
+    (e.g. ``https://pacs.example/dicom-web`` behind a proxy). Default: from each request."""
+    qido_default_limit: int = Field(default=1000, ge=1)
+    """Results of a QIDO-RS search that gives no ``limit``."""
+    qido_max_limit: int = Field(default=10000, ge=1)
+    """The most results one QIDO-RS response holds; a larger ``limit`` is reduced (Warning 299)."""
+
     # --- DIMSE -------------------------------------------------------------------------
     ae_title: str = "PACSBRIDGE"
     dimse_host: str = "0.0.0.0"
@@ -93,6 +102,9 @@ class Settings(BaseSettings):
     # --- HTTP --------------------------------------------------------------------------
     http_host: str = "127.0.0.1"
     http_port: int = Field(default=8000, ge=0, le=65535)
+    cors_origins: list[str] = Field(default_factory=list)
+    """Origins allowed to call the HTTP API from a browser (CORS), e.g. a viewer served
+    elsewhere; ``["*"]`` allows any. Empty (default): no CORS headers."""
 
     # --- stable studies and jobs ---------------------------------------------------------
     stable_age: float = Field(default=60.0, ge=1.0)

@@ -5,11 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
 from archive import Archive
 from config import Settings
+from dicomweb import router as dicomweb_router
 from pacsbridge import __version__
 from pacsbridge.jobs_api import router as jobs_router
 
@@ -23,6 +25,15 @@ def create_app(archive: Archive, settings: Settings) -> FastAPI:
     app.state.archive = archive
     app.state.settings = settings
     app.include_router(jobs_router)
+    app.include_router(dicomweb_router)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "PUT", "DELETE", "OPTIONS"],
+            allow_headers=["*"],
+            expose_headers=["Content-Type", "Content-Range", "ETag", "Warning", "Location"],
+        )
 
     @app.get("/health", tags=["operations"])
     def health() -> JSONResponse:

@@ -1,0 +1,704 @@
+"""WADO-RS (PS3.18 10.4): instances, metadata, frames and bulk data.
+
+- Instances stream from the blob store as ``multipart/related; type="application/dicom"``, one
+  part per instance, never a whole study in memory. They go out byte for byte when the client
+  accepts the stored transfer syntax (``transfer-syntax=*``, or the stored UID); otherwise they
+  are converted to Explicit VR Little Endian, the default when no transfer syntax is asked
+  (PS3.18 Table 8.7.3-5).
+- Metadata is the DICOM JSON stored at ingest, streamed from one SQL query, with absolute
+  BulkDataURIs; it carries an entity tag (``If-None-Match`` → 304).
+- Frames and bulk data are cut from the stored file; compressed frames are decoded when the
+  client asks for ``application/octet-stream`` and sent as stored when it accepts their media
+  type (``image/jpeg``, ``image/jls``, ``image/jp2``, ``image/jphc``, ``image/dicom-rle``…).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, BinaryIO
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response, StreamingResponse
+
+from archive import Archive, BlobNotFound
+from archive.transcode import (
+    TranscodeError,
+    can_decode,
+    decoded_frame,
+    to_explicit_vr_little_endian,
+)
+from archive.wado import (
+    FrameOutOfRange,
+    NoPixelData,
+    NoSuchElement,
+    NotFound,
+    PixelLayout,
+    StoredInstance,
+    check_frames,
+    element_value,
+    find_stored,
+    iter_metadata,
+    metadata_version,
+    native_frame,
+    open_instance,
+    pixel_layout,
+    uncompressed_range,
+)
+from dicomweb.common import (
+    ERROR_RESPONSES,
+    archive_of,
+    base_url,
+    dicom_json_response,
+    etag_matches,
+    fail,
+    instance_url,
+)
+from dicomweb.media import (
+    ANY_TRANSFER_SYNTAX,
+    DEFAULT_TRANSFER_SYNTAX,
+    DICOM,
+    NATIVE_TRANSFER_SYNTAXES,
+    OCTET_STREAM,
+    accepts_json,
+    closing,
+    multipart_content_type,
+    new_boundary,
+    parse_accept,
+    part_content_type,
+    part_header,
+    pixel_media_type,
+)
+
+log = logging.getLogger(__name__)
+router = APIRouter()
+
+CRLF = b"\r\n"
+#: Stored files up to this size go out in one piece (one write, no chunking overhead).
+WHOLE_FILE_LIMIT = 8 * 2**20
+#: Bytes a streamed multipart response gathers before it writes them out.
+COALESCE_BYTES = 4 * 2**20
+#: Instances per chunk of a metadata response.
+METADATA_BATCH = 64
+_PIXEL_TAGS = {"7FE00010", "7FE00008", "7FE00009"}
+
+
+def _lookup(call: Callable[[], Any]) -> Any:
+    try:
+        return call()
+    except NotFound as exc:
+        fail(404, exc.message)
+
+
+# --- retrieve instances ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DicomChoice:
+    multipart: bool
+    transfer_syntax: str | None
+    """The transfer syntax to send; ``None``: each instance as stored."""
+
+
+def choose_dicom(accept: str | None, stored: set[str], single: bool) -> DicomChoice:
+    """The first acceptable representation (PS3.18 8.7.3) that every instance can take."""
+    for r in parse_accept(accept):
+        if r.multipart:
+            if not r.accepts(DICOM):
+                continue
+            multipart = True
+        elif r.media_type == DICOM:
+            if not single:
+                continue
+            multipart = False
+        elif r.media_type in ("*/*", "multipart/*"):
+            multipart = True
+        else:
+            continue
+        syntax = r.transfer_syntax or DEFAULT_TRANSFER_SYNTAX
+        if syntax == ANY_TRANSFER_SYNTAX:
+            return DicomChoice(multipart, None)
+        convertible = syntax == DEFAULT_TRANSFER_SYNTAX
+        if all(s == syntax or (convertible and can_decode(s)) for s in stored):
+            return DicomChoice(multipart, syntax)
+    fail(
+        406,
+        "cannot answer with any of the accepted media types: instances are sent as "
+        'multipart/related; type="application/dicom" as stored (transfer-syntax=*: '
+        f"{', '.join(sorted(stored))}) or in Explicit VR Little Endian "
+        f"({DEFAULT_TRANSFER_SYNTAX}, the default)",
+    )
+
+
+def _instance_bytes(archive: Archive, instance: StoredInstance, target: str) -> Iterator[bytes]:
+    """The instance as Part-10 bytes in ``target`` (a pass-through when stored so)."""
+    if target == instance.transfer_syntax_uid:
+        path = archive.blobs.local_path(instance.blob_key)
+        if path is not None and instance.size <= WHOLE_FILE_LIMIT:
+            yield path.read_bytes()
+        else:
+            yield from archive.blobs.open(instance.blob_key)
+        return
+    with open_instance(archive.blobs, instance.blob_key) as fh:
+        yield to_explicit_vr_little_endian(fh)
+
+
+def _stream_instances(
+    archive: Archive,
+    instances: Sequence[StoredInstance],
+    choice: DicomChoice,
+    boundary: str,
+    base: str,
+) -> Iterator[bytes]:
+    try:
+        for instance in instances:
+            target = choice.transfer_syntax or instance.transfer_syntax_uid
+            passthrough = target == instance.transfer_syntax_uid
+            chunks = _instance_bytes(archive, instance, target)
+            first = next(chunks, b"")
+            header = part_header(
+                boundary,
+                part_content_type(DICOM, target),
+                location=instance_url(
+                    base,
+                    instance.study_instance_uid,
+                    instance.series_instance_uid,
+                    instance.sop_instance_uid,
+                ),
+                length=instance.size if passthrough else len(first),
+            )
+            yield header + first
+            yield from chunks
+            yield CRLF
+        yield closing(boundary)
+    except (BlobNotFound, TranscodeError, OSError) as exc:
+        # The status line is gone already: end the body early so the client sees an error.
+        log.error("WADO-RS retrieve interrupted", extra={"err": str(exc)})
+        raise
+
+
+def _coalesce(chunks: Iterator[bytes], size: int = COALESCE_BYTES) -> Iterator[bytes]:
+    """Join small chunks: every chunk of a streamed response costs a hop to a worker thread."""
+    pending: list[bytes] = []
+    pending_size = 0
+    for chunk in chunks:
+        pending.append(chunk)
+        pending_size += len(chunk)
+        if pending_size >= size:
+            yield pending[0] if len(pending) == 1 else b"".join(pending)
+            pending, pending_size = [], 0
+    if pending:
+        yield b"".join(pending)
+
+
+def _retrieve(
+    request: Request, study: str, series: str | None = None, sop: str | None = None
+) -> Response:
+    archive = archive_of(request)
+    instances: list[StoredInstance] = _lookup(lambda: find_stored(archive.db, study, series, sop))
+    stored = {i.transfer_syntax_uid for i in instances}
+    choice = choose_dicom(request.headers.get("accept"), stored, single=len(instances) == 1)
+    base = base_url(request)
+    if not choice.multipart:
+        instance = instances[0]
+        target = choice.transfer_syntax or instance.transfer_syntax_uid
+        return StreamingResponse(
+            _instance_bytes(archive, instance, target),
+            media_type=part_content_type(DICOM, target),
+        )
+    boundary = new_boundary()
+    single_syntax = choice.transfer_syntax or (next(iter(stored)) if len(stored) == 1 else None)
+    return StreamingResponse(
+        _coalesce(_stream_instances(archive, instances, choice, boundary, base)),
+        media_type=multipart_content_type(DICOM, boundary, single_syntax),
+    )
+
+
+_DICOM_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The instances, one part each (Part-10). Accept "
+        '`multipart/related; type="application/dicom"` with `transfer-syntax=*` to get them '
+        "as stored; without a transfer syntax they are sent in Explicit VR Little Endian.",
+        "content": {
+            'multipart/related; type="application/dicom"': {
+                "schema": {"type": "string", "format": "binary"}
+            }
+        },
+    },
+    **ERROR_RESPONSES,
+}
+
+
+@router.get(
+    "/studies/{study}",
+    summary="Retrieve a study (WADO-RS)",
+    response_class=Response,
+    responses=_DICOM_RESPONSES,
+)
+def retrieve_study(request: Request, study: str) -> Response:
+    return _retrieve(request, study)
+
+
+@router.get(
+    "/studies/{study}/series/{series}",
+    summary="Retrieve a series (WADO-RS)",
+    response_class=Response,
+    responses=_DICOM_RESPONSES,
+)
+def retrieve_series(request: Request, study: str, series: str) -> Response:
+    return _retrieve(request, study, series)
+
+
+@router.get(
+    "/studies/{study}/series/{series}/instances/{sop}",
+    summary="Retrieve an instance (WADO-RS)",
+    response_class=Response,
+    responses=_DICOM_RESPONSES,
+)
+def retrieve_instance(request: Request, study: str, series: str, sop: str) -> Response:
+    return _retrieve(request, study, series, sop)
+
+
+# --- metadata ------------------------------------------------------------------------------------
+
+
+def _absolute_bulk_uris(text: str, prefix: str) -> str:
+    # The stored JSON's BulkDataURIs are relative ("bulkdata/7FE00010"); a string value can
+    # never contain an unescaped quote, so only the attribute itself matches.
+    return text.replace('"BulkDataURI": "bulkdata/', f'"BulkDataURI": "{prefix}/bulkdata/').replace(
+        '"BulkDataURI":"bulkdata/', f'"BulkDataURI":"{prefix}/bulkdata/'
+    )
+
+
+def _with_transfer_syntax(text: str, transfer_syntax: str) -> str:
+    """Add Available Transfer Syntax UID (0008,3002): the syntax frames come in as stored."""
+    if '"00083002"' in text:
+        return text
+    head = f'{{"00083002":{{"vr":"UI","Value":["{transfer_syntax}"]}}'
+    body = text.strip()[1:]
+    return head + ("," + body if body.strip() != "}" else "}")
+
+
+def _metadata_chunks(
+    archive: Archive, base: str, study: str, series: str | None, sop: str | None
+) -> Iterator[bytes]:
+    yield b"["
+    batch: list[str] = []
+    first = True
+    for series_uid, sop_uid, syntax, text in iter_metadata(archive.db, study, series, sop):
+        prefix = instance_url(base, study, series_uid, sop_uid)
+        batch.append(_with_transfer_syntax(_absolute_bulk_uris(text, prefix), syntax))
+        if len(batch) >= METADATA_BATCH:
+            yield (("" if first else ",") + ",".join(batch)).encode("utf-8")
+            first = False
+            batch = []
+    if batch:
+        yield (("" if first else ",") + ",".join(batch)).encode("utf-8")
+    yield b"]"
+
+
+def _metadata(
+    request: Request, study: str, series: str | None = None, sop: str | None = None
+) -> Response:
+    if not accepts_json(request.headers.get("accept")):
+        fail(406, "metadata is available as application/dicom+json (or application/json) only")
+    archive = archive_of(request)
+    base = base_url(request)
+    version: str = _lookup(lambda: metadata_version(archive.db, study, series, sop))
+    salt = hashlib.blake2b(base.encode(), digest_size=4).hexdigest()
+    etag = f'W/"{version}-{salt}"'
+    headers = {"ETag": etag, "Cache-Control": "no-cache"}
+    if etag_matches(request, etag):
+        return Response(status_code=304, headers=headers)
+    return dicom_json_response(
+        request, _metadata_chunks(archive, base, study, series, sop), headers=headers
+    )
+
+
+_METADATA_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "A DICOM JSON array (PS3.18 F.2), one object per instance, with absolute "
+        "BulkDataURIs. Carries an ETag; `If-None-Match` gives 304 while nothing changed.",
+        "content": {
+            "application/dicom+json": {"schema": {"type": "array", "items": {"type": "object"}}}
+        },
+    },
+    304: {"description": "Not modified since the entity tag given in If-None-Match."},
+    **ERROR_RESPONSES,
+}
+
+
+@router.get(
+    "/studies/{study}/metadata",
+    summary="Retrieve study metadata (WADO-RS)",
+    response_class=Response,
+    responses=_METADATA_RESPONSES,
+)
+def study_metadata(request: Request, study: str) -> Response:
+    return _metadata(request, study)
+
+
+@router.get(
+    "/studies/{study}/series/{series}/metadata",
+    summary="Retrieve series metadata (WADO-RS)",
+    response_class=Response,
+    responses=_METADATA_RESPONSES,
+)
+def series_metadata(request: Request, study: str, series: str) -> Response:
+    return _metadata(request, study, series)
+
+
+@router.get(
+    "/studies/{study}/series/{series}/instances/{sop}/metadata",
+    summary="Retrieve instance metadata (WADO-RS)",
+    response_class=Response,
+    responses=_METADATA_RESPONSES,
+)
+def instance_metadata(request: Request, study: str, series: str, sop: str) -> Response:
+    return _metadata(request, study, series, sop)
+
+
+# --- frames and bulk data ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PixelChoice:
+    multipart: bool
+    decode: bool
+    """True: native little endian pixels (decoded if stored compressed); False: as stored."""
+    part_type: str
+    """Media type of each part (``application/octet-stream``, ``image/jpeg``…)."""
+    transfer_syntax: str
+
+
+def choose_pixels(accept: str | None, stored: str, parts: int) -> PixelChoice:
+    """How to send pixel data stored in ``stored`` (PS3.18 8.7.3.3/8.7.4)."""
+    native = stored in NATIVE_TRANSFER_SYNTAXES
+    stored_type = pixel_media_type(stored)
+    decodable = can_decode(stored)
+
+    def decoded(multipart: bool) -> PixelChoice:
+        return PixelChoice(multipart, True, OCTET_STREAM, DEFAULT_TRANSFER_SYNTAX)
+
+    def as_stored(multipart: bool, label: str) -> PixelChoice:
+        if native:
+            return decoded(multipart)
+        return PixelChoice(multipart, False, label, stored)
+
+    for r in parse_accept(accept):
+        if r.multipart:
+            wanted = r.part_type
+            multipart = True
+        elif r.media_type == "*/*":
+            wanted, multipart = "*/*", True
+        else:
+            if parts > 1:
+                continue
+            wanted, multipart = r.part_type, False
+        syntax = r.transfer_syntax
+        if wanted == OCTET_STREAM:
+            if syntax in (ANY_TRANSFER_SYNTAX, stored):
+                return as_stored(multipart, OCTET_STREAM)
+            if syntax in (None, DEFAULT_TRANSFER_SYNTAX) and decodable:
+                return decoded(multipart)
+        elif wanted in ("*/*", "*"):
+            if syntax == ANY_TRANSFER_SYNTAX or (syntax == stored and not native):
+                return as_stored(multipart, stored_type)
+            if syntax in (None, DEFAULT_TRANSFER_SYNTAX) and decodable:
+                return decoded(multipart)
+        elif (
+            not native and r.accepts(stored_type) and syntax in (None, ANY_TRANSFER_SYNTAX, stored)
+        ):
+            return as_stored(multipart, stored_type)
+    fail(
+        406,
+        f"cannot send this pixel data as any accepted media type: it is stored as {stored_type} "
+        f"(transfer syntax {stored}); application/octet-stream gives it "
+        + ("uncompressed" if decodable else "as stored only with transfer-syntax=*"),
+    )
+
+
+def _instance(request: Request, study: str, series: str, sop: str) -> StoredInstance:
+    archive = archive_of(request)
+    instances: list[StoredInstance] = _lookup(lambda: find_stored(archive.db, study, series, sop))
+    return instances[0]
+
+
+def _parse_frames(text: str) -> list[int]:
+    numbers: list[int] = []
+    for item in text.split(","):
+        item = item.strip()
+        if not item.isdigit() or int(item) < 1:
+            fail(400, f"frame numbers are positive integers separated by commas, not {text!r}")
+        numbers.append(int(item))
+    return numbers
+
+
+def _pixel_parts(
+    archive: Archive,
+    instance: StoredInstance,
+    numbers: Sequence[int],
+    choice: PixelChoice,
+    boundary: str,
+) -> Iterator[bytes]:
+    with open_instance(archive.blobs, instance.blob_key) as fh:
+        _ds, layout = pixel_layout(fh)
+        for number in numbers:
+            data = _frame(fh, layout, number, choice)
+            if choice.multipart:
+                yield (
+                    part_header(
+                        boundary,
+                        part_content_type(choice.part_type, choice.transfer_syntax),
+                        length=len(data),
+                    )
+                    + data
+                    + CRLF
+                )
+            else:
+                yield data
+    if choice.multipart:
+        yield closing(boundary)
+
+
+def _frame(fh: BinaryIO, layout: PixelLayout, number: int, choice: PixelChoice) -> bytes:
+    if choice.decode:
+        return decoded_frame(fh, layout, number)
+    return native_frame(fh, layout, number)
+
+
+def _decoded_value(
+    archive: Archive, instance: StoredInstance, layout: PixelLayout, multipart: bool
+) -> Response:
+    """The whole pixel data value, uncompressed: every frame decoded, in one part."""
+    boundary = new_boundary()
+
+    def body() -> Iterator[bytes]:
+        header = part_header(boundary, part_content_type(OCTET_STREAM, DEFAULT_TRANSFER_SYNTAX))
+        with open_instance(archive.blobs, instance.blob_key) as fh:
+            for number in range(1, layout.number_of_frames + 1):
+                data = decoded_frame(fh, layout, number)
+                yield header + data if multipart and number == 1 else data
+        if multipart:
+            yield CRLF + closing(boundary)
+
+    chunks = _checked(body())
+    if multipart:
+        media_type = multipart_content_type(OCTET_STREAM, boundary, DEFAULT_TRANSFER_SYNTAX)
+    else:
+        media_type = part_content_type(OCTET_STREAM, DEFAULT_TRANSFER_SYNTAX)
+    return StreamingResponse(chunks, media_type=media_type)
+
+
+def _open_pixels(archive: Archive, instance: StoredInstance) -> PixelLayout:
+    try:
+        with open_instance(archive.blobs, instance.blob_key) as fh:
+            return pixel_layout(fh)[1]
+    except NoPixelData as exc:
+        fail(404, f"instance {instance.sop_instance_uid} has no frames: {exc}")
+    except BlobNotFound:
+        fail(404, f"the file of instance {instance.sop_instance_uid} is missing")
+
+
+def _pixel_response(
+    archive: Archive, instance: StoredInstance, numbers: list[int], choice: PixelChoice
+) -> Response:
+    boundary = new_boundary()
+    body = _checked(_pixel_parts(archive, instance, numbers, choice, boundary))
+    if choice.multipart:
+        media_type = multipart_content_type(choice.part_type, boundary, choice.transfer_syntax)
+    else:
+        media_type = part_content_type(choice.part_type, choice.transfer_syntax)
+    return StreamingResponse(body, media_type=media_type)
+
+
+def _checked(chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """Decode the first part before the status line goes out, so that a frame that cannot be
+    decoded is a 4xx/5xx and not a broken body."""
+    try:
+        first = next(chunks)
+    except StopIteration:
+        return iter(())
+    except FrameOutOfRange as exc:
+        fail(404, exc.message)
+    except TranscodeError as exc:
+        fail(406, str(exc))
+
+    def rest() -> Iterator[bytes]:
+        yield first
+        yield from chunks
+
+    return rest()
+
+
+@router.get(
+    "/studies/{study}/series/{series}/instances/{sop}/frames/{frames}",
+    summary="Retrieve frames (WADO-RS)",
+    description="Frame numbers start at 1 and are separated by commas (`/frames/1,3,5`).",
+    response_class=Response,
+    responses={
+        200: {
+            "description": "One part per frame: `application/octet-stream` uncompressed "
+            "(decoded when stored compressed), or the stored bit stream (`image/jpeg`, "
+            "`image/jls`, `image/jp2`, `image/jphc`, `image/dicom-rle`…) when that type or "
+            "`transfer-syntax=*` is accepted.",
+            "content": {
+                'multipart/related; type="application/octet-stream"': {
+                    "schema": {"type": "string", "format": "binary"}
+                },
+                'multipart/related; type="image/jpeg"': {
+                    "schema": {"type": "string", "format": "binary"}
+                },
+            },
+        },
+        **ERROR_RESPONSES,
+    },
+)
+def retrieve_frames(request: Request, study: str, series: str, sop: str, frames: str) -> Response:
+    numbers = _parse_frames(frames)
+    archive = archive_of(request)
+    instance = _instance(request, study, series, sop)
+    layout = _open_pixels(archive, instance)
+    try:
+        check_frames(layout, numbers)
+    except FrameOutOfRange as exc:
+        fail(404, exc.message)
+    choice = choose_pixels(request.headers.get("accept"), layout.transfer_syntax_uid, len(numbers))
+    return _pixel_response(archive, instance, numbers, choice)
+
+
+_RANGE = re.compile(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$")
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """One byte range ``[start, end)`` from a Range header; ``None`` for none (or several,
+    which are answered in full). Raises 416 when it cannot be satisfied."""
+    if not header or "," in header:
+        return None
+    match = _RANGE.match(header)
+    if match is None:
+        return None
+    first, last = match.groups()
+    if not first and not last:
+        return None
+    if not first:
+        start, end = max(0, size - int(last)), size
+    else:
+        start = int(first)
+        end = min(size, int(last) + 1) if last else size
+    if start >= size or start >= end:
+        fail(
+            416,
+            f"range {header.strip()} is outside the {size} bytes",
+            {"Content-Range": f"bytes */{size}"},
+        )
+    return start, end
+
+
+def _bulk_choice(accept: str | None) -> bool:
+    """Multipart (True) or single part (False) for bulk data other than pixel data."""
+    for r in parse_accept(accept):
+        if r.multipart and r.accepts(OCTET_STREAM):
+            return True
+        if r.media_type in ("*/*", "multipart/*"):
+            return True
+        if not r.multipart and r.media_type in (OCTET_STREAM, "application/*"):
+            return False
+    fail(406, "bulk data is available as application/octet-stream (single or multipart) only")
+
+
+def _ranged(
+    request: Request,
+    multipart: bool,
+    size: int,
+    body: Callable[[int, int], Iterator[bytes]],
+) -> Response:
+    span = parse_range(request.headers.get("range"), size)
+    start, end = span or (0, size)
+    headers = {"Accept-Ranges": "bytes"}
+    status = 200
+    extra: dict[str, str] = {}
+    if span is not None:
+        status = 206
+        extra["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+    if not multipart:
+        headers |= extra
+        headers["Content-Length"] = str(end - start)
+        return StreamingResponse(
+            body(start, end), status_code=status, headers=headers, media_type=OCTET_STREAM
+        )
+    boundary = new_boundary()
+
+    def parts() -> Iterator[bytes]:
+        yield part_header(boundary, OCTET_STREAM, length=end - start, extra=extra)
+        yield from body(start, end)
+        yield CRLF
+        yield closing(boundary)
+
+    return StreamingResponse(
+        parts(),
+        status_code=status,
+        headers=headers,
+        media_type=multipart_content_type(OCTET_STREAM, boundary, None),
+    )
+
+
+@router.get(
+    "/studies/{study}/series/{series}/instances/{sop}/bulkdata/{path:path}",
+    summary="Retrieve bulk data (WADO-RS)",
+    description="The targets of the BulkDataURIs in metadata. Range requests are honoured "
+    "(206, or 416 when outside the value).",
+    response_class=Response,
+    responses={
+        200: {
+            "description": "The value as `application/octet-stream` (single part, or "
+            "multipart/related when asked); compressed pixel data as its frames.",
+            "content": {
+                'multipart/related; type="application/octet-stream"': {
+                    "schema": {"type": "string", "format": "binary"}
+                },
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            },
+        },
+        206: {"description": "The byte range asked for."},
+        416: {"description": "The range lies outside the value."},
+        **ERROR_RESPONSES,
+    },
+)
+def retrieve_bulkdata(request: Request, study: str, series: str, sop: str, path: str) -> Response:
+    archive = archive_of(request)
+    instance = _instance(request, study, series, sop)
+    steps = [p for p in path.strip("/").split("/") if p]
+    accept = request.headers.get("accept")
+    if len(steps) == 1 and steps[0].upper() in _PIXEL_TAGS:
+        layout = _open_pixels(archive, instance)
+        numbers = list(range(1, layout.number_of_frames + 1))
+        choice = choose_pixels(accept, layout.transfer_syntax_uid, 1)
+        if not choice.decode:
+            # Compressed pixel data as stored: one part per frame, as the frames resource does.
+            return _pixel_response(archive, instance, numbers, replace(choice, multipart=True))
+        if not layout.encapsulated and layout.little_endian and layout.bits_allocated % 8 == 0:
+
+            def pixels(start: int, end: int) -> Iterator[bytes]:
+                with open_instance(archive.blobs, instance.blob_key) as fh:
+                    yield from uncompressed_range(fh, layout, start, end)
+
+            assert layout.length is not None
+            return _ranged(request, choice.multipart, layout.length, pixels)
+        return _decoded_value(archive, instance, layout, choice.multipart)
+    multipart = _bulk_choice(accept)
+    try:
+        with open_instance(archive.blobs, instance.blob_key) as fh:
+            value, _vr = element_value(fh, steps)
+    except NoSuchElement as exc:
+        fail(404, exc.message)
+    except BlobNotFound:
+        fail(404, f"the file of instance {instance.sop_instance_uid} is missing")
+
+    def element(start: int, end: int) -> Iterator[bytes]:
+        yield value[start:end]
+
+    return _ranged(request, multipart, len(value), element)
