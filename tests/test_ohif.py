@@ -1,0 +1,287 @@
+"""The OHIF Viewer against pacsbridge's DICOMweb, in a real browser.
+
+OHIF's prebuilt ``dist/`` (npm ``@ohif/app``, fetched by ``scripts/setup-ohif.sh``) is served by
+a small static server on its own port with an ``app-config.js`` whose data source points at
+``pacsbridge serve``'s ``/dicom-web`` (QIDO-RS, WADO-RS, no static WADO), cross-origin with CORS
+as a real deployment would be. A synthetic CT series goes in over STOW-RS; Debian's Chromium,
+driven headless by puppeteer-core (``tests/ohif/drive.mjs``), opens the study list, finds the
+study, opens it in the basic viewer and waits for the image. The screenshots
+(``test-artifacts/ohif-*.png``) and every DICOMweb request OHIF made
+(``test-artifacts/ohif-requests.json``) are kept.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import math
+import os
+import shutil
+import subprocess
+import threading
+from collections.abc import Iterator
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from pydicom.dataset import Dataset
+
+from config import Settings
+from tests.conftest import IN_CI, Backend, RunningServer, free_port, start_server
+from tests.dicom_factory import ct_slice
+from tests.dicomweb_fixtures import multipart_body, new_uid, part10
+
+REPO = Path(__file__).resolve().parent.parent
+DRIVER = REPO / "tests" / "ohif" / "drive.mjs"
+SETUP = REPO / "scripts" / "setup-ohif.sh"
+ARTIFACTS = REPO / "test-artifacts"
+CHROMIUM = os.environ.get("PACSBRIDGE_CHROMIUM", "/usr/bin/chromium")
+PATIENT_ID = "PB-OHIF-0001"
+DESCRIPTION = "CT PHANTOM FOR OHIF"
+SLICES = 20
+SIZE = 256
+
+pytestmark = pytest.mark.timeout(900)
+
+
+def _unavailable(message: str) -> None:
+    if IN_CI:
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="module")
+def ohif_dist() -> Path:
+    """OHIF's dist/ and the driver's node_modules, installed by the setup script if missing."""
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        _unavailable("node and npm are needed for the OHIF test (apt-get install nodejs npm)")
+    if not Path(CHROMIUM).exists():
+        _unavailable(
+            f"Chromium is needed for the OHIF test: no {CHROMIUM} (apt-get install chromium)"
+        )
+    done = subprocess.run(
+        ["bash", str(SETUP)], capture_output=True, text=True, timeout=600, check=False
+    )
+    if done.returncode != 0:
+        _unavailable(f"scripts/setup-ohif.sh failed:\n{done.stderr[-3000:]}")
+    dist = Path(done.stdout.strip().splitlines()[-1])
+    assert (dist / "index.html").exists(), dist
+    return dist
+
+
+# --- OHIF's static files ----------------------------------------------------------------------
+
+
+def app_config(dicomweb: str) -> str:
+    """The app-config.js of the README's "OHIF Viewer" section, pointed at ``dicomweb``."""
+    return f"""window.config = {{
+  routerBasename: null,
+  extensions: [],
+  modes: [],
+  showStudyList: true,
+  maxNumberOfWebWorkers: 2,
+  showWarningMessageForCrossOrigin: false,
+  showCPUFallbackMessage: false,
+  showLoadingIndicator: true,
+  strictZSpacingForVolumeViewport: true,
+  defaultDataSourceName: 'pacsbridge',
+  dataSources: [
+    {{
+      namespace: '@ohif/extension-default.dataSourcesModule.dicomweb',
+      sourceName: 'pacsbridge',
+      configuration: {{
+        friendlyName: 'pacsbridge',
+        name: 'pacsbridge',
+        wadoUriRoot: '{dicomweb}',
+        qidoRoot: '{dicomweb}',
+        wadoRoot: '{dicomweb}',
+        qidoSupportsIncludeField: true,
+        supportsReject: false,
+        imageRendering: 'wadors',
+        thumbnailRendering: 'thumbnail',
+        thumbnailRequestStrategy: 'fetch',
+        enableStudyLazyLoad: true,
+        supportsFuzzyMatching: true,
+        supportsWildcard: true,
+        staticWado: false,
+        singlepart: 'bulkdata,video',
+        bulkDataURI: {{ enabled: true, relativeResolution: 'studies' }},
+        omitQuotationForMultipartRequest: true,
+      }},
+    }},
+  ],
+}};
+"""
+
+
+_MEDIA_TYPES = {
+    ".js": "application/javascript",
+    ".mjs": "application/javascript",
+    ".wasm": "application/wasm",
+    ".json": "application/json",
+}
+
+
+class _OhifHandler(SimpleHTTPRequestHandler):
+    """dist/ as it is, but our app-config.js, and index.html for the app's own routes."""
+
+    config_js = b""
+
+    def guess_type(self, path: str | os.PathLike[str]) -> str:
+        return _MEDIA_TYPES.get(Path(path).suffix) or super().guess_type(path)
+
+    def send_head(self):
+        path = urlsplit(self.path).path
+        if path == "/app-config.js":
+            self.send_response(200)
+            self.send_header("Content-Type", "application/javascript")
+            self.send_header("Content-Length", str(len(self.config_js)))
+            self.end_headers()
+            return io.BytesIO(self.config_js)
+        if not Path(self.translate_path(path)).exists() and "." not in path.rsplit("/", 1)[-1]:
+            self.path = "/index.html"  # single-page app: /viewer, /?… are the app's routes
+        return super().send_head()
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def ohif_site(ohif_dist: Path) -> Iterator[tuple[str, type[_OhifHandler]]]:
+    port = free_port()
+    handler = type("Handler", (_OhifHandler,), {})
+    httpd = ThreadingHTTPServer(
+        ("127.0.0.1", port), functools.partial(handler, directory=str(ohif_dist))
+    )
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{port}", handler
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+# --- a CT series ------------------------------------------------------------------------------
+
+
+def ct_phantom(study_uid: str, series_uid: str, count: int = SLICES) -> list[Dataset]:
+    """A head-sized water cylinder with a bone ring and a sphere that grows through the slices."""
+    y, x = np.mgrid[0:SIZE, 0:SIZE]
+    r = np.hypot(x - SIZE / 2, y - SIZE / 2)
+    slices = []
+    for index in range(count):
+        hu = np.full((SIZE, SIZE), -1000.0)
+        hu[r < 100] = 30
+        hu[(r >= 100) & (r < 110)] = 1200
+        radius = 10 + 40 * math.sin(math.pi * (index + 0.5) / count)
+        hu[np.hypot(x - 150, y - 110) < radius] = 80
+        hu[np.hypot(x - 95, y - 150) < 12] = -500
+        ds = ct_slice(
+            study_uid=study_uid,
+            series_uid=series_uid,
+            index=index,
+            size=SIZE,
+            patient_id=PATIENT_ID,
+            patient_name="OHIF^PHANTOM",
+        )
+        ds.StudyDescription = DESCRIPTION
+        ds.SeriesDescription = "AXIAL 5mm"
+        ds.ImagePositionPatient = [-64.0, -64.0, 5.0 * index]
+        ds.SliceThickness = 5.0
+        ds.SliceLocation = 5.0 * index
+        ds.WindowCenter, ds.WindowWidth = 40, 400
+        ds.PixelData = (hu + 1024).astype(np.int16).tobytes()
+        slices.append(ds)
+    return slices
+
+
+@pytest.fixture(scope="module")
+def pacs(
+    ohif_site: tuple[str, type[_OhifHandler]], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningServer]:
+    """`pacsbridge serve` (SQLite, files) allowing OHIF's origin (CORS)."""
+    origin, _handler = ohif_site
+    tmp = tmp_path_factory.mktemp("ohif")
+    env = {
+        "PACSBRIDGE_DATA_DIR": str(tmp / "data"),
+        "PACSBRIDGE_WORKER_IN_SERVE": "false",
+        "PACSBRIDGE_CORS_ORIGINS": json.dumps([origin]),
+    }
+    server = start_server(Backend("sqlite", "file", Settings(data_dir=tmp / "data"), env), tmp)
+    try:
+        yield server
+    finally:
+        assert server.stop() == 0, server.log()[-3000:]
+
+
+def test_ohif_viewer_shows_the_study(
+    pacs: RunningServer,
+    ohif_site: tuple[str, type[_OhifHandler]],
+    tmp_path: Path,
+) -> None:
+    origin, handler = ohif_site
+    dicomweb = f"{pacs.http}/dicom-web"
+    handler.config_js = app_config(dicomweb).encode()
+
+    study_uid, series_uid = new_uid(), new_uid()
+    body, content_type = multipart_body([part10(ds) for ds in ct_phantom(study_uid, series_uid)])
+    stored = httpx.post(
+        f"{dicomweb}/studies",
+        content=body,
+        headers={"Content-Type": content_type, "Accept": "application/dicom+json"},
+        timeout=60,
+    )
+    assert stored.status_code == 200, stored.text
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    for old in ARTIFACTS.glob("ohif-*"):
+        old.unlink()
+    config = {
+        "viewer": origin,
+        "studyUid": study_uid,
+        "marker": DESCRIPTION,
+        "chromium": CHROMIUM,
+        "userDataDir": str(tmp_path / "chromium-profile"),
+        "artifacts": str(ARTIFACTS),
+        "timeoutMs": 120_000,
+    }
+    done = subprocess.run(
+        ["node", str(DRIVER), json.dumps(config)],
+        cwd=DRIVER.parent,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout)
+    requests = result["requests"]
+    (ARTIFACTS / "ohif-requests.json").write_text(json.dumps(result, indent=2))
+    context = json.dumps({k: v for k, v in result.items() if k != "requests"}, indent=1)[:4000]
+    assert result["error"] is None, context
+    assert result["studyListed"], context
+
+    # Every DICOMweb request OHIF made succeeded.
+    failed = [r for r in requests if r["status"] is None or not 200 <= r["status"] < 400]
+    assert not failed, json.dumps(failed, indent=1)
+    paths = [urlsplit(r["url"]).path.removeprefix("/dicom-web") for r in requests]
+    assert "/studies" in paths  # the study list (QIDO-RS)
+    assert any(p.endswith("/metadata") for p in paths)  # the viewer (WADO-RS metadata)
+    assert any("/frames/" in p for p in paths)  # the pixels (WADO-RS frames)
+    assert any(p.endswith("/thumbnail") for p in paths)  # the series' thumbnail
+
+    # The viewport shows the image: the canvas has lit pixels, and so has the screenshot.
+    canvas = result["canvas"]
+    assert canvas and canvas["total"] and canvas["lit"] / canvas["total"] > 0.05, canvas
+    shot = np.asarray(Image.open(ARTIFACTS / "ohif-viewer.png").convert("L"))
+    box = result["viewport"] or canvas
+    top, left = int(box["y"]), int(box["x"])
+    region = shot[top : top + int(box["height"]), left : left + int(box["width"])]
+    lit = float((region > 60).mean())
+    assert lit > 0.05, f"only {lit:.1%} of the viewport is lit"
