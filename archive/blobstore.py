@@ -46,6 +46,10 @@ class BlobStore(Protocol):
 
     def read(self, key: str) -> bytes: ...
 
+    def local_path(self, key: str) -> Path | None:
+        """The blob's file when the store keeps blobs as local files (to stream it to a socket
+        without copying); ``None`` for stores that do not."""
+
     def size(self, key: str) -> int: ...
 
     def exists(self, key: str) -> bool: ...
@@ -145,6 +149,12 @@ class FileBlobStore:
             return self._path(key).read_bytes()
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
             raise BlobNotFound(key) from exc
+
+    def local_path(self, key: str) -> Path | None:
+        path = self._path(key)
+        if not path.is_file():
+            raise BlobNotFound(key)
+        return path
 
     def size(self, key: str) -> int:
         path = self._path(key)
@@ -293,6 +303,9 @@ class S3BlobStore:
 
     def read(self, key: str) -> bytes:
         return b"".join(self.open(key))
+
+    def local_path(self, key: str) -> Path | None:
+        return None
 
     def size(self, key: str) -> int:
         try:

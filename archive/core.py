@@ -14,6 +14,7 @@ from archive.db import Database
 from archive.ingest import IngestError, IngestOutcome, IngestResult, IngestService
 from archive.jobs import JobQueue
 from archive.models import Instance, Patient, PendingBlobDeletion, Series, Study
+from archive.peers import PeerRegistry
 from config import Settings
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ class Archive:
             self.db.upgrade()
         self.blobs: BlobStore = open_blob_store(settings)
         self.ingestor = IngestService(self.db, self.blobs, settings)
+        self.peers = PeerRegistry(self.db, settings.peers)
         self.jobs = JobQueue(
             self.db,
             max_attempts=settings.job_max_attempts,

@@ -174,6 +174,24 @@ class Instance(Base):
     series: Mapped[Series] = relationship(back_populates="instances")
 
 
+class Peer(Base):
+    """A remote DICOM AE (a C-MOVE destination) created over the REST API (``/api/peers``).
+
+    Peers declared in the TOML file (``[peers.<name>]``) are not stored here: they come from the
+    settings of each process and are read-only over the API (see ``archive.peers``).
+    """
+
+    __tablename__ = "peer"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), nullable=False, unique=True)
+    ae_title: Mapped[str] = mapped_column(String(16), nullable=False, unique=True)
+    host: Mapped[str] = mapped_column(String(255), nullable=False)
+    port: Mapped[int] = mapped_column(Integer, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
 class PendingBlobDeletion(Base):
     """Blobs whose index rows are gone; deleted after the commit, retried at start.
 

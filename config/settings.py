@@ -8,6 +8,7 @@ Every setting is documented in the README with its default.
 from __future__ import annotations
 
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
@@ -23,12 +24,54 @@ from pydantic_settings import (
 DuplicatePolicy = Literal["keep", "overwrite"]
 
 
+_PEER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_HOST = re.compile(r"[A-Za-z0-9._:\[\]%-]{1,255}")
+
+
+def validate_ae_title(value: str) -> str:
+    """An AE title per PS3.5 6.2, without its non-significant leading/trailing spaces."""
+    value = value.strip()
+    if not value or len(value) > 16 or "\\" in value or not value.isascii():
+        raise ValueError("an AE title is 1 to 16 ASCII characters without backslash")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        raise ValueError("an AE title may not contain control characters")
+    return value
+
+
+def validate_peer_name(value: str) -> str:
+    """A peer's name: it appears in URLs (``/api/peers/<name>``)."""
+    if not _PEER_NAME.fullmatch(value):
+        raise ValueError(
+            "a peer name is 1 to 64 letters, digits, '.', '_' or '-', starting with a letter "
+            "or digit"
+        )
+    return value
+
+
+def validate_host(value: str) -> str:
+    """A host name or IP address (IPv6 literal with or without brackets)."""
+    value = value.strip()
+    if not _HOST.fullmatch(value):
+        raise ValueError("a host is a host name or an IP address (at most 255 characters)")
+    return value
+
+
 class PeerSettings(BaseModel):
     """A remote DICOM application entity (``[peers.<name>]`` in the TOML file)."""
 
     ae_title: str
     host: str
     port: int = Field(ge=1, le=65535)
+
+    @field_validator("ae_title")
+    @classmethod
+    def _valid_ae_title(cls, value: str) -> str:
+        return validate_ae_title(value)
+
+    @field_validator("host")
+    @classmethod
+    def _valid_host(cls, value: str) -> str:
+        return validate_host(value)
 
 
 class Settings(BaseSettings):
@@ -140,11 +183,20 @@ class Settings(BaseSettings):
     def _valid_ae_title(cls, value: str) -> str:
         # PS3.5 6.2: AE is at most 16 characters of the Default Character Repertoire,
         # no backslash or control characters; leading/trailing spaces are not significant.
-        value = value.strip()
-        if not value or len(value) > 16 or "\\" in value or not value.isascii():
-            raise ValueError("an AE title is 1 to 16 ASCII characters without backslash")
-        if any(ord(c) < 0x20 for c in value):
-            raise ValueError("an AE title may not contain control characters")
+        return validate_ae_title(value)
+
+    @field_validator("peers")
+    @classmethod
+    def _valid_peers(cls, value: dict[str, PeerSettings]) -> dict[str, PeerSettings]:
+        # A C-MOVE names its destination by AE title: two peers with one title are ambiguous.
+        seen: dict[str, str] = {}
+        for name, peer in value.items():
+            validate_peer_name(name)
+            if peer.ae_title in seen:
+                raise ValueError(
+                    f"peers {seen[peer.ae_title]!r} and {name!r} share AE title {peer.ae_title!r}"
+                )
+            seen[peer.ae_title] = name
         return value
 
     @classmethod
