@@ -13,6 +13,7 @@ from archive import Archive
 from config import Settings
 from dicomweb import router as dicomweb_router
 from pacsbridge import __version__
+from pacsbridge.api_peers import router as peers_router
 from pacsbridge.jobs_api import router as jobs_router
 
 
@@ -24,6 +25,7 @@ def create_app(archive: Archive, settings: Settings) -> FastAPI:
     )
     app.state.archive = archive
     app.state.settings = settings
+    app.include_router(peers_router)
     app.include_router(jobs_router)
     app.include_router(dicomweb_router)
     if settings.cors_origins:
