@@ -27,6 +27,8 @@ class DimseService(Protocol):
 
 def default_services(archive: Archive, settings: Settings) -> list[DimseService]:
     from dicom_node.find import FindService
+    from dicom_node.retrieve import RetrieveService
 
     services: list[DimseService] = [FindService(archive, settings)]
+    services.append(RetrieveService(archive, settings))
     return services
