@@ -121,12 +121,14 @@ try {
   );
   result.studyListed = true;
   await dismiss(page, 'Confirm and hide'); // the "investigational use only" banner
-  await new Promise((r) => setTimeout(r, 1500)); // let the list settle
+  await page.waitForNetworkIdle({ idleTime: 750, timeout });
   await page.screenshot({ path: `${config.artifacts}/ohif-study-list.png` });
 
   // 2. Open the study from its row: expand it, then its "Basic Viewer" mode button.
   const row = await page.waitForSelector(`xpath///*[contains(text(), "${config.marker}")]`);
   await row.click();
+  // The row's series and their thumbnails load before we leave the page (leaving aborts them).
+  await page.waitForNetworkIdle({ idleTime: 750, timeout });
   const button = await page.waitForSelector(
     'xpath///button[contains(., "Basic Viewer")] | //*[@role="button" and contains(., "Basic Viewer")]',
   );
@@ -151,7 +153,7 @@ try {
     },
     { timeout, polling: 500 },
   );
-  await new Promise((r) => setTimeout(r, 3000)); // the rest of the series loads
+  await page.waitForNetworkIdle({ idleTime: 1000, timeout }); // the rest of the series loads
   await dismiss(page, 'Skip all'); // the first-visit tour
   await new Promise((r) => setTimeout(r, 500));
   result.canvas = await canvasStats(page);
