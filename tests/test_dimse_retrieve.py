@@ -91,7 +91,22 @@ class StoreSCP:
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()
-            self.proc.wait(10)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+_STARTED: list[StoreSCP] = []
+
+
+@pytest.fixture(autouse=True)
+def _stop_every_storescp() -> Iterator[None]:
+    """Stop the storescp processes a test started, even when it failed before its `finally`."""
+    yield
+    while _STARTED:
+        _STARTED.pop().stop()
 
 
 def start_storescp(tmp_path: Path, *options: str, ae_title: str = SCP_AE) -> StoreSCP:
@@ -105,8 +120,10 @@ def start_storescp(tmp_path: Path, *options: str, ae_title: str = SCP_AE) -> Sto
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+    scp = StoreSCP(proc, port, directory, ae_title)
+    _STARTED.append(scp)
     wait_for_port(port, proc=proc)
-    return StoreSCP(proc, port, directory, ae_title)
+    return scp
 
 
 @pytest.fixture
