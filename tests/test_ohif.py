@@ -17,6 +17,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import threading
@@ -77,46 +78,16 @@ def ohif_dist() -> Path:
 # --- OHIF's static files ----------------------------------------------------------------------
 
 
+DOCUMENTED_ROOT = "http://127.0.0.1:8000/dicom-web"
+
+
 def app_config(dicomweb: str) -> str:
-    """The app-config.js of the README's "OHIF Viewer" section, pointed at ``dicomweb``."""
-    return f"""window.config = {{
-  routerBasename: null,
-  extensions: [],
-  modes: [],
-  showStudyList: true,
-  maxNumberOfWebWorkers: 2,
-  showWarningMessageForCrossOrigin: false,
-  showCPUFallbackMessage: false,
-  showLoadingIndicator: true,
-  strictZSpacingForVolumeViewport: true,
-  defaultDataSourceName: 'pacsbridge',
-  dataSources: [
-    {{
-      namespace: '@ohif/extension-default.dataSourcesModule.dicomweb',
-      sourceName: 'pacsbridge',
-      configuration: {{
-        friendlyName: 'pacsbridge',
-        name: 'pacsbridge',
-        wadoUriRoot: '{dicomweb}',
-        qidoRoot: '{dicomweb}',
-        wadoRoot: '{dicomweb}',
-        qidoSupportsIncludeField: true,
-        supportsReject: false,
-        imageRendering: 'wadors',
-        thumbnailRendering: 'thumbnail',
-        thumbnailRequestStrategy: 'fetch',
-        enableStudyLazyLoad: true,
-        supportsFuzzyMatching: true,
-        supportsWildcard: true,
-        staticWado: false,
-        singlepart: 'bulkdata,video',
-        bulkDataURI: {{ enabled: true, relativeResolution: 'studies' }},
-        omitQuotationForMultipartRequest: true,
-      }},
-    }},
-  ],
-}};
-"""
+    """The app-config.js that docs/ohif.md documents, pointed at ``dicomweb``."""
+    text = (REPO / "docs" / "ohif.md").read_text()
+    blocks = re.findall(r"```js\n(.*?)```", text, flags=re.DOTALL)
+    assert len(blocks) == 1, "docs/ohif.md must hold exactly one ```js block: the app-config.js"
+    assert blocks[0].count(DOCUMENTED_ROOT) == 3
+    return blocks[0].replace(DOCUMENTED_ROOT, dicomweb)
 
 
 _MEDIA_TYPES = {
