@@ -64,6 +64,9 @@ class Database:
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA busy_timeout=60000")
             cur.execute("PRAGMA cache_size=-65536")
+            # LIKE is case-sensitive, as DICOM wildcard matching is for all but person names
+            # (PS3.4 C.2.2.2.4); person names are matched on upper-cased copies.
+            cur.execute("PRAGMA case_sensitive_like=ON")
             cur.close()
 
         @event.listens_for(engine, "begin")

@@ -121,7 +121,20 @@ def valid_uid(value: str) -> bool:
 
 
 def _person_name_search(value: str | None) -> str | None:
-    return value.upper() if value else None
+    """The upper-cased, normalised copy of a person name that matching uses."""
+    normalised = normalise_person_name(value)
+    return normalised.upper() if normalised else None
+
+
+def normalise_person_name(value: str | None) -> str | None:
+    """A PN without the trailing empty components and their delimiters, which PS3.5 6.2.1.1
+    allows to be omitted: ``SMITH^JOHN^^^`` and ``SMITH^JOHN`` are the same name."""
+    if not value:
+        return value
+    groups = [group.rstrip("^ ") for group in value.split("=")]
+    while groups and not groups[-1]:
+        groups.pop()
+    return "=".join(groups) or None
 
 
 def parse_header(data: bytes) -> ParsedInstance:
@@ -222,9 +235,7 @@ def parse_header(data: bytes) -> ParsedInstance:
             "performed_procedure_step_start_date": _text(
                 dicom_json, "PerformedProcedureStepStartDate", 8
             ),
-            "performed_procedure_step_start_time": _text(
-                dicom_json, "PerformedProcedureStepStartTime", 16
-            ),
+            "performed_procedure_step_start_time": _text(j, "PerformedProcedureStepStartTime", 16),
         },
         instance={
             "instance_number": _int(j, "InstanceNumber"),

@@ -15,6 +15,7 @@ import hashlib
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, cast
@@ -45,6 +46,10 @@ _TOUCH_STUDY = (
     .where(_STUDY.c.id == bindparam("study_fk"))
     .values(updated_at=bindparam("now"), stable_at=None)
 )
+
+
+IndexListener = Callable[[Connection, ParsedInstance, str], None]
+"""``(connection, parsed instance, calling AE title)``, inside the ingest transaction."""
 
 
 class IngestOutcome(enum.StrEnum):
@@ -100,6 +105,9 @@ class IngestService:
         # series UID -> (series id, study id); study id -> when this process last touched it
         self._parents: dict[str, tuple[int, int]] = {}
         self._study_touched: dict[int, float] = {}
+        #: Called inside the index transaction of every stored instance, e.g. to enqueue jobs
+        #: that must exist if and only if the instance does (routing on arrival).
+        self.listeners: list[IndexListener] = []
         self._insert = (
             postgresql.insert if db.engine.dialect.name == "postgresql" else sqlite.insert
         )
@@ -295,6 +303,8 @@ class IngestService:
             self._study_touched[study_fk] = mono
             if len(self._study_touched) > _PARENT_CACHE_SIZE:
                 self._study_touched.pop(next(iter(self._study_touched)))
+        for listener in self.listeners:
+            listener(conn, parsed, calling_ae_title)
         return outcome
 
     def _get_or_create(

@@ -9,8 +9,9 @@ Matching rules implemented (PS3.4 C.2.2.2):
 - single value matching; case-insensitive for person names when ``case_insensitive_pn``;
 - universal matching: an empty value (or ``*`` alone) matches everything, including no value;
 - wildcard matching with ``*`` and ``?`` for text VRs (AE CS LO LT PN SH ST UC UR UT);
-- range matching ``a-b``, ``a-``, ``-b`` for DA, TM, DT, and a combined date+time range when both
-  the date and the time of a pair (e.g. StudyDate + StudyTime) are ranges (C.2.2.2.5.2);
+- range matching ``a-b``, ``a-``, ``-b`` for DA, TM, DT; a date and a time range of one pair
+  (e.g. StudyDate + StudyTime) combine into one date-time range only when asked
+  (``combine_date_time``, C.2.2.2.5.2), else each is matched on its own;
 - list of UID matching: ``uid1\\uid2\\…`` (C.2.2.2.2);
 - sequence matching is not supported: a sequence key is a return key only.
 """
@@ -31,6 +32,7 @@ from sqlalchemy import (
     Select,
     and_,
     bindparam,
+    case,
     distinct,
     exists,
     false,
@@ -43,6 +45,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import aliased
 
 from archive.db import Database
+from archive.dicom import normalise_person_name
 from archive.models import Instance, Patient, Series, Study
 
 
@@ -200,6 +203,10 @@ class Query:
     hierarchical: bool = True
     """Unique keys of the levels above must be single values (PS3.4 C.4.1.2.2.1 baseline)."""
     case_insensitive_pn: bool = True
+    combine_date_time: bool = False
+    """Match a date and a time range of one pair (StudyDate + StudyTime) as one date-time range
+    (PS3.4 C.2.2.2.5.2). C-FIND does so only when the requestor negotiated it (C.5.1.1.2,
+    extended negotiation byte 2); otherwise date and time are matched independently."""
     limit: int | None = None
     offset: int = 0
 
@@ -313,7 +320,7 @@ class _Matcher:
 def _compile(key: Key, case_insensitive_pn: bool) -> _Matcher:
     value = (key.value or "").strip() if key.vr not in ("LT", "ST", "UT") else key.value or ""
     if key.vr == "PN":
-        value = value.rstrip("^=")
+        value = normalise_person_name(value) or ""
     fold = key.vr == "PN" and case_insensitive_pn
     if fold:
         value = value.upper()
@@ -335,8 +342,11 @@ def _compile(key: Key, case_insensitive_pn: bool) -> _Matcher:
     if key.vr in _RANGE_VRS:
         _bound(value, key.vr, False)  # validate
         if key.vr == "TM":
-            # A single time value matches times that start with it: "1015" ~ "101500.00"
-            return _Matcher(key, "wildcard", (value.replace(":", "") + "*",))
+            # A single time names the whole minute/second it spells: "1015" is 10:15:00 to
+            # 10:15:59.999999 (PS3.5 6.2 TM), matched as that range.
+            return _Matcher(
+                key, "range", low=_bound(value, "TM", False), high=_bound(value, "TM", True)
+            )
     if key.vr in _WILDCARD_VRS and _has_wildcard(value):
         return _Matcher(key, "wildcard", (value,), fold_case=fold)
     if key.vr in _INT_VRS or key.vr in ("DS", "FL", "FD"):
@@ -370,6 +380,8 @@ def _sql_condition(m: _Matcher, attr: Attribute) -> ColumnElement[bool]:
         target = func.upper(column) if m.fold_case and attr.search_column is None else column
         return target.like(_like_pattern(m.values[0]), escape="\\")
     # range
+    if m.key.vr == "TM":
+        column = tm_sql(column)
     conditions = []
     if m.low is not None:
         conditions.append(column >= m.low)
@@ -378,11 +390,29 @@ def _sql_condition(m: _Matcher, attr: Attribute) -> ColumnElement[bool]:
     return and_(*conditions)
 
 
+def tm_sql(column: Any) -> Any:
+    """A stored TM as ``HHMMSS[.F…]`` in SQL, so that times compare as strings: ``0930``
+    (PS3.5 6.2 lets minutes and seconds be left out) counts as ``093000``; ACR-NEMA
+    ``09:30:00`` too."""
+    text = func.replace(column, ":", "")
+    return case(
+        (func.length(text) == 2, text + "0000"),
+        (func.length(text) == 4, text + "00"),
+        else_=text,
+    )
+
+
+def tm_text(value: str) -> str:
+    """:func:`tm_sql` for a value in Python."""
+    text = value.replace(":", "").strip()
+    return text + "0000" if len(text) == 2 else text + "00" if len(text) == 4 else text
+
+
 def _combined_range(
     date_m: _Matcher, time_m: _Matcher, date_col: Any, time_col: Any
 ) -> ColumnElement[bool]:
     """Date and time ranges as one date-time range (PS3.4 C.2.2.2.5.2)."""
-    time_or_zero = func.coalesce(time_col, "")
+    time_or_zero = func.coalesce(tm_sql(time_col), "")
     lower: ColumnElement[bool] = true()
     upper: ColumnElement[bool] = true()
     if date_m.low is not None:
@@ -421,6 +451,8 @@ def _json_texts(element: dict[str, Any] | None) -> list[str]:
 def _match_text(m: _Matcher, texts: list[str]) -> bool:
     if m.kind == "universal":
         return True
+    if m.key.vr == "PN":
+        texts = [normalise_person_name(t) or "" for t in texts]
     if m.fold_case:
         texts = [t.upper() for t in texts]
     if m.kind == "uids":
@@ -438,6 +470,8 @@ def _match_text(m: _Matcher, texts: list[str]) -> bool:
             re.DOTALL,
         )
         return any(pattern.fullmatch(t) for t in texts)
+    if m.key.vr == "TM":
+        texts = [tm_text(t) for t in texts]
     return any((m.low is None or t >= m.low) and (m.high is None or t <= m.high) for t in texts)
 
 
@@ -491,7 +525,8 @@ def find(db: Database, query: Query) -> Iterator[dict[str, Any]]:
     for date_kw, time_kw in _DATE_TIME_PAIRS.items():
         dm, tm = by_keyword.get(date_kw), by_keyword.get(time_kw)
         pair_ranges = dm and tm and dm.kind == "range" and tm.kind == "range"
-        if pair_ranges and _LEVEL_ORDER.index(INDEXED[date_kw].level) <= _LEVEL_ORDER.index(level):
+        in_scope = _LEVEL_ORDER.index(INDEXED[date_kw].level) <= _LEVEL_ORDER.index(level)
+        if pair_ranges and query.combine_date_time and in_scope:
             assert dm is not None and tm is not None
             conditions.append(
                 _combined_range(dm, tm, INDEXED[date_kw].column, INDEXED[time_kw].column)
@@ -655,6 +690,17 @@ def _computed_values(
     if not wanted or not ids:
         return out
     with db.engine.connect() as conn:
+        summary = [k for k in wanted if k in _STUDY_SUMMARY]
+        if len(summary) > 1 and level is not P:
+            # One query answers them all: a row per series of each matched row's study.
+            for row_id, modality, count in conn.execute(_study_summary_select(level), {"ids": ids}):
+                values = out[row_id]
+                values.setdefault("ModalitiesInStudy", []).append(modality)
+                series = values.get("NumberOfStudyRelatedSeries", 0)
+                values["NumberOfStudyRelatedSeries"] = series + 1
+                instances = values.get("NumberOfStudyRelatedInstances", 0)
+                values["NumberOfStudyRelatedInstances"] = instances + count
+            wanted = [k for k in wanted if k not in summary]
         for keyword in wanted:
             owner = COMPUTED[keyword]
             if _LEVEL_ORDER.index(owner) > _LEVEL_ORDER.index(level):
@@ -668,8 +714,41 @@ def _computed_values(
     for values in out.values():
         for keyword in ("ModalitiesInStudy", "SOPClassesInStudy"):
             if keyword in values:
-                values[keyword] = sorted(v for v in values[keyword] if v)
+                values[keyword] = sorted({v for v in values[keyword] if v})
     return out
+
+
+_STUDY_SUMMARY = frozenset(
+    {"ModalitiesInStudy", "NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances"}
+)
+
+
+@functools.cache
+def _study_summary_select(level: QueryLevel) -> Select[Any]:
+    """(row, modality, instances) for every series of the study of each row ``:ids``."""
+    ids: Any = bindparam("ids", expanding=True)
+    study_id = {ST: Study.id, SE: Series.study_fk, IM: Series.study_fk}[level]
+    row_id = {ST: Study.id, SE: Series.id, IM: Instance.id}[level]
+    base = select(row_id.label("rid"), study_id.label("sid"))
+    if level is SE:
+        base = base.select_from(Series)
+    elif level is IM:
+        base = base.select_from(Instance).join(Series, Instance.series_fk == Series.id)
+    else:
+        base = base.select_from(Study)
+    rows = base.where(row_id.in_(ids)).subquery()
+    s, i = aliased(Series), aliased(Instance)
+    # Counted once per study, however many of the rows (instances, series) share it.
+    per_series = (
+        select(s.study_fk.label("sid"), s.modality.label("modality"), func.count(i.id).label("n"))
+        .outerjoin(i, i.series_fk == s.id)
+        .where(s.study_fk.in_(select(rows.c.sid)))
+        .group_by(s.id, s.study_fk, s.modality)
+        .subquery()
+    )
+    return select(rows.c.rid, per_series.c.modality, per_series.c.n).join(
+        per_series, per_series.c.sid == rows.c.sid
+    )
 
 
 @functools.cache

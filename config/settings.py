@@ -13,7 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -54,6 +54,49 @@ def validate_host(value: str) -> str:
     if not _HOST.fullmatch(value):
         raise ValueError("a host is a host name or an IP address (at most 255 characters)")
     return value
+
+
+class DestinationSettings(BaseModel):
+    """Where a route sends (``[destinations.<name>]``): exactly one of a DIMSE peer, a DICOMweb
+    STOW-RS service, or an Orthanc server's REST API."""
+
+    peer: str | None = None
+    """Name of a ``[peers.<name>]`` entry: sent with C-STORE."""
+    stow_url: str | None = None
+    """DICOMweb root (``https://host/dicom-web``): sent with STOW-RS (``POST {root}/studies``)."""
+    orthanc_url: str | None = None
+    """Orthanc REST root (``http://host:8042``): sent with ``POST /instances``."""
+    username: str | None = None
+    password: str | None = None
+    headers: dict[str, str] = Field(default_factory=dict)
+    """Extra HTTP headers (e.g. ``Authorization``) for STOW-RS and Orthanc."""
+    timeout: float = Field(default=120.0, gt=0)
+    batch_size: int = Field(default=50, ge=1)
+    """Instances per STOW-RS request / per association."""
+
+    @model_validator(mode="after")
+    def _exactly_one_kind(self) -> DestinationSettings:
+        kinds = [k for k in (self.peer, self.stow_url, self.orthanc_url) if k]
+        if len(kinds) != 1:
+            raise ValueError("a destination has exactly one of peer, stow_url, orthanc_url")
+        for url in (self.stow_url, self.orthanc_url):
+            if url and not url.startswith(("http://", "https://")):
+                raise ValueError(f"{url!r} is not an http(s) URL")
+        return self
+
+
+class RouteSettings(BaseModel):
+    """A routing rule (``[routes.<name>]``). Every criterion given must match (wildcards ``*``
+    and ``?``, case-insensitive); a study matches a criterion when any of its instances does."""
+
+    on: Literal["stable", "arrival"] = "stable"
+    """``stable``: send the whole study once it is stable; ``arrival``: each instance at once."""
+    calling_ae_title: str | None = None
+    modality: str | None = None
+    sop_class_uid: str | None = None
+    body_part_examined: str | None = None
+    study_description: str | None = None
+    destinations: list[str] = Field(min_length=1)
 
 
 class PeerSettings(BaseModel):
@@ -136,6 +179,8 @@ class Settings(BaseSettings):
     """Reject associations whose Called AE Title is not ``ae_title``."""
     allowed_calling_ae_titles: list[str] = Field(default_factory=list)
     """When not empty, only these Calling AE Titles may associate."""
+    dimse_processes: int = Field(default=0, ge=0)
+    """Processes accepting DICOM associations on the port (0 = one per CPU, at most 4)."""
     maximum_pdu_size: int = Field(default=0, ge=0)
     """Maximum PDU size we receive (0 = unlimited)."""
     dimse_timeout: float = 60.0
@@ -177,6 +222,11 @@ class Settings(BaseSettings):
 
     # --- structured (TOML) -------------------------------------------------------------
     peers: dict[str, PeerSettings] = Field(default_factory=dict)
+    destinations: dict[str, DestinationSettings] = Field(default_factory=dict)
+    """Where routes send studies: ``[destinations.<name>]``. A route may also name a peer (from
+    ``[peers.*]`` or the ``/api/peers`` API) directly; names are resolved when a job runs."""
+    routes: dict[str, RouteSettings] = Field(default_factory=dict)
+    """Routing rules: ``[routes.<name>]``."""
 
     @field_validator("ae_title")
     @classmethod

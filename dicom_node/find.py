@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -94,13 +95,33 @@ class FindService:
     def __init__(self, archive: Archive, settings: Settings) -> None:
         self.archive = archive
         self.settings = settings
+        # association -> information models for which combined date-time matching was agreed
+        self._combined: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
 
     def add_contexts(self, ae: AE) -> None:
         for uid in MODELS:
             ae.add_supported_context(uid)
 
     def handlers(self) -> list[Handler]:
-        return [(evt.EVT_C_FIND, self.handle_find)]
+        return [(evt.EVT_C_FIND, self.handle_find), (evt.EVT_SOP_EXTENDED, self.handle_extended)]
+
+    def handle_extended(self, event: Event) -> dict[Any, bytes]:
+        """SOP Class Extended Negotiation for C-FIND (PS3.4 C.5.1.1.2): byte 1 relational
+        queries (not supported: 0), byte 2 combined date-time matching (supported), byte 3
+        fuzzy semantic matching of person names (not supported), byte 4 timezone adjustment
+        (not supported)."""
+        accepted: dict[Any, bytes] = {}
+        app_info: dict[Any, bytes] = getattr(event, "app_info", None) or {}
+        for uid, info in app_info.items():
+            if str(uid) not in MODELS or not info:
+                continue
+            combined = len(info) > 1 and info[1] == 1
+            reply = bytearray(len(info))
+            if combined:
+                reply[1] = 1
+                self._combined.setdefault(event.assoc, set()).add(str(uid))
+            accepted[uid] = bytes(reply)
+        return accepted
 
     def handle_find(self, event: Event) -> Iterator[tuple[int | Dataset, Dataset | None]]:
         model = MODELS.get(str(event.request.AffectedSOPClassUID))
@@ -124,6 +145,8 @@ class FindService:
             keys,
             hierarchical=True,
             case_insensitive_pn=self.settings.query_case_insensitive_pn,
+            combine_date_time=str(event.request.AffectedSOPClassUID)
+            in self._combined.get(event.assoc, set()),
         )
         wants_retrieve_ae = identifier.get("RetrieveAETitle") is not None
         wants_availability = identifier.get("InstanceAvailability") is not None

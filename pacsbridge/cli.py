@@ -79,15 +79,19 @@ def serve(
 
     from dicom_node import DimseServer
     from pacsbridge.app import create_app
+    from pacsbridge.dimse_pool import DimseProcessPool, available_cpus
+    from pacsbridge.routing_jobs import install_arrival_routes
 
     settings = _settings(data_dir=data_dir, dimse_port=dimse_port, http_port=http_port)
     archive = _archive(settings)
+    install_arrival_routes(archive, settings)
     if settings.reconcile_on_start:
         threading.Thread(
             target=_reconcile_in_background, args=(archive,), name="reconcile", daemon=True
         ).start()
     runtime = _job_runtime(archive, settings) if settings.worker_in_serve else None
-    dimse = DimseServer(archive, settings)
+    processes = settings.dimse_processes or min(available_cpus(), 4)
+    dimse = DimseServer(archive, settings, share_port=processes > 1)
     try:
         host, port = dimse.start()
     except OSError as exc:
@@ -96,6 +100,9 @@ def serve(
             f"[/red] {exc.strerror or exc}"
         )
         raise typer.Exit(4) from exc
+    pool = DimseProcessPool(settings, port, processes - 1) if processes > 1 else None
+    if pool is not None:
+        pool.start()
     if runtime is not None:
         runtime.start()
     log.info(
@@ -103,6 +110,7 @@ def serve(
         extra={
             "ae_title": settings.ae_title,
             "dimse": f"{host}:{port}",
+            "dimse_processes": processes,
             "http": f"{settings.http_host}:{settings.http_port}",
             "index": archive.db.url.render_as_string(hide_password=True),
             "storage": archive.blobs.url,
@@ -120,6 +128,8 @@ def serve(
             access_log=False,
         )
     finally:
+        if pool is not None:
+            pool.stop()
         dimse.stop()
         if runtime is not None:
             _stop_job_runtime(runtime, settings)
@@ -155,9 +165,11 @@ def import_(
 ) -> None:
     """Import Part-10 files and DICOMDIR trees. Exits 1 if anything was rejected."""
     from archive.importer import import_paths
+    from pacsbridge.routing_jobs import install_arrival_routes
 
     settings = _settings(data_dir=data_dir)
     archive = _archive(settings)
+    install_arrival_routes(archive, settings)
     missing = [p for p in paths if not p.exists()]
     if missing:
         console.print(f"[red]no such file or directory:[/red] {', '.join(map(str, missing))}")
@@ -254,6 +266,65 @@ def delete(
     archive.close()
     print(json.dumps({"deleted_instances": count}))
     raise typer.Exit(0 if count else 1)
+
+
+@app.command()
+def send(
+    study: Annotated[str, typer.Argument(help="Study Instance UID.")],
+    to: Annotated[str, typer.Option("--to", help="A [destinations.*] entry or a peer name.")],
+    wait: Annotated[
+        bool, typer.Option(help="Run the job here and wait for it (else leave it queued).")
+    ] = True,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for delivery.")] = 600.0,
+    data_dir: DataDir = None,
+) -> None:
+    """Send a study to a destination. The send is a job: retried until delivered or dead."""
+    import time
+
+    from archive.jobs import JobStatus, Worker, worker_name
+    from pacsbridge.jobs import build_registry
+    from pacsbridge.routing_jobs import FORWARD, forward_items
+
+    settings = _settings(data_dir=data_dir)
+    archive = _archive(settings)
+    if not forward_items(archive, {"study_instance_uid": study}):
+        console.print(f"[red]no study {study} in the archive[/red]")
+        archive.close()
+        raise typer.Exit(1)
+    job_id = archive.jobs.enqueue(
+        FORWARD, {"study_instance_uid": study, "destination": to}, study_instance_uid=study
+    )
+    console.print(f"queued job {job_id}: send {study} to {to}")
+    if not wait:
+        archive.close()
+        print(json.dumps({"job": job_id, "status": "queued"}))
+        return
+    registry = build_registry(settings)
+    worker = Worker(archive.jobs, name=worker_name("send"), poll_interval=0.2)
+    for spec in registry.specs:
+        if spec.kind == FORWARD:
+            worker.register(spec.kind, spec.build(archive, settings))
+    deadline = time.monotonic() + timeout
+    job = archive.jobs.get(job_id)
+    reported = 0
+    while job is not None and job.status not in (JobStatus.DONE, JobStatus.DEAD):
+        if time.monotonic() > deadline:
+            break
+        if not worker.run_once():
+            time.sleep(0.2)
+        job = archive.jobs.get(job_id)
+        if job is not None and job.status is JobStatus.FAILED and job.attempts > reported:
+            reported = job.attempts
+            console.print(
+                f"attempt {job.attempts} failed, retry at {job.next_run_at:%H:%M:%S}: "
+                f"{job.last_error}",
+                markup=False,
+            )
+    archive.close()
+    status = job.status.value if job else "unknown"
+    print(json.dumps({"job": job_id, "status": status, "error": job.last_error if job else None}))
+    if status != JobStatus.DONE.value:
+        raise typer.Exit(1)
 
 
 @db_app.command("upgrade")

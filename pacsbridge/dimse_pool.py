@@ -47,7 +47,10 @@ def _child(settings_data: dict[str, Any], port: int, parent: Connection) -> None
         stop.set()
 
     threading.Thread(target=watch_parent, name="parent-watch", daemon=True).start()
+    from pacsbridge.routing_jobs import install_arrival_routes
+
     archive = Archive(settings, migrate=False)
+    install_arrival_routes(archive, settings)
     server = DimseServer(archive, settings, share_port=True)
     server.start()
     log.info("DIMSE acceptor process started", extra={"pid": os.getpid(), "port": port})

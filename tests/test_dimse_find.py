@@ -136,14 +136,15 @@ def test_study_root_study_level_matching(qr_server, tmp_path: Path):
     assert uids(study_query("StudyDate=20240110")) == expected(
         studies, lambda s: s.study_date == "20240110"
     )
-    # Time range, and date + time combined into one date-time range (PS3.4 C.2.2.2.5.2).
+    # Time range; a date and a time range are matched independently unless combined
+    # date-time matching was negotiated (PS3.4 C.2.2.2.5.2, C.5.1.1.2: see the test below).
     assert uids(study_query("StudyTime=1000-1500")) == expected(
         studies, lambda s: "100000" <= s.study_time <= "150059"
     )
-    combined = study_query("StudyDate=20240110-20240215", "StudyTime=120000-110000")
-    assert uids(combined) == expected(
+    independent = study_query("StudyDate=20240110-20240215", "StudyTime=080000-110000")
+    assert uids(independent) == expected(
         studies,
-        lambda s: ("20240110", "120000") <= (s.study_date, s.study_time) <= ("20240215", "110000"),
+        lambda s: "20240110" <= s.study_date <= "20240215" and "080000" <= s.study_time <= "110000",
     )
     # UID list.
     two = list(studies)[:2]
@@ -429,3 +430,38 @@ def test_patient_root_study_level_needs_patient_id(qr_server):
         assert "PatientID" in status.ErrorComment
     finally:
         assoc.release()
+
+
+def test_combined_date_time_matching_when_negotiated(qr_server):
+    """With SOP Class Extended Negotiation byte 2 = 1 (PS3.4 C.5.1.1.2) a StudyDate range and a
+    StudyTime range form one date-time range (C.2.2.2.5.2)."""
+    from pynetdicom.pdu_primitives import SOPClassExtendedNegotiation
+
+    server, studies = qr_server
+    item = SOPClassExtendedNegotiation()
+    item.sop_class_uid = StudyRootQueryRetrieveInformationModelFind
+    item.service_class_application_information = b"\x00\x01"
+    ae = AE(ae_title="FINDSCU")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    assoc = ae.associate("127.0.0.1", server.dimse_port, ae_title=server.ae_title, ext_neg=[item])
+    assert assoc.is_established
+    try:
+        ds = Dataset()
+        ds.QueryRetrieveLevel = "STUDY"
+        ds.StudyInstanceUID = ""
+        ds.StudyDate = "20240110-20240215"
+        ds.StudyTime = "120000-110000"
+        found = {
+            str(identifier.StudyInstanceUID)
+            for status, identifier in assoc.send_c_find(
+                ds, StudyRootQueryRetrieveInformationModelFind
+            )
+            if status.Status == 0xFF00 and identifier is not None
+        }
+    finally:
+        assoc.release()
+    assert found == expected(
+        studies,
+        lambda s: ("20240110", "120000") <= (s.study_date, s.study_time) <= ("20240215", "110000"),
+    )
+    assert found  # the combined range holds studies the independent ranges would not
