@@ -90,6 +90,34 @@ class _SharedPortAssociationServer(_NoDelayAssociationServer):
         super().server_bind()
 
 
+# When a requestor offers several transfer syntaxes in one presentation context, pynetdicom
+# accepts the first of ours that it offers (PS3.8 9.3.3.2: the acceptor chooses one). Prefer
+# what keeps every bit and the VRs: Explicit VR Little Endian, then lossless compression (kept
+# as the modality encoded it), then the other uncompressed syntaxes, lossy ones last, so that a
+# lossy encoding is stored only when the sender offers nothing else.
+_LOSSLESS_COMPRESSED = (
+    "1.2.840.10008.1.2.4.70",  # JPEG Lossless SV1
+    "1.2.840.10008.1.2.4.57",  # JPEG Lossless
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.92",  # JPEG 2000 Part 2 Lossless
+    "1.2.840.10008.1.2.4.201",  # HTJ2K Lossless
+    "1.2.840.10008.1.2.4.202",  # HTJ2K Lossless RPCL
+    "1.2.840.10008.1.2.5",  # RLE Lossless
+    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
+)
+
+
+def preferred_transfer_syntaxes() -> list[str]:
+    first = [
+        "1.2.840.10008.1.2.1",
+        *_LOSSLESS_COMPRESSED,
+        "1.2.840.10008.1.2",
+        "1.2.840.10008.1.2.2",
+    ]
+    return first + [str(ts) for ts in AllTransferSyntaxes if str(ts) not in first]
+
+
 def _status(code: int, comment: str | None = None) -> Dataset:
     ds = Dataset()
     ds.Status = code
@@ -132,7 +160,7 @@ class DimseServer:
         ae.acse_timeout = s.acse_timeout
         ae.add_supported_context(Verification)
         refused = resolve_sop_classes(s.refused_sop_classes)
-        transfer_syntaxes = list(AllTransferSyntaxes)
+        transfer_syntaxes = preferred_transfer_syntaxes()
         for uid in storage_sop_classes():
             if uid in refused:
                 continue  # refused at negotiation: the context is rejected (PS3.8 9.3.3.2)

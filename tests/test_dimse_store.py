@@ -355,3 +355,17 @@ def test_out_of_space_answers_a700(make_backend, tmp_path: Path):
         assert stats(server)[3] == 0
     finally:
         server.stop()
+
+
+def test_transfer_syntax_choice_keeps_vrs_and_lossless(server: RunningServer, tmp_path: Path):
+    """One context offering several syntaxes: Explicit VR Little Endian before Implicit, and
+    lossless compression before lossy (PS3.8 9.3.3.2, the acceptor chooses)."""
+    ae = _ae()
+    ae.add_requested_context(CTImageStorage, ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1"])
+    ae.add_requested_context(MRImageStorage, ["1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.90"])
+    assoc = ae.associate("127.0.0.1", server.dimse_port, ae_title=server.ae_title)
+    assert assoc.is_established
+    chosen = {str(cx.abstract_syntax): str(cx.transfer_syntax[0]) for cx in assoc.accepted_contexts}
+    assoc.release()
+    assert chosen[CTImageStorage] == "1.2.840.10008.1.2.1"
+    assert chosen[MRImageStorage] == "1.2.840.10008.1.2.4.90"
