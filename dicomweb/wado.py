@@ -17,12 +17,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, BinaryIO
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from archive import Archive, BlobNotFound
 from archive.transcode import (
@@ -79,7 +80,7 @@ router = APIRouter()
 CRLF = b"\r\n"
 #: Stored files up to this size go out in one piece (one write, no chunking overhead).
 WHOLE_FILE_LIMIT = 8 * 2**20
-#: Bytes a streamed multipart response gathers before it writes them out.
+#: Bytes of small instances read in one go by a worker thread while streaming a retrieve.
 COALESCE_BYTES = 4 * 2**20
 #: Instances per chunk of a metadata response.
 METADATA_BATCH = 64
@@ -146,52 +147,104 @@ def _instance_bytes(archive: Archive, instance: StoredInstance, target: str) -> 
         yield to_explicit_vr_little_endian(fh)
 
 
-def _stream_instances(
-    archive: Archive,
-    instances: Sequence[StoredInstance],
-    choice: DicomChoice,
-    boundary: str,
-    base: str,
-) -> Iterator[bytes]:
+@dataclass(frozen=True, slots=True)
+class _Part:
+    instance: StoredInstance
+    target: str
+    header: bytes | None
+    """Known ahead for instances sent as stored (their size is in the index)."""
+
+    @property
+    def passthrough(self) -> bool:
+        return self.target == self.instance.transfer_syntax_uid
+
+
+def _plan(
+    instances: Sequence[StoredInstance], choice: DicomChoice, boundary: str, base: str
+) -> list[_Part]:
+    parts = []
+    for instance in instances:
+        target = choice.transfer_syntax or instance.transfer_syntax_uid
+        header = None
+        if target == instance.transfer_syntax_uid:
+            header = _instance_header(boundary, base, instance, target, instance.size)
+        parts.append(_Part(instance, target, header))
+    return parts
+
+
+def _instance_header(
+    boundary: str, base: str, instance: StoredInstance, target: str, length: int
+) -> bytes:
+    location = instance_url(
+        base, instance.study_instance_uid, instance.series_instance_uid, instance.sop_instance_uid
+    )
+    return part_header(boundary, part_content_type(DICOM, target), location=location, length=length)
+
+
+def _read_group(archive: Archive, group: Sequence[_Part], boundary: str, base: str) -> list[bytes]:
+    """Header, bytes and CRLF of each instance of a group of small ones (in a worker thread)."""
+    pieces: list[bytes] = []
+    for part in group:
+        if part.passthrough:
+            assert part.header is not None
+            key = part.instance.blob_key
+            path = archive.blobs.local_path(key)
+            data = path.read_bytes() if path is not None else archive.blobs.read(key)
+            if len(data) != part.instance.size:
+                raise OSError(
+                    f"blob {part.instance.blob_key} holds {len(data)} bytes, the index says "
+                    f"{part.instance.size}"
+                )
+            pieces += (part.header, data, CRLF)
+        else:
+            with open_instance(archive.blobs, part.instance.blob_key) as fh:
+                data = to_explicit_vr_little_endian(fh)
+            header = _instance_header(boundary, base, part.instance, part.target, len(data))
+            pieces += (header, data, CRLF)
+    return pieces
+
+
+def _groups(parts: Sequence[_Part]) -> Iterator[list[_Part]]:
+    """Consecutive parts up to :data:`COALESCE_BYTES`; a large pass-through instance alone."""
+    group: list[_Part] = []
+    size = 0
+    for part in parts:
+        large = part.passthrough and part.instance.size > WHOLE_FILE_LIMIT
+        if group and (large or size + part.instance.size > COALESCE_BYTES):
+            yield group
+            group, size = [], 0
+        group.append(part)
+        size += part.instance.size
+        if large:
+            yield group
+            group, size = [], 0
+    if group:
+        yield group
+
+
+async def _stream_instances(
+    archive: Archive, parts: Sequence[_Part], boundary: str, base: str
+) -> AsyncIterator[bytes]:
+    """The multipart body. Files are read in worker threads a few MiB at a time; each piece is
+    written as it is (no joining copies). Large files stream in chunks."""
     try:
-        for instance in instances:
-            target = choice.transfer_syntax or instance.transfer_syntax_uid
-            passthrough = target == instance.transfer_syntax_uid
-            chunks = _instance_bytes(archive, instance, target)
-            first = next(chunks, b"")
-            header = part_header(
-                boundary,
-                part_content_type(DICOM, target),
-                location=instance_url(
-                    base,
-                    instance.study_instance_uid,
-                    instance.series_instance_uid,
-                    instance.sop_instance_uid,
-                ),
-                length=instance.size if passthrough else len(first),
-            )
-            yield header + first
-            yield from chunks
-            yield CRLF
+        for group in _groups(parts):
+            first = group[0]
+            if len(group) == 1 and first.passthrough and first.instance.size > WHOLE_FILE_LIMIT:
+                assert first.header is not None
+                yield first.header
+                chunks = archive.blobs.open(first.instance.blob_key)
+                while chunk := await run_in_threadpool(next, chunks, b""):
+                    yield chunk
+                yield CRLF
+                continue
+            for piece in await run_in_threadpool(_read_group, archive, group, boundary, base):
+                yield piece
         yield closing(boundary)
     except (BlobNotFound, TranscodeError, OSError) as exc:
         # The status line is gone already: end the body early so the client sees an error.
         log.error("WADO-RS retrieve interrupted", extra={"err": str(exc)})
         raise
-
-
-def _coalesce(chunks: Iterator[bytes], size: int = COALESCE_BYTES) -> Iterator[bytes]:
-    """Join small chunks: every chunk of a streamed response costs a hop to a worker thread."""
-    pending: list[bytes] = []
-    pending_size = 0
-    for chunk in chunks:
-        pending.append(chunk)
-        pending_size += len(chunk)
-        if pending_size >= size:
-            yield pending[0] if len(pending) == 1 else b"".join(pending)
-            pending, pending_size = [], 0
-    if pending:
-        yield b"".join(pending)
 
 
 def _retrieve(
@@ -211,8 +264,15 @@ def _retrieve(
         )
     boundary = new_boundary()
     single_syntax = choice.transfer_syntax or (next(iter(stored)) if len(stored) == 1 else None)
+    parts = _plan(instances, choice, boundary, base)
+    headers = {}
+    if all(p.header is not None for p in parts):
+        # Everything goes out as stored: the length is known, no chunked encoding needed.
+        length = sum(len(p.header or b"") + p.instance.size + len(CRLF) for p in parts)
+        headers["Content-Length"] = str(length + len(closing(boundary)))
     return StreamingResponse(
-        _coalesce(_stream_instances(archive, instances, choice, boundary, base)),
+        _stream_instances(archive, parts, boundary, base),
+        headers=headers,
         media_type=multipart_content_type(DICOM, boundary, single_syntax),
     )
 
