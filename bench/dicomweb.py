@@ -1,0 +1,515 @@
+"""DICOMweb benchmark: pacsbridge against Orthanc with its DICOMweb plugin, side by side.
+
+Run from the project root::
+
+    .venv/bin/python -m bench.dicomweb            # 200 x 512² CT, metadata of 200 and 2,000
+    .venv/bin/python -m bench.dicomweb --quick    # smoke run: 40 x 256², metadata of 40 and 400
+
+Both servers run on free loopback ports with their own temporary directories and get the same
+requests from one HTTP client (httpx, ``Accept-Encoding: gzip``):
+
+- STOW-RS of one CT series in one multipart/related body (MB/s, instances/s);
+- WADO-RS retrieve of that study, as stored (``transfer-syntax=*``, what OHIF asks for) and with
+  no transfer syntax (MB/s received);
+- WADO-RS study metadata of the 200-instance study and of a 2,000-instance study (seconds, and
+  per-instance growth from one to the other);
+- QIDO-RS: a few searches over an archive of ``--studies`` small studies plus the ones above
+  (median latency).
+
+Medians of ``--repeat`` runs; ratios pacsbridge/Orthanc are printed and everything is written
+to ``bench/results/dicomweb-<timestamp>.json``. See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from bench.peers import (
+    ORTHANC_BIN,
+    ROOT,
+    BenchError,
+    OrthancTarget,
+    PacsbridgeTarget,
+    fresh_postgres_database,
+    log,
+    new_uid,
+    pacsbridge_executable,
+)
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+DICOM_JSON = "application/dicom+json"
+AS_STORED = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+DEFAULT = 'multipart/related; type="application/dicom"'
+CURL = shutil.which("curl")
+
+#: Targets: (pacsbridge/peer) ratio wanted, and whether more is better.
+TARGETS = {
+    "stow_mb_per_s": (1.0, True),
+    "wado_as_stored_mb_per_s": (1.0, True),
+    "wado_default_mb_per_s": (1.0, True),
+    "metadata_small_s": (0.5, False),
+    "metadata_large_s": (0.5, False),
+    "qido_median_s": (1 / 3, False),
+}
+
+
+# --- data ------------------------------------------------------------------------------------
+
+
+def part10(ds: Any) -> bytes:
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def ct_series(
+    count: int, size: int, study: str | None = None, **kwargs: Any
+) -> tuple[str, str, list[bytes]]:
+    from tests.dicom_factory import ct_slice
+
+    study, series = study or new_uid(), new_uid()
+    return (
+        study,
+        series,
+        [
+            part10(ct_slice(study_uid=study, series_uid=series, index=i, size=size, **kwargs))
+            for i in range(count)
+        ],
+    )
+
+
+def multipart(parts: Sequence[bytes]) -> tuple[bytes, str]:
+    boundary = uuid.uuid4().hex
+    head = f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+    body = b"".join(head + p + b"\r\n" for p in parts) + f"--{boundary}--\r\n".encode()
+    return body, f'multipart/related; type="application/dicom"; boundary={boundary}'
+
+
+# --- one server --------------------------------------------------------------------------------
+
+
+class Server:
+    def __init__(self, name: str, root: str, target: Any) -> None:
+        import httpx
+
+        self.name = name
+        self.root = root
+        self.target = target
+        self.client = httpx.Client(timeout=600, headers={"Accept-Encoding": "gzip"})
+
+    def stow(self, parts: Sequence[bytes]) -> tuple[float, int]:
+        body, content_type = multipart(parts)
+        started = time.perf_counter()
+        response = self.client.post(
+            f"{self.root}/studies",
+            content=body,
+            headers={"Content-Type": content_type, "Accept": DICOM_JSON},
+        )
+        seconds = time.perf_counter() - started
+        if response.status_code != 200:
+            raise BenchError(
+                f"{self.name} STOW-RS answered {response.status_code}: {response.text[:500]}"
+            )
+        stored = response.json().get("00081199", {}).get("Value", [])
+        if len(stored) != len(parts):
+            raise BenchError(f"{self.name} stored {len(stored)} of {len(parts)} instances")
+        return seconds, len(body)
+
+    def retrieve(self, study: str, accept: str) -> tuple[float, int] | str:
+        """Seconds and bytes of one WADO-RS retrieve, read by curl when it is installed (a C
+        client measures the server, not the client), else by httpx."""
+        if CURL:
+            result = subprocess.run(
+                [CURL, "-s", "-o", "/dev/null", "-w", "%{http_code} %{time_total} %{size_download}",
+                 "-H", f"Accept: {accept}", f"{self.root}/studies/{study}"],
+                capture_output=True, text=True, timeout=600, check=False,
+            )  # fmt: skip
+            code, seconds, size = result.stdout.split()
+            if code != "200":
+                return f"HTTP {code}"
+            return float(seconds), int(size)
+        started = time.perf_counter()
+        received = 0
+        with self.client.stream(
+            "GET", f"{self.root}/studies/{study}", headers={"Accept": accept}
+        ) as response:
+            if response.status_code != 200:
+                return f"HTTP {response.status_code}"
+            for chunk in response.iter_raw(1 << 20):
+                received += len(chunk)
+        return time.perf_counter() - started, received
+
+    def get_json(self, path: str, accept: str = DICOM_JSON) -> tuple[float, Any]:
+        started = time.perf_counter()
+        response = self.client.get(f"{self.root}{path}", headers={"Accept": accept})
+        content = response.content  # decompressed
+        seconds = time.perf_counter() - started
+        if response.status_code not in (200, 204):
+            raise BenchError(f"{self.name} GET {path} answered {response.status_code}")
+        return seconds, json.loads(content) if content else []
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def median_time(call: Callable[[], float], repeat: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        call()
+    return statistics.median(call() for _ in range(repeat))
+
+
+# --- the benchmark ---------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.dicomweb",
+        description="DICOMweb (STOW-RS, WADO-RS, metadata, QIDO-RS): pacsbridge vs Orthanc",
+    )
+    parser.add_argument("--slices", type=int, default=200, help="instances of the CT series")
+    parser.add_argument("--size", type=int, default=512, help="rows = columns of each slice")
+    parser.add_argument(
+        "--large", type=int, default=2000, help="instances of the large metadata study"
+    )
+    parser.add_argument("--studies", type=int, default=200, help="small studies for QIDO-RS")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per measurement (median)")
+    parser.add_argument("--qido-repeat", type=int, default=30, help="runs per QIDO-RS query")
+    parser.add_argument(
+        "--database-url",
+        help="run pacsbridge on PostgreSQL: a fresh database is created on this server",
+    )
+    parser.add_argument("--quick", action="store_true", help="smoke run with small numbers")
+    parser.add_argument("--keep-temp", action="store_true", help="keep the temporary directory")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.slices, args.size, args.large, args.studies = 40, 256, 400, 40
+        args.repeat, args.qido_repeat = 1, 10
+    if min(args.slices, args.size, args.large, args.studies, args.repeat, args.qido_repeat) < 1:
+        parser.error("all counts must be >= 1")
+    return args
+
+
+def start_targets(
+    args: argparse.Namespace, workdir: Path, stack: contextlib.ExitStack
+) -> list[Server]:
+    if not os.access(ORTHANC_BIN, os.X_OK) or not DICOMWEB_PLUGIN.exists():
+        raise BenchError(
+            f"needs {ORTHANC_BIN} and {DICOMWEB_PLUGIN} (apt-get install orthanc orthanc-dicomweb)"
+        )
+    database_url = None
+    if args.database_url:
+        database_url = stack.enter_context(fresh_postgres_database(args.database_url))
+    pacsbridge = PacsbridgeTarget(
+        workdir / "pacsbridge",
+        pacsbridge_executable(),
+        database_url,
+        extra_env={"PACSBRIDGE_WORKER_IN_SERVE": "false"},
+    )
+    orthanc = OrthancTarget(
+        workdir / "orthanc",
+        nodelay=True,
+        name="orthanc",
+        config={
+            "Plugins": [str(DICOMWEB_PLUGIN)],
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+        },
+    )
+    servers: list[Server] = []
+    for target in (pacsbridge, orthanc):
+        stack.callback(target.stop)
+        log(f"starting {target.name} ...")
+        target.start()
+        log(f"  {target.name} {target.version}: {target.http}")
+        server = Server(target.name, f"{target.http}/dicom-web", target)
+        stack.callback(server.close)
+        servers.append(server)
+    return servers
+
+
+def run(args: argparse.Namespace, workdir: Path, stack: contextlib.ExitStack) -> dict[str, Any]:
+    servers = start_targets(args, workdir, stack)
+    results: dict[str, dict[str, Any]] = {s.name: {} for s in servers}
+
+    # STOW-RS: a new series per server and repeat (no duplicates), the last one is kept.
+    log(f"STOW-RS: {args.slices} x {args.size}² CT in one request, {args.repeat} run(s)")
+    kept: dict[str, tuple[str, str]] = {}
+    for server in servers:
+        rates, seconds_list = [], []
+        for repeat in range(args.repeat):
+            study, series, parts = ct_series(args.slices, args.size, seed=repeat)
+            seconds, size = server.stow(parts)
+            rates.append(size / seconds / 1e6)
+            seconds_list.append(seconds)
+            kept[server.name] = (study, series)
+            rate = rates[-1]
+            log(f"  {server.name:<10} {size / 1e6:.0f} MB in {seconds:.2f} s = {rate:.0f} MB/s")
+        results[server.name]["stow_mb_per_s"] = statistics.median(rates)
+        results[server.name]["stow_instances_per_s"] = args.slices / statistics.median(seconds_list)
+
+    log(f"WADO-RS retrieve of that study (read by {'curl' if CURL else 'httpx'})")
+    for server in servers:
+        study = kept[server.name][0]
+        for label, accept in (("as_stored", AS_STORED), ("default", DEFAULT)):
+            outcome = server.retrieve(study, accept)
+            if isinstance(outcome, str):
+                results[server.name][f"wado_{label}_mb_per_s"] = None
+                results[server.name][f"wado_{label}_error"] = outcome
+                log(f"  {server.name:<10} {label}: {outcome}")
+                continue
+            rates = []
+            for _ in range(max(args.repeat, 5)):
+                outcome = server.retrieve(study, accept)
+                assert not isinstance(outcome, str)
+                seconds, received = outcome
+                rates.append(received / seconds / 1e6)
+            results[server.name][f"wado_{label}_mb_per_s"] = statistics.median(rates)
+            log(f"  {server.name:<10} {label}: {statistics.median(rates):.0f} MB/s")
+
+    log(f"loading a {args.large}-instance study (64² slices, series of 200) ...")
+    large_study = new_uid()
+    for server in servers:
+        for start in range(0, args.large, 200):
+            count = min(200, args.large - start)
+            _study, _series, parts = ct_series(count, 64, study=large_study)
+            server.stow(parts)
+
+    log("WADO-RS metadata")
+    for server in servers:
+        for label, study, count in (
+            ("small", kept[server.name][0], args.slices),
+            ("large", large_study, args.large),
+        ):
+            sizes: list[int] = []
+
+            def metadata_once(
+                study: str = study, sizes: list[int] = sizes, server: Server = server
+            ) -> float:
+                seconds, body = server.get_json(f"/studies/{study}/metadata")
+                sizes.append(len(body))
+                return seconds
+
+            seconds = median_time(metadata_once, max(args.repeat, 3))
+            if sizes[-1] != count:
+                raise BenchError(f"{server.name} metadata held {sizes[-1]} of {count} instances")
+            results[server.name][f"metadata_{label}_s"] = seconds
+            log(f"  {server.name:<10} {count:>5} instances: {seconds * 1000:7.1f} ms")
+        small, large = (
+            results[server.name]["metadata_small_s"],
+            results[server.name]["metadata_large_s"],
+        )
+        results[server.name]["metadata_growth_per_instance"] = (large / args.large) / (
+            small / args.slices
+        )
+
+    log(f"loading {args.studies} small studies for QIDO-RS ...")
+    from tests.dicom_factory import ct_slice
+
+    names = ["SMITH^JOHN", "SMITH^ANNA", "DOE^JANE", "MULLER^JURGEN", "OBRIEN^SEAN"]
+    small_parts = []
+    for n in range(args.studies):
+        uid = new_uid()
+        ds = ct_slice(
+            study_uid=uid,
+            series_uid=new_uid(),
+            index=0,
+            size=8,
+            patient_id=f"QP{n:05d}",
+            patient_name=names[n % len(names)],
+            study_date=f"2024{1 + n % 12:02d}{1 + n % 28:02d}",
+        )
+        small_parts.append(part10(ds))
+    for server in servers:
+        for start in range(0, len(small_parts), 100):
+            server.stow(small_parts[start : start + 100])
+
+    ct_study, ct_series_uid = kept[servers[0].name]
+    queries = {
+        "patient_id": "/studies?PatientID=QP00007",
+        "name_and_dates": "/studies?PatientName=SMITH*&StudyDate=20240301-20240630",
+        "all_studies_limit_25": "/studies?limit=25",
+        "modality": "/studies?ModalitiesInStudy=CT&limit=100",
+        "series_of_study": "/studies/{study}/series",
+        "instances_of_series": "/studies/{study}/series/{series}/instances",
+    }
+    log(f"QIDO-RS, median of {args.qido_repeat}")
+    for server in servers:
+        study, series = kept[server.name]
+        per_query: dict[str, Any] = {}
+        for label, template in queries.items():
+            path = template.format(study=study, series=series)
+            counts: list[int] = []
+
+            def qido_once(
+                path: str = path, counts: list[int] = counts, server: Server = server
+            ) -> float:
+                seconds, body = server.get_json(path)
+                counts.append(len(body))
+                return seconds
+
+            seconds = median_time(qido_once, args.qido_repeat, warmup=2)
+            per_query[label] = {"median_s": seconds, "results": counts[-1]}
+            log(f"  {server.name:<10} {label:<22} {seconds * 1000:7.2f} ms ({counts[-1]} results)")
+        results[server.name]["qido"] = per_query
+        results[server.name]["qido_median_s"] = statistics.median(
+            q["median_s"] for q in per_query.values()
+        )
+    del ct_study, ct_series_uid
+
+    pb, peer = results["pacsbridge"], results["orthanc"]
+    ratios: dict[str, Any] = {}
+    for key, (wanted, higher_better) in TARGETS.items():
+        if pb.get(key) is None or peer.get(key) is None:
+            ratios[key] = None
+            continue
+        ratio = pb[key] / peer[key]
+        ratios[key] = {
+            "ratio": ratio,
+            "target": wanted,
+            "met": ratio >= wanted if higher_better else ratio <= wanted,
+        }
+    for label in queries:
+        pb_q, peer_q = pb["qido"][label], peer["qido"][label]
+        ratios[f"qido_{label}_s"] = {
+            "ratio": pb_q["median_s"] / peer_q["median_s"],
+            "target": 1 / 3,
+            "met": pb_q["median_s"] / peer_q["median_s"] <= 1 / 3,
+            "results": [pb_q["results"], peer_q["results"]],
+        }
+    print_table(results, ratios)
+    pacsbridge_target = servers[0].target
+    orthanc_target = servers[1].target
+    return {
+        "benchmark": "dicomweb",
+        "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": [sys.executable, "-m", "bench.dicomweb", *sys.argv[1:]],
+        "host": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "load_average": os.getloadavg(),
+        },
+        "parameters": {
+            "slices": args.slices,
+            "size": args.size,
+            "large": args.large,
+            "studies": args.studies,
+            "repeat": args.repeat,
+            "qido_repeat": args.qido_repeat,
+            "database": "postgresql" if args.database_url else "sqlite",
+            "quick": args.quick,
+            "wado_client": "curl" if CURL else "httpx",
+        },
+        "targets": {
+            "pacsbridge": {
+                "version": pacsbridge_target.version,
+                "durability": pacsbridge_target.durability,
+            },
+            "orthanc": {
+                "version": orthanc_target.version,
+                "config": orthanc_target.config,
+                "durability": orthanc_target.durability,
+            },
+        },
+        "results": results,
+        "ratios": ratios,
+    }
+
+
+def print_table(results: dict[str, dict[str, Any]], ratios: dict[str, Any]) -> None:
+    rows = [
+        ("STOW-RS MB/s", "stow_mb_per_s", 1),
+        ("WADO-RS as stored MB/s", "wado_as_stored_mb_per_s", 1),
+        ("WADO-RS default MB/s", "wado_default_mb_per_s", 1),
+        ("metadata small (ms)", "metadata_small_s", 1000),
+        ("metadata large (ms)", "metadata_large_s", 1000),
+        ("QIDO median (ms)", "qido_median_s", 1000),
+    ]
+    log("")
+    log(f"{'measure':<26}{'pacsbridge':>12}{'orthanc':>12}{'ratio':>8}{'target':>10}  met")
+    log("-" * 74)
+    for label, key, scale in rows:
+        pb = results["pacsbridge"].get(key)
+        peer = results["orthanc"].get(key)
+        ratio = ratios.get(key)
+        cells = [
+            f"{pb * scale:12.1f}" if pb is not None else f"{'-':>12}",
+            f"{peer * scale:12.1f}" if peer is not None else f"{'-':>12}",
+        ]
+        if ratio:
+            sign = ">=" if TARGETS[key][1] else "<="
+            cells.append(f"{ratio['ratio']:8.2f}{sign + format(ratio['target'], '.2f'):>10}  ")
+            cells.append("yes" if ratio["met"] else "NO")
+        log(f"{label:<26}" + "".join(cells))
+    for key, ratio in ratios.items():
+        if key.startswith("qido_") and key != "qido_median_s" and ratio:
+            log(
+                f"  {key:<36} ratio {ratio['ratio']:.2f} "
+                f"({'met' if ratio['met'] else 'NOT met'}; results {ratio['results']})"
+            )
+    for name, data in results.items():
+        growth = data.get("metadata_growth_per_instance")
+        if growth is not None:
+            log(f"  {name}: metadata time per instance, large / small = {growth:.2f}")
+    log("")
+
+
+def _terminate(signum: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if str(ROOT) not in sys.path:  # `tests.dicom_factory` lives in the project, not installed
+        sys.path.insert(0, str(ROOT))
+    signal.signal(signal.SIGTERM, _terminate)
+    workdir = Path(tempfile.mkdtemp(prefix="pacsbridge-bench-dicomweb-"))
+    log(f"working in {workdir}")
+    code = 1
+    stack = contextlib.ExitStack()
+    try:
+        result = run(args, workdir, stack)
+        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        out = RESULTS_DIR / f"dicomweb-{stamp}.json"
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        log(f"results written to {out.relative_to(ROOT)}")
+        code = 0
+    except BenchError as exc:
+        print(f"\nBENCHMARK FAILED: {exc}", file=sys.stderr, flush=True)
+    except KeyboardInterrupt:
+        print("\ninterrupted; cleaning up", file=sys.stderr, flush=True)
+        code = 130
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            stack.close()
+        finally:
+            if args.keep_temp:
+                log(f"kept {workdir}")
+            else:
+                shutil.rmtree(workdir, ignore_errors=True)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
