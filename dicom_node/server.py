@@ -27,6 +27,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from archive import Archive, IngestError, IngestErrorKind
 from archive.ingest import resolve_sop_classes
 from config import Settings
+from dicom_node import pdata
 from dicom_node.part10 import file_meta
 from dicom_node.services import DimseService, default_services
 from dicom_node.sop_classes import storage_sop_classes
@@ -79,6 +80,7 @@ class _ReactorClock:
 
 
 pynetdicom.association.time = _ReactorClock()  # type: ignore[assignment]
+pdata.install()  # C-STOREs we send (C-GET, C-MOVE, forwarding) as prebuilt PDUs
 
 
 class _SharedPortAssociationServer(_NoDelayAssociationServer):

@@ -1,0 +1,146 @@
+"""C-STORE requests sent as prebuilt P-DATA-TF PDUs (PS3.8 9.3.5, PS3.7 9.3.1.1).
+
+pynetdicom turns every fragment of a message into its own P-DATA primitive, queues it for the
+DUL thread, runs the state machine and encodes a PDU for it: at a peer's 16 KB maximum PDU
+length a 512 KB CT slice is 32 trips through that machinery in Python. Sending the stored
+files of a C-GET, C-MOVE or a forward job is dominated by it.
+
+Here a C-STORE request (command set and data set) is encoded once into the finished byte
+stream of all its PDUs and handed to the DUL as a single queued item, which the DUL writes with
+one socket send. It still goes through the DUL queue and state machine, so ordering with other
+messages (a C-GET's pending responses) and the association state are exactly as before. Every
+other message, and data sets too large to build in memory, take pynetdicom's own path.
+"""
+
+from __future__ import annotations
+
+import struct
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import pynetdicom.fsm
+from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.pdu import P_DATA_TF
+from pynetdicom.pdu_primitives import P_DATA
+
+#: Data sets larger than this go through pynetdicom's streaming path instead.
+MAX_PREBUILT = 64 * 1024 * 1024
+#: PDV size when the peer sets no maximum PDU length (0 = unlimited, PS3.8 D.1).
+UNLIMITED_FRAGMENT = 4 * 1024 * 1024
+
+
+class PrebuiltPData(P_DATA):
+    """A P-DATA request whose PDUs are already encoded."""
+
+    def __init__(self, encoded: bytes) -> None:
+        super().__init__()
+        self.encoded = encoded
+
+
+def _p_data_tf(primitive: P_DATA | None = None) -> P_DATA_TF:
+    """What pynetdicom's state machine builds for a P-DATA request: for a prebuilt one, a
+    P-DATA-TF PDU that encodes to the prebuilt bytes (its type stays P_DATA_TF, which
+    pynetdicom's own event handlers dispatch on)."""
+    if isinstance(primitive, PrebuiltPData):
+        pdu = P_DATA_TF()
+        encoded = primitive.encoded
+        pdu.encode = lambda: encoded  # type: ignore[method-assign]
+        return pdu
+    return P_DATA_TF(primitive)
+
+
+def _ui(value: str) -> bytes:
+    raw = value.encode("ascii")
+    return raw + b"\x00" if len(raw) % 2 else raw
+
+
+def _element(tag: int, value: bytes) -> bytes:
+    # Implicit VR Little Endian (PS3.7 6.3.1: command sets always are).
+    return struct.pack("<HHL", tag >> 16, tag & 0xFFFF, len(value)) + value
+
+
+def c_store_command(primitive: C_STORE) -> bytes:
+    """The C-STORE-RQ command set (PS3.7 Table 9.3-1), encoded."""
+    elements = [
+        _element(0x00000002, _ui(str(primitive.AffectedSOPClassUID))),
+        _element(0x00000100, struct.pack("<H", 0x0001)),  # Command Field: C-STORE-RQ
+        _element(0x00000110, struct.pack("<H", int(primitive.MessageID or 1))),
+        _element(0x00000700, struct.pack("<H", int(primitive.Priority or 0))),
+        _element(0x00000800, struct.pack("<H", 0x0000)),  # a data set follows
+        _element(0x00001000, _ui(str(primitive.AffectedSOPInstanceUID))),
+    ]
+    originator = primitive.MoveOriginatorApplicationEntityTitle
+    if originator:
+        title = originator.decode() if isinstance(originator, bytes) else str(originator)
+        title = title.strip()
+        raw = title.encode("ascii") + (b" " if len(title) % 2 else b"")
+        elements.append(_element(0x00001030, raw))
+    if primitive.MoveOriginatorMessageID is not None:
+        elements.append(
+            _element(0x00001031, struct.pack("<H", int(primitive.MoveOriginatorMessageID)))
+        )
+    body = b"".join(elements)
+    return _element(0x00000000, struct.pack("<L", len(body))) + body
+
+
+def pdata_pdus(context_id: int, command: bytes, data: bytes, max_pdu_length: int) -> bytes:
+    """Command and data set fragments, one PDV per P-DATA-TF PDU (PS3.8 9.3.5, E.2)."""
+    room = max_pdu_length - 6 if max_pdu_length else UNLIMITED_FRAGMENT
+    parts: list[bytes] = []
+    view = memoryview(data)
+    for payload, is_command in ((memoryview(command), True), (view, False)):
+        total = len(payload)
+        offset = 0
+        while True:
+            fragment = payload[offset : offset + room]
+            offset += len(fragment)
+            last = offset >= total
+            header = (0x01 if is_command else 0x00) | (0x02 if last else 0x00)
+            item_length = len(fragment) + 2
+            parts.append(
+                struct.pack(">BBLLBB", 0x04, 0x00, item_length + 4, item_length, context_id, header)
+            )
+            parts.append(fragment)  # type: ignore[arg-type]
+            if last:
+                break
+    return b"".join(parts)
+
+
+def _data_set(primitive: C_STORE) -> bytes | None:
+    path_offset: Any = getattr(primitive, "_dataset_path", None)
+    if path_offset is not None:
+        path, offset = path_offset
+        size = Path(path).stat().st_size - offset
+        if size > MAX_PREBUILT:
+            return None
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            return fh.read()
+    stream = primitive.DataSet
+    if isinstance(stream, BytesIO):
+        data = stream.getvalue()
+        return data if len(data) <= MAX_PREBUILT else None
+    return None
+
+
+_original_send_msg = DIMSEServiceProvider.send_msg
+
+
+def _send_msg(self: DIMSEServiceProvider, primitive: Any, context_id: int) -> None:
+    if isinstance(primitive, C_STORE) and primitive.MessageIDBeingRespondedTo is None:
+        data = _data_set(primitive)
+        if data is not None:
+            command = c_store_command(primitive)
+            self.dul.send_pdu(
+                PrebuiltPData(pdata_pdus(context_id, command, data, self.maximum_pdu_size))
+            )
+            return
+    _original_send_msg(self, primitive, context_id)
+
+
+def install() -> None:
+    """Route C-STORE requests of every association in this process through the fast path."""
+    pynetdicom.fsm.P_DATA_TF = _p_data_tf  # type: ignore[misc,assignment]
+    DIMSEServiceProvider.send_msg = _send_msg  # type: ignore[method-assign]

@@ -1,0 +1,53 @@
+"""Prebuilt P-DATA-TF PDUs (PS3.8 9.3.5): fragments reassemble to the message, every PDU within
+the peer's maximum length, the last fragment flagged."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from pynetdicom.dimse_primitives import C_STORE
+
+from dicom_node.pdata import c_store_command, pdata_pdus
+
+
+def _parse(stream: bytes) -> list[tuple[int, int, bytes, int]]:
+    """(context id, control header, fragment, PDU variable-field length) per PDU."""
+    out, offset = [], 0
+    while offset < len(stream):
+        pdu_type, _reserved, length = struct.unpack(">BBL", stream[offset : offset + 6])
+        assert pdu_type == 0x04
+        body = stream[offset + 6 : offset + 6 + length]
+        item_length = struct.unpack(">L", body[:4])[0]
+        assert item_length == length - 4  # one PDV per PDU
+        out.append((body[4], body[5], body[6 : 4 + item_length], length))
+        offset += 6 + length
+    return out
+
+
+@pytest.mark.parametrize("max_pdu", [16384, 4096, 0])
+def test_fragments_reassemble_within_the_maximum_length(max_pdu: int):
+    req = C_STORE()
+    req.MessageID = 7
+    req.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    req.AffectedSOPInstanceUID = "1.2.3.4.5"
+    req.Priority = 2
+    req.MoveOriginatorApplicationEntityTitle = "MOVESCU"
+    req.MoveOriginatorMessageID = 3
+    command = c_store_command(req)
+    data = bytes(range(256)) * 2000  # 512000 bytes
+    pdus = _parse(pdata_pdus(5, command, data, max_pdu))
+    assert all(cx == 5 for cx, *_ in pdus)
+    if max_pdu:
+        assert all(length <= max_pdu for *_, length in pdus)
+    commands = [p for p in pdus if p[1] & 0x01]
+    datasets = [p for p in pdus if not p[1] & 0x01]
+    assert b"".join(f for _, _, f, _ in commands) == command
+    assert b"".join(f for _, _, f, _ in datasets) == data
+    assert [p[1] & 0x02 for p in commands] == [0] * (len(commands) - 1) + [2]
+    assert [p[1] & 0x02 for p in datasets] == [0] * (len(datasets) - 1) + [2]
+    # The command set: group length first, Command Field C-STORE-RQ, originator fields.
+    assert command[:4] == b"\x00\x00\x00\x00"
+    assert struct.unpack("<L", command[8:12])[0] == len(command) - 12
+    assert b"\x00\x00\x00\x01\x02\x00\x00\x00\x01\x00" in command  # (0000,0100) = 0x0001
+    assert b"MOVESCU " in command
