@@ -178,6 +178,49 @@ def wait_echo(process: ManagedProcess, ae: str, port: int, timeout: float) -> No
             time.sleep(0.2)
 
 
+def process_group_cpu_seconds(pgid: int) -> float:
+    """User + system CPU seconds of every live process in process group ``pgid`` (a target and
+    the children it started: pacsbridge's DIMSE processes, storescp's forks), from /proc."""
+    ticks = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:  # fields after the command: state ppid pgrp ... utime stime
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def wait_idle(
+    processes: Sequence[ManagedProcess],
+    *,
+    threshold: float = 0.05,
+    quiet_seconds: int = 3,
+    timeout: float = 600.0,
+) -> float:
+    """Wait until every process group uses less than ``threshold`` CPU (cores) in each of
+    ``quiet_seconds`` consecutive one-second windows. Returns the seconds waited; raises
+    BenchError after ``timeout``."""
+    started = time.monotonic()
+    quiet = 0
+    last = {p.pid: process_group_cpu_seconds(p.pid) for p in processes}
+    while quiet < quiet_seconds:
+        if time.monotonic() - started > timeout:
+            busy = ", ".join(p.name for p in processes)
+            raise BenchError(f"{busy} still busy after {timeout:.0f} s")
+        time.sleep(1.0)
+        now = {p.pid: process_group_cpu_seconds(p.pid) for p in processes}
+        for process in processes:
+            process.ensure_alive()
+        quiet = quiet + 1 if all(now[k] - last[k] < threshold for k in now) else 0
+        last = now
+    return time.monotonic() - started
+
+
 # --- targets ---------------------------------------------------------------------------------
 
 
