@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import re
@@ -222,29 +223,52 @@ def _groups(parts: Sequence[_Part]) -> Iterator[list[_Part]]:
         yield group
 
 
+def _large(group: Sequence[_Part]) -> bool:
+    first = group[0]
+    return len(group) == 1 and first.passthrough and first.instance.size > WHOLE_FILE_LIMIT
+
+
 async def _stream_instances(
     archive: Archive, parts: Sequence[_Part], boundary: str, base: str
 ) -> AsyncIterator[bytes]:
-    """The multipart body. Files are read in worker threads a few MiB at a time; each piece is
-    written as it is (no joining copies). Large files stream in chunks."""
+    """The multipart body. Small files are read in worker threads a few MiB at a time, the next
+    group while the current one is being sent; each piece is written as it is (no joining
+    copies). Large files stream in chunks."""
+    groups = list(_groups(parts))
+
+    def read(index: int) -> asyncio.Future[list[bytes]] | None:
+        if index >= len(groups) or _large(groups[index]):
+            return None
+        return asyncio.ensure_future(
+            run_in_threadpool(_read_group, archive, groups[index], boundary, base)
+        )
+
+    ahead = read(0)
     try:
-        for group in _groups(parts):
-            first = group[0]
-            if len(group) == 1 and first.passthrough and first.instance.size > WHOLE_FILE_LIMIT:
+        for index, group in enumerate(groups):
+            if _large(group):
+                first = group[0]
                 assert first.header is not None
                 yield first.header
                 chunks = archive.blobs.open(first.instance.blob_key)
                 while chunk := await run_in_threadpool(next, chunks, b""):
                     yield chunk
                 yield CRLF
+                ahead = read(index + 1)
                 continue
-            for piece in await run_in_threadpool(_read_group, archive, group, boundary, base):
+            assert ahead is not None
+            pieces = await ahead
+            ahead = read(index + 1)
+            for piece in pieces:
                 yield piece
         yield closing(boundary)
     except (BlobNotFound, TranscodeError, OSError) as exc:
         # The status line is gone already: end the body early so the client sees an error.
         log.error("WADO-RS retrieve interrupted", extra={"err": str(exc)})
         raise
+    finally:
+        if ahead is not None:
+            ahead.cancel()
 
 
 def _retrieve(
