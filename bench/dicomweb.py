@@ -171,10 +171,19 @@ class Server:
         self.client.close()
 
 
-def median_time(call: Callable[[], float], repeat: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        call()
-    return statistics.median(call() for _ in range(repeat))
+def alternate(
+    servers: Sequence[Server], path_of: Callable[[Server], str], repeat: int, warmup: int
+) -> dict[str, tuple[list[float], list[int]]]:
+    """GET a JSON resource ``repeat`` times from every server, alternating between them so
+    that a busy host slows both alike; (seconds, result counts) per server."""
+    samples: dict[str, tuple[list[float], list[int]]] = {s.name: ([], []) for s in servers}
+    for round_ in range(warmup + repeat):
+        for server in servers:
+            seconds, body = server.get_json(path_of(server))
+            if round_ >= warmup:
+                samples[server.name][0].append(seconds)
+                samples[server.name][1].append(len(body))
+    return samples
 
 
 # --- the benchmark ---------------------------------------------------------------------------
@@ -249,40 +258,67 @@ def run(args: argparse.Namespace, workdir: Path, stack: contextlib.ExitStack) ->
     servers = start_targets(args, workdir, stack)
     results: dict[str, dict[str, Any]] = {s.name: {} for s in servers}
 
-    # STOW-RS: a new series per server and repeat (no duplicates), the last one is kept.
+    # Warm both up alike (first requests pay for imports, caches and connections).
+    for server in servers:
+        study, _series, parts = ct_series(5, 64)
+        server.stow(parts)
+        server.get_json(f"/studies/{study}/metadata")
+        server.get_json(f"/studies?StudyInstanceUID={study}")
+        server.retrieve(study, AS_STORED)
+
+    # STOW-RS: a new series per server and repeat (no duplicates), the last one is kept; runs
+    # alternate between the servers.
     log(f"STOW-RS: {args.slices} x {args.size}² CT in one request, {args.repeat} run(s)")
     kept: dict[str, tuple[str, str]] = {}
-    for server in servers:
-        rates, seconds_list = [], []
-        for repeat in range(args.repeat):
+    stow_runs: dict[str, list[tuple[float, int]]] = {server.name: [] for server in servers}
+    for repeat in range(args.repeat):
+        for server in servers:
             study, series, parts = ct_series(args.slices, args.size, seed=repeat)
             seconds, size = server.stow(parts)
-            rates.append(size / seconds / 1e6)
-            seconds_list.append(seconds)
+            stow_runs[server.name].append((seconds, size))
             kept[server.name] = (study, series)
-            rate = rates[-1]
+            rate = size / seconds / 1e6
             log(f"  {server.name:<10} {size / 1e6:.0f} MB in {seconds:.2f} s = {rate:.0f} MB/s")
-        results[server.name]["stow_mb_per_s"] = statistics.median(rates)
-        results[server.name]["stow_instances_per_s"] = args.slices / statistics.median(seconds_list)
+    for server in servers:
+        stowed = stow_runs[server.name]
+        results[server.name]["stow_mb_per_s"] = statistics.median(z / t / 1e6 for t, z in stowed)
+        results[server.name]["stow_instances_per_s"] = args.slices / statistics.median(
+            t for t, _z in stowed
+        )
 
     log(f"WADO-RS retrieve of that study (read by {'curl' if CURL else 'httpx'})")
+    # Runs alternate between the servers, so that both see the same load on a busy host.
+    variants = (("as_stored", AS_STORED), ("default", DEFAULT))
+    wado_runs: dict[tuple[str, str], list[float]] = {}
     for server in servers:
-        study = kept[server.name][0]
-        for label, accept in (("as_stored", AS_STORED), ("default", DEFAULT)):
-            outcome = server.retrieve(study, accept)
+        for label, accept in variants:
+            outcome = server.retrieve(kept[server.name][0], accept)  # warm-up, and checks
             if isinstance(outcome, str):
-                results[server.name][f"wado_{label}_mb_per_s"] = None
                 results[server.name][f"wado_{label}_error"] = outcome
                 log(f"  {server.name:<10} {label}: {outcome}")
-                continue
-            rates = []
-            for _ in range(max(args.repeat, 5)):
-                outcome = server.retrieve(study, accept)
-                assert not isinstance(outcome, str)
+            else:
+                wado_runs[(server.name, label)] = []
+    for _ in range(max(args.repeat, 7)):
+        for server in servers:
+            for label, accept in variants:
+                if (server.name, label) not in wado_runs:
+                    continue
+                outcome = server.retrieve(kept[server.name][0], accept)
+                if isinstance(outcome, str):
+                    raise BenchError(f"{server.name} WADO-RS {label} failed: {outcome}")
                 seconds, received = outcome
-                rates.append(received / seconds / 1e6)
-            results[server.name][f"wado_{label}_mb_per_s"] = statistics.median(rates)
-            log(f"  {server.name:<10} {label}: {statistics.median(rates):.0f} MB/s")
+                wado_runs[(server.name, label)].append(received / seconds / 1e6)
+    for server in servers:
+        for label, _accept in variants:
+            runs = wado_runs.get((server.name, label))
+            value = statistics.median(runs) if runs else None
+            results[server.name][f"wado_{label}_mb_per_s"] = value
+            if runs:
+                results[server.name][f"wado_{label}_runs"] = runs
+                log(
+                    f"  {server.name:<10} {label}: median {value:.0f} MB/s "
+                    f"(min {min(runs):.0f}, max {max(runs):.0f})"
+                )
 
     log(f"loading a {args.large}-instance study (64² slices, series of 200) ...")
     large_study = new_uid()
@@ -292,30 +328,24 @@ def run(args: argparse.Namespace, workdir: Path, stack: contextlib.ExitStack) ->
             _study, _series, parts = ct_series(count, 64, study=large_study)
             server.stow(parts)
 
-    log("WADO-RS metadata")
-    for server in servers:
-        for label, study, count in (
-            ("small", kept[server.name][0], args.slices),
-            ("large", large_study, args.large),
-        ):
-            sizes: list[int] = []
+    log("WADO-RS metadata (runs alternate between the servers)")
+    for label, count in (("small", args.slices), ("large", args.large)):
 
-            def metadata_once(
-                study: str = study, sizes: list[int] = sizes, server: Server = server
-            ) -> float:
-                seconds, body = server.get_json(f"/studies/{study}/metadata")
-                sizes.append(len(body))
-                return seconds
+        def metadata_path(server: Server, label: str = label) -> str:
+            study = kept[server.name][0] if label == "small" else large_study
+            return f"/studies/{study}/metadata"
 
-            seconds = median_time(metadata_once, max(args.repeat, 3))
+        samples = alternate(servers, metadata_path, max(args.repeat, 5), warmup=1)
+        for server in servers:
+            times, sizes = samples[server.name]
             if sizes[-1] != count:
                 raise BenchError(f"{server.name} metadata held {sizes[-1]} of {count} instances")
+            seconds = statistics.median(times)
             results[server.name][f"metadata_{label}_s"] = seconds
             log(f"  {server.name:<10} {count:>5} instances: {seconds * 1000:7.1f} ms")
-        small, large = (
-            results[server.name]["metadata_small_s"],
-            results[server.name]["metadata_large_s"],
-        )
+    for server in servers:
+        small = results[server.name]["metadata_small_s"]
+        large = results[server.name]["metadata_large_s"]
         results[server.name]["metadata_growth_per_instance"] = (large / args.large) / (
             small / args.slices
         )
@@ -341,7 +371,6 @@ def run(args: argparse.Namespace, workdir: Path, stack: contextlib.ExitStack) ->
         for start in range(0, len(small_parts), 100):
             server.stow(small_parts[start : start + 100])
 
-    ct_study, ct_series_uid = kept[servers[0].name]
     queries = {
         "patient_id": "/studies?PatientID=QP00007",
         "name_and_dates": "/studies?PatientName=SMITH*&StudyDate=20240301-20240630",
@@ -350,29 +379,25 @@ def run(args: argparse.Namespace, workdir: Path, stack: contextlib.ExitStack) ->
         "series_of_study": "/studies/{study}/series",
         "instances_of_series": "/studies/{study}/series/{series}/instances",
     }
-    log(f"QIDO-RS, median of {args.qido_repeat}")
-    for server in servers:
-        study, series = kept[server.name]
-        per_query: dict[str, Any] = {}
-        for label, template in queries.items():
-            path = template.format(study=study, series=series)
-            counts: list[int] = []
+    log(f"QIDO-RS, median of {args.qido_repeat} (runs alternate between the servers)")
+    per_query: dict[str, dict[str, Any]] = {server.name: {} for server in servers}
+    for label, template in queries.items():
 
-            def qido_once(
-                path: str = path, counts: list[int] = counts, server: Server = server
-            ) -> float:
-                seconds, body = server.get_json(path)
-                counts.append(len(body))
-                return seconds
+        def qido_path(server: Server, template: str = template) -> str:
+            study, series = kept[server.name]
+            return template.format(study=study, series=series)
 
-            seconds = median_time(qido_once, args.qido_repeat, warmup=2)
-            per_query[label] = {"median_s": seconds, "results": counts[-1]}
+        samples = alternate(servers, qido_path, args.qido_repeat, warmup=2)
+        for server in servers:
+            times, counts = samples[server.name]
+            seconds = statistics.median(times)
+            per_query[server.name][label] = {"median_s": seconds, "results": counts[-1]}
             log(f"  {server.name:<10} {label:<22} {seconds * 1000:7.2f} ms ({counts[-1]} results)")
-        results[server.name]["qido"] = per_query
+    for server in servers:
+        results[server.name]["qido"] = per_query[server.name]
         results[server.name]["qido_median_s"] = statistics.median(
-            q["median_s"] for q in per_query.values()
+            q["median_s"] for q in per_query[server.name].values()
         )
-    del ct_study, ct_series_uid
 
     pb, peer = results["pacsbridge"], results["orthanc"]
     ratios: dict[str, Any] = {}
