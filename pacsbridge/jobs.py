@@ -92,7 +92,7 @@ def build_registry(settings: Settings) -> HandlerRegistry:
     """The registry with built-in kinds and the ``extra_handlers`` setting loaded."""
     from pacsbridge import routing_jobs
 
-    routing_jobs.register(registry)
+    routing_jobs.register(registry, settings)
     registry.load_extra(settings.extra_handlers)
     return registry
 

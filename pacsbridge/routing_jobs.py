@@ -40,11 +40,13 @@ ROUTE = "route"
 FORWARD = "forward"
 
 
-def register(registry: HandlerRegistry) -> None:
-    """Add the routing job kinds (once per registry)."""
+def register(registry: HandlerRegistry, settings: Settings) -> None:
+    """Add the routing job kinds (once per registry). Stable studies are routed only when
+    there are ``on = "stable"`` rules: otherwise a ``route`` job per study would do nothing."""
     known = {spec.kind for spec in registry.specs}
     if ROUTE not in known:
-        registry.register(ROUTE, _build_route, on_stable_study=True)
+        stable_rules = any(route.on == "stable" for route in settings.routes.values())
+        registry.register(ROUTE, _build_route, on_stable_study=stable_rules)
     if FORWARD not in known:
         registry.register(FORWARD, _build_forward)
 
