@@ -593,6 +593,7 @@ def _results(
             yield _result(query, row, return_keys, computed.get(row["_id"], {}), document)
 
 
+@functools.cache
 def _base_select(level: QueryLevel) -> tuple[Select[Any], Any]:
     columns: list[Any] = []
     for attr in INDEXED.values():
