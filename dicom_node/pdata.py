@@ -21,7 +21,7 @@ from typing import Any
 
 import pynetdicom.fsm
 from pynetdicom.dimse import DIMSEServiceProvider
-from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dimse_primitives import C_FIND, C_STORE
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.pdu_primitives import P_DATA
 
@@ -128,7 +128,34 @@ def _data_set(primitive: C_STORE) -> bytes | None:
 _original_send_msg = DIMSEServiceProvider.send_msg
 
 
+def c_find_pending_command(primitive: C_FIND) -> bytes:
+    """A pending C-FIND-RSP command set (PS3.7 Table 9.3-3), encoded."""
+    body = b"".join(
+        (
+            _element(0x00000002, _ui(str(primitive.AffectedSOPClassUID))),
+            _element(0x00000100, struct.pack("<H", 0x8020)),  # Command Field: C-FIND-RSP
+            _element(0x00000120, struct.pack("<H", int(primitive.MessageIDBeingRespondedTo or 0))),
+            _element(0x00000800, struct.pack("<H", 0x0000)),  # an identifier follows
+            _element(0x00000900, struct.pack("<H", int(primitive.Status or 0))),
+        )
+    )
+    return _element(0x00000000, struct.pack("<L", len(body))) + body
+
+
 def _send_msg(self: DIMSEServiceProvider, primitive: Any, context_id: int) -> None:
+    if (
+        isinstance(primitive, C_FIND)
+        and primitive.MessageIDBeingRespondedTo is not None
+        and primitive.Status in (0xFF00, 0xFF01)
+        and isinstance(primitive.Identifier, BytesIO)
+    ):
+        # Pending responses carry one identifier each: the bulk of a large C-FIND.
+        command = c_find_pending_command(primitive)
+        identifier = primitive.Identifier.getvalue()
+        self.dul.send_pdu(
+            PrebuiltPData(pdata_pdus(context_id, command, identifier, self.maximum_pdu_size))
+        )
+        return
     if isinstance(primitive, C_STORE) and primitive.MessageIDBeingRespondedTo is None:
         data = _data_set(primitive)
         if data is not None:

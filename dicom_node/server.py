@@ -18,7 +18,7 @@ from typing import Any, cast
 import pynetdicom.association
 from pydicom.dataset import Dataset
 from pydicom.uid import AllTransferSyntaxes
-from pynetdicom import AE, evt
+from pynetdicom import AE, _config, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
@@ -81,6 +81,10 @@ class _ReactorClock:
 
 pynetdicom.association.time = _ReactorClock()  # type: ignore[assignment]
 pdata.install()  # C-STOREs we send (C-GET, C-MOVE, forwarding) as prebuilt PDUs
+# pynetdicom formats every C-FIND/C-GET/C-MOVE identifier for its debug log, logged or not:
+# most of the cost of a C-FIND response. Our own logs say what a request was.
+_config.LOG_REQUEST_IDENTIFIERS = False
+_config.LOG_RESPONSE_IDENTIFIERS = False
 
 
 class _SharedPortAssociationServer(_NoDelayAssociationServer):
@@ -152,6 +156,9 @@ class DimseServer:
 
     def _build_ae(self) -> AE:
         s = self.settings
+        # pynetdicom's standard handlers log every PDU and message, formatting each one even
+        # when the log level drops it: keep them for debugging only.
+        _config.LOG_HANDLER_LEVEL = "standard" if s.log_level.upper() == "DEBUG" else "none"
         ae = AE(ae_title=s.ae_title)
         ae.maximum_associations = s.max_associations
         ae.maximum_pdu_size = s.maximum_pdu_size

@@ -51,3 +51,19 @@ def test_fragments_reassemble_within_the_maximum_length(max_pdu: int):
     assert struct.unpack("<L", command[8:12])[0] == len(command) - 12
     assert b"\x00\x00\x00\x01\x02\x00\x00\x00\x01\x00" in command  # (0000,0100) = 0x0001
     assert b"MOVESCU " in command
+
+
+def test_pending_c_find_response_command():
+    from pynetdicom.dimse_primitives import C_FIND
+
+    from dicom_node.pdata import c_find_pending_command
+
+    rsp = C_FIND()
+    rsp.MessageIDBeingRespondedTo = 9
+    rsp.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.2.2.1"
+    rsp.Status = 0xFF00
+    command = c_find_pending_command(rsp)
+    assert struct.unpack("<L", command[8:12])[0] == len(command) - 12
+    assert b"\x00\x00\x00\x01\x02\x00\x00\x00\x20\x80" in command  # C-FIND-RSP
+    assert b"\x00\x00\x20\x01\x02\x00\x00\x00\x09\x00" in command  # responding to 9
+    assert b"\x00\x00\x00\x09\x02\x00\x00\x00\x00\xff" in command  # status 0xFF00
