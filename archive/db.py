@@ -106,7 +106,11 @@ class Database:
         Several processes may start at once on one PostgreSQL index: a session advisory lock
         lets one migrate while the others wait (and then find nothing left to do).
         """
-        with _UPGRADE_LOCK, self.engine.connect() as conn:  # Alembic's context is global
+        # On SQLite the migration runs in one BEGIN IMMEDIATE transaction: several processes
+        # starting on a new index wait for each other (busy_timeout) instead of failing on a
+        # read-to-write lock upgrade ("database is locked").
+        engine = self._write_engine if self.is_sqlite else self.engine
+        with _UPGRADE_LOCK, engine.connect() as conn:  # Alembic's context is global
             if not self.is_sqlite:
                 conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": _MIGRATION_LOCK})
                 conn.commit()

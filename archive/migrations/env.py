@@ -31,6 +31,9 @@ def _run(connection: Connection) -> None:
         connection=connection,
         target_metadata=target_metadata,
         render_as_batch=connection.dialect.name == "sqlite",
+        # SQLite has transactional DDL: run every pending migration in the one transaction
+        # that pacsbridge opened (BEGIN IMMEDIATE), so that concurrent starters serialise.
+        transactional_ddl=True,
         compare_type=True,
     )
     with context.begin_transaction():
