@@ -4,6 +4,7 @@ by their own PID; DCMTK storescu senders; a fresh PostgreSQL database."""
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import json
 import os
@@ -224,8 +225,8 @@ def wait_idle(
 # --- targets ---------------------------------------------------------------------------------
 
 
-class Target:
-    """One C-STORE SCP under test."""
+class Target(abc.ABC):
+    """One C-STORE SCP under test (pacsbridge, Orthanc, storescp implement it)."""
 
     kind = ""
     ae = ""
@@ -239,11 +240,11 @@ class Target:
         self.version = "unknown"
         self.durability = "unknown"
 
-    def start(self) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def start(self) -> None: ...
 
-    def instance_count(self) -> int:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def instance_count(self) -> int: ...
 
     def ensure_alive(self) -> None:
         if self.process is None:
