@@ -111,6 +111,7 @@ class IngestService:
         self._insert = (
             postgresql.insert if db.engine.dialect.name == "postgresql" else sqlite.insert
         )
+        self._parent_statements: dict[str, tuple[Any, Any]] = {}
         # Built once: SQLAlchemy then reuses the compiled statement for every instance.
         self._insert_instance = (
             self._insert(_INSTANCE)
@@ -310,11 +311,36 @@ class IngestService:
     def _get_or_create(
         self, conn: Connection, table: Table, unique: dict[str, Any], values: dict[str, Any]
     ) -> int:
-        where = [table.c[name] == value for name, value in unique.items()]
+        if any(value is None for value in unique.values()):
+            return self._get_or_create_null(conn, table, unique, values)
+        statements = self._parent_statements.get(table.name)
+        if statements is None:
+            # Built once per table: SQLAlchemy then reuses the compiled statements, where a
+            # statement built per call costs more to cache-key than to run.
+            statements = (
+                select(table.c.id).where(*(table.c[name] == bindparam(name) for name in unique)),
+                self._insert(table)
+                .on_conflict_do_nothing(index_elements=list(unique))
+                .returning(table.c.id),
+            )
+            self._parent_statements[table.name] = statements
+        lookup, create = statements
+        row_id = conn.execute(lookup, unique).scalar()
+        if row_id is None:
+            # Concurrent associations may create the same row: the unique constraint decides,
+            # and the loser reads the winner's row.
+            row_id = conn.execute(create, {**values, **unique}).scalar()
+            if row_id is None:
+                row_id = conn.execute(lookup, unique).scalar_one()
+        return int(row_id)
+
+    def _get_or_create_null(
+        self, conn: Connection, table: Table, unique: dict[str, Any], values: dict[str, Any]
+    ) -> int:
+        where = [table.c[name] == value for name, value in unique.items()]  # IS NULL for None
         row_id = conn.execute(select(table.c.id).where(*where)).scalar()
         if row_id is not None:
             return int(row_id)
-        # Concurrent associations may create the same row: let the unique constraint decide.
         conn.execute(
             self._insert(table)
             .values(**{**values, **unique})

@@ -303,7 +303,15 @@ class PacsbridgeTarget(Target):
             cwd=self.workdir,  # no stray .env from the caller's directory
             log_path=self.workdir / "serve.log",
         )
-        wait_http(self.process, f"http://{LOOPBACK}:{self.http_port}/health", timeout=120)
+        health = f"http://{LOOPBACK}:{self.http_port}/health"
+        wait_http(self.process, health, timeout=120)
+        # Every DICOM acceptor process ready, so that concurrent senders are spread over them.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            acceptors = http_json(health, timeout=2.0).get("dimse_processes")
+            if acceptors is None or acceptors["ready"] >= acceptors["configured"]:
+                break
+            time.sleep(0.2)
         wait_echo(self.process, self.ae, self.dimse_port, timeout=30)
         with contextlib.suppress(Exception):
             from importlib.metadata import version

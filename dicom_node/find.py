@@ -21,6 +21,8 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from archive import Archive
 from archive.query import Key, Query, QueryError, QueryLevel, QueryModel, find
 from config import Settings
+from dicom_node.identifier import EncodedIdentifier, Unencodable, codec_for, encode_identifier
+from dicom_node.identifier import texts as identifier_texts
 from dicom_node.services import Handler
 
 log = logging.getLogger(__name__)
@@ -67,13 +69,9 @@ def identifier_keys(identifier: Dataset) -> tuple[list[Key], bool]:
     return keys, sequence_matching
 
 
-def _response_charset(request_charset: Any, result: Dataset) -> str | None:
+def _response_charset(request_charset: Any, result: dict[str, Any]) -> str | None:
     """Keep the request's character set when it can carry every value, else UTF-8."""
-    texts = [
-        str(e.value)
-        for e in result
-        if e.VR in ("PN", "LO", "SH", "ST", "LT", "UT", "UC") and e.value not in (None, "")
-    ]
+    texts = list(identifier_texts(result))
     if all(t.isascii() for t in texts):
         return _text_value(request_charset)
     if request_charset:
@@ -152,21 +150,35 @@ class FindService:
         wants_availability = identifier.get("InstanceAvailability") is not None
         pending = STATUS_PENDING_OPTIONAL_KEYS_UNSUPPORTED if sequence_matching else STATUS_PENDING
         request_charset = identifier.get("SpecificCharacterSet")
+        transfer_syntax = event.context.transfer_syntax
+        # Identifiers are encoded straight from the JSON (dicom_node/identifier.py) for the
+        # little endian, not deflated syntaxes; pydicom encodes the rest.
+        direct = bool(transfer_syntax.is_little_endian and not transfer_syntax.is_deflated)
+        implicit_vr = bool(transfer_syntax.is_implicit_VR)
         try:
             results = find(self.archive.db, query)
             for result in results:
                 if event.is_cancelled:
                     yield STATUS_CANCEL, None
                     return
-                ds = Dataset.from_json(result)
                 if wants_retrieve_ae:
-                    ds.RetrieveAETitle = self.settings.ae_title
+                    result["00080054"] = {"vr": "AE", "Value": [self.settings.ae_title]}
                 if wants_availability:
-                    ds.InstanceAvailability = "ONLINE"
-                charset = _response_charset(request_charset, ds)
+                    result["00080056"] = {"vr": "CS", "Value": ["ONLINE"]}
+                charset = _response_charset(request_charset, result)
                 if charset:
-                    ds.SpecificCharacterSet = charset
-                yield pending, ds
+                    result["00080005"] = {"vr": "CS", "Value": charset.split("\\")}
+                if direct:
+                    try:
+                        encoded = encode_identifier(
+                            result, implicit_vr=implicit_vr, codec=codec_for(charset)
+                        )
+                    except Unencodable:
+                        pass
+                    else:
+                        yield pending, EncodedIdentifier(encoded)
+                        continue
+                yield pending, Dataset.from_json(result)
         except QueryError as exc:
             yield _failure(STATUS_IDENTIFIER_MISMATCH, str(exc))
         except Exception as exc:

@@ -1,4 +1,5 @@
-"""C-STORE requests sent as prebuilt P-DATA-TF PDUs (PS3.8 9.3.5, PS3.7 9.3.1.1).
+"""C-STORE requests and responses and pending C-FIND responses sent as prebuilt P-DATA-TF PDUs
+(PS3.8 9.3.5, PS3.7 9.3.1.1).
 
 pynetdicom turns every fragment of a message into its own P-DATA primitive, queues it for the
 DUL thread, runs the state machine and encodes a PDU for it: at a peer's 16 KB maximum PDU
@@ -85,12 +86,15 @@ def c_store_command(primitive: C_STORE) -> bytes:
     return _element(0x00000000, struct.pack("<L", len(body))) + body
 
 
-def pdata_pdus(context_id: int, command: bytes, data: bytes, max_pdu_length: int) -> bytes:
-    """Command and data set fragments, one PDV per P-DATA-TF PDU (PS3.8 9.3.5, E.2)."""
+def pdata_pdus(context_id: int, command: bytes, data: bytes | None, max_pdu_length: int) -> bytes:
+    """Command and data set fragments, one PDV per P-DATA-TF PDU (PS3.8 9.3.5, E.2); no data
+    set fragments when ``data`` is None (a message without a data set)."""
     room = max_pdu_length - 6 if max_pdu_length else UNLIMITED_FRAGMENT
     parts: list[bytes] = []
-    view = memoryview(data)
-    for payload, is_command in ((memoryview(command), True), (view, False)):
+    payloads = [(memoryview(command), True)]
+    if data is not None:
+        payloads.append((memoryview(data), False))
+    for payload, is_command in payloads:
         total = len(payload)
         offset = 0
         while True:
@@ -142,6 +146,35 @@ def c_find_pending_command(primitive: C_FIND) -> bytes:
     return _element(0x00000000, struct.pack("<L", len(body))) + body
 
 
+def c_store_response_command(primitive: C_STORE) -> bytes:
+    """A C-STORE-RSP command set without a data set (PS3.7 Table 9.3-2), encoded."""
+    body = b"".join(
+        (
+            _element(0x00000002, _ui(str(primitive.AffectedSOPClassUID))),
+            _element(0x00000100, struct.pack("<H", 0x8001)),  # Command Field: C-STORE-RSP
+            _element(0x00000120, struct.pack("<H", int(primitive.MessageIDBeingRespondedTo or 0))),
+            _element(0x00000800, struct.pack("<H", 0x0101)),  # no data set follows
+            _element(0x00000900, struct.pack("<H", int(primitive.Status or 0))),
+            _element(0x00001000, _ui(str(primitive.AffectedSOPInstanceUID))),
+        )
+    )
+    return _element(0x00000000, struct.pack("<L", len(body))) + body
+
+
+def _plain_store_response(primitive: Any) -> bool:
+    """A C-STORE-RSP carrying only the fields every response has (no ErrorComment or
+    OffendingElement: those take pynetdicom's path)."""
+    return (
+        isinstance(primitive, C_STORE)
+        and primitive.MessageIDBeingRespondedTo is not None
+        and primitive.Status is not None
+        and primitive.AffectedSOPClassUID is not None
+        and primitive.AffectedSOPInstanceUID is not None
+        and primitive.ErrorComment is None
+        and primitive.OffendingElement is None
+    )
+
+
 def _send_msg(self: DIMSEServiceProvider, primitive: Any, context_id: int) -> None:
     if (
         isinstance(primitive, C_FIND)
@@ -154,6 +187,13 @@ def _send_msg(self: DIMSEServiceProvider, primitive: Any, context_id: int) -> No
         identifier = primitive.Identifier.getvalue()
         self.dul.send_pdu(
             PrebuiltPData(pdata_pdus(context_id, command, identifier, self.maximum_pdu_size))
+        )
+        return
+    if _plain_store_response(primitive):
+        # One per stored instance: what a modality waits for before it sends the next.
+        command = c_store_response_command(primitive)
+        self.dul.send_pdu(
+            PrebuiltPData(pdata_pdus(context_id, command, None, self.maximum_pdu_size))
         )
         return
     if isinstance(primitive, C_STORE) and primitive.MessageIDBeingRespondedTo is None:

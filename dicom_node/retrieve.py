@@ -326,10 +326,7 @@ def _failure(status: int, comment: str, keyword: str | None = None) -> Dataset:
 
 
 def _tune_outgoing_connection(event: Event) -> None:
-    """The same socket and reactor settings the node uses for incoming associations."""
-    from dicom_node.server import REACTOR_POLL  # the node module imports this one
-
-    event.assoc.dul._run_loop_delay = REACTOR_POLL
+    """The same socket settings the node uses for incoming associations."""
     assoc_socket = event.assoc.dul.socket
     sock = assoc_socket.socket if assoc_socket is not None else None
     if sock is not None:

@@ -11,7 +11,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from io import BytesIO
 from typing import Any, cast
 
@@ -27,7 +27,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from archive import Archive, IngestError, IngestErrorKind
 from archive.ingest import resolve_sop_classes
 from config import Settings
-from dicom_node import pdata
+from dicom_node import identifier, pdata, reactor
 from dicom_node.part10 import file_meta
 from dicom_node.services import DimseService, default_services
 from dicom_node.sop_classes import storage_sop_classes
@@ -57,14 +57,15 @@ class _NoDelayAssociationServer(ThreadedAssociationServer):
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         client, address = super().get_request()
         with contextlib.suppress(OSError):  # the peer may already be gone
+            client.setblocking(True)  # whatever the listening socket is
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return client, address
 
 
-# pynetdicom's reactors poll their queues and sleep 1 ms between polls (the association
-# reactor unconditionally, the DUL when idle). Each C-STORE crosses both threads, so these sleeps
-# add milliseconds to every instance. Polling every REACTOR_POLL seconds instead costs a little
-# CPU per open association and removes that latency.
+# pynetdicom's reactors poll their queues (the association reactor sleeps 1 ms on every loop,
+# the DUL when idle); ours wait for work instead (dicom_node/reactor.py). A few of
+# pynetdicom's hand-overs (pausing the reactor, stopping the DUL) still spin on time.sleep:
+# keep those spins short.
 REACTOR_POLL = 0.0001
 
 
@@ -80,20 +81,52 @@ class _ReactorClock:
 
 
 pynetdicom.association.time = _ReactorClock()  # type: ignore[assignment]
-pdata.install()  # C-STOREs we send (C-GET, C-MOVE, forwarding) as prebuilt PDUs
+reactor.install()  # event-driven DUL and association reactors
+pdata.install()  # C-STORE requests and responses, pending C-FIND responses as prebuilt PDUs
+identifier.install()  # C-FIND identifiers encoded from the JSON, not by pydicom
 # pynetdicom formats every C-FIND/C-GET/C-MOVE identifier for its debug log, logged or not:
 # most of the cost of a C-FIND response. Our own logs say what a request was.
 _config.LOG_REQUEST_IDENTIFIERS = False
 _config.LOG_RESPONSE_IDENTIFIERS = False
 
 
-class _SharedPortAssociationServer(_NoDelayAssociationServer):
-    """Binds with SO_REUSEPORT so that several processes accept on one port; the kernel
-    spreads incoming associations over them (scaling past one interpreter's GIL)."""
+class _DispatchingAssociationServer(_NoDelayAssociationServer):
+    """Offers every accepted connection to ``dispatch`` first, which may hand it over to
+    another acceptor process (``PACSBRIDGE_DIMSE_PROCESSES``) and return True."""
+
+    dispatch: Callable[[socket.socket], bool] | None = None
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if self.dispatch is not None and self.dispatch(request):
+            request.close()  # the other process has its own descriptor of the connection
+            return
+        super().process_request(request, client_address)
+
+
+class _HandedOverAssociationServer(_NoDelayAssociationServer):
+    """Serves connections that another process accepted and handed over; listens on nothing
+    (its socket is one end of a pair that never becomes readable)."""
 
     def server_bind(self) -> None:
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # type: ignore[union-attr]
-        super().server_bind()
+        cast(socket.socket, self.socket).close()  # the one TCPServer made for us
+        self.socket, self._quiet_peer = socket.socketpair()
+
+    def server_activate(self) -> None:
+        pass
+
+    def server_close(self) -> None:
+        super().server_close()
+        self._quiet_peer.close()
+
+    def serve_connection(self, connection: socket.socket) -> None:
+        try:
+            connection.setblocking(True)
+            connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            address = connection.getpeername()
+        except OSError:  # the peer is already gone
+            connection.close()
+            return
+        self.process_request(connection, address)
 
 
 # When a requestor offers several transfer syntaxes in one presentation context, pynetdicom
@@ -142,9 +175,11 @@ class DimseServer:
         settings: Settings,
         services: Sequence[DimseService] | None = None,
         *,
-        share_port: bool = False,
+        handed_over: bool = False,
+        on_connection_closed: Callable[[], None] | None = None,
     ) -> None:
-        self.share_port = share_port
+        self.handed_over = handed_over
+        self.on_connection_closed = on_connection_closed
         self.archive = archive
         self.settings = settings
         self.services = (
@@ -183,10 +218,11 @@ class DimseServer:
     @property
     def handlers(self) -> list[Any]:
         handlers: list[Any] = [
-            (evt.EVT_CONN_OPEN, self.handle_connection),
             (evt.EVT_C_ECHO, self.handle_echo),
             (evt.EVT_C_STORE, self.handle_store),
         ]
+        if self.on_connection_closed is not None:
+            handlers.append((evt.EVT_CONN_CLOSE, self._connection_closed))
         for service in self.services:
             handlers.extend(service.handlers())
         return handlers
@@ -198,7 +234,7 @@ class DimseServer:
             (s.dimse_host, s.dimse_port),
             evt_handlers=self.handlers,
             server_class=(
-                _SharedPortAssociationServer if self.share_port else _NoDelayAssociationServer
+                _HandedOverAssociationServer if self.handed_over else _DispatchingAssociationServer
             ),
         )
         self.server = server
@@ -214,13 +250,30 @@ class DimseServer:
         )
         return str(host), int(port)
 
+    def dispatch_with(self, dispatch: Callable[[socket.socket], bool]) -> None:
+        """Offer every new connection to ``dispatch``, which may hand it to another process."""
+        if not isinstance(self.server, _DispatchingAssociationServer):
+            raise RuntimeError("the DIMSE server is not started, or serves handed-over sockets")
+        self.server.dispatch = dispatch
+
+    def serve_connection(self, connection: socket.socket) -> None:
+        """Serve a connection another process accepted."""
+        if not isinstance(self.server, _HandedOverAssociationServer):
+            raise RuntimeError("the DIMSE server is not started for handed-over sockets")
+        self.server.serve_connection(connection)
+
+    @property
+    def active_associations(self) -> int:
+        return len(self.ae.active_associations)
+
     def stop(self) -> None:
         self.ae.shutdown()  # stops our server, aborts what is still associated
         self.server = None
 
     # --- handlers ----------------------------------------------------------------------
-    def handle_connection(self, event: Event) -> None:
-        event.assoc.dul._run_loop_delay = REACTOR_POLL
+    def _connection_closed(self, event: Event) -> None:
+        if self.on_connection_closed is not None:
+            self.on_connection_closed()
 
     def handle_echo(self, event: Event) -> int:
         return STATUS_SUCCESS

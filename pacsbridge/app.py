@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI
@@ -17,7 +18,13 @@ from pacsbridge.api_peers import router as peers_router
 from pacsbridge.jobs_api import router as jobs_router
 
 
-def create_app(archive: Archive, settings: Settings) -> FastAPI:
+def create_app(
+    archive: Archive,
+    settings: Settings,
+    dimse_acceptors: Callable[[], dict[str, int]] | None = None,
+) -> FastAPI:
+    """The HTTP application; ``dimse_acceptors`` reports the DICOM acceptor processes
+    (configured, ready) for ``/health``."""
     app = FastAPI(
         title="pacsbridge",
         version=__version__,
@@ -55,6 +62,8 @@ def create_app(archive: Archive, settings: Settings) -> FastAPI:
             "ae_title": settings.ae_title,
             **checks,
         }
+        if dimse_acceptors is not None:
+            body["dimse_processes"] = dimse_acceptors()
         return JSONResponse(body, status_code=200 if healthy else 503)
 
     return app

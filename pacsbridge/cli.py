@@ -91,7 +91,10 @@ def serve(
         ).start()
     runtime = _job_runtime(archive, settings) if settings.worker_in_serve else None
     processes = settings.dimse_processes or min(available_cpus(), 4)
-    dimse = DimseServer(archive, settings, share_port=processes > 1)
+    pool = DimseProcessPool(settings, processes - 1) if processes > 1 else None
+    dimse = DimseServer(
+        archive, settings, on_connection_closed=pool.local_closed if pool is not None else None
+    )
     try:
         host, port = dimse.start()
     except OSError as exc:
@@ -100,9 +103,9 @@ def serve(
             f"[/red] {exc.strerror or exc}"
         )
         raise typer.Exit(4) from exc
-    pool = DimseProcessPool(settings, port, processes - 1) if processes > 1 else None
     if pool is not None:
         pool.start()
+        dimse.dispatch_with(pool.dispatch)
     if runtime is not None:
         runtime.start()
     log.info(
@@ -121,7 +124,7 @@ def serve(
     _exit_on_sigterm()
     try:
         uvicorn.run(
-            create_app(archive, settings),
+            create_app(archive, settings, pool.status if pool is not None else None),
             host=settings.http_host,
             port=settings.http_port,
             log_level=settings.log_level.lower(),

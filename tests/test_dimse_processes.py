@@ -9,6 +9,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
@@ -43,6 +44,15 @@ def test_associations_spread_over_processes_and_all_are_stored(make_backend, tmp
     try:
         children = _children(server.proc.pid)
         assert len(children) >= 2, children  # the spawned acceptors (plus, maybe, a tracker)
+        # /health reports the acceptors; all of them become ready.
+        deadline = time.monotonic() + 60
+        acceptors: dict = {}
+        while time.monotonic() < deadline:
+            acceptors = httpx.get(f"{server.http}/health", timeout=10).json()["dimse_processes"]
+            if acceptors["ready"] == acceptors["configured"]:
+                break
+            time.sleep(0.2)
+        assert acceptors == {"configured": 3, "ready": 3}
         files = write_series(tmp_path / "s", 24, size=32)
 
         def send(path: Path) -> int:

@@ -1,0 +1,163 @@
+"""C-FIND response identifiers encoded straight from DICOM JSON.
+
+A C-FIND match comes out of the query matcher as DICOM JSON (PS3.18 F.2). Building a pydicom
+``Dataset`` from it and letting pynetdicom encode that costs far more than the query: most of
+a large C-FIND. The identifiers are flat (the requested keys), so they are encoded here
+directly into Implicit or Explicit VR Little Endian (PS3.5 7.1). Whatever this encoder does
+not handle (sequences with items, bulk data, DS values, AT, ISO 2022 character sets) raises
+:class:`Unencodable` and takes the pydicom path; a differential test holds both to the same
+bytes.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable
+from typing import Any
+
+import pynetdicom.service_class
+from pydicom.charset import convert_encodings
+from pydicom.dataset import Dataset
+
+#: Explicit VR elements with a 4-byte length after two reserved bytes (PS3.5 Table 7.1-1).
+_LONG_LENGTH_VRS = frozenset(
+    {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"}
+)
+#: Values that the Specific Character Set applies to (PS3.5 6.1.2.3).
+CHARSET_VRS = frozenset({"SH", "LO", "ST", "LT", "UT", "UC", "PN"})
+_ASCII_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "TM", "UI", "UR"})
+_NUMERIC = {"US": "H", "SS": "h", "UL": "L", "SL": "l", "FL": "f", "FD": "d", "UV": "Q", "SV": "q"}
+_PN_GROUPS = ("Alphabetic", "Ideographic", "Phonetic")
+#: Python codecs of the character sets encoded here (single-byte or UTF-8, no code extensions).
+_SIMPLE_CODECS = {"": "ascii", "ISO_IR 6": "ascii", "ISO_IR 100": "latin_1", "ISO_IR 192": "utf_8"}
+
+
+class Unencodable(Exception):
+    """An identifier this encoder leaves to pydicom."""
+
+
+class EncodedIdentifier(Dataset):
+    """A response identifier already encoded for the presentation context's transfer syntax;
+    pynetdicom sends its bytes as they are."""
+
+    def __init__(self, encoded: bytes) -> None:
+        super().__init__()
+        self.encoded = encoded
+
+
+_pynetdicom_encode = pynetdicom.service_class.encode
+
+
+def _encode(
+    ds: Dataset, is_implicit_vr: bool, is_little_endian: bool, deflated: bool = False
+) -> bytes | None:
+    if isinstance(ds, EncodedIdentifier):
+        return ds.encoded
+    return _pynetdicom_encode(ds, is_implicit_vr, is_little_endian, deflated)
+
+
+def install() -> None:
+    """Let the C-FIND SCP send :class:`EncodedIdentifier` bytes as they are."""
+    pynetdicom.service_class.encode = _encode
+
+
+def codec_for(charset: str | None) -> str:
+    """The Python codec of a Specific Character Set value this encoder can write."""
+    value = (charset or "").strip()
+    codec = _SIMPLE_CODECS.get(value)
+    if codec is not None:
+        return codec
+    if "\\" in value or "2022" in value:
+        raise Unencodable(f"character set {value!r} needs code extensions")
+    try:
+        codecs = convert_encodings([value])
+    except (LookupError, ValueError) as exc:
+        raise Unencodable(str(exc)) from exc
+    if len(codecs) != 1:
+        raise Unencodable(f"character set {value!r}")
+    return str(codecs[0])
+
+
+def _person_name(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    groups = [str(value.get(name) or "") for name in _PN_GROUPS]
+    while groups and not groups[-1]:
+        groups.pop()
+    return "=".join(groups)
+
+
+def _strings(vr: str, values: list[Any]) -> list[str]:
+    if vr == "PN":
+        return [_person_name(v) for v in values]
+    out: list[str] = []
+    for v in values:
+        if v is None:
+            out.append("")
+        elif isinstance(v, str):
+            out.append(v)
+        elif vr == "IS" and isinstance(v, int) and not isinstance(v, bool):
+            out.append(str(v))
+        else:
+            raise Unencodable(f"{vr} value {v!r}")
+    return out
+
+
+def texts(result: dict[str, Any]) -> Iterable[str]:
+    """The values of a JSON identifier that the Specific Character Set applies to."""
+    for element in result.values():
+        vr = element.get("vr")
+        if vr not in CHARSET_VRS:
+            continue
+        for v in element.get("Value") or ():
+            text = _person_name(v) if vr == "PN" else (v if isinstance(v, str) else "")
+            if text:
+                yield text
+
+
+def _value(vr: str, element: dict[str, Any], codec: str) -> bytes:
+    if "InlineBinary" in element or "BulkDataURI" in element:
+        raise Unencodable("binary value")
+    values = element.get("Value")
+    if not values:
+        return b""
+    if vr in _NUMERIC:
+        if any(not isinstance(v, (int, float)) or isinstance(v, bool) for v in values):
+            raise Unencodable(f"{vr} values {values!r}")
+        return struct.pack(f"<{len(values)}{_NUMERIC[vr]}", *values)
+    if vr == "DS" or vr == "SQ" or vr == "AT" or vr in ("OB", "OW", "OD", "OF", "OL", "OV", "UN"):
+        raise Unencodable(vr)
+    text = "\\".join(_strings(vr, values))
+    try:
+        raw = text.encode(codec if vr in CHARSET_VRS else "ascii")
+    except UnicodeError as exc:
+        raise Unencodable(str(exc)) from exc
+    if len(raw) % 2:
+        raw += b"\x00" if vr == "UI" else b" "
+    return raw
+
+
+def encode_identifier(result: dict[str, Any], *, implicit_vr: bool, codec: str) -> bytes:
+    """The identifier in Implicit (``implicit_vr``) or Explicit VR Little Endian, text values
+    in ``codec``. Raises :class:`Unencodable` for what it leaves to pydicom."""
+    parts: list[bytes] = []
+    for key in sorted(result):  # eight upper-case hex digits sort as the tags do
+        element = result[key]
+        vr = element.get("vr")
+        if not isinstance(vr, str) or len(vr) != 2:
+            raise Unencodable(f"element {key} has no VR")
+        tag = int(key, 16)
+        value = _value(vr, element, codec)
+        group, elem = tag >> 16, tag & 0xFFFF
+        if implicit_vr:
+            parts.append(struct.pack("<HHL", group, elem, len(value)))
+        elif vr in _LONG_LENGTH_VRS:
+            parts.append(struct.pack("<HH2sHL", group, elem, vr.encode(), 0, len(value)))
+        else:
+            if len(value) > 0xFFFF:
+                raise Unencodable(f"{vr} value of {len(value)} bytes")
+            parts.append(struct.pack("<HH2sH", group, elem, vr.encode(), len(value)))
+        parts.append(value)
+    return b"".join(parts)

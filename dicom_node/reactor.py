@@ -1,0 +1,260 @@
+"""Event-driven reactors for pynetdicom's associations.
+
+Every pynetdicom association runs two threads that poll: the DUL reactor (socket and queues,
+``sleep(_run_loop_delay)`` when idle) and the association reactor (``sleep(0.001)`` on every
+loop, then a look at the DIMSE queue). A message therefore waits up to a millisecond at each
+hand-over, and polling faster to hide that burns CPU and GIL time on every open association:
+with four senders storing at once that polling, not the storing, used most of the CPU.
+
+Here both threads sleep until there is something to do instead:
+
+- the DUL thread blocks in ``select`` on its socket and on a wake-up socket pair; a primitive
+  queued for it by another thread (``send_pdu``, a socket event, a kill) writes one byte there;
+- the association thread blocks on a :class:`threading.Event` that is set when the DUL hands it
+  a DIMSE message or an A-RELEASE/A-ABORT primitive, or when the association is killed.
+
+Both still wake every ``IDLE_WAIT`` seconds for the timers (ARTIM, network idle timeout).
+The loops are otherwise pynetdicom 3.0's ``run_reactor`` and ``_run_reactor``, step for step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import select
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, cast
+
+from pynetdicom import evt
+from pynetdicom.association import Association
+from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu import A_ABORT_RQ
+
+LOGGER = logging.getLogger("pynetdicom.dul")
+ASSOC_LOGGER = logging.getLogger("pynetdicom.assoc")
+
+# How long an idle reactor sleeps before it looks at its timers again (seconds).
+IDLE_WAIT = 0.05
+
+
+class _WakingQueue(queue.Queue[Any]):
+    """A queue that calls ``wake`` after every put."""
+
+    def __init__(self, wake: Callable[[], None]) -> None:
+        super().__init__()
+        self._wake = wake
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        self._wake()
+
+
+class _DulWakeup:
+    """A socket pair the DUL thread selects on together with its peer socket."""
+
+    def __init__(self, dul: DULServiceProvider) -> None:
+        self.dul = dul
+        self.reader, self.writer = socket.socketpair()
+        self.reader.setblocking(False)
+        self.writer.setblocking(False)
+
+    def wake(self) -> None:
+        if threading.current_thread() is self.dul:
+            return  # the DUL thread looks at its queues again before it sleeps
+        with contextlib.suppress(OSError):  # full (a wake-up is pending anyway) or closed
+            self.writer.send(b"\0")
+
+    def drain(self) -> None:
+        with contextlib.suppress(OSError):
+            while self.reader.recv(4096):
+                pass
+
+    def close(self) -> None:
+        self.reader.close()
+        self.writer.close()
+
+
+def _wait_for_work(dul: DULServiceProvider, wakeup: _DulWakeup) -> None:
+    fds: list[Any] = [wakeup.reader]
+    assoc_socket = dul.socket
+    raw = getattr(assoc_socket, "socket", None) if assoc_socket is not None else None
+    if raw is not None and getattr(assoc_socket, "_is_connected", False):
+        fds.append(raw)
+    try:
+        select.select(fds, [], [], IDLE_WAIT)
+    except (OSError, ValueError):
+        time.sleep(0.001)  # the socket was closed under us: the next loop sees Evt17
+    wakeup.drain()
+
+
+def _dul_run_reactor(self: DULServiceProvider) -> None:
+    """pynetdicom's ``DULServiceProvider.run_reactor``, waiting instead of sleeping."""
+    wakeup: _DulWakeup = self._pb_wakeup  # type: ignore[attr-defined]
+    self._idle_timer.start()
+    try:
+        while True:
+            if not self.assoc._dul_ready.is_set():
+                self.assoc._dul_ready.set()
+            if self._kill_thread:
+                break
+            # The ARTIM timer first, so that its event is queued ahead of any other.
+            if self.artim_timer.expired:
+                self.event_queue.put("Evt18")
+            busy = False
+            try:
+                # Either encode and send one primitive or receive and decode one PDU.
+                if self._process_recv_primitive():
+                    busy = True
+                elif self._is_transport_event():
+                    self._idle_timer.restart()
+                    busy = True
+            except Exception as exc:
+                LOGGER.error("Exception in DUL.run(), aborting association")
+                LOGGER.exception(exc)
+                abort_pdu = A_ABORT_RQ()
+                abort_pdu.source = 0x02
+                abort_pdu.reason_diagnostic = 0x00
+                with contextlib.suppress(Exception):
+                    cast(Any, self.socket).send(abort_pdu.encode())
+                self.assoc.is_aborted = True
+                self.assoc.is_established = False
+                self.assoc._kill = True
+                _wake_association(self.assoc)
+                self._kill_thread = True
+                return
+            try:
+                event = self.event_queue.get(block=False)
+            except queue.Empty:
+                if not busy:
+                    _wait_for_work(self, wakeup)
+                continue
+            self.state_machine.do_action(event)
+    finally:
+        wakeup.close()
+
+
+def _dul_kill(self: DULServiceProvider) -> None:
+    self._kill_thread = True
+    self._pb_wakeup.wake()  # type: ignore[attr-defined]
+
+
+def _dul_stop(self: DULServiceProvider) -> bool:
+    if self.state_machine.current_state == "Sta1":
+        self._kill_thread = True
+        self._pb_wakeup.wake()  # type: ignore[attr-defined]
+        while self.is_alive():
+            self.join(0.01)
+        return True
+    return False
+
+
+def _wake_association(assoc: Association) -> None:
+    wake: threading.Event | None = getattr(assoc, "_pb_wake", None)
+    if wake is not None:
+        wake.set()
+
+
+def _assoc_run_reactor(self: Association) -> None:
+    """pynetdicom's acceptor reactor loop (``Association._run_reactor``), waiting on an event
+    set by the DUL instead of polling every millisecond."""
+    wake: threading.Event = self._pb_wake  # type: ignore[attr-defined]
+    self._is_paused = False
+    while not self._kill:
+        # Requestor-style send_*() calls pause the reactor so that it does not take their
+        # responses off the DIMSE queue: wait here while paused.
+        self._is_paused = True
+        self._reactor_checkpoint.wait()
+        self._is_paused = False
+        wake.clear()
+
+        context_id, msg = self.dimse.get_msg(block=False)
+        if msg:
+            self._serve_request(msg, cast(int, context_id))
+            continue  # more requests may be waiting: release and abort are checked when idle
+
+        if self.is_established and self.acse.is_release_requested():
+            self.acse.send_release(is_response=True)
+            ASSOC_LOGGER.info("Association Released")
+            self.is_released = True
+            self.is_established = False
+            evt.trigger(self, evt.EVT_RELEASED, {})
+            self.kill()
+            return
+
+        if self.acse.is_aborted():
+            log_msg = "Association Aborted"
+            if self.acse.is_aborted("a-p-abort"):
+                log_msg += " (A-P-ABORT)"
+            ASSOC_LOGGER.info(log_msg)
+            self.dul.receive_pdu(wait=False)  # so that EVT_ASCE_RECV fires for subscribers
+            self.is_aborted = True
+            self.is_established = False
+            evt.trigger(self, evt.EVT_ABORTED, {})
+            self.kill()
+            return
+
+        if not self.dul.is_alive():
+            self.kill()
+            return
+
+        if self.dul.idle_timer_expired():
+            ASSOC_LOGGER.error("Network timeout reached")
+            if self.network_timeout_response == "A-RELEASE":
+                self._is_paused = True
+                self._reactor_checkpoint.wait()
+                self.release()
+                self._is_paused = False
+            else:
+                self.abort()
+            self.kill()
+            return
+
+        # Nothing to do: sleep until the DUL hands over a message or primitive. While
+        # asleep the reactor touches no queue, so a send_*() need not wait for it.
+        self._is_paused = True
+        wake.wait(IDLE_WAIT)
+
+
+_original_assoc_init = Association.__init__
+_original_assoc_kill = Association.kill
+
+
+def _assoc_init(self: Association, *args: Any, **kwargs: Any) -> None:
+    _original_assoc_init(self, *args, **kwargs)
+    wake = threading.Event()
+    self._pb_wake = wake  # type: ignore[attr-defined]
+    dul = self.dul
+    wakeup = _DulWakeup(dul)
+    dul._pb_wakeup = wakeup  # type: ignore[attr-defined]
+    # Queues the DUL thread reads: wake it when another thread fills them.
+    dul.event_queue = _WakingQueue(wakeup.wake)
+    dul.to_provider_queue = _WakingQueue(wakeup.wake)
+    # Queues the association thread reads: wake it when the DUL fills them.
+    dul.to_user_queue = _WakingQueue(wake.set)
+    self.dimse.msg_queue = _WakingQueue(wake.set)
+
+
+def _assoc_kill(self: Association) -> None:
+    _wake_association(self)
+    _original_assoc_kill(self)
+
+
+_installed = False
+
+
+def install() -> None:
+    """Make every association created in this process from now on event-driven."""
+    global _installed
+    if _installed:
+        return
+    _installed = True
+    Association.__init__ = _assoc_init  # type: ignore[method-assign]
+    Association.kill = _assoc_kill  # type: ignore[method-assign]
+    Association._run_reactor = _assoc_run_reactor  # type: ignore[method-assign]
+    DULServiceProvider.run_reactor = _dul_run_reactor  # type: ignore[method-assign]
+    DULServiceProvider.kill_dul = _dul_kill  # type: ignore[method-assign]
+    DULServiceProvider.stop_dul = _dul_stop  # type: ignore[method-assign]
