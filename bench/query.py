@@ -7,7 +7,8 @@ Run from the project root::
 
 Both servers index the same 10,000 single-instance studies (about 3 per patient, 10% of the
 patients named SMITH^...), sent with DCMTK ``storescu`` by concurrent senders; the ingest rate
-of each is recorded. Then, with one pynetdicom association per server, each C-FIND at STUDY
+of each is recorded. Then, with one association per server (the socket-level SCU of
+bench/dimse_client.py: pynetdicom's would time itself more than the servers), each C-FIND at STUDY
 level runs several times and the median latency is kept (findscu runs each query once as a
 check that the servers find the same number of studies). Last, DCMTK ``getscu`` retrieves a
 200-slice 512x512 CT study by C-GET several times (median wall time, instances/s and MB/s).
@@ -26,7 +27,6 @@ import platform
 import random
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -245,6 +245,9 @@ def queries(data: Dataset10k) -> list[Query]:
 # --- C-FIND ----------------------------------------------------------------------------------
 
 
+STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"  # Study Root Q/R Information Model - FIND
+
+
 def identifier(query: Query) -> Any:
     from pydicom.dataset import Dataset
 
@@ -259,53 +262,37 @@ def identifier(query: Query) -> Any:
 
 
 class FindClient:
-    """One pynetdicom association to one server, reused for every run of every query."""
+    """One association to one server, reused for every run of every query, through the
+    socket-level SCU of bench/dimse_client.py (see there why not pynetdicom's)."""
 
     def __init__(self, target: Target) -> None:
-        from pynetdicom import AE, _config
-        from pynetdicom.sop_class import (  # type: ignore[attr-defined]
-            StudyRootQueryRetrieveInformationModelFind,
-        )
+        from bench.dimse_client import DimseClientError, FindSCU
 
-        # pynetdicom formats every identifier it sends or receives for its debug log, whether
-        # or not anything is logged: that would cost the client more than the servers' work.
-        _config.LOG_REQUEST_IDENTIFIERS = False
-        _config.LOG_RESPONSE_IDENTIFIERS = False
-        self.model = StudyRootQueryRetrieveInformationModelFind
         self.target = target
-        self.ae = AE(ae_title=CALLING_AE)
-        self.ae.add_requested_context(self.model)
-        self.assoc = self.ae.associate(LOOPBACK, target.dimse_port, ae_title=target.ae)
-        if not self.assoc.is_established:
-            raise BenchError(f"{target.name} refused the C-FIND association\n{target.log_tail()}")
-        # The same client for every server: Nagle off on our side, so that a request's command
-        # and data set PDUs are not held back waiting for an ACK. (pynetdicom's DUL poll stays
-        # at its 1 ms default: polling faster costs the client CPU that, on a small machine,
-        # the server under test needs: measured slower for both servers.)
-        sock = self.assoc.dul.socket.socket if self.assoc.dul.socket else None
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            self.scu = FindSCU(LOOPBACK, target.dimse_port, target.ae, CALLING_AE, STUDY_ROOT_FIND)
+        except (OSError, DimseClientError) as exc:
+            raise BenchError(
+                f"{target.name} refused the C-FIND association: {exc}\n{target.log_tail()}"
+            ) from exc
 
     def run(self, query: Query) -> tuple[float, int]:
         """Seconds from the request until the final response, and the number of matches."""
-        ds = identifier(query)
+        from bench.dimse_client import DimseClientError
+
+        encoded = self.scu.encode(identifier(query))
         started = time.perf_counter()
-        matches = 0
-        final = None
-        for status, response in self.assoc.send_c_find(ds, self.model):
-            if status is None or "Status" not in status:
-                raise BenchError(f"{self.target.name}: C-FIND got no response (association lost)")
-            final = int(status.Status)
-            if final in (0xFF00, 0xFF01) and response is not None:
-                matches += 1
+        try:
+            final, matches = self.scu.find(encoded)
+        except (OSError, DimseClientError) as exc:
+            raise BenchError(f"{self.target.name}: C-FIND {query.name} failed: {exc}") from exc
         elapsed = time.perf_counter() - started
         if final != 0x0000:
             raise BenchError(f"{self.target.name}: C-FIND {query.name} ended with 0x{final:04X}")
         return elapsed, matches
 
     def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self.assoc.release()
+        self.scu.release()
 
 
 def findscu_count(target: Target, query: Query, outdir: Path) -> int:
@@ -641,8 +628,7 @@ def run(args: argparse.Namespace, workdir: Path, stack: contextlib.ExitStack) ->
             "get_slices": args.get_slices,
             "seed": args.seed,
             "quick": args.quick,
-            "find_client": "pynetdicom, one association per server, TCP_NODELAY on, "
-            "identifier logging off",
+            "find_client": "bench/dimse_client.py, one association per server, TCP_NODELAY on",
             "pacsbridge_env": pacsbridge_env,
             "stable_age": stable_age,
             "idle_wait_seconds": idle_wait,
@@ -730,7 +716,8 @@ def print_summary(
             log(f"C-GET {n}: {cell.get('reason') or cell.get('error')}")
     log("")
     log("orthanc = as shipped (TCP_NODELAY unset: Nagle on for its responses); orthanc-nd = with")
-    log("TCP_NODELAY=1. C-FIND: median of the runs, one pynetdicom association per server.")
+    log("TCP_NODELAY=1. C-FIND: median of the runs, one association per server")
+    log("(the socket-level SCU of bench/dimse_client.py).")
     if args.quick:
         log(f"--quick: pacsbridge runs with PACSBRIDGE_STABLE_AGE={QUICK_STABLE_AGE} (no")
         log("stable-study work during the run); the timed runs start without an idle wait.")

@@ -22,7 +22,7 @@ from typing import Any
 
 import pynetdicom.fsm
 from pynetdicom.dimse import DIMSEServiceProvider
-from pynetdicom.dimse_primitives import C_FIND, C_STORE
+from pynetdicom.dimse_primitives import C_FIND, C_GET, C_MOVE, C_STORE
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.pdu_primitives import P_DATA
 
@@ -132,18 +132,55 @@ def _data_set(primitive: C_STORE) -> bytes | None:
 _original_send_msg = DIMSEServiceProvider.send_msg
 
 
+#: Command Field of the responses of PS3.7 9.3.2-9.3.4.
+_RESPONSE_COMMAND_FIELDS = {C_FIND: 0x8020, C_GET: 0x8010, C_MOVE: 0x8021}
+#: Sub-operation counters of C-GET and C-MOVE responses (PS3.7 Tables 9.3-4, 9.3-6).
+_COUNTERS = (
+    (0x00001020, "NumberOfRemainingSuboperations"),
+    (0x00001021, "NumberOfCompletedSuboperations"),
+    (0x00001022, "NumberOfFailedSuboperations"),
+    (0x00001023, "NumberOfWarningSuboperations"),
+)
+
+
+def query_response_command(primitive: C_FIND | C_GET | C_MOVE, *, identifier: bool) -> bytes:
+    """A C-FIND, C-GET or C-MOVE response command set (PS3.7 Tables 9.3-3, 9.3-4, 9.3-6),
+    with the elements pynetdicom would write for the same primitive, encoded."""
+    parts = []
+    if primitive.AffectedSOPClassUID is not None:
+        parts.append(_element(0x00000002, _ui(str(primitive.AffectedSOPClassUID))))
+    parts += [
+        _element(0x00000100, struct.pack("<H", _RESPONSE_COMMAND_FIELDS[type(primitive)])),
+        _element(0x00000120, struct.pack("<H", int(primitive.MessageIDBeingRespondedTo or 0))),
+        # Command Data Set Type: 0x0000 an identifier follows, 0x0101 none does.
+        _element(0x00000800, struct.pack("<H", 0x0000 if identifier else 0x0101)),
+        _element(0x00000900, struct.pack("<H", int(primitive.Status or 0))),
+    ]
+    if not isinstance(primitive, C_FIND):
+        for tag, name in _COUNTERS:
+            value = getattr(primitive, name)
+            if value is not None:
+                parts.append(_element(tag, struct.pack("<H", int(value))))
+    body = b"".join(parts)
+    return _element(0x00000000, struct.pack("<L", len(body))) + body
+
+
 def c_find_pending_command(primitive: C_FIND) -> bytes:
     """A pending C-FIND-RSP command set (PS3.7 Table 9.3-3), encoded."""
-    body = b"".join(
-        (
-            _element(0x00000002, _ui(str(primitive.AffectedSOPClassUID))),
-            _element(0x00000100, struct.pack("<H", 0x8020)),  # Command Field: C-FIND-RSP
-            _element(0x00000120, struct.pack("<H", int(primitive.MessageIDBeingRespondedTo or 0))),
-            _element(0x00000800, struct.pack("<H", 0x0000)),  # an identifier follows
-            _element(0x00000900, struct.pack("<H", int(primitive.Status or 0))),
-        )
+    return query_response_command(primitive, identifier=True)
+
+
+def _plain_query_response(primitive: Any) -> bool:
+    """A C-FIND, C-GET or C-MOVE response without an identifier, ErrorComment or
+    OffendingElement (those take pynetdicom's path)."""
+    return (
+        type(primitive) in _RESPONSE_COMMAND_FIELDS
+        and primitive.MessageIDBeingRespondedTo is not None
+        and primitive.Status is not None
+        and primitive.Identifier is None
+        and primitive.ErrorComment is None
+        and primitive.OffendingElement is None
     )
-    return _element(0x00000000, struct.pack("<L", len(body))) + body
 
 
 def c_store_response_command(primitive: C_STORE) -> bytes:
@@ -187,6 +224,14 @@ def _send_msg(self: DIMSEServiceProvider, primitive: Any, context_id: int) -> No
         identifier = primitive.Identifier.getvalue()
         self.dul.send_pdu(
             PrebuiltPData(pdata_pdus(context_id, command, identifier, self.maximum_pdu_size))
+        )
+        return
+    if _plain_query_response(primitive):
+        # Final C-FIND responses; pending and final C-GET/C-MOVE responses (one per
+        # sub-operation).
+        command = query_response_command(primitive, identifier=False)
+        self.dul.send_pdu(
+            PrebuiltPData(pdata_pdus(context_id, command, None, self.maximum_pdu_size))
         )
         return
     if _plain_store_response(primitive):

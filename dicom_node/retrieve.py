@@ -23,6 +23,7 @@ C-GET, the one to the destination for a C-MOVE) gets a :class:`SubOperationSende
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 import socket
@@ -378,11 +379,21 @@ class RetrieveService:
         }
         if not get_storage:
             return
-        for cx in event.assoc.acceptor.supported_contexts:
+        # The contexts are shared by every association of the server (dicom_node/server.py
+        # does not deep-copy them per association): reorder copies.
+        contexts = list(event.assoc.acceptor.supported_contexts)
+        for index, cx in enumerate(contexts):
             if cx.abstract_syntax in get_storage:
-                syntaxes = cx.transfer_syntax
-                first = [ts for ts in _UNCOMPRESSED_FALLBACKS if ts in syntaxes]
-                cx.transfer_syntax = [*first, *(ts for ts in syntaxes if ts not in first)]
+                syntaxes = list(cx.transfer_syntax)
+                first = [
+                    ts for wanted in _UNCOMPRESSED_FALLBACKS for ts in syntaxes if ts == wanted
+                ]
+                reordered = [*first, *(ts for ts in syntaxes if ts not in first)]
+                if reordered != syntaxes:
+                    mine = copy.copy(cx)
+                    mine._transfer_syntax = reordered  # already validated UIDs
+                    contexts[index] = mine
+        event.assoc.acceptor.supported_contexts = contexts
 
     # --- shared --------------------------------------------------------------------------
     def _resolve(

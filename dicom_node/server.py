@@ -7,6 +7,7 @@ offered with every transfer syntax pydicom knows, and each instance is stored as
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import socket
 import threading
@@ -16,11 +17,13 @@ from io import BytesIO
 from typing import Any, cast
 
 import pynetdicom.association
+import pynetdicom.transport
 from pydicom.dataset import Dataset
 from pydicom.uid import AllTransferSyntaxes
 from pynetdicom import AE, _config, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
+from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -81,6 +84,20 @@ class _ReactorClock:
 
 
 pynetdicom.association.time = _ReactorClock()  # type: ignore[assignment]
+
+
+def _copy_for_association(value: Any) -> Any:
+    """pynetdicom deep-copies the server's presentation contexts for every new association:
+    with every storage SOP class and transfer syntax that is most of the cost of accepting one
+    (tens of milliseconds). Negotiation builds new contexts for its results and never changes
+    the supported ones, so each association gets its own list of the same contexts; our one
+    handler that changes a context (C-GET transfer syntax order) replaces it with a copy."""
+    if isinstance(value, list) and all(isinstance(cx, PresentationContext) for cx in value):
+        return list(value)
+    return copy.deepcopy(value)
+
+
+pynetdicom.transport.deepcopy = _copy_for_association  # type: ignore[assignment]
 reactor.install()  # event-driven DUL and association reactors
 pdata.install()  # C-STORE requests and responses, pending C-FIND responses as prebuilt PDUs
 identifier.install()  # C-FIND identifiers encoded from the JSON, not by pydicom

@@ -67,3 +67,51 @@ def test_pending_c_find_response_command():
     assert b"\x00\x00\x00\x01\x02\x00\x00\x00\x20\x80" in command  # C-FIND-RSP
     assert b"\x00\x00\x20\x01\x02\x00\x00\x00\x09\x00" in command  # responding to 9
     assert b"\x00\x00\x00\x09\x02\x00\x00\x00\x00\xff" in command  # status 0xFF00
+
+
+def _pynetdicom_command(primitive) -> bytes:
+    from pynetdicom.dimse_messages import C_FIND_RSP, C_GET_RSP, C_MOVE_RSP, C_STORE_RSP
+    from pynetdicom.dimse_primitives import C_FIND, C_GET, C_MOVE
+    from pynetdicom.dsutils import encode
+
+    message_class = {C_FIND: C_FIND_RSP, C_GET: C_GET_RSP, C_MOVE: C_MOVE_RSP}.get(
+        type(primitive), C_STORE_RSP
+    )
+    message = message_class()
+    message.primitive_to_message(primitive)
+    encoded = encode(message.command_set, True, True)
+    assert encoded is not None
+    return encoded
+
+
+@pytest.mark.parametrize("kind", ["find", "get", "move"])
+@pytest.mark.parametrize("status", [0xFF00, 0x0000, 0xFE00, 0xB000])
+def test_query_responses_are_what_pynetdicom_encodes(kind: str, status: int):
+    """The prebuilt C-FIND/C-GET/C-MOVE response command sets equal pynetdicom's encoding."""
+    from pynetdicom.dimse_primitives import C_FIND, C_GET, C_MOVE
+
+    from dicom_node.pdata import query_response_command
+
+    rsp = {"find": C_FIND, "get": C_GET, "move": C_MOVE}[kind]()
+    rsp.MessageIDBeingRespondedTo = 7
+    rsp.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.2.2.3"
+    rsp.Status = status
+    if kind != "find":
+        rsp.NumberOfRemainingSuboperations = 12 if status == 0xFF00 else None
+        rsp.NumberOfCompletedSuboperations = 3
+        rsp.NumberOfFailedSuboperations = 1
+        rsp.NumberOfWarningSuboperations = 0
+    assert query_response_command(rsp, identifier=False) == _pynetdicom_command(rsp)
+
+
+def test_store_response_is_what_pynetdicom_encodes():
+    from pynetdicom.dimse_primitives import C_STORE
+
+    from dicom_node.pdata import c_store_response_command
+
+    rsp = C_STORE()
+    rsp.MessageIDBeingRespondedTo = 11
+    rsp.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    rsp.AffectedSOPInstanceUID = "1.2.826.0.1.3680043.10.1506.5.1"
+    rsp.Status = 0x0000
+    assert c_store_response_command(rsp) == _pynetdicom_command(rsp)
