@@ -93,3 +93,36 @@ def test_large_stow_body_with_bounded_memory(dw_server: RunningServer) -> None:
         params={"StudyInstanceUID": study, "includefield": "NumberOfStudyRelatedInstances"},
     ).json()
     assert found[0]["00201208"]["Value"] == [SLICES]
+
+
+def test_a_blob_that_disagrees_with_the_index_ends_the_body_early(
+    dw_server: RunningServer,
+) -> None:
+    """A stored file changed behind the archive's back (cut short on disk) is not sent as if it
+    were whole: the multipart body ends early, so the client sees a broken response, and the
+    server goes on serving the rest."""
+    from tests.dicomweb_fixtures import multipart_body, part10
+
+    study, series = new_uid(), new_uid()
+    slices = [
+        part10(ct_slice(study_uid=study, series_uid=series, index=i, size=64)) for i in range(3)
+    ]
+    body, content_type = multipart_body(slices)
+    root = f"{dw_server.http}/dicom-web"
+    assert httpx.post(f"{root}/studies", content=body, headers={"Content-Type": content_type})
+    archive = dw_server.archive()
+    try:
+        from archive.wado import find_stored
+
+        victim, *_ = find_stored(archive.db, study)
+        path = archive.blobs.local_path(victim.blob_key)
+        assert path is not None
+        path.write_bytes(path.read_bytes()[:-10])
+    finally:
+        archive.close()
+    accept = {"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'}
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"{root}/studies/{study}", headers=accept, timeout=30).raise_for_status()
+    assert httpx.get(f"{dw_server.http}/health", timeout=10).json()["status"] == "ok"
+    other = httpx.get(f"{root}/studies/{study}/series/{series}/instances", timeout=10).json()
+    assert len(other) == 3
