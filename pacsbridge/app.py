@@ -13,6 +13,9 @@ from sqlalchemy import text
 from archive import Archive
 from config import Settings
 from dicomweb import router as dicomweb_router
+from dicomweb.direct import DirectApp
+from dicomweb.router import PREFIX as DICOMWEB_PREFIX
+from dicomweb.router import SERVICES as DICOMWEB_SERVICES
 from pacsbridge import __version__
 from pacsbridge.api_peers import router as peers_router
 from pacsbridge.jobs_api import router as jobs_router
@@ -25,7 +28,7 @@ def create_app(
 ) -> FastAPI:
     """The HTTP application; ``dimse_acceptors`` reports the DICOM acceptor processes
     (configured, ready) for ``/health``."""
-    app = FastAPI(
+    app = DirectApp(
         title="pacsbridge",
         version=__version__,
         description="DICOM-native PACS integration server.",
@@ -35,6 +38,8 @@ def create_app(
     app.include_router(peers_router)
     app.include_router(jobs_router)
     app.include_router(dicomweb_router)
+    # DICOMweb GETs past FastAPI's per-request machinery (dicomweb/direct.py)
+    app.serve_directly(DICOMWEB_PREFIX, [service.router for service in DICOMWEB_SERVICES])
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

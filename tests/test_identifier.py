@@ -49,7 +49,7 @@ RETURN_KEYS = {
 
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Archive]:
-    settings = Settings(data_dir=str(tmp_path_factory.mktemp("identifier") / "data"))
+    settings = Settings(data_dir=tmp_path_factory.mktemp("identifier") / "data")
     arc = Archive(settings)
     records = find_dataset.generate(studies=60)
     for ds in find_dataset.datasets(records):

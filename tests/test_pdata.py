@@ -4,6 +4,7 @@ the peer's maximum length, the last fragment flagged."""
 from __future__ import annotations
 
 import struct
+from typing import Any
 
 import pytest
 from pynetdicom.dimse_primitives import C_STORE
@@ -92,7 +93,7 @@ def test_query_responses_are_what_pynetdicom_encodes(kind: str, status: int):
 
     from dicom_node.pdata import query_response_command
 
-    rsp = {"find": C_FIND, "get": C_GET, "move": C_MOVE}[kind]()
+    rsp: Any = {"find": C_FIND, "get": C_GET, "move": C_MOVE}[kind]()
     rsp.MessageIDBeingRespondedTo = 7
     rsp.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.2.2.3"
     rsp.Status = status
