@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, BinaryIO
 
+import numpy
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
@@ -221,7 +222,9 @@ def _read_stored(archive: Archive, part: _Part) -> bytes:
 
 def _read_passthrough(archive: Archive, group: Sequence[_Part]) -> memoryview:
     total = sum(len(part.header or b"") + part.instance.size + len(CRLF) for part in group)
-    buffer = memoryview(bytearray(total))
+    # numpy.empty: uninitialised memory (a bytearray would be zero-filled first, a pass over
+    # the whole piece that costs a good part of the retrieve).
+    buffer = numpy.empty(total, dtype=numpy.uint8).data.cast("B")
     offset = 0
     for part in group:
         assert part.header is not None
