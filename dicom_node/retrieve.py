@@ -142,6 +142,8 @@ class SubOperationSender:
         self.ae_title = ae_title
         self.originator = originator
         self._send = partial(Association.send_c_store, assoc)
+        # SOP class -> accepted transfer syntaxes; the contexts do not change once negotiated
+        self._accepted: dict[str, list[UID]] = {}
 
     @classmethod
     def install(
@@ -192,11 +194,14 @@ class SubOperationSender:
     # --- choosing what to send -----------------------------------------------------------
     def accepted_transfer_syntaxes(self, sop_class_uid: str) -> list[UID]:
         """Transfer syntaxes the peer accepted for ``sop_class_uid`` with us as Storage SCU."""
-        return [
-            cx.transfer_syntax[0]
-            for cx in self.assoc.accepted_contexts
-            if cx.abstract_syntax == sop_class_uid and cx.as_scu and cx.transfer_syntax
-        ]
+        accepted = self._accepted.get(sop_class_uid)
+        if accepted is None:
+            accepted = self._accepted[sop_class_uid] = [
+                cx.transfer_syntax[0]
+                for cx in self.assoc.accepted_contexts
+                if cx.abstract_syntax == sop_class_uid and cx.as_scu and cx.transfer_syntax
+            ]
+        return accepted
 
     @contextlib.contextmanager
     def _file_to_send(self, item: RetrieveItem) -> Iterator[Path]:

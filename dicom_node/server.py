@@ -21,6 +21,7 @@ import pynetdicom.transport
 from pydicom.dataset import Dataset
 from pydicom.uid import AllTransferSyntaxes
 from pynetdicom import AE, _config, evt
+from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 from pynetdicom.presentation import PresentationContext
@@ -98,6 +99,21 @@ def _copy_for_association(value: Any) -> Any:
 
 
 pynetdicom.transport.deepcopy = _copy_for_association  # type: ignore[assignment]
+
+
+def _accepted_contexts(self: Association) -> list[PresentationContext]:
+    """pynetdicom sorts the accepted contexts on every call, and every C-STORE it sends looks
+    its context up there: sort once per negotiation (the dict is replaced, never changed)."""
+    source = self._accepted_cx
+    cached = getattr(self, "_pb_accepted_contexts", None)
+    if cached is None or cached[0] is not source or cached[1] != len(source):
+        ordered = sorted(source.values(), key=lambda cx: cast(int, cx.context_id))
+        cached = (source, len(source), ordered)
+        self._pb_accepted_contexts = cached  # type: ignore[attr-defined]
+    return list(cached[2])
+
+
+Association.accepted_contexts = property(_accepted_contexts)  # type: ignore[method-assign,assignment]
 reactor.install()  # event-driven DUL and association reactors
 pdata.install()  # C-STORE requests and responses, pending C-FIND responses as prebuilt PDUs
 identifier.install()  # C-FIND identifiers encoded from the JSON, not by pydicom
