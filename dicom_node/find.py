@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 import weakref
 from collections.abc import Iterator
 from typing import Any
@@ -12,6 +13,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.valuerep import PersonName
 from pynetdicom import AE, evt
+from pynetdicom.dimse_primitives import C_FIND
 from pynetdicom.events import Event
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     PatientRootQueryRetrieveInformationModelFind,
@@ -21,8 +23,9 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from archive import Archive
 from archive.query import Key, Query, QueryError, QueryLevel, QueryModel, find
 from config import Settings
-from dicom_node.identifier import EncodedIdentifier, Unencodable, codec_for, encode_identifier
+from dicom_node.identifier import Unencodable, codec_for, encode_identifier
 from dicom_node.identifier import texts as identifier_texts
+from dicom_node.pdata import PrebuiltPData, c_find_pending_command, pdata_pdus
 from dicom_node.services import Handler
 
 log = logging.getLogger(__name__)
@@ -152,38 +155,110 @@ class FindService:
         request_charset = identifier.get("SpecificCharacterSet")
         transfer_syntax = event.context.transfer_syntax
         # Identifiers are encoded straight from the JSON (dicom_node/identifier.py) for the
-        # little endian, not deflated syntaxes; pydicom encodes the rest.
+        # little endian, not deflated syntaxes, and their pending responses go out in batches
+        # (_PendingBatch); pydicom encodes the rest and pynetdicom sends those.
         direct = bool(transfer_syntax.is_little_endian and not transfer_syntax.is_deflated)
         implicit_vr = bool(transfer_syntax.is_implicit_VR)
+        batch = _PendingBatch(event, pending)
         try:
             results = find(self.archive.db, query)
             for result in results:
-                if event.is_cancelled:
+                if event.is_cancelled or not event.assoc.is_established:
+                    batch.flush()
                     yield STATUS_CANCEL, None
                     return
                 if wants_retrieve_ae:
                     result["00080054"] = {"vr": "AE", "Value": [self.settings.ae_title]}
                 if wants_availability:
                     result["00080056"] = {"vr": "CS", "Value": ["ONLINE"]}
+                if direct:
+                    encoded = _encode_directly(result, request_charset, implicit_vr)
+                    if encoded is not None:
+                        batch.add(encoded)
+                        continue
                 charset = _response_charset(request_charset, result)
                 if charset:
                     result["00080005"] = {"vr": "CS", "Value": charset.split("\\")}
-                if direct:
-                    try:
-                        encoded = encode_identifier(
-                            result, implicit_vr=implicit_vr, codec=codec_for(charset)
-                        )
-                    except Unencodable:
-                        pass
-                    else:
-                        yield pending, EncodedIdentifier(encoded)
-                        continue
+                batch.flush()  # keep the order of the responses
                 yield pending, Dataset.from_json(result)
+            batch.flush()
         except QueryError as exc:
+            batch.flush()
             yield _failure(STATUS_IDENTIFIER_MISMATCH, str(exc))
         except Exception as exc:
             log.exception("C-FIND failed")
+            batch.flush()
             yield _failure(STATUS_OUT_OF_RESOURCES, f"query failed: {type(exc).__name__}")
+
+
+def _encode_directly(
+    result: dict[str, Any], request_charset: Any, implicit_vr: bool
+) -> bytes | None:
+    """The identifier encoded from its JSON, with the Specific Character Set the response
+    needs, or None to leave it to pydicom."""
+    requested = _text_value(request_charset)
+    try:
+        # Most values are ASCII: then the response keeps the request's character set and no
+        # value needs a look first.
+        if requested:
+            result["00080005"] = {"vr": "CS", "Value": requested.split("\\")}
+        return encode_identifier(result, implicit_vr=implicit_vr, codec="ascii")
+    except Unencodable:
+        pass
+    result.pop("00080005", None)
+    charset = _response_charset(request_charset, result)
+    if charset:
+        result["00080005"] = {"vr": "CS", "Value": charset.split("\\")}
+    try:
+        return encode_identifier(result, implicit_vr=implicit_vr, codec=codec_for(charset))
+    except Unencodable:
+        result.pop("00080005", None)  # set again on pydicom's path
+        return None
+
+
+class _PendingBatch:
+    """Pending C-FIND responses (PS3.7 9.1.2.1.6), several per hand-over to the DUL.
+
+    pynetdicom sends each response of the handler's generator on its own: a primitive, its
+    checks and log lines, one queued P-DATA and one pass of the state machine per match, which
+    on a large C-FIND costs more than the query. Responses whose identifier is already encoded
+    are instead written here as finished P-DATA-TF PDUs (the command set is the same for all of
+    them) and handed to the DUL a batch at a time, from the handler's own thread, so that they
+    stay in order with what pynetdicom sends (the final response comes after the generator
+    ends). The peer sees exactly the same PDUs.
+    """
+
+    #: A batch goes out at this many responses or bytes, whichever comes first: small enough
+    #: that a C-CANCEL (read by the DUL thread between batches) still stops a large C-FIND.
+    MAX_RESPONSES = 32
+    MAX_BYTES = 128 * 1024
+
+    def __init__(self, event: Event, status: int) -> None:
+        request = event.request
+        primitive = C_FIND()
+        primitive.MessageIDBeingRespondedTo = request.MessageID
+        primitive.AffectedSOPClassUID = request.AffectedSOPClassUID
+        primitive.Status = status
+        self.command = c_find_pending_command(primitive)
+        self.assoc = event.assoc
+        self.context_id = int(event.context.context_id or 0)
+        self.max_pdu = event.assoc.dimse.maximum_pdu_size
+        self.parts: list[bytes] = []
+        self.size = 0
+
+    def add(self, identifier: bytes) -> None:
+        pdus = pdata_pdus(self.context_id, self.command, identifier, self.max_pdu)
+        self.parts.append(pdus)
+        self.size += len(pdus)
+        if self.size >= self.MAX_BYTES or len(self.parts) >= self.MAX_RESPONSES:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.parts and self.assoc.is_established:
+            self.assoc.dul.send_pdu(PrebuiltPData(b"".join(self.parts)))
+            time.sleep(0)  # let the DUL thread send, and read what the peer sent (C-CANCEL)
+        self.parts.clear()
+        self.size = 0
 
 
 def _failure(status: int, comment: str) -> tuple[Dataset, None]:

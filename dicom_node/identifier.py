@@ -15,9 +15,7 @@ import struct
 from collections.abc import Iterable
 from typing import Any
 
-import pynetdicom.service_class
 from pydicom.charset import convert_encodings
-from pydicom.dataset import Dataset
 
 #: Explicit VR elements with a 4-byte length after two reserved bytes (PS3.5 Table 7.1-1).
 _LONG_LENGTH_VRS = frozenset(
@@ -34,31 +32,6 @@ _SIMPLE_CODECS = {"": "ascii", "ISO_IR 6": "ascii", "ISO_IR 100": "latin_1", "IS
 
 class Unencodable(Exception):
     """An identifier this encoder leaves to pydicom."""
-
-
-class EncodedIdentifier(Dataset):
-    """A response identifier already encoded for the presentation context's transfer syntax;
-    pynetdicom sends its bytes as they are."""
-
-    def __init__(self, encoded: bytes) -> None:
-        super().__init__()
-        self.encoded = encoded
-
-
-_pynetdicom_encode = pynetdicom.service_class.encode
-
-
-def _encode(
-    ds: Dataset, is_implicit_vr: bool, is_little_endian: bool, deflated: bool = False
-) -> bytes | None:
-    if isinstance(ds, EncodedIdentifier):
-        return ds.encoded
-    return _pynetdicom_encode(ds, is_implicit_vr, is_little_endian, deflated)
-
-
-def install() -> None:
-    """Let the C-FIND SCP send :class:`EncodedIdentifier` bytes as they are."""
-    pynetdicom.service_class.encode = _encode
 
 
 def codec_for(charset: str | None) -> str:
@@ -117,19 +90,44 @@ def texts(result: dict[str, Any]) -> Iterable[str]:
                 yield text
 
 
+_STRING_VRS = frozenset(
+    {"AE", "AS", "CS", "DA", "DT", "TM", "UI", "UR", "SH", "LO", "ST", "LT", "UT", "UC", "IS"}
+)
+#: (key, VR, implicit) -> the element's tag (and VR) bytes, without the value length
+_HEADERS: dict[tuple[str, str, bool], bytes] = {}
+
+
+def _header(key: str, vr: str, implicit_vr: bool) -> bytes:
+    header = _HEADERS.get((key, vr, implicit_vr))
+    if header is None:
+        if len(vr) != 2 or not vr.isalpha():
+            raise Unencodable(f"element {key} has no VR")
+        tag = int(key, 16)
+        header = struct.pack("<HH", tag >> 16, tag & 0xFFFF)
+        if not implicit_vr:
+            header += vr.encode("ascii") + (b"\x00\x00" if vr in _LONG_LENGTH_VRS else b"")
+        if len(_HEADERS) < 65536:
+            _HEADERS[(key, vr, implicit_vr)] = header
+    return header
+
+
 def _value(vr: str, element: dict[str, Any], codec: str) -> bytes:
-    if "InlineBinary" in element or "BulkDataURI" in element:
-        raise Unencodable("binary value")
     values = element.get("Value")
     if not values:
+        if "InlineBinary" in element or "BulkDataURI" in element:
+            raise Unencodable("binary value")
         return b""
-    if vr in _NUMERIC:
+    if vr in _STRING_VRS:
+        first = values[0]
+        text = first if len(values) == 1 and type(first) is str else "\\".join(_strings(vr, values))
+    elif vr == "PN":
+        text = "\\".join(_person_name(v) for v in values)
+    elif vr in _NUMERIC:
         if any(not isinstance(v, (int, float)) or isinstance(v, bool) for v in values):
             raise Unencodable(f"{vr} values {values!r}")
         return struct.pack(f"<{len(values)}{_NUMERIC[vr]}", *values)
-    if vr == "DS" or vr == "SQ" or vr == "AT" or vr in ("OB", "OW", "OD", "OF", "OL", "OV", "UN"):
+    else:  # DS (kept as pydicom formats it), SQ, AT, binary VRs
         raise Unencodable(vr)
-    text = "\\".join(_strings(vr, values))
     try:
         raw = text.encode(codec if vr in CHARSET_VRS else "ascii")
     except UnicodeError as exc:
@@ -146,18 +144,15 @@ def encode_identifier(result: dict[str, Any], *, implicit_vr: bool, codec: str) 
     for key in sorted(result):  # eight upper-case hex digits sort as the tags do
         element = result[key]
         vr = element.get("vr")
-        if not isinstance(vr, str) or len(vr) != 2:
+        if not isinstance(vr, str):
             raise Unencodable(f"element {key} has no VR")
-        tag = int(key, 16)
         value = _value(vr, element, codec)
-        group, elem = tag >> 16, tag & 0xFFFF
-        if implicit_vr:
-            parts.append(struct.pack("<HHL", group, elem, len(value)))
-        elif vr in _LONG_LENGTH_VRS:
-            parts.append(struct.pack("<HH2sHL", group, elem, vr.encode(), 0, len(value)))
+        parts.append(_header(key, vr, implicit_vr))
+        if implicit_vr or vr in _LONG_LENGTH_VRS:
+            parts.append(struct.pack("<L", len(value)))
+        elif len(value) > 0xFFFF:
+            raise Unencodable(f"{vr} value of {len(value)} bytes")
         else:
-            if len(value) > 0xFFFF:
-                raise Unencodable(f"{vr} value of {len(value)} bytes")
-            parts.append(struct.pack("<HH2sH", group, elem, vr.encode(), len(value)))
+            parts.append(struct.pack("<H", len(value)))
         parts.append(value)
     return b"".join(parts)

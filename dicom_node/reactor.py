@@ -14,7 +14,8 @@ Here both threads sleep until there is something to do instead:
   a DIMSE message or an A-RELEASE/A-ABORT primitive, or when the association is killed.
 
 Both still wake every ``IDLE_WAIT`` seconds for the timers (ARTIM, network idle timeout).
-The loops are otherwise pynetdicom 3.0's ``run_reactor`` and ``_run_reactor``, step for step.
+The loops are otherwise pynetdicom 3.0's ``run_reactor`` and ``_run_reactor``, step for step,
+except that the DUL both sends and reads in one pass (see ``_dul_run_reactor``).
 """
 
 from __future__ import annotations
@@ -106,10 +107,13 @@ def _dul_run_reactor(self: DULServiceProvider) -> None:
                 self.event_queue.put("Evt18")
             busy = False
             try:
-                # Either encode and send one primitive or receive and decode one PDU.
+                # Encode and send one primitive, and receive and decode one PDU. (pynetdicom
+                # does one or the other: while a stream of responses keeps its send queue
+                # full, it never reads what the peer sends, a C-CANCEL say.) Their events are
+                # queued in that order and the state machine takes them one by one.
                 if self._process_recv_primitive():
                     busy = True
-                elif self._is_transport_event():
+                if self._is_transport_event():
                     self._idle_timer.restart()
                     busy = True
             except Exception as exc:

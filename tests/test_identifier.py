@@ -15,13 +15,8 @@ from pynetdicom.dsutils import encode
 from archive import Archive
 from archive.query import Key, Query, QueryLevel, QueryModel, find
 from config import Settings
-from dicom_node.find import _response_charset
-from dicom_node.identifier import (
-    EncodedIdentifier,
-    Unencodable,
-    codec_for,
-    encode_identifier,
-)
+from dicom_node.find import _encode_directly, _response_charset
+from dicom_node.identifier import Unencodable, codec_for, encode_identifier
 from tests import find_dataset
 
 RETURN_KEYS = {
@@ -96,6 +91,21 @@ def test_identifiers_match_pydicom(archive: Archive, level: QueryLevel, request_
     assert direct == 2 * len(results)
 
 
+@pytest.mark.parametrize("request_charset", [None, "ISO_IR 100", "ISO_IR 192", "ISO_IR 144"])
+def test_response_character_set_on_the_direct_path(archive: Archive, request_charset):
+    """What handle_find sends: the request's character set while it can carry the values,
+    else UTF-8, exactly as pydicom would encode the same identifier."""
+    query = Query(QueryLevel.STUDY, QueryModel.STUDY_ROOT, _keys(QueryLevel.STUDY))
+    for result in find(archive.db, query):
+        expected = dict(result)
+        charset = _response_charset(request_charset, expected)
+        if charset:
+            expected["00080005"] = {"vr": "CS", "Value": charset.split("\\")}
+        for implicit in (True, False):
+            ours = _encode_directly(dict(result), request_charset, implicit)
+            assert ours == _pydicom_bytes(expected, implicit)
+
+
 def test_non_ascii_names_are_in_the_data(archive: Archive):
     query = Query(QueryLevel.PATIENT, QueryModel.PATIENT_ROOT, _keys(QueryLevel.PATIENT))
     names = [
@@ -124,13 +134,3 @@ def test_what_is_left_to_pydicom():
             codec="ascii",
         )
     assert "Жанна".encode(codec_for("ISO_IR 144")) == "Жанна".encode("iso8859_5")
-
-
-def test_encoded_identifier_passes_through_pynetdicom():
-    from pynetdicom import service_class
-
-    import dicom_node.server  # noqa: F401  installs the pass-through
-
-    assert service_class.encode(EncodedIdentifier(b"\x08\x00\x52\x00"), True, True) == (
-        b"\x08\x00\x52\x00"
-    )
