@@ -29,22 +29,18 @@ import json
 import os
 import platform
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from bench.peers import (
     ORTHANC_BIN,
-    ROOT,
     BenchError,
     OrthancTarget,
     PacsbridgeTarget,
@@ -52,9 +48,9 @@ from bench.peers import (
     log,
     new_uid,
     pacsbridge_executable,
+    run_benchmark,
 )
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 DICOM_JSON = "application/dicom+json"
 AS_STORED = 'multipart/related; type="application/dicom"; transfer-syntax=*'
@@ -497,43 +493,8 @@ def print_table(results: dict[str, dict[str, Any]], ratios: dict[str, Any]) -> N
     log("")
 
 
-def _terminate(signum: int, _frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    if str(ROOT) not in sys.path:  # `tests.dicom_factory` lives in the project, not installed
-        sys.path.insert(0, str(ROOT))
-    signal.signal(signal.SIGTERM, _terminate)
-    workdir = Path(tempfile.mkdtemp(prefix="pacsbridge-bench-dicomweb-"))
-    log(f"working in {workdir}")
-    code = 1
-    stack = contextlib.ExitStack()
-    try:
-        result = run(args, workdir, stack)
-        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-        out = RESULTS_DIR / f"dicomweb-{stamp}.json"
-        out.write_text(json.dumps(result, indent=2) + "\n")
-        log(f"results written to {out.relative_to(ROOT)}")
-        code = 0
-    except BenchError as exc:
-        print(f"\nBENCHMARK FAILED: {exc}", file=sys.stderr, flush=True)
-    except KeyboardInterrupt:
-        print("\ninterrupted; cleaning up", file=sys.stderr, flush=True)
-        code = 130
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        try:
-            stack.close()
-        finally:
-            if args.keep_temp:
-                log(f"kept {workdir}")
-            else:
-                shutil.rmtree(workdir, ignore_errors=True)
-    return code
+    return run_benchmark("dicomweb", parse_args(argv), run)
 
 
 if __name__ == "__main__":

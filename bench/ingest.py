@@ -16,26 +16,21 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import platform
 import shutil
-import signal
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from bench.peers import (
     LOOPBACK,
     ORTHANC_BIN,
-    ROOT,
     BenchError,
     OrthancTarget,
     PacsbridgeTarget,
@@ -47,12 +42,11 @@ from bench.peers import (
     log,
     new_uid,
     pacsbridge_executable,
+    run_benchmark,
     send,
     sender_env,
     verify_count,
 )
-
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 # DCMTK (libdcmnet, dul.cc / dulfsm.cc) reads the environment variable TCP_NODELAY when it opens
 # a connection: a non-zero integer disables Nagle's algorithm on that socket, 0 leaves it on.
@@ -263,10 +257,6 @@ def check_tools(names: list[str]) -> None:
         raise BenchError(f"missing programs: {', '.join(missing)} (apt-get install dcmtk orthanc)")
 
 
-def _terminate(signum: int, _frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def run(args: argparse.Namespace, workdir: Path, stack: contextlib.ExitStack) -> dict[str, Any]:
     check_tools(args.target_names)
     database_url = None
@@ -410,38 +400,7 @@ def run(args: argparse.Namespace, workdir: Path, stack: contextlib.ExitStack) ->
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    if str(ROOT) not in sys.path:  # `tests.dicom_factory` lives in the project, not installed
-        sys.path.insert(0, str(ROOT))
-    signal.signal(signal.SIGTERM, _terminate)
-    workdir = Path(tempfile.mkdtemp(prefix="pacsbridge-bench-"))
-    log(f"working in {workdir}")
-    code = 1
-    stack = contextlib.ExitStack()
-    try:
-        result = run(args, workdir, stack)
-        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-        out = RESULTS_DIR / f"ingest-{stamp}.json"
-        out.write_text(json.dumps(result, indent=2) + "\n")
-        log(f"results written to {out.relative_to(ROOT)}")
-        code = 0
-    except BenchError as exc:
-        print(f"\nBENCHMARK FAILED: {exc}", file=sys.stderr, flush=True)
-    except KeyboardInterrupt:
-        print("\ninterrupted; cleaning up", file=sys.stderr, flush=True)
-        code = 130
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # finish the clean-up on a second Ctrl-C
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        try:
-            stack.close()  # stops the targets, then drops the PostgreSQL database
-        finally:
-            if args.keep_temp:
-                log(f"kept {workdir}")
-            else:
-                shutil.rmtree(workdir, ignore_errors=True)
-    return code
+    return run_benchmark("ingest", parse_args(argv), run)
 
 
 if __name__ == "__main__":

@@ -13,15 +13,19 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from argparse import Namespace
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from types import FrameType
 from typing import IO, Any
 
 ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
 LOOPBACK = "127.0.0.1"
 CALLING_AE = "BENCHSCU"
 ORTHANC_BIN = "/usr/sbin/Orthanc"
@@ -652,3 +656,49 @@ def pacsbridge_executable() -> Path:
             "pacsbridge executable not found (run with the project's .venv/bin/python)"
         )
     return Path(found)
+
+
+def _terminate(signum: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+Run = Callable[[Namespace, Path, contextlib.ExitStack], dict[str, Any]]
+
+
+def run_benchmark(name: str, args: Namespace, run: Run) -> int:
+    """Run one benchmark in a fresh work directory and write its results to
+    ``bench/results/<name>-<timestamp>.json``; the process exit code (0, 1 failed, 130
+    interrupted). ``run`` registers what it starts on the exit stack, which is closed (servers
+    stopped, databases dropped) however the run ends; ``--keep-temp`` keeps the directory."""
+    if str(ROOT) not in sys.path:  # `tests.dicom_factory` lives in the project, not installed
+        sys.path.insert(0, str(ROOT))
+    signal.signal(signal.SIGTERM, _terminate)
+    workdir = Path(tempfile.mkdtemp(prefix=f"pacsbridge-bench-{name}-"))
+    log(f"working in {workdir}")
+    code = 1
+    stack = contextlib.ExitStack()
+    try:
+        result = run(args, workdir, stack)
+        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        out = RESULTS_DIR / f"{name}-{stamp}.json"
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        took = f" ({result['wall_seconds']:.0f} s)" if "wall_seconds" in result else ""
+        log(f"results written to {out.relative_to(ROOT)}{took}")
+        code = 0
+    except BenchError as exc:
+        print(f"\nBENCHMARK FAILED: {exc}", file=sys.stderr, flush=True)
+    except KeyboardInterrupt:
+        print("\ninterrupted; cleaning up", file=sys.stderr, flush=True)
+        code = 130
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # finish the clean-up on a second Ctrl-C
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            stack.close()
+        finally:
+            if args.keep_temp:
+                log(f"kept {workdir}")
+            else:
+                shutil.rmtree(workdir, ignore_errors=True)
+    return code

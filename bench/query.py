@@ -21,29 +21,24 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import platform
 import random
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from bench.peers import (
     CALLING_AE,
     LOOPBACK,
     ORTHANC_BIN,
-    ROOT,
     BenchError,
     OrthancTarget,
     PacsbridgeTarget,
@@ -52,6 +47,7 @@ from bench.peers import (
     log,
     new_uid,
     pacsbridge_executable,
+    run_benchmark,
     send,
     sender_env,
     tail,
@@ -59,7 +55,6 @@ from bench.peers import (
     wait_idle,
 )
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 FIRST_DAY = date(2021, 1, 1)
 DAYS = 3 * 365
 SURNAMES = [
@@ -99,14 +94,6 @@ RETURN_KEYS = [
 # C-FIND latency targets, pacsbridge/Orthanc (from the issue).
 FIND_TARGET = 1 / 3
 FIND_TARGET_MANY = 1 / 2
-
-
-class _Terminated(KeyboardInterrupt):
-    pass
-
-
-def _terminate(signum: int, _frame: FrameType | None) -> None:
-    raise _Terminated(f"signal {signum}")
 
 
 # --- data ------------------------------------------------------------------------------------
@@ -759,38 +746,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    if str(ROOT) not in sys.path:  # `tests.dicom_factory` lives in the project, not installed
-        sys.path.insert(0, str(ROOT))
-    signal.signal(signal.SIGTERM, _terminate)
-    workdir = Path(tempfile.mkdtemp(prefix="pacsbridge-bench-query-"))
-    log(f"working in {workdir}")
-    code = 1
-    stack = contextlib.ExitStack()
-    try:
-        result = run(args, workdir, stack)
-        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-        out = RESULTS_DIR / f"query-{stamp}.json"
-        out.write_text(json.dumps(result, indent=2) + "\n")
-        log(f"results written to {out.relative_to(ROOT)} ({result['wall_seconds']:.0f} s)")
-        code = 0
-    except BenchError as exc:
-        print(f"\nBENCHMARK FAILED: {exc}", file=sys.stderr, flush=True)
-    except KeyboardInterrupt:
-        print("\ninterrupted; cleaning up", file=sys.stderr, flush=True)
-        code = 130
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        try:
-            stack.close()
-        finally:
-            if args.keep_temp:
-                log(f"kept {workdir}")
-            else:
-                shutil.rmtree(workdir, ignore_errors=True)
-    return code
+    return run_benchmark("query", parse_args(argv), run)
 
 
 if __name__ == "__main__":
