@@ -150,15 +150,17 @@ class _HandedOverAssociationServer(_NoDelayAssociationServer):
         super().server_close()
         self._quiet_peer.close()
 
-    def serve_connection(self, connection: socket.socket) -> None:
+    def serve_connection(self, connection: socket.socket) -> bool:
+        """False when the peer is already gone (nothing to serve)."""
         try:
             connection.setblocking(True)
             connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             address = connection.getpeername()
-        except OSError:  # the peer is already gone
+        except OSError:
             connection.close()
-            return
+            return False
         self.process_request(connection, address)
+        return True
 
 
 # When a requestor offers several transfer syntaxes in one presentation context, pynetdicom
@@ -292,11 +294,8 @@ class DimseServer:
         """Serve a connection another process accepted."""
         if not isinstance(self.server, _HandedOverAssociationServer):
             raise RuntimeError("the DIMSE server is not started for handed-over sockets")
-        self.server.serve_connection(connection)
-
-    @property
-    def active_associations(self) -> int:
-        return len(self.ae.active_associations)
+        if not self.server.serve_connection(connection) and self.on_connection_closed:
+            self.on_connection_closed()  # it counted as one of ours: it has ended already
 
     def stop(self) -> None:
         self.ae.shutdown()  # stops our server, aborts what is still associated
