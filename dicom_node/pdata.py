@@ -63,30 +63,98 @@ def _element(tag: int, value: bytes) -> bytes:
 
 
 def c_store_command(primitive: C_STORE) -> bytes:
+    """The C-STORE-RQ command set (PS3.7 Table 9.3-1) of a primitive, encoded."""
+    return c_store_request_command(
+        str(primitive.AffectedSOPClassUID),
+        str(primitive.AffectedSOPInstanceUID),
+        message_id=int(primitive.MessageID or 1),
+        priority=int(primitive.Priority or 0),
+        originator_ae_title=primitive.MoveOriginatorApplicationEntityTitle,
+        originator_message_id=primitive.MoveOriginatorMessageID,
+    )
+
+
+def c_store_request_command(
+    sop_class_uid: str,
+    sop_instance_uid: str,
+    *,
+    message_id: int,
+    priority: int,
+    originator_ae_title: str | bytes | None = None,
+    originator_message_id: int | None = None,
+) -> bytes:
     """The C-STORE-RQ command set (PS3.7 Table 9.3-1), encoded."""
     elements = [
-        _element(0x00000002, _ui(str(primitive.AffectedSOPClassUID))),
+        _element(0x00000002, _ui(sop_class_uid)),
         _element(0x00000100, struct.pack("<H", 0x0001)),  # Command Field: C-STORE-RQ
-        _element(0x00000110, struct.pack("<H", int(primitive.MessageID or 1))),
-        _element(0x00000700, struct.pack("<H", int(primitive.Priority or 0))),
+        _element(0x00000110, struct.pack("<H", message_id)),
+        _element(0x00000700, struct.pack("<H", priority)),
         _element(0x00000800, struct.pack("<H", 0x0000)),  # a data set follows
-        _element(0x00001000, _ui(str(primitive.AffectedSOPInstanceUID))),
+        _element(0x00001000, _ui(sop_instance_uid)),
     ]
-    originator = primitive.MoveOriginatorApplicationEntityTitle
-    if originator:
-        title = originator.decode() if isinstance(originator, bytes) else str(originator)
-        title = title.strip()
+    if originator_ae_title:
+        title = (
+            originator_ae_title.decode()
+            if isinstance(originator_ae_title, bytes)
+            else str(originator_ae_title)
+        ).strip()
         raw = title.encode("ascii") + (b" " if len(title) % 2 else b"")
         elements.append(_element(0x00001030, raw))
-    if primitive.MoveOriginatorMessageID is not None:
-        elements.append(
-            _element(0x00001031, struct.pack("<H", int(primitive.MoveOriginatorMessageID)))
-        )
+    if originator_message_id is not None:
+        elements.append(_element(0x00001031, struct.pack("<H", int(originator_message_id))))
     body = b"".join(elements)
     return _element(0x00000000, struct.pack("<L", len(body))) + body
 
 
-def pdata_pdus(context_id: int, command: bytes, data: bytes | None, max_pdu_length: int) -> bytes:
+#: The elements a C-STORE-RSP without optional status fields carries (PS3.7 Table 9.3-2).
+_PLAIN_STORE_RESPONSE_TAGS = frozenset(
+    (0x00000000, 0x00000002, 0x00000100, 0x00000120, 0x00000800, 0x00000900, 0x00001000)
+)
+
+
+def plain_store_response_status(pdu: bytes, message_id: int) -> int | None:
+    """The Status of a C-STORE-RSP to ``message_id`` that arrives as one P-DATA-TF PDU with
+    one command PDV and carries no optional status elements (ErrorComment, OffendingElement);
+    None for anything else, which then takes pynetdicom's full decoding."""
+    # P-DATA-TF (PS3.8 9.3.5): type 0x04, reserved, length; one PDV item: length, context ID,
+    # message control header 0x03 (command, last fragment).
+    if len(pdu) < 12 or pdu[0] != 0x04:
+        return None
+    pdu_length = int.from_bytes(pdu[2:6], "big")
+    item_length = int.from_bytes(pdu[6:10], "big")
+    if pdu_length != len(pdu) - 6 or item_length != pdu_length - 4 or pdu[11] & 0x03 != 0x03:
+        return None
+    values: dict[int, bytes] = {}
+    offset, end = 12, len(pdu)
+    while offset < end:
+        if offset + 8 > end:
+            return None
+        group, elem, length = struct.unpack_from("<HHL", pdu, offset)
+        tag = group << 16 | elem
+        offset += 8
+        if tag not in _PLAIN_STORE_RESPONSE_TAGS or offset + length > end:
+            return None
+        values[tag] = pdu[offset : offset + length]
+        offset += length
+    try:
+        fields = {
+            tag: struct.unpack("<H", values[tag])[0]
+            for tag in (0x00000100, 0x00000120, 0x00000800, 0x00000900)
+        }
+    except (KeyError, struct.error):
+        return None
+    if (
+        fields[0x00000100] != 0x8001  # C-STORE-RSP
+        or fields[0x00000120] != message_id
+        or fields[0x00000800] != 0x0101  # no data set
+    ):
+        return None
+    return int(fields[0x00000900])
+
+
+def pdata_pdus(
+    context_id: int, command: bytes, data: bytes | memoryview | None, max_pdu_length: int
+) -> bytes:
     """Command and data set fragments, one PDV per P-DATA-TF PDU (PS3.8 9.3.5, E.2); no data
     set fragments when ``data`` is None (a message without a data set)."""
     room = max_pdu_length - 6 if max_pdu_length else UNLIMITED_FRAGMENT
@@ -212,6 +280,21 @@ def _plain_store_response(primitive: Any) -> bool:
     )
 
 
+def _send_prebuilt(dimse: DIMSEServiceProvider, encoded: bytes, *, response: bool) -> None:
+    """Queue finished PDUs for the DUL, or, when this thread holds the DUL's socket (see
+    dicom_node.reactor.SocketLease) and the message is a response (nothing comes back for
+    it), write them to the socket. A request gives the socket back first: pynetdicom's
+    caller waits for its response from the DUL."""
+    lease = getattr(dimse.dul, "_pb_lease", None)
+    if lease is not None and lease.held_here and response:
+        try:
+            lease.send(encoded)
+        except OSError:
+            lease.release(connection_lost=True)
+        return
+    dimse.dul.send_pdu(PrebuiltPData(encoded))
+
+
 def _send_msg(self: DIMSEServiceProvider, primitive: Any, context_id: int) -> None:
     if (
         isinstance(primitive, C_FIND)
@@ -222,31 +305,33 @@ def _send_msg(self: DIMSEServiceProvider, primitive: Any, context_id: int) -> No
         # Pending responses carry one identifier each: the bulk of a large C-FIND.
         command = c_find_pending_command(primitive)
         identifier = primitive.Identifier.getvalue()
-        self.dul.send_pdu(
-            PrebuiltPData(pdata_pdus(context_id, command, identifier, self.maximum_pdu_size))
+        _send_prebuilt(
+            self,
+            pdata_pdus(context_id, command, identifier, self.maximum_pdu_size),
+            response=True,
         )
         return
     if _plain_query_response(primitive):
         # Final C-FIND responses; pending and final C-GET/C-MOVE responses (one per
         # sub-operation).
         command = query_response_command(primitive, identifier=False)
-        self.dul.send_pdu(
-            PrebuiltPData(pdata_pdus(context_id, command, None, self.maximum_pdu_size))
+        _send_prebuilt(
+            self, pdata_pdus(context_id, command, None, self.maximum_pdu_size), response=True
         )
         return
     if _plain_store_response(primitive):
         # One per stored instance: what a modality waits for before it sends the next.
         command = c_store_response_command(primitive)
-        self.dul.send_pdu(
-            PrebuiltPData(pdata_pdus(context_id, command, None, self.maximum_pdu_size))
+        _send_prebuilt(
+            self, pdata_pdus(context_id, command, None, self.maximum_pdu_size), response=True
         )
         return
     if isinstance(primitive, C_STORE) and primitive.MessageIDBeingRespondedTo is None:
         data = _data_set(primitive)
         if data is not None:
             command = c_store_command(primitive)
-            self.dul.send_pdu(
-                PrebuiltPData(pdata_pdus(context_id, command, data, self.maximum_pdu_size))
+            _send_prebuilt(
+                self, pdata_pdus(context_id, command, data, self.maximum_pdu_size), response=False
             )
             return
     _original_send_msg(self, primitive, context_id)

@@ -16,6 +16,9 @@ Here both threads sleep until there is something to do instead:
 Both still wake every ``IDLE_WAIT`` seconds for the timers (ARTIM, network idle timeout).
 The loops are otherwise pynetdicom 3.0's ``run_reactor`` and ``_run_reactor``, step for step,
 except that the DUL both sends and reads in one pass (see ``_dul_run_reactor``).
+
+A :class:`SocketLease` lets the thread that performs C-STORE sub-operations (a C-GET's or a
+C-MOVE's) write and read the socket itself while the DUL thread stands aside: see there.
 """
 
 from __future__ import annotations
@@ -54,6 +57,150 @@ class _WakingQueue(queue.Queue[Any]):
         self._wake()
 
 
+class SocketLease:
+    """The DUL's socket, lent to one thread for a run of request/response exchanges.
+
+    Each C-STORE sub-operation is one request out and one response back. Through the DUL that
+    is two queue hand-overs, two state-machine passes and a full DIMSE decode per message, in
+    two threads: more CPU than the peer spends receiving the instance. While leased, the DUL
+    thread waits and the holder writes finished PDUs to the socket and reads the responses
+    itself; the association stays in Sta6 (data transfer), where sending and receiving P-DATA
+    change no state, so the state machine needs to see neither.
+
+    The lease is given back (and the DUL carries on exactly where it stopped):
+
+    - when the holder queues anything for the DUL (``send_pdu``, an abort, a release): the
+      DUL must act on it;
+    - when the holder reads a PDU it does not handle (a C-CANCEL, an A-ABORT, ...): that PDU
+      is handed to the DUL as if the DUL had read it;
+    - at the latest when the association thread finishes serving a request, and on kill.
+
+    The DUL grants a lease only in Sta6 and with nothing queued; otherwise the request is
+    refused and the holder uses the ordinary path. TLS sockets are never leased.
+    """
+
+    GRANT_TIMEOUT = 1.0
+
+    def __init__(self, dul: DULServiceProvider) -> None:
+        self.dul = dul
+        self.holder: threading.Thread | None = None
+        self._requested = False
+        self._answered = threading.Event()
+        self._granted = False
+        self._returned = threading.Event()
+        self.socket: socket.socket | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def held_here(self) -> bool:
+        return self.holder is threading.current_thread()
+
+    # --- the holder's side -----------------------------------------------------------------
+    def acquire(self) -> bool:
+        """Ask the DUL thread for the socket; True when this thread now holds it."""
+        if self.held_here:
+            return True
+        if self.holder is not None or not self.dul.is_alive():
+            return False
+        assoc_socket = self.dul.socket
+        raw = getattr(assoc_socket, "socket", None)
+        if raw is None or raw.__class__ is not socket.socket:
+            return False  # not connected, or TLS (its buffered records are the DUL's)
+        with self._lock:
+            self._answered.clear()
+            self._granted = False
+            self._returned.clear()
+            self._requested = True
+        self.dul._pb_wakeup.wake()  # type: ignore[attr-defined]
+        answered = self._answered.wait(self.GRANT_TIMEOUT)
+        with self._lock:
+            if not answered and not self._answered.is_set():
+                self._requested = False  # withdrawn: the DUL will not grant it any more
+                return False
+        if not self._granted:
+            return False
+        self.socket = raw
+        self.holder = threading.current_thread()
+        return True
+
+    def send(self, data: bytes) -> None:
+        assert self.socket is not None
+        self.socket.sendall(data)
+
+    def read_pdu(self, timeout: float | None) -> bytes | None:
+        """One whole PDU, or None when the peer is silent for ``timeout`` seconds or the
+        connection is gone (the lease is then released, the connection error passed on)."""
+        sock = self.socket
+        assert sock is not None
+        try:
+            if timeout is not None:
+                ready, _, _ = select.select([sock], [], [], timeout)
+                if not ready:
+                    return None
+            header = self._recv_exactly(sock, 6)
+            length = int.from_bytes(header[2:6], "big")
+            return bytes(header) + bytes(self._recv_exactly(sock, length))
+        except (OSError, EOFError, ValueError):
+            self.release(connection_lost=True)
+            return None
+
+    @staticmethod
+    def _recv_exactly(sock: socket.socket, size: int) -> bytearray:
+        buffer = bytearray(size)
+        view = memoryview(buffer)
+        got = 0
+        while got < size:
+            n = sock.recv_into(view[got:])
+            if not n:
+                raise EOFError("the peer closed the connection")
+            got += n
+        return buffer
+
+    def release(self, unhandled_pdu: bytes | None = None, *, connection_lost: bool = False) -> None:
+        """Give the socket back to the DUL thread, with a PDU read but not handled."""
+        if not self.held_here:
+            return
+        self.holder = None
+        self.socket = None
+        dul = self.dul
+        if unhandled_pdu is not None:
+            # What DULServiceProvider._read_pdu_data does with a PDU it reads.
+            try:
+                pdu, event = dul._decode_pdu(bytearray(unhandled_pdu))
+            except Exception:
+                LOGGER.exception("Unable to decode the received PDU data")
+                dul.event_queue.put("Evt19")
+            else:
+                dul._recv_pdu.put(pdu)
+                dul.event_queue.put(event)
+        if connection_lost:
+            dul.event_queue.put("Evt17")
+        self._returned.set()
+
+    # --- the DUL thread's side -------------------------------------------------------------
+    def serve_request(self) -> None:
+        """Called by the DUL thread at the top of its loop when a lease is requested."""
+        dul = self.dul
+        with self._lock:
+            if not self._requested:
+                return  # withdrawn
+            self._requested = False
+            grant = (
+                dul.state_machine.current_state == "Sta6"
+                and dul.event_queue.empty()
+                and dul.to_provider_queue.empty()
+                and not dul._kill_thread
+            )
+            self._granted = grant
+            self._answered.set()
+        if not grant:
+            return
+        while not self._returned.wait(IDLE_WAIT):
+            if dul._kill_thread:
+                return
+        dul._idle_timer.restart()
+
+
 class _DulWakeup:
     """A socket pair the DUL thread selects on together with its peer socket."""
 
@@ -64,6 +211,9 @@ class _DulWakeup:
         self.writer.setblocking(False)
 
     def wake(self) -> None:
+        lease: SocketLease = self.dul._pb_lease  # type: ignore[attr-defined]
+        if lease.held_here:
+            lease.release()  # the DUL has work: it needs its socket back
         if threading.current_thread() is self.dul:
             return  # the DUL thread looks at its queues again before it sleeps
         with contextlib.suppress(OSError):  # full (a wake-up is pending anyway) or closed
@@ -95,6 +245,7 @@ def _wait_for_work(dul: DULServiceProvider, wakeup: _DulWakeup) -> None:
 def _dul_run_reactor(self: DULServiceProvider) -> None:
     """pynetdicom's ``DULServiceProvider.run_reactor``, waiting instead of sleeping."""
     wakeup: _DulWakeup = self._pb_wakeup  # type: ignore[attr-defined]
+    lease: SocketLease = self._pb_lease  # type: ignore[attr-defined]
     self._idle_timer.start()
     try:
         while True:
@@ -102,6 +253,9 @@ def _dul_run_reactor(self: DULServiceProvider) -> None:
                 self.assoc._dul_ready.set()
             if self._kill_thread:
                 break
+            if lease._requested:
+                lease.serve_request()
+                continue
             # The ARTIM timer first, so that its event is queued ahead of any other.
             if self.artim_timer.expired:
                 self.event_queue.put("Evt18")
@@ -178,6 +332,7 @@ def _assoc_run_reactor(self: Association) -> None:
         context_id, msg = self.dimse.get_msg(block=False)
         if msg:
             self._serve_request(msg, cast(int, context_id))
+            self.dul._pb_lease.release()  # type: ignore[attr-defined]  # if a handler kept it
             continue  # more requests may be waiting: release and abort are checked when idle
 
         if self.is_established and self.acse.is_release_requested():
@@ -232,6 +387,7 @@ def _assoc_init(self: Association, *args: Any, **kwargs: Any) -> None:
     wake = threading.Event()
     self._pb_wake = wake  # type: ignore[attr-defined]
     dul = self.dul
+    dul._pb_lease = SocketLease(dul)  # type: ignore[attr-defined]
     wakeup = _DulWakeup(dul)
     dul._pb_wakeup = wakeup  # type: ignore[attr-defined]
     # Queues the DUL thread reads: wake it when another thread fills them.
@@ -243,6 +399,7 @@ def _assoc_init(self: Association, *args: Any, **kwargs: Any) -> None:
 
 
 def _assoc_kill(self: Association) -> None:
+    self.dul._pb_lease.release()  # type: ignore[attr-defined]
     _wake_association(self)
     _original_assoc_kill(self)
 

@@ -13,7 +13,10 @@ C-GET, the one to the destination for a C-MOVE) gets a :class:`SubOperationSende
 ``send_c_store``, which sends the stored file:
 
 - as stored, byte for byte, when the peer accepted its transfer syntax for its SOP class
-  (pynetdicom streams the file's data set from disk in PDU-sized reads; nothing is decoded);
+  (nothing is decoded). The sender borrows the association's socket from the DUL thread for
+  the run of sub-operations (dicom_node.reactor.SocketLease): it writes each request as
+  finished PDUs and reads the plain C-STORE responses itself; anything else it reads goes to
+  pynetdicom, which then carries on;
 - otherwise converted to Explicit, else Implicit VR Little Endian (decompressed with pydicom's
   pixel data plugins: pylibjpeg, openjpeg, gdcm) when the peer accepted one of those;
 - otherwise not at all: the sub-operation fails and its SOP Instance UID is listed.
@@ -28,6 +31,7 @@ import logging
 import os
 import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -65,6 +69,8 @@ from archive.retrieve import (
 )
 from config import Settings
 from dicom_node.part10 import file_meta
+from dicom_node.pdata import c_store_request_command, pdata_pdus, plain_store_response_status
+from dicom_node.reactor import SocketLease
 from dicom_node.services import Handler
 
 log = logging.getLogger(__name__)
@@ -144,6 +150,9 @@ class SubOperationSender:
         self._send = partial(Association.send_c_store, assoc)
         # SOP class -> accepted transfer syntaxes; the contexts do not change once negotiated
         self._accepted: dict[str, list[UID]] = {}
+        self._context_ids: dict[tuple[str, str], int | None] = {}
+        # Off for the rest of the retrieve once the peer sends anything but a plain response.
+        self._leasing = True
 
     @classmethod
     def install(
@@ -177,6 +186,11 @@ class SubOperationSender:
         item = dataset.retrieve_item
         try:
             with self._file_to_send(item) as path:
+                status = self._send_leased(
+                    path, item, msg_id, priority, originator_aet, originator_id
+                )
+                if status is not None:
+                    return status
                 return self._send(path, msg_id, priority, originator_aet, originator_id)
         except SubOperationFailed as exc:
             log.warning(
@@ -190,6 +204,108 @@ class SubOperationSender:
                 },
             )
             raise
+
+    # --- the sub-operation over the leased socket -----------------------------------------
+    def _send_leased(
+        self,
+        path: Path,
+        item: RetrieveItem,
+        msg_id: int,
+        priority: int,
+        originator_aet: str | None,
+        originator_id: int | None,
+    ) -> Dataset | None:
+        """What pynetdicom's ``send_c_store(path)`` does, over the leased socket; None when
+        this instance or association cannot take this path (pynetdicom's is used then)."""
+        if not self._leasing:
+            return None
+        context_id = self._context_id(item)
+        if context_id is None:
+            return None
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise SubOperationFailed(f"cannot read the stored file: {exc}") from exc
+        offset = part10_data_set_offset(data)
+        if offset is None:
+            return None  # pynetdicom parses the File Meta Information itself
+        assoc = self.assoc
+        lease: SocketLease = assoc.dul._pb_lease  # type: ignore[attr-defined]
+        if not lease.acquire():
+            self._leasing = False
+            return None
+        encoded = pdata_pdus(
+            context_id,
+            c_store_request_command(
+                item.sop_class_uid,
+                item.sop_instance_uid,
+                message_id=msg_id,
+                priority=priority,
+                originator_ae_title=originator_aet,
+                originator_message_id=originator_id,
+            ),
+            memoryview(data)[offset:],
+            assoc.dimse.maximum_pdu_size,
+        )
+        del data
+        # As pynetdicom's send_c_store: keep the association reactor off the DIMSE queue.
+        assoc._reactor_checkpoint.clear()
+        while not assoc._is_paused:
+            time.sleep(0.0001)
+        try:
+            return self._exchange(lease, encoded, msg_id)
+        finally:
+            assoc._reactor_checkpoint.set()
+
+    def _exchange(self, lease: SocketLease, encoded: bytes, msg_id: int) -> Dataset:
+        """Send one C-STORE-RQ and return the status of its response (an empty data set, a
+        failed sub-operation, when the connection is lost or the peer does not answer)."""
+        assoc = self.assoc
+        try:
+            lease.send(encoded)
+        except OSError:
+            self._leasing = False
+            lease.release(connection_lost=True)
+            return Dataset()
+        pdu = lease.read_pdu(assoc.dimse_timeout)
+        if pdu is None:
+            self._leasing = False
+            if lease.held_here:  # no response within the DIMSE timeout: abort, as pynetdicom
+                lease.release()
+                assoc._handle_no_response()
+            return Dataset()
+        status = plain_store_response_status(pdu, msg_id)
+        if status is not None:
+            result = Dataset()
+            result.Status = status
+            return result
+        # A response with optional status fields, a C-CANCEL, an abort...: pynetdicom takes
+        # it from here, and the rest of the retrieve.
+        self._leasing = False
+        lease.release(unhandled_pdu=pdu)
+        _, rsp = assoc.dimse.get_msg(block=True)
+        if rsp is None:
+            assoc._handle_no_response()
+            return Dataset()
+        return assoc._check_received_status(rsp)
+
+    def _context_id(self, item: RetrieveItem) -> int | None:
+        """The accepted context, with us as Storage SCU, for the instance as stored."""
+        key = (item.sop_class_uid, item.transfer_syntax_uid)
+        if key not in self._context_ids:
+            self._context_ids[key] = next(
+                (
+                    int(cx.context_id)
+                    for cx in self.assoc.accepted_contexts
+                    if cx.abstract_syntax == item.sop_class_uid
+                    and cx.as_scu
+                    and cx.transfer_syntax
+                    and cx.transfer_syntax[0] == item.transfer_syntax_uid
+                    and cx.context_id is not None
+                ),
+                None,
+            )
+        return self._context_ids[key]
 
     # --- choosing what to send -----------------------------------------------------------
     def accepted_transfer_syntaxes(self, sop_class_uid: str) -> list[UID]:
@@ -260,6 +376,38 @@ class SubOperationSender:
             fh.close()
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
+
+
+#: Explicit VRs with a reserved field and a 4-byte length (PS3.5 7.1.2).
+_LONG_VRS = frozenset(
+    (b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV")
+)
+
+
+def part10_data_set_offset(data: bytes) -> int | None:
+    """Where the data set of a Part-10 stream begins (PS3.10 7.1: 128-byte preamble, "DICM",
+    then the File Meta Information group in Explicit VR Little Endian, whose first element
+    (0002,0000) gives its length); None when the stream does not start that way or the
+    group's elements do not end exactly there."""
+    if len(data) < 144 or data[128:132] != b"DICM":
+        return None
+    # (0002,0000) UL, length 4.
+    if data[132:140] != b"\x02\x00\x00\x00UL\x04\x00":
+        return None
+    offset = 144 + int.from_bytes(data[140:144], "little")
+    if offset > len(data):
+        return None
+    position = 144
+    while position < offset:
+        if data[position : position + 2] != b"\x02\x00" or position + 8 > offset:
+            return None
+        if data[position + 4 : position + 6] in _LONG_VRS:
+            position += 12 + int.from_bytes(data[position + 8 : position + 12], "little")
+        else:
+            position += 8 + int.from_bytes(data[position + 6 : position + 8], "little")
+    if position != offset or data[offset : offset + 2] == b"\x02\x00":
+        return None
+    return offset
 
 
 def convert_to_uncompressed(data: bytes, target: UID, source_ae_title: str) -> bytes:

@@ -31,7 +31,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from archive import Archive, IngestError, IngestErrorKind
 from archive.ingest import resolve_sop_classes
 from config import Settings
-from dicom_node import pdata, reactor
+from dicom_node import pdata, reactor, uids
 from dicom_node.part10 import file_meta
 from dicom_node.services import DimseService, default_services
 from dicom_node.sop_classes import storage_sop_classes
@@ -115,6 +115,7 @@ def _accepted_contexts(self: Association) -> list[PresentationContext]:
 
 Association.accepted_contexts = property(_accepted_contexts)  # type: ignore[method-assign,assignment]
 reactor.install()  # event-driven DUL and association reactors
+uids.install()  # UIDs validated once per distinct value
 pdata.install()  # C-STORE requests and responses, pending C-FIND responses as prebuilt PDUs
 # pynetdicom formats every C-FIND/C-GET/C-MOVE identifier for its debug log, logged or not:
 # most of the cost of a C-FIND response. Our own logs say what a request was.

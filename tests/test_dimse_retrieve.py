@@ -26,6 +26,7 @@ from pydicom.uid import (
     generate_uid,
 )
 from pynetdicom import AE, build_role, evt
+from pynetdicom.association import Association
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     CTImageStorage,
     MRImageStorage,
@@ -761,6 +762,21 @@ def test_get_without_storage_contexts_fails_every_suboperation(backend: Backend,
         server.stop()
 
 
+def _ct_get_association(server: RunningServer, on_store) -> Association:
+    """A C-GET requestor for CT images (Explicit VR Little Endian), Verification too."""
+    ae = _get_scu([CTImageStorage], [ExplicitVRLittleEndian], on_store)
+    ae.add_requested_context("1.2.840.10008.1.1")  # Verification
+    assoc = ae.associate(
+        "127.0.0.1",
+        server.dimse_port,
+        ae_title=server.ae_title,
+        ext_neg=[build_role(CTImageStorage, scp_role=True)],
+        evt_handlers=[(evt.EVT_C_STORE, on_store)],
+    )
+    assert assoc.is_established
+    return assoc
+
+
 def test_get_cancel(backend: Backend, tmp_path: Path):
     server = start_server(backend, tmp_path)
     try:
@@ -775,15 +791,7 @@ def test_get_cancel(backend: Backend, tmp_path: Path):
             threading.Event().wait(0.05)  # a slow receiver, so that the cancel lands mid-way
             return 0x0000
 
-        ae = _get_scu([CTImageStorage], [ExplicitVRLittleEndian], on_store)
-        assoc = ae.associate(
-            "127.0.0.1",
-            server.dimse_port,
-            ae_title=server.ae_title,
-            ext_neg=[build_role(CTImageStorage, scp_role=True)],
-            evt_handlers=[(evt.EVT_C_STORE, on_store)],
-        )
-        assert assoc.is_established
+        assoc = _ct_get_association(server, on_store)
         try:
             responses = assoc.send_c_get(
                 _identifier("STUDY", StudyInstanceUID=study),
@@ -803,6 +811,55 @@ def test_get_cancel(backend: Backend, tmp_path: Path):
         assert status.NumberOfRemainingSuboperations == 30 - status.NumberOfCompletedSuboperations
         assert len(stored) == status.NumberOfCompletedSuboperations
         assert set(stored) <= set(archived.files)
+    finally:
+        server.stop()
+
+
+def test_get_store_responses_with_status_details(backend: Backend, tmp_path: Path):
+    """C-STORE responses that carry an Error Comment (PS3.7 C.4.2): the sub-operations after
+    the first such response leave the fast path, and every response still counts, in order."""
+    server = start_server(backend, tmp_path)
+    try:
+        study = generate_uid()
+        archived = ingest(server, write_series(tmp_path / "s", 12, study_uid=study))
+        stored: list[str] = []
+
+        def on_store(event):
+            stored.append(str(event.request.AffectedSOPInstanceUID))
+            number = len(stored)
+            if number in (4, 9):
+                status = Dataset()
+                status.Status = 0xB000  # Warning: coercion of data elements
+                status.ErrorComment = f"coerced #{number}"
+                return status
+            return 0xA700 if number == 6 else 0x0000  # Out of resources
+
+        assoc = _ct_get_association(server, on_store)
+        try:
+            responses = list(
+                assoc.send_c_get(
+                    _identifier("STUDY", StudyInstanceUID=study),
+                    StudyRootQueryRetrieveInformationModelGet,
+                )
+            )
+            # The association is still usable afterwards.
+            echo = assoc.send_c_echo()
+        finally:
+            assoc.release()
+        assert echo.Status == 0x0000
+        pending = [status for status, _ in responses[:-1]]
+        assert [s.Status for s in pending] == [0xFF00] * 12
+        assert [s.NumberOfRemainingSuboperations for s in pending] == list(range(11, -1, -1))
+        assert [s.NumberOfWarningSuboperations for s in pending][3:5] == [1, 1]
+        assert [s.NumberOfFailedSuboperations for s in pending][4:6] == [0, 1]
+        final, identifier = responses[-1]
+        assert final.Status == 0xB000
+        assert final.NumberOfCompletedSuboperations == 9
+        assert final.NumberOfWarningSuboperations == 2
+        assert final.NumberOfFailedSuboperations == 1
+        assert identifier is not None
+        assert identifier.FailedSOPInstanceUIDList == stored[5]  # one value
+        assert sorted(stored) == sorted(archived.files)
     finally:
         server.stop()
 

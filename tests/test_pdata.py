@@ -116,3 +116,76 @@ def test_store_response_is_what_pynetdicom_encodes():
     rsp.AffectedSOPInstanceUID = "1.2.826.0.1.3680043.10.1506.5.1"
     rsp.Status = 0x0000
     assert c_store_response_command(rsp) == _pynetdicom_command(rsp)
+
+
+def _store_response(status: int, message_id: int = 11, **optional: Any) -> Any:
+    rsp = C_STORE()
+    rsp.MessageIDBeingRespondedTo = message_id
+    rsp.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    rsp.AffectedSOPInstanceUID = "1.2.826.0.1.3680043.10.1506.5.1"
+    rsp.Status = status
+    for keyword, value in optional.items():
+        setattr(rsp, keyword, value)
+    return rsp
+
+
+@pytest.mark.parametrize("status", [0x0000, 0xB000, 0xA700, 0xC123])
+def test_plain_store_response_status_reads_pynetdicom_encoding(status: int):
+    """The C-STORE-RSP reader of leased sub-operations (dicom_node.retrieve) takes what
+    pynetdicom (as a Storage SCP) sends, in one PDU, and gives its Status."""
+    from dicom_node.pdata import plain_store_response_status
+
+    pdu = pdata_pdus(3, _pynetdicom_command(_store_response(status)), None, 16384)
+    assert plain_store_response_status(pdu, 11) == status
+
+
+def test_plain_store_response_status_leaves_the_rest_to_pynetdicom():
+    """Anything but a plain response to the message in flight: None (pynetdicom decodes it)."""
+    from pynetdicom.dimse_primitives import C_CANCEL
+
+    from dicom_node.pdata import plain_store_response_status
+
+    plain = _pynetdicom_command(_store_response(0x0000))
+    # Another message ID.
+    assert plain_store_response_status(pdata_pdus(3, plain, None, 16384), 12) is None
+    # Optional status fields (PS3.7 C.4.1, C.4.2).
+    with_comment = _pynetdicom_command(_store_response(0xB000, ErrorComment="coerced"))
+    assert plain_store_response_status(pdata_pdus(3, with_comment, None, 16384), 11) is None
+    # The command split over two PDUs.
+    assert plain_store_response_status(pdata_pdus(3, plain, None, 40), 11) is None
+    # A C-CANCEL-RQ for the retrieve.
+    from pynetdicom.dimse_messages import C_CANCEL_RQ
+    from pynetdicom.dsutils import encode
+
+    cancel = C_CANCEL()
+    cancel.MessageIDBeingRespondedTo = 11
+    message = C_CANCEL_RQ()
+    message.primitive_to_message(cancel)
+    encoded = encode(message.command_set, True, True)
+    assert encoded is not None
+    assert plain_store_response_status(pdata_pdus(1, encoded, None, 16384), 11) is None
+    # Not a P-DATA-TF PDU: an A-RELEASE-RQ; truncated input.
+    assert plain_store_response_status(b"\x05\x00\x00\x00\x00\x04\x00\x00\x00\x00", 11) is None
+    assert plain_store_response_status(pdata_pdus(3, plain, None, 16384)[:-3], 11) is None
+
+
+def test_part10_data_set_offset_matches_pynetdicom(tmp_path):
+    """Where a leased sub-operation starts sending a stored file: the same offset pynetdicom's
+    own chunked sending finds."""
+    from pynetdicom.dsutils import split_dataset
+
+    from dicom_node.retrieve import part10_data_set_offset
+    from tests.dicom_factory import ct_slice
+
+    path = tmp_path / "ct.dcm"
+    ct_slice(study_uid="1.2.3", series_uid="1.2.3.4", index=0, size=8).save_as(
+        path, enforce_file_format=True
+    )
+    data = path.read_bytes()
+    assert part10_data_set_offset(data) == split_dataset(path)[1]
+    assert part10_data_set_offset(data[128:]) is None  # no preamble
+    assert part10_data_set_offset(data[:130]) is None
+    # A File Meta group length that stops short of the group's end.
+    short = bytearray(data)
+    short[140:144] = (int.from_bytes(data[140:144], "little") - 26).to_bytes(4, "little")
+    assert part10_data_set_offset(bytes(short)) is None
