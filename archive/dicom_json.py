@@ -48,10 +48,34 @@ BulkHandler = Callable[[int, str, str], str]
 """Called with (tag, VR, path) for a bulk value; returns its BulkDataURI."""
 
 
+def raw_elements_to_json(
+    elements: dict[int, RawDataElement],
+    bulk_uri: BulkHandler,
+    threshold: int = 1024,
+    path: str = "bulkdata",
+) -> dict[str, Any] | None:
+    """The DICOM JSON of top-level raw elements when every one of them converts from its raw
+    bytes (what :func:`dataset_to_json` gives for the same elements); None when any needs
+    pydicom."""
+    charset = _charset(elements)
+    if charset is None:
+        return None
+    out: dict[str, Any] = {}
+    for tag in sorted(elements):
+        if (tag & 0xFFFF) == 0 or (tag >> 16) in (0x0002, 0xFFFE):
+            continue
+        key = f"{tag:08X}"
+        converted = _raw_to_json(elements[tag], charset, threshold, bulk_uri, f"{path}/{key}")
+        if converted is None:
+            return None
+        out[key] = converted
+    return out
+
+
 def dataset_to_json(
     ds: Dataset, bulk_uri: BulkHandler, threshold: int = 1024, path: str = "bulkdata"
 ) -> dict[str, Any]:
-    charset = _charset(ds)
+    charset = _charset(ds._dict)
     out: dict[str, Any] = {}
     for tag in sorted(ds._dict):
         raw = ds._dict[tag]
@@ -67,8 +91,8 @@ def dataset_to_json(
     return out
 
 
-def _charset(ds: Dataset) -> str | None:
-    raw = ds._dict.get(BaseTag(0x00080005))
+def _charset(elements: Any) -> str | None:
+    raw = elements.get(BaseTag(0x00080005))
     if raw is None:
         return _SIMPLE_CHARSETS[""]
     if isinstance(raw, RawDataElement):

@@ -48,6 +48,67 @@ _TOUCH_STUDY = (
 )
 
 
+class _DirectStatement:
+    """A Core statement compiled once for the engine's dialect and run on the connection's
+    DBAPI cursor, inside the same transaction.
+
+    Ingest runs up to eight small statements per instance. SQLAlchemy's per-execution
+    machinery (execution context, events, result objects) costs several times what SQLite
+    takes to run each of them; here only the parameters still go through the statement's
+    bind processors (JSON, date-times on SQLite), exactly as SQLAlchemy would send them.
+    DBAPI errors are raised as SQLAlchemy's (``IntegrityError``, ``DBAPIError``...).
+    """
+
+    def __init__(self, statement: Any, engine: Any, keys: list[str]) -> None:
+        dialect = engine.dialect
+        self._compiled = compiled = statement.compile(dialect=dialect, column_keys=keys)
+        self._sql = compiled.string
+        self._positions = list(compiled.positiontup) if compiled.positional else None
+        self._processors = dict(compiled._bind_processors)
+        self._dbapi_error = dialect.loaded_dbapi.Error
+        self._dialect = dialect
+
+    def _parameters(self, params: dict[str, Any]) -> Any:
+        bound = self._compiled.construct_params(params)
+        for name, process in self._processors.items():
+            if name in bound:
+                bound[name] = process(bound[name])
+        return bound if self._positions is None else tuple(bound[n] for n in self._positions)
+
+    def execute(self, conn: Connection, params: dict[str, Any]) -> Any:
+        """Run the statement; returns the first row (for RETURNING) or None."""
+        parameters = self._parameters(params)
+        cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        try:
+            cursor.execute(self._sql, parameters)
+            return cursor.fetchone() if cursor.description else None
+        except self._dbapi_error as exc:
+            raise DBAPIError.instance(
+                self._sql, parameters, exc, self._dbapi_error, dialect=self._dialect
+            ) from exc
+        finally:
+            cursor.close()
+
+    def first_row(self, engine: Any, params: dict[str, Any]) -> Any:
+        """Run the statement on a pooled DBAPI connection of its own (no transaction is held
+        open); returns the first row or None."""
+        raw = engine.raw_connection()
+        try:
+            parameters = self._parameters(params)
+            cursor = raw.cursor()
+            try:
+                cursor.execute(self._sql, parameters)
+                return cursor.fetchone()
+            except self._dbapi_error as exc:
+                raise DBAPIError.instance(
+                    self._sql, parameters, exc, self._dbapi_error, dialect=self._dialect
+                ) from exc
+            finally:
+                cursor.close()
+        finally:
+            raw.close()
+
+
 IndexListener = Callable[[Connection, ParsedInstance, str], None]
 """``(connection, parsed instance, calling AE title)``, inside the ingest transaction."""
 
@@ -111,13 +172,12 @@ class IngestService:
         self._insert = (
             postgresql.insert if db.engine.dialect.name == "postgresql" else sqlite.insert
         )
-        self._parent_statements: dict[str, tuple[Any, Any]] = {}
-        # Built once: SQLAlchemy then reuses the compiled statement for every instance.
-        self._insert_instance = (
-            self._insert(_INSTANCE)
-            .on_conflict_do_nothing(index_elements=["sop_instance_uid"])
-            .returning(_INSTANCE.c.id)
-        )
+        self._parent_statements: dict[
+            tuple[str, tuple[str, ...]], tuple[_DirectStatement, _DirectStatement]
+        ] = {}
+        self._insert_instance: _DirectStatement | None = None
+        self._touch_study = _DirectStatement(_TOUCH_STUDY, db.engine, ["study_fk", "now"])
+        self._held = _DirectStatement(_HELD, db.engine, ["sop"])
 
     def ingest(
         self,
@@ -183,8 +243,7 @@ class IngestService:
         )
         try:
             if self.settings.duplicate_policy == "keep":
-                with self.db.engine.connect() as conn:
-                    held = conn.execute(_HELD, {"sop": parsed.sop_instance_uid}).first()
+                held = self._held.first_row(self.db.engine, {"sop": parsed.sop_instance_uid})
                 if held is not None:
                     return self._result(parsed, IngestOutcome.DUPLICATE)
 
@@ -284,7 +343,15 @@ class IngestService:
             "dicom_json": parsed.dicom_json,
             "received_at": now,
         }
-        inserted = conn.execute(self._insert_instance, values).first()
+        if self._insert_instance is None:
+            self._insert_instance = _DirectStatement(
+                self._insert(_INSTANCE)
+                .on_conflict_do_nothing(index_elements=["sop_instance_uid"])
+                .returning(_INSTANCE.c.id),
+                self.db.engine,
+                list(values),
+            )
+        inserted = self._insert_instance.execute(conn, values)
         outcome = IngestOutcome.STORED
         if inserted is None:
             if self.settings.duplicate_policy == "keep":
@@ -300,7 +367,7 @@ class IngestService:
         # enough, so a burst of instances updates the study row once per second, not each time.
         mono = time.monotonic()
         if mono - self._study_touched.get(study_fk, 0.0) >= 1.0 or not use_cache:
-            conn.execute(_TOUCH_STUDY, {"study_fk": study_fk, "now": now})
+            self._touch_study.execute(conn, {"study_fk": study_fk, "now": now})
             self._study_touched[study_fk] = mono
             if len(self._study_touched) > _PARENT_CACHE_SIZE:
                 self._study_touched.pop(next(iter(self._study_touched)))
@@ -313,26 +380,37 @@ class IngestService:
     ) -> int:
         if any(value is None for value in unique.values()):
             return self._get_or_create_null(conn, table, unique, values)
-        statements = self._parent_statements.get(table.name)
+        row = {**values, **unique}
+        shape = (table.name, tuple(row))
+        statements = self._parent_statements.get(shape)
         if statements is None:
-            # Built once per table: SQLAlchemy then reuses the compiled statements, where a
-            # statement built per call costs more to cache-key than to run.
+            # Compiled once per table (and set of columns).
             statements = (
-                select(table.c.id).where(*(table.c[name] == bindparam(name) for name in unique)),
-                self._insert(table)
-                .on_conflict_do_nothing(index_elements=list(unique))
-                .returning(table.c.id),
+                _DirectStatement(
+                    select(table.c.id).where(
+                        *(table.c[name] == bindparam(name) for name in unique)
+                    ),
+                    self.db.engine,
+                    list(unique),
+                ),
+                _DirectStatement(
+                    self._insert(table)
+                    .on_conflict_do_nothing(index_elements=list(unique))
+                    .returning(table.c.id),
+                    self.db.engine,
+                    list(row),
+                ),
             )
-            self._parent_statements[table.name] = statements
+            self._parent_statements[shape] = statements
         lookup, create = statements
-        row_id = conn.execute(lookup, unique).scalar()
-        if row_id is None:
+        found = lookup.execute(conn, unique)
+        if found is None:
             # Concurrent associations may create the same row: the unique constraint decides,
             # and the loser reads the winner's row.
-            row_id = conn.execute(create, {**values, **unique}).scalar()
-            if row_id is None:
-                row_id = conn.execute(lookup, unique).scalar_one()
-        return int(row_id)
+            found = create.execute(conn, row) or lookup.execute(conn, unique)
+            if found is None:
+                raise SQLAlchemyError(f"the {table.name} row {unique} vanished while created")
+        return int(found[0])
 
     def _get_or_create_null(
         self, conn: Connection, table: Table, unique: dict[str, Any], values: dict[str, Any]

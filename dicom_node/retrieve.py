@@ -60,6 +60,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 
 from archive import Archive
 from archive.blobstore import BlobStore
+from archive.dicom import part10_data_set_offset
 from archive.retrieve import (
     InvalidRetrieveIdentifier,
     RetrieveItem,
@@ -376,38 +377,6 @@ class SubOperationSender:
             fh.close()
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
-
-
-#: Explicit VRs with a reserved field and a 4-byte length (PS3.5 7.1.2).
-_LONG_VRS = frozenset(
-    (b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV")
-)
-
-
-def part10_data_set_offset(data: bytes) -> int | None:
-    """Where the data set of a Part-10 stream begins (PS3.10 7.1: 128-byte preamble, "DICM",
-    then the File Meta Information group in Explicit VR Little Endian, whose first element
-    (0002,0000) gives its length); None when the stream does not start that way or the
-    group's elements do not end exactly there."""
-    if len(data) < 144 or data[128:132] != b"DICM":
-        return None
-    # (0002,0000) UL, length 4.
-    if data[132:140] != b"\x02\x00\x00\x00UL\x04\x00":
-        return None
-    offset = 144 + int.from_bytes(data[140:144], "little")
-    if offset > len(data):
-        return None
-    position = 144
-    while position < offset:
-        if data[position : position + 2] != b"\x02\x00" or position + 8 > offset:
-            return None
-        if data[position + 4 : position + 6] in _LONG_VRS:
-            position += 12 + int.from_bytes(data[position + 8 : position + 12], "little")
-        else:
-            position += 8 + int.from_bytes(data[position + 6 : position + 8], "little")
-    if position != offset or data[offset : offset + 2] == b"\x02\x00":
-        return None
-    return offset
 
 
 def convert_to_uncompressed(data: bytes, target: UID, source_ae_title: str) -> bytes:

@@ -174,7 +174,7 @@ def test_part10_data_set_offset_matches_pynetdicom(tmp_path):
     own chunked sending finds."""
     from pynetdicom.dsutils import split_dataset
 
-    from dicom_node.retrieve import part10_data_set_offset
+    from archive.dicom import part10_data_set_offset
     from tests.dicom_factory import ct_slice
 
     path = tmp_path / "ct.dcm"
