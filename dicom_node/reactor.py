@@ -264,7 +264,7 @@ def _dul_run_reactor(self: DULServiceProvider) -> None:
                 # Encode and send one primitive, and receive and decode one PDU. (pynetdicom
                 # does one or the other: while a stream of responses keeps its send queue
                 # full, it never reads what the peer sends, a C-CANCEL say.) Their events are
-                # queued in that order and the state machine takes them one by one.
+                # queued in that order and the state machine takes them one by one, below.
                 if self._process_recv_primitive():
                     busy = True
                 if self._is_transport_event():
@@ -284,13 +284,22 @@ def _dul_run_reactor(self: DULServiceProvider) -> None:
                 _wake_association(self.assoc)
                 self._kill_thread = True
                 return
-            try:
-                event = self.event_queue.get(block=False)
-            except queue.Empty:
-                if not busy:
-                    _wait_for_work(self, wakeup)
-                continue
-            self.state_machine.do_action(event)
+            # Every queued event is acted on before the next pass: _process_recv_primitive
+            # only peeks at the primitive it queues Evt9 for (DT-1 takes it off the queue), so
+            # a pass that peeked again before then would queue a second Evt9 for the same
+            # primitive (pynetdicom's loop, which queues at most one event per pass, never
+            # does). A second DT-1 would then find the queue empty, or send a later primitive
+            # out of its order.
+            acted = False
+            while True:
+                try:
+                    event = self.event_queue.get(block=False)
+                except queue.Empty:
+                    break
+                self.state_machine.do_action(event)
+                acted = True
+            if not busy and not acted:
+                _wait_for_work(self, wakeup)
     finally:
         wakeup.close()
 
