@@ -570,6 +570,7 @@ def _results(
     needs_json: bool,
 ) -> Iterator[dict[str, Any]]:
     level = query.level
+    plan = _result_plan(query, return_keys)
     skipped = 0
     emitted = 0
     for chunk_start in range(0, len(rows), 500):
@@ -590,7 +591,7 @@ def _results(
                 if query.limit is not None and emitted >= query.limit:
                     return
             emitted += 1
-            yield _result(query, row, return_keys, computed.get(row["_id"], {}), document)
+            yield _result(plan, level, row, computed.get(row["_id"], {}), document)
 
 
 @functools.cache
@@ -888,14 +889,13 @@ def _column_json(keyword: str, vr: str, value: Any) -> dict[str, Any]:
     return {"vr": vr, "Value": [str(value)]}
 
 
-def _result(
-    query: Query,
-    row: Any,
-    return_keys: list[Key],
-    computed: dict[str, Any],
-    document: dict[str, Any],
-) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+# How one returned attribute is filled (see _result_plan).
+_FROM_COLUMN, _FROM_LIST, _FROM_COUNT, _FROM_DOCUMENT = range(4)
+
+
+def _result_plan(query: Query, return_keys: list[Key]) -> list[tuple[int, str, str, str]]:
+    """What each match returns, worked out once per query: (source, tag, keyword, VR) for
+    every requested key and the unique keys of the query level and the levels above."""
     level_index = _LEVEL_ORDER.index(query.level)
     wanted = list(return_keys)
     # The unique key of the query level (and of the levels above) is always returned.
@@ -903,6 +903,7 @@ def _result(
         unique_tag = int(tag_for_keyword(UNIQUE_KEYS[level]))  # type: ignore[arg-type]
         if not any(k.tag == unique_tag for k in wanted):
             wanted.append(Key(unique_tag, _vr(unique_tag)))
+    plan: list[tuple[int, str, str, str]] = []
     for key in wanted:
         keyword = key.keyword
         tag = f"{key.tag:08X}"
@@ -910,16 +911,34 @@ def _result(
             continue
         attr = INDEXED.get(keyword)
         if attr is not None and _LEVEL_ORDER.index(attr.level) <= level_index:
-            out[tag] = _column_json(keyword, key.vr, row[keyword])
+            plan.append((_FROM_COLUMN, tag, keyword, key.vr))
         elif keyword in COMPUTED:
+            listed = keyword in ("ModalitiesInStudy", "SOPClassesInStudy")
+            plan.append((_FROM_LIST if listed else _FROM_COUNT, tag, keyword, key.vr))
+        else:
+            plan.append((_FROM_DOCUMENT, tag, keyword, key.vr))
+    return plan
+
+
+def _result(
+    plan: list[tuple[int, str, str, str]],
+    level: QueryLevel,
+    row: Any,
+    computed: dict[str, Any],
+    document: dict[str, Any],
+) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for source, tag, keyword, vr in plan:
+        if source == _FROM_COLUMN:
+            out[tag] = _column_json(keyword, vr, row[keyword])
+        elif source == _FROM_LIST:
             value = computed.get(keyword)
-            if keyword in ("ModalitiesInStudy", "SOPClassesInStudy"):
-                out[tag] = {"vr": key.vr, "Value": value} if value else {"vr": key.vr}
-            else:
-                out[tag] = {"vr": key.vr, "Value": [int(value or 0)]}
+            out[tag] = {"vr": vr, "Value": value} if value else {"vr": vr}
+        elif source == _FROM_COUNT:
+            out[tag] = {"vr": vr, "Value": [int(computed.get(keyword) or 0)]}
         elif tag in document:
             out[tag] = document[tag]
         else:
-            out[tag] = {"vr": key.vr}
-    out["00080052"] = {"vr": "CS", "Value": [query.level.value]}
+            out[tag] = {"vr": vr}
+    out["00080052"] = {"vr": "CS", "Value": [level.value]}
     return out
