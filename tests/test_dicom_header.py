@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from archive.dicom import InvalidInstance, _fast_header, _pydicom_header, parse_header
 from tests.dicom_factory import ct_slice, iter_pydicom_test_files
@@ -49,7 +49,7 @@ def test_everyday_instances_take_the_fast_path(tmp_path: Path, syntax: str, char
         ds.SpecificCharacterSet = charset
     elif "SpecificCharacterSet" in ds:
         del ds.SpecificCharacterSet
-    ds.file_meta.TransferSyntaxUID = syntax
+    ds.file_meta.TransferSyntaxUID = UID(syntax)
     path = tmp_path / "ct.dcm"
     ds.save_as(path, enforce_file_format=True)
     data = path.read_bytes()
