@@ -12,6 +12,7 @@ A child stops when asked (SIGTERM) or when its parent goes away.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import multiprocessing
 import os
@@ -73,6 +74,8 @@ def _child(settings_data: dict[str, Any], parent: Connection) -> None:
         stop.set()
 
     threading.Thread(target=receive, name="dimse-handover", daemon=True).start()
+    gc.collect()
+    gc.freeze()  # as in `serve`: start-up objects stay out of every collection
     with send_lock:
         parent.send_bytes(_READY)
     log.info("DIMSE acceptor process started", extra={"pid": os.getpid()})
