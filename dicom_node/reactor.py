@@ -290,12 +290,20 @@ def _dul_run_reactor(self: DULServiceProvider) -> None:
             # primitive (pynetdicom's loop, which queues at most one event per pass, never
             # does). A second DT-1 would then find the queue empty, or send a later primitive
             # out of its order.
+            # Once an event has ended the connection (back in Sta1) the association kills
+            # this thread: what is still queued (a second Evt17 say) is left for the kill
+            # check at the top, as pynetdicom's loop does, rather than acted on in a state
+            # that has no transition for it.
             acted = False
-            while True:
+            while not self._kill_thread:
+                if acted and self.state_machine.current_state == "Sta1":
+                    break
                 try:
                     event = self.event_queue.get(block=False)
                 except queue.Empty:
                     break
+                if event == "Evt17" and self.state_machine.current_state == "Sta1":
+                    continue  # closed twice (a failed read and a failed select, say): no-op
                 self.state_machine.do_action(event)
                 acted = True
             if not busy and not acted:
