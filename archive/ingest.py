@@ -77,8 +77,20 @@ class _DirectStatement:
 
     def execute(self, conn: Connection, params: dict[str, Any]) -> Any:
         """Run the statement; returns the first row (for RETURNING) or None."""
+        return self._run(conn.connection.dbapi_connection, params)
+
+    def first_row(self, engine: Any, params: dict[str, Any]) -> Any:
+        """Run the statement on a pooled DBAPI connection of its own (no transaction is held
+        open); returns the first row or None."""
+        raw = engine.raw_connection()
+        try:
+            return self._run(raw, params)
+        finally:
+            raw.close()
+
+    def _run(self, dbapi_connection: Any, params: dict[str, Any]) -> Any:
         parameters = self._parameters(params)
-        cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        cursor = dbapi_connection.cursor()
         try:
             cursor.execute(self._sql, parameters)
             return cursor.fetchone() if cursor.description else None
@@ -88,25 +100,6 @@ class _DirectStatement:
             ) from exc
         finally:
             cursor.close()
-
-    def first_row(self, engine: Any, params: dict[str, Any]) -> Any:
-        """Run the statement on a pooled DBAPI connection of its own (no transaction is held
-        open); returns the first row or None."""
-        raw = engine.raw_connection()
-        try:
-            parameters = self._parameters(params)
-            cursor = raw.cursor()
-            try:
-                cursor.execute(self._sql, parameters)
-                return cursor.fetchone()
-            except self._dbapi_error as exc:
-                raise DBAPIError.instance(
-                    self._sql, parameters, exc, self._dbapi_error, dialect=self._dialect
-                ) from exc
-            finally:
-                cursor.close()
-        finally:
-            raw.close()
 
 
 IndexListener = Callable[[Connection, ParsedInstance, str], None]
