@@ -306,7 +306,11 @@ def parse_header(data: bytes) -> ParsedInstance:
     Raises :class:`InvalidInstance` when the stream is not DICOM or lacks the UIDs that identify
     the instance (PS3.4 C.6 unique keys) or the SOP Class.
     """
-    header = _fast_header(data) or _pydicom_header(data)
+    try:
+        fast = _fast_header(data)
+    except Exception:  # a value it cannot decode: pydicom's reading gives the verdict
+        fast = None
+    header = fast or _pydicom_header(data)
     j = dicom_json = header.dicom_json
     transfer_syntax = header.transfer_syntax
     pixel = _pixel_data_element(data, header)

@@ -88,3 +88,16 @@ def test_the_rest_is_left_to_pydicom(tmp_path: Path):
             parse_header(data[:cut])
     with pytest.raises(InvalidInstance, match="inside the Pixel Data"):
         parse_header(data[:-10])
+
+
+def test_undecodable_values_are_refused_as_not_understood(tmp_path: Path):
+    """Invalid UTF-8 in a UTF-8 data set: InvalidInstance (DIMSE 0xC000, STOW failure), not a
+    decoding error escaping from the fast path."""
+    ds = ct_slice(study_uid="1.2.3", series_uid="1.2.3.4", index=0, size=8)
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.PatientName = "ZZZZZZ^QQQQ"
+    path = tmp_path / "bad.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    data = path.read_bytes().replace(b"ZZZZZZ", b"\xff\xfe\xff\xfe\xff\xfe")
+    with pytest.raises(InvalidInstance):
+        parse_header(data)
