@@ -70,7 +70,12 @@ from archive.retrieve import (
 )
 from config import Settings
 from dicom_node.part10 import file_meta
-from dicom_node.pdata import c_store_request_command, pdata_pdus, plain_store_response_status
+from dicom_node.pdata import (
+    MAX_PREBUILT,
+    c_store_request_command,
+    pdata_pdus,
+    plain_store_response_status,
+)
 from dicom_node.reactor import SocketLease
 from dicom_node.services import Handler
 
@@ -224,6 +229,8 @@ class SubOperationSender:
         if context_id is None:
             return None
         try:
+            if path.stat().st_size > MAX_PREBUILT:
+                return None  # pynetdicom streams it from disk in PDU-sized reads
             data = path.read_bytes()
         except OSError as exc:
             raise SubOperationFailed(f"cannot read the stored file: {exc}") from exc
