@@ -69,6 +69,12 @@ class _WriterLock:
         finally:
             self._threads.release()
 
+    def close(self) -> None:
+        with self._threads:
+            if self._fd is not None and self._pid == os.getpid():
+                os.close(self._fd)
+            self._fd, self._pid = None, 0
+
 
 class Database:
     """The index database: an engine, a session factory and the write discipline.
@@ -185,6 +191,7 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+        self._write_lock.close()
 
 
 def alembic_config(engine: Engine) -> AlembicConfig:
