@@ -112,6 +112,26 @@ _PLAIN_STORE_RESPONSE_TAGS = frozenset(
 )
 
 
+def command_elements(
+    command: bytes | memoryview, allowed: frozenset[int]
+) -> dict[int, bytes] | None:
+    """The values of a command set's elements by tag (Implicit VR Little Endian, PS3.7 6.3.1);
+    None when it holds a tag outside ``allowed``, a tag twice, or is cut short."""
+    values: dict[int, bytes] = {}
+    offset, end = 0, len(command)
+    while offset < end:
+        if offset + 8 > end:
+            return None
+        group, element, length = struct.unpack_from("<HHL", command, offset)
+        tag = group << 16 | element
+        offset += 8
+        if tag not in allowed or tag in values or offset + length > end:
+            return None
+        values[tag] = bytes(command[offset : offset + length])
+        offset += length
+    return values
+
+
 def plain_store_response_status(pdu: bytes, message_id: int) -> int | None:
     """The Status of a C-STORE-RSP to ``message_id`` that arrives as one P-DATA-TF PDU with
     one command PDV and carries no optional status elements (ErrorComment, OffendingElement);
@@ -124,18 +144,9 @@ def plain_store_response_status(pdu: bytes, message_id: int) -> int | None:
     item_length = int.from_bytes(pdu[6:10], "big")
     if pdu_length != len(pdu) - 6 or item_length != pdu_length - 4 or pdu[11] & 0x03 != 0x03:
         return None
-    values: dict[int, bytes] = {}
-    offset, end = 12, len(pdu)
-    while offset < end:
-        if offset + 8 > end:
-            return None
-        group, elem, length = struct.unpack_from("<HHL", pdu, offset)
-        tag = group << 16 | elem
-        offset += 8
-        if tag not in _PLAIN_STORE_RESPONSE_TAGS or offset + length > end:
-            return None
-        values[tag] = pdu[offset : offset + length]
-        offset += length
+    values = command_elements(memoryview(pdu)[12:], _PLAIN_STORE_RESPONSE_TAGS)
+    if values is None:
+        return None
     try:
         fields = {
             tag: struct.unpack("<H", values[tag])[0]

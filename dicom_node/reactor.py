@@ -35,8 +35,11 @@ from typing import Any, cast
 
 from pynetdicom import evt
 from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
+
+from dicom_node import store_receive
 
 LOGGER = logging.getLogger("pynetdicom.dul")
 ASSOC_LOGGER = logging.getLogger("pynetdicom.assoc")
@@ -75,8 +78,9 @@ class SocketLease:
       is handed to the DUL as if the DUL had read it;
     - at the latest when the association thread finishes serving a request, and on kill.
 
-    The DUL grants a lease only in Sta6 and with nothing queued; otherwise the request is
-    refused and the holder uses the ordinary path. TLS sockets are never leased.
+    The DUL answers a request for the lease once nothing is queued for it (it first sends what
+    is), and grants it only in Sta6; otherwise the request is refused (or withdrawn after
+    ``GRANT_TIMEOUT``) and the holder uses the ordinary path. TLS sockets are never leased.
     """
 
     GRANT_TIMEOUT = 1.0
@@ -253,7 +257,9 @@ def _dul_run_reactor(self: DULServiceProvider) -> None:
                 self.assoc._dul_ready.set()
             if self._kill_thread:
                 break
-            if lease._requested:
+            if lease._requested and self.event_queue.empty() and self.to_provider_queue.empty():
+                # Granted once what is queued has been acted on (a response just queued by the
+                # thread that asks, say).
                 lease.serve_request()
                 continue
             # The ARTIM timer first, so that its event is queued ahead of any other.
@@ -350,6 +356,9 @@ def _assoc_run_reactor(self: Association) -> None:
         if msg:
             self._serve_request(msg, cast(int, context_id))
             self.dul._pb_lease.release()  # type: ignore[attr-defined]  # if a handler kept it
+            if type(msg) is C_STORE:
+                # More are likely to follow: receive them on this thread while they come.
+                store_receive.serve_stores(self)
             continue  # more requests may be waiting: release and abort are checked when idle
 
         if self.is_established and self.acse.is_release_requested():

@@ -31,7 +31,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from archive import Archive, IngestError, IngestErrorKind
 from archive.ingest import resolve_sop_classes
 from config import Settings
-from dicom_node import pdata, reactor, uids
+from dicom_node import pdata, reactor, store_receive, uids
 from dicom_node.part10 import file_meta
 from dicom_node.services import DimseService, default_services
 from dicom_node.sop_classes import storage_sop_classes
@@ -312,28 +312,54 @@ class DimseServer:
 
     def handle_store(self, event: Event) -> Dataset | int:
         request = cast(C_STORE, event.request)
-        calling = event.assoc.requestor.ae_title
         try:
-            # The data set exactly as received, in the DICOM File Format (PS3.10 7.1).
+            # The data set exactly as received (pynetdicom keeps it in memory, PS3.10 7.1).
             stream = cast(BytesIO, request.DataSet).getvalue()
-            data = (
-                file_meta(
-                    str(request.AffectedSOPClassUID),
-                    str(request.AffectedSOPInstanceUID),
-                    str(event.context.transfer_syntax),
-                    calling,
-                )
-                + stream
-            )
-        except Exception as exc:  # the stream could not be framed as a Part-10 file
+        except Exception as exc:
             log.warning("C-STORE without a usable data set", extra={"err": str(exc)})
             return _status(STATUS_CANNOT_UNDERSTAND, "no usable data set")
+        status, comment = self._store(
+            event.assoc.requestor.ae_title,
+            str(request.AffectedSOPClassUID),
+            str(request.AffectedSOPInstanceUID),
+            str(event.context.transfer_syntax),
+            stream,
+        )
+        return _status(status, comment) if comment else status
+
+    def store_received(
+        self,
+        assoc: Association,
+        context: PresentationContext,
+        request: store_receive.StoreRequest,
+        data_set: bytes,
+    ) -> tuple[int, str]:
+        """The C-STORE of a request read off the association's socket by
+        :mod:`dicom_node.store_receive`: (status, error comment or "")."""
+        return self._store(
+            assoc.requestor.ae_title,
+            request.sop_class_uid,
+            request.sop_instance_uid,
+            str(context.transfer_syntax[0]),  # the accepted one (PS3.8 9.3.3.2)
+            data_set,
+        )
+
+    def _store(
+        self, calling: str, sop_class: str, sop_instance: str, transfer_syntax: str, stream: bytes
+    ) -> tuple[int, str]:
+        """Store one received data set; (status, error comment or "") for the C-STORE-RSP."""
+        try:
+            # The data set in the DICOM File Format (PS3.10 7.1).
+            data = file_meta(sop_class, sop_instance, transfer_syntax, calling) + stream
+        except Exception as exc:  # the stream could not be framed as a Part-10 file
+            log.warning("C-STORE without a usable data set", extra={"err": str(exc)})
+            return STATUS_CANNOT_UNDERSTAND, "no usable data set"
         try:
             result = self.archive.ingest(
                 data,
                 calling_ae_title=calling,
-                expected_sop_class_uid=str(request.AffectedSOPClassUID),
-                expected_sop_instance_uid=str(request.AffectedSOPInstanceUID),
+                expected_sop_class_uid=sop_class,
+                expected_sop_instance_uid=sop_instance,
             )
         except IngestError as exc:
             status = _STATUS_FOR_ERROR[exc.kind]
@@ -341,15 +367,15 @@ class DimseServer:
                 "C-STORE refused",
                 extra={
                     "calling_ae": calling,
-                    "sop": str(request.AffectedSOPInstanceUID),
+                    "sop": sop_instance,
                     "status": f"0x{status:04X}",
                     "reason": exc.reason,
                 },
             )
-            return _status(status, exc.reason)
+            return status, exc.reason[:64]
         except Exception as exc:
-            log.exception("C-STORE failed", extra={"sop": str(request.AffectedSOPInstanceUID)})
-            return _status(STATUS_PROCESSING_FAILURE, f"processing failure: {type(exc).__name__}")
+            log.exception("C-STORE failed", extra={"sop": sop_instance})
+            return STATUS_PROCESSING_FAILURE, f"processing failure: {type(exc).__name__}"[:64]
         log.debug(
             "C-STORE",
             extra={
@@ -358,4 +384,4 @@ class DimseServer:
                 "outcome": result.outcome,
             },
         )
-        return STATUS_SUCCESS
+        return STATUS_SUCCESS, ""

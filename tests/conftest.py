@@ -189,6 +189,19 @@ def make_backend(request: pytest.FixtureRequest, tmp_path: Path):
 
 
 @pytest.fixture
+def chunked_send() -> Iterator[None]:
+    """Send files' data sets byte for byte as they are on disk (even when broken)."""
+    from pynetdicom import _config
+
+    old = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        yield
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = old
+
+
+@pytest.fixture
 def archive(backend: Backend) -> Iterator[Archive]:
     arc = Archive(backend.settings)
     yield arc

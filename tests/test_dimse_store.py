@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import pydicom
 import pytest
 from pydicom.filereader import read_preamble
 from pydicom.uid import UID, generate_uid
-from pynetdicom import AE, _config, build_context
+from pynetdicom import AE, build_context
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     CTImageStorage,
     MRImageStorage,
@@ -58,6 +57,14 @@ def stats(server: RunningServer) -> tuple[int, int, int, int]:
     try:
         st = archive.stats()
         return st.patients, st.studies, st.series, st.instances
+    finally:
+        archive.close()
+
+
+def blob_count(server: RunningServer) -> int:
+    archive = server.archive()
+    try:
+        return len(list(archive.blobs.keys()))
     finally:
         archive.close()
 
@@ -137,15 +144,6 @@ def _ae() -> AE:
     ae = AE(ae_title="PYNETDICOM")
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
     return ae
-
-
-@pytest.fixture
-def chunked_send() -> Iterator[None]:
-    """Send files' data sets byte for byte as they are on disk (even when broken)."""
-    old = _config.STORE_SEND_CHUNKED_DATASET
-    _config.STORE_SEND_CHUNKED_DATASET = True
-    yield
-    _config.STORE_SEND_CHUNKED_DATASET = old
 
 
 def test_pynetdicom_compressed_transfer_syntaxes(
@@ -266,11 +264,7 @@ def test_bad_input_gets_failure_status_and_association_goes_on(
     finally:
         assoc.release()
     assert stats(server)[3] == 1
-    archive = server.archive()
-    try:
-        assert len(list(archive.blobs.keys())) == 1
-    finally:
-        archive.close()
+    assert blob_count(server) == 1
     # And the next association works too.
     assoc = _ae().associate(
         "127.0.0.1",
