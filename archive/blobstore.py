@@ -98,6 +98,7 @@ class FileBlobStore:
     def __init__(self, root: Path, *, fsync: bool = True, min_free_bytes: int = 0) -> None:
         self.root = root.resolve()
         self.root.mkdir(parents=True, exist_ok=True)
+        self._root = str(self.root)
         self.fsync = fsync
         self.min_free_bytes = min_free_bytes
         self.url = self.root.as_uri()
@@ -106,12 +107,16 @@ class FileBlobStore:
         return self.root / _validate_key(key)
 
     def put(self, key: str, data: bytes) -> None:
-        path = self._path(key)
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}{self.TMP_SUFFIX}")
+        # Plain strings and os calls: for a small instance pathlib's objects cost as much as
+        # the write itself.
+        path = os.path.join(self._root, _validate_key(key))
+        folder, name = os.path.split(path)
+        tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex}{self.TMP_SUFFIX}")
+        written_to_tmp = False
         try:
             try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                fd = self._create(folder, tmp)
+                written_to_tmp = True
                 try:
                     view = memoryview(data)
                     while view:
@@ -122,8 +127,9 @@ class FileBlobStore:
                 finally:
                     os.close(fd)
                 os.replace(tmp, path)
+                written_to_tmp = False
                 if self.fsync:
-                    dfd = os.open(path.parent, os.O_RDONLY)
+                    dfd = os.open(folder, os.O_RDONLY)
                     try:
                         os.fsync(dfd)
                     finally:
@@ -133,8 +139,19 @@ class FileBlobStore:
                     raise OutOfSpace(f"no space left in {self.root}") from exc
                 raise BlobStoreError(f"cannot write {key}: {exc}") from exc
         finally:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
+            if written_to_tmp:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+
+    @staticmethod
+    def _create(folder: str, tmp: str) -> int:
+        """Create ``tmp`` in ``folder``, creating the folder when it is missing."""
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+        try:
+            return os.open(tmp, flags, 0o644)
+        except FileNotFoundError:
+            os.makedirs(folder, exist_ok=True)
+            return os.open(tmp, flags, 0o644)
 
     def open(self, key: str, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
         path = self._path(key)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import sqlite3
@@ -166,6 +167,17 @@ class Database:
             with self._write_engine.begin() as conn:
                 yield conn
 
+    @contextmanager
+    def direct(self) -> Iterator[DirectConnection]:
+        """A pooled DBAPI connection for statements run on the driver itself (the ingest hot
+        path, ``archive.ingest._DirectStatement``): SQLAlchemy's Connection and transaction
+        objects, and their events, cost more than the few statements an instance needs."""
+        pooled = self.engine.raw_connection()
+        try:
+            yield DirectConnection(self, pooled.dbapi_connection)
+        finally:
+            pooled.close()  # the pool rolls back whatever is left open
+
     def upgrade(self) -> None:
         """Bring the schema to the newest Alembic revision.
 
@@ -192,6 +204,45 @@ class Database:
     def dispose(self) -> None:
         self.engine.dispose()
         self._write_lock.close()
+
+
+class DirectConnection:
+    """A DBAPI connection of :meth:`Database.direct`. Outside :meth:`transaction` a statement
+    runs on its own on SQLite (autocommit); on PostgreSQL the driver opens a transaction that
+    :meth:`transaction` then completes."""
+
+    def __init__(self, db: Database, dbapi: Any) -> None:
+        self.db = db
+        self.dbapi = dbapi
+        self._error: type[Exception] = db.engine.dialect.loaded_dbapi.Error
+
+    @contextmanager
+    def transaction(self) -> Iterator[Any]:
+        """One write transaction (``BEGIN IMMEDIATE`` and the writer lock on SQLite):
+        committed when the block ends, rolled back when it raises. Driver errors of the begin
+        and the commit are raised as SQLAlchemy's."""
+        dbapi = self.dbapi
+        if self.db.is_sqlite:
+            with self.db._write_lock:
+                self._on_driver("BEGIN IMMEDIATE", dbapi.execute, "BEGIN IMMEDIATE")
+                yield from self._committed()
+        else:
+            yield from self._committed()  # psycopg2 began with the first statement
+
+    def _committed(self) -> Iterator[Any]:
+        try:
+            yield self.dbapi
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.dbapi.rollback()
+            raise
+        self._on_driver("COMMIT", self.dbapi.commit)
+
+    def _on_driver(self, statement: str, call: Any, *args: Any) -> Any:
+        try:
+            return call(*args)
+        except self._error as exc:
+            raise DBAPIError.instance(statement, (), exc, self._error) from exc
 
 
 def alembic_config(engine: Engine) -> AlembicConfig:

@@ -25,7 +25,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 
 from archive.blobstore import BlobStore, BlobStoreError, OutOfSpace, instance_key
-from archive.db import Database
+from archive.db import Database, DirectConnection
 from archive.dicom import InvalidInstance, ParsedInstance, parse_header, valid_uid
 from archive.models import Instance, Patient, PendingBlobDeletion, Series, Study
 from config import Settings
@@ -67,26 +67,46 @@ class _DirectStatement:
         self._processors = dict(compiled._bind_processors)
         self._dbapi_error = dialect.loaded_dbapi.Error
         self._dialect = dialect
+        # When every bind parameter is a value the caller passes (no literal in the statement),
+        # its parameters are the caller's values through their processors, in the driver's
+        # order: no need for SQLAlchemy's general construct_params.
+        self._plan: list[tuple[str, Any]] | None = None
+        if all(
+            name == b.key
+            and (b.required or b.value is None)
+            and b.callable is None
+            and not b.expanding
+            for name, b in compiled.binds.items()
+        ):
+            names = self._positions or list(compiled.binds)
+            self._plan = [(name, self._processors.get(name)) for name in names]
 
     def _parameters(self, params: dict[str, Any]) -> Any:
+        if self._plan is not None:
+            try:
+                values = [
+                    params[name] if process is None else process(params[name])
+                    for name, process in self._plan
+                ]
+            except KeyError:
+                pass  # a missing parameter: SQLAlchemy's message
+            else:
+                if self._positions is not None:
+                    return tuple(values)
+                return dict(zip((name for name, _ in self._plan), values, strict=True))
         bound = self._compiled.construct_params(params)
         for name, process in self._processors.items():
             if name in bound:
                 bound[name] = process(bound[name])
         return bound if self._positions is None else tuple(bound[n] for n in self._positions)
 
-    def execute(self, conn: Connection, params: dict[str, Any]) -> Any:
-        """Run the statement; returns the first row (for RETURNING) or None."""
-        return self._run(conn.connection.dbapi_connection, params)
-
-    def first_row(self, engine: Any, params: dict[str, Any]) -> Any:
-        """Run the statement on a pooled DBAPI connection of its own (no transaction is held
-        open); returns the first row or None."""
-        raw = engine.raw_connection()
-        try:
-            return self._run(raw, params)
-        finally:
-            raw.close()
+    def execute(self, conn: Connection | Any, params: dict[str, Any]) -> Any:
+        """Run the statement in the transaction of ``conn`` (a SQLAlchemy connection or a DBAPI
+        connection of ``Database.direct``); returns the first row (for RETURNING) or
+        None."""
+        if isinstance(conn, Connection):
+            conn = conn.connection.dbapi_connection
+        return self._run(conn, params)
 
     def _run(self, dbapi_connection: Any, params: dict[str, Any]) -> Any:
         parameters = self._parameters(params)
@@ -101,6 +121,14 @@ class _DirectStatement:
         finally:
             cursor.close()
 
+
+class _NeedsConnection(Exception):
+    """Raised inside a direct (DBAPI) index transaction by a step that needs a SQLAlchemy
+    connection; the transaction is rolled back and run again on one."""
+
+
+IndexWriter = Connection | Any
+"""A SQLAlchemy connection, or a DBAPI connection of ``Database.direct``."""
 
 IndexListener = Callable[[Connection, ParsedInstance, str], None]
 """``(connection, parsed instance, calling AE title)``, inside the ingest transaction."""
@@ -235,21 +263,19 @@ class IngestService:
             parsed.study_instance_uid, parsed.series_instance_uid, parsed.sop_instance_uid
         )
         try:
-            if self.settings.duplicate_policy == "keep":
-                held = self._held.first_row(self.db.engine, {"sop": parsed.sop_instance_uid})
-                if held is not None:
-                    return self._result(parsed, IngestOutcome.DUPLICATE)
-
-            self.blobs.check_space(len(data))
-            self.blobs.put(key, data)
-            try:
-                with self.db.write_connection() as conn:
-                    outcome = self._index(conn, parsed, key, calling_ae_title, use_cache=True)
-            except IntegrityError:
-                # A cached parent row was deleted by another process: look everything up again.
-                self._parents.clear()
-                with self.db.write_connection() as conn:
-                    outcome = self._index(conn, parsed, key, calling_ae_title, use_cache=False)
+            with self.db.direct() as direct:
+                if self.settings.duplicate_policy == "keep":
+                    held = self._held.execute(direct.dbapi, {"sop": parsed.sop_instance_uid})
+                    if held is not None:
+                        return self._result(parsed, IngestOutcome.DUPLICATE)
+                self.blobs.check_space(len(data))
+                self.blobs.put(key, data)
+                outcome = self._index_direct(direct, parsed, key, calling_ae_title)
+            if outcome is None:
+                # After a direct attempt its cached ids may be gone: look everything up again.
+                outcome = self._index_on_connection(
+                    parsed, key, calling_ae_title, use_cache=bool(self.listeners)
+                )
         except OutOfSpace as exc:
             raise IngestError(IngestErrorKind.OUT_OF_RESOURCES, str(exc)) from exc
         except BlobStoreError as exc:
@@ -261,6 +287,36 @@ class IngestService:
                 IngestErrorKind.OUT_OF_RESOURCES, f"index unavailable: {type(exc).__name__}"
             ) from exc
         return self._result(parsed, outcome)
+
+    def _index_direct(
+        self, direct: DirectConnection, parsed: ParsedInstance, key: str, calling_ae_title: str
+    ) -> IngestOutcome | None:
+        """Index a stored blob in one transaction on the driver directly; None when it must
+        run on a SQLAlchemy connection instead: listeners need one, and so do the rare steps
+        (an overwrite, a patient without an ID) and a cached parent row that is gone."""
+        if self.listeners:
+            return None
+        try:
+            with direct.transaction() as dbapi:
+                return self._index(dbapi, parsed, key, calling_ae_title, use_cache=True)
+        except _NeedsConnection:
+            return None
+        except IntegrityError:
+            self._parents.clear()  # a cached parent row was deleted by another process
+            return None
+
+    def _index_on_connection(
+        self, parsed: ParsedInstance, key: str, calling_ae_title: str, *, use_cache: bool
+    ) -> IngestOutcome:
+        if use_cache:
+            try:
+                with self.db.write_connection() as conn:
+                    return self._index(conn, parsed, key, calling_ae_title, use_cache=True)
+            except IntegrityError:
+                # A cached parent row was deleted by another process: look everything up again.
+                self._parents.clear()
+        with self.db.write_connection() as conn:
+            return self._index(conn, parsed, key, calling_ae_title, use_cache=False)
 
     def forget_cached_parents(self) -> None:
         """Drop cached patient/study/series ids (after deletes)."""
@@ -280,7 +336,7 @@ class IngestService:
         )
 
     def _parent_ids(
-        self, conn: Connection, parsed: ParsedInstance, now: datetime
+        self, conn: IndexWriter, parsed: ParsedInstance, now: datetime
     ) -> tuple[int, int]:
         """(series id, study id), creating patient, study and series rows as needed."""
         patient_fk = self._get_or_create(
@@ -308,7 +364,7 @@ class IngestService:
 
     def _index(
         self,
-        conn: Connection,
+        conn: IndexWriter,
         parsed: ParsedInstance,
         key: str,
         calling_ae_title: str,
@@ -350,6 +406,8 @@ class IngestService:
             if self.settings.duplicate_policy == "keep":
                 # Another association stored it between our check and our insert.
                 return IngestOutcome.DUPLICATE
+            if not isinstance(conn, Connection):
+                raise _NeedsConnection
             where = _INSTANCE.c.sop_instance_uid == parsed.sop_instance_uid
             old_key = conn.execute(select(_INSTANCE.c.blob_key).where(where)).scalar_one()
             conn.execute(update(_INSTANCE).where(where).values(**values))
@@ -365,11 +423,11 @@ class IngestService:
             if len(self._study_touched) > _PARENT_CACHE_SIZE:
                 self._study_touched.pop(next(iter(self._study_touched)))
         for listener in self.listeners:
-            listener(conn, parsed, calling_ae_title)
+            listener(cast(Connection, conn), parsed, calling_ae_title)
         return outcome
 
     def _get_or_create(
-        self, conn: Connection, table: Table, unique: dict[str, Any], values: dict[str, Any]
+        self, conn: IndexWriter, table: Table, unique: dict[str, Any], values: dict[str, Any]
     ) -> int:
         if any(value is None for value in unique.values()):
             return self._get_or_create_null(conn, table, unique, values)
@@ -406,8 +464,10 @@ class IngestService:
         return int(found[0])
 
     def _get_or_create_null(
-        self, conn: Connection, table: Table, unique: dict[str, Any], values: dict[str, Any]
+        self, conn: IndexWriter, table: Table, unique: dict[str, Any], values: dict[str, Any]
     ) -> int:
+        if not isinstance(conn, Connection):
+            raise _NeedsConnection
         where = [table.c[name] == value for name, value in unique.items()]  # IS NULL for None
         row_id = conn.execute(select(table.c.id).where(*where)).scalar()
         if row_id is not None:

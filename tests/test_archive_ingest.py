@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -266,6 +267,48 @@ def test_delete_levels_remove_rows_and_blobs(archive: Archive, tmp_path: Path):
     assert archive.delete_study(study) == 0
 
 
+def test_instances_without_patient_id_share_one_patient_row(archive: Archive, tmp_path: Path):
+    # Patient ID is type 2 (PS3.3 C.7.1.1): missing or empty, it is indexed as "".
+    study = generate_uid()
+    uids = []
+    for index in range(2):
+        ds = ct_slice(study_uid=study, series_uid=generate_uid(), index=index)
+        del ds.PatientID
+        uids.append(ds.SOPInstanceUID)
+        assert archive.ingest(_bytes(ds, tmp_path)).outcome is IngestOutcome.STORED
+    with archive.db.session() as s:
+        patients = s.scalars(select(Patient)).all()
+        assert [p.patient_id for p in patients] == [""]
+        stored = s.scalars(select(Instance.sop_instance_uid)).all()
+    assert sorted(stored) == sorted(uids)
+
+
+def test_parent_rows_deleted_by_another_process_are_created_again(
+    backend, archive: Archive, tmp_path: Path
+):
+    # Two archives on one index stand for two processes: the first caches the ids of the
+    # patient, study and series rows that the second then deletes.
+    study, series = generate_uid(), generate_uid()
+    first = ct_slice(study_uid=study, series_uid=series, index=0)
+    assert archive.ingest(_bytes(first, tmp_path)).outcome is IngestOutcome.STORED
+    other = Archive(backend.settings, migrate=False)
+    try:
+        assert other.delete_study(study) == 1
+    finally:
+        other.close()
+    second = ct_slice(study_uid=study, series_uid=series, index=1)
+    assert archive.ingest(_bytes(second, tmp_path)).outcome is IngestOutcome.STORED
+    with archive.db.session() as s:
+        row = s.execute(
+            select(Series.series_instance_uid, Study.study_instance_uid)
+            .join(Study, Series.study_fk == Study.id)
+            .join(Instance, Instance.series_fk == Series.id)
+            .where(Instance.sop_instance_uid == second.SOPInstanceUID)
+        ).one()
+    assert tuple(row) == (series, study)
+    assert archive.stats().instances == 1
+
+
 def test_reconcile_indexes_orphan_blobs_and_finishes_deletions(archive: Archive, tmp_path: Path):
     kept, orphan = write_series(tmp_path / "a", 2)
     archive.ingest(kept.read_bytes())
@@ -304,3 +347,51 @@ def test_concurrent_start_up_migrations(make_backend, index: str):
     archive = Archive(backend.settings, migrate=False)
     assert archive.stats().instances == 0
     archive.close()
+
+
+@pytest.mark.parametrize("url", ["sqlite://", "postgresql+psycopg2://pb@127.0.0.1/none"])
+def test_direct_statement_parameters_are_sqlalchemys(url: str):
+    """The ingest statements' parameters, built without construct_params, are what
+    SQLAlchemy would send the driver for the same values (JSON and date-time processing)."""
+    from datetime import UTC, datetime
+
+    from sqlalchemy import bindparam, create_engine, insert, update
+    from sqlalchemy.dialects import postgresql
+    from sqlalchemy.dialects import sqlite as sqlite_dialect
+
+    from archive.ingest import _DirectStatement
+
+    engine = create_engine(url)  # never connects: statements are only compiled
+    table: Any = Instance.__table__
+    values = {
+        "sop_instance_uid": "1.2.3",
+        "series_fk": 7,
+        "dicom_json": {"00080018": {"vr": "UI", "Value": ["1.2.3"]}},
+        "received_at": datetime(2026, 11, 22, 8, 30, 1, 123456, tzinfo=UTC),
+        "calling_ae_title": None,
+    }
+    dialect_insert = postgresql.insert if url.startswith("postgresql") else sqlite_dialect.insert
+    statements: list[tuple[Any, dict[str, Any], bool]] = [
+        (dialect_insert(table).on_conflict_do_nothing().returning(table.c.id), values, True),
+        (
+            update(table)
+            .where(table.c.id == bindparam("row"))
+            .values(received_at=bindparam("now")),
+            {"row": 3, "now": values["received_at"]},
+            True,
+        ),
+        # A literal in the statement: SQLAlchemy's construct_params builds the parameters.
+        (insert(table).values(series_fk=5), {"sop_instance_uid": "1.2.4"}, False),
+    ]
+    for statement, params, planned in statements:
+        direct = _DirectStatement(statement, engine, list(params))
+        assert (direct._plan is not None) is planned
+        compiled = direct._compiled
+        expected = compiled.construct_params(params)
+        for name, process in compiled._bind_processors.items():
+            if name in expected:
+                expected[name] = process(expected[name])
+        if compiled.positional:
+            expected = tuple(expected[n] for n in compiled.positiontup)
+        assert direct._parameters(params) == expected
+    engine.dispose()
