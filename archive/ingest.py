@@ -337,9 +337,10 @@ class IngestService:
 
     def _parent_ids(
         self, conn: IndexWriter, parsed: ParsedInstance, now: datetime
-    ) -> tuple[int, int]:
-        """(series id, study id), creating patient, study and series rows as needed."""
-        patient_fk = self._get_or_create(
+    ) -> tuple[int, int, bool]:
+        """(series id, study id, whether the study row was created), creating patient, study
+        and series rows as needed."""
+        patient_fk, _ = self._get_or_create(
             conn,
             _PATIENT,
             {
@@ -348,19 +349,22 @@ class IngestService:
             },
             parsed.patient,
         )
-        study_fk = self._get_or_create(
+        study_fk, study_created = self._get_or_create(
             conn,
             _STUDY,
             {"study_instance_uid": parsed.study_instance_uid},
             {**parsed.study, "patient_fk": patient_fk, "created_at": now, "updated_at": now},
         )
-        series_fk = self._get_or_create(
+        # A series reaches this point with its first instance (later ones find its id in the
+        # cache): it is almost always new, so try to create it first.
+        series_fk, _ = self._get_or_create(
             conn,
             _SERIES,
             {"series_instance_uid": parsed.series_instance_uid},
             {**parsed.series, "study_fk": study_fk},
+            create_first=True,
         )
-        return series_fk, study_fk
+        return series_fk, study_fk, study_created
 
     def _index(
         self,
@@ -373,9 +377,10 @@ class IngestService:
     ) -> IngestOutcome:
         now = datetime.now(UTC)
         cached = self._parents.get(parsed.series_instance_uid) if use_cache else None
+        study_created = False
         if cached is None:
-            cached = self._parent_ids(conn, parsed, now)
-            self._parents[parsed.series_instance_uid] = cached
+            series_fk, study_fk, study_created = self._parent_ids(conn, parsed, now)
+            cached = self._parents[parsed.series_instance_uid] = (series_fk, study_fk)
             if len(self._parents) > _PARENT_CACHE_SIZE:
                 self._parents.pop(next(iter(self._parents)))
         series_fk, study_fk = cached
@@ -416,9 +421,11 @@ class IngestService:
             outcome = IngestOutcome.OVERWRITTEN
         # Stable-study detection needs to know when the study last grew; a second is precise
         # enough, so a burst of instances updates the study row once per second, not each time.
+        # A study row created in this transaction already says "now" and "not stable".
         mono = time.monotonic()
-        if mono - self._study_touched.get(study_fk, 0.0) >= 1.0 or not use_cache:
-            self._touch_study.execute(conn, {"study_fk": study_fk, "now": now})
+        if study_created or mono - self._study_touched.get(study_fk, 0.0) >= 1.0 or not use_cache:
+            if not study_created:
+                self._touch_study.execute(conn, {"study_fk": study_fk, "now": now})
             self._study_touched[study_fk] = mono
             if len(self._study_touched) > _PARENT_CACHE_SIZE:
                 self._study_touched.pop(next(iter(self._study_touched)))
@@ -427,8 +434,15 @@ class IngestService:
         return outcome
 
     def _get_or_create(
-        self, conn: IndexWriter, table: Table, unique: dict[str, Any], values: dict[str, Any]
-    ) -> int:
+        self,
+        conn: IndexWriter,
+        table: Table,
+        unique: dict[str, Any],
+        values: dict[str, Any],
+        *,
+        create_first: bool = False,
+    ) -> tuple[int, bool]:
+        """(row id, whether this call created the row)."""
         if any(value is None for value in unique.values()):
             return self._get_or_create_null(conn, table, unique, values)
         row = {**values, **unique}
@@ -454,30 +468,34 @@ class IngestService:
             )
             self._parent_statements[shape] = statements
         lookup, create = statements
+        found = None if create_first else lookup.execute(conn, unique)
+        if found is not None:
+            return int(found[0]), False
+        # Concurrent associations may create the same row: the unique constraint decides, and
+        # the loser reads the winner's row.
+        created = create.execute(conn, row)
+        if created is not None:
+            return int(created[0]), True
         found = lookup.execute(conn, unique)
         if found is None:
-            # Concurrent associations may create the same row: the unique constraint decides,
-            # and the loser reads the winner's row.
-            found = create.execute(conn, row) or lookup.execute(conn, unique)
-            if found is None:
-                raise SQLAlchemyError(f"the {table.name} row {unique} vanished while created")
-        return int(found[0])
+            raise SQLAlchemyError(f"the {table.name} row {unique} vanished while created")
+        return int(found[0]), False
 
     def _get_or_create_null(
         self, conn: IndexWriter, table: Table, unique: dict[str, Any], values: dict[str, Any]
-    ) -> int:
+    ) -> tuple[int, bool]:
         if not isinstance(conn, Connection):
             raise _NeedsConnection
         where = [table.c[name] == value for name, value in unique.items()]  # IS NULL for None
         row_id = conn.execute(select(table.c.id).where(*where)).scalar()
         if row_id is not None:
-            return int(row_id)
-        conn.execute(
+            return int(row_id), False
+        inserted = conn.execute(
             self._insert(table)
             .values(**{**values, **unique})
             .on_conflict_do_nothing(index_elements=list(unique))
-        )
-        return int(conn.execute(select(table.c.id).where(*where)).scalar_one())
+        ).rowcount
+        return int(conn.execute(select(table.c.id).where(*where)).scalar_one()), inserted == 1
 
 
 def resolve_sop_classes(values: list[str]) -> frozenset[str]:
