@@ -84,6 +84,8 @@ class SocketLease:
     """
 
     GRANT_TIMEOUT = 1.0
+    #: Bytes asked of the socket per read.
+    CHUNK = 256 * 1024
 
     def __init__(self, dul: DULServiceProvider) -> None:
         self.dul = dul
@@ -94,6 +96,8 @@ class SocketLease:
         self._returned = threading.Event()
         self.socket: socket.socket | None = None
         self._lock = threading.Lock()
+        self._buffer = bytearray()  # read from the socket, not yet taken as a PDU
+        self._chunk: memoryview | None = None  # allocated with the first read
 
     @property
     def held_here(self) -> bool:
@@ -133,49 +137,89 @@ class SocketLease:
 
     def read_pdu(self, timeout: float | None) -> bytes | None:
         """One whole PDU, or None when the peer is silent for ``timeout`` seconds or the
-        connection is gone (the lease is then released, the connection error passed on)."""
+        connection is gone (the lease is then released, the connection error passed on).
+
+        The socket is read in large chunks: a small instance's command and data set PDUs
+        usually arrive in one. What is read beyond the PDUs the holder takes is handed to the
+        DUL with the socket (:meth:`release`)."""
         sock = self.socket
         assert sock is not None
         try:
-            if timeout is not None:
-                ready, _, _ = select.select([sock], [], [], timeout)
-                if not ready:
-                    return None
-            header = self._recv_exactly(sock, 6)
-            length = int.from_bytes(header[2:6], "big")
-            return bytes(header) + bytes(self._recv_exactly(sock, length))
+            while True:
+                pdu = self._take_pdu()
+                if pdu is not None:
+                    return pdu
+                if timeout is not None:
+                    ready, _, _ = select.select([sock], [], [], timeout)
+                    if not ready:
+                        return None
+                self._receive(sock)
         except (OSError, EOFError, ValueError):
             self.release(connection_lost=True)
             return None
 
-    @staticmethod
-    def _recv_exactly(sock: socket.socket, size: int) -> bytearray:
-        buffer = bytearray(size)
-        view = memoryview(buffer)
-        got = 0
-        while got < size:
-            n = sock.recv_into(view[got:])
-            if not n:
-                raise EOFError("the peer closed the connection")
-            got += n
-        return buffer
+    def _receive(self, sock: socket.socket) -> None:
+        if self._chunk is None:
+            self._chunk = memoryview(bytearray(self.CHUNK))
+        received = sock.recv_into(self._chunk)
+        if not received:
+            raise EOFError("the peer closed the connection")
+        self._buffer += self._chunk[:received]
+
+    def _take_pdu(self) -> bytes | None:
+        """The first whole PDU of the buffer, taken off it (PS3.8 9.3.1: type, reserved,
+        32-bit length of the rest)."""
+        buffer = self._buffer
+        if len(buffer) < 6:
+            return None
+        size = 6 + int.from_bytes(buffer[2:6], "big")
+        if len(buffer) < size:
+            return None
+        pdu = bytes(buffer[:size])
+        del buffer[:size]
+        return pdu
+
+    def _drain(self, timeout: float) -> list[bytes]:
+        """The whole PDUs read into the buffer and not taken, the last one completed from
+        the socket when it arrived only in part."""
+        sock = self.socket
+        assert sock is not None
+        pdus = []
+        while self._buffer:
+            pdu = self._take_pdu()
+            if pdu is None:
+                ready, _, _ = select.select([sock], [], [], timeout)
+                if not ready:
+                    raise TimeoutError("the peer stopped in the middle of a PDU")
+                self._receive(sock)
+                continue
+            pdus.append(pdu)
+        return pdus
 
     def release(self, unhandled_pdu: bytes | None = None, *, connection_lost: bool = False) -> None:
-        """Give the socket back to the DUL thread, with a PDU read but not handled."""
+        """Give the socket back to the DUL thread, with a PDU read but not handled and any
+        read after it."""
         if not self.held_here:
             return
+        dul = self.dul
+        pending = [] if unhandled_pdu is None else [unhandled_pdu]
+        if not connection_lost:
+            try:
+                pending += self._drain(dul.assoc.network_timeout or 60.0)
+            except (OSError, EOFError, ValueError):
+                connection_lost = True
+        self._buffer.clear()
         self.holder = None
         self.socket = None
-        dul = self.dul
-        if unhandled_pdu is not None:
+        for pdu in pending:
             # What DULServiceProvider._read_pdu_data does with a PDU it reads.
             try:
-                pdu, event = dul._decode_pdu(bytearray(unhandled_pdu))
+                decoded, event = dul._decode_pdu(bytearray(pdu))
             except Exception:
                 LOGGER.exception("Unable to decode the received PDU data")
                 dul.event_queue.put("Evt19")
             else:
-                dul._recv_pdu.put(pdu)
+                dul._recv_pdu.put(decoded)
                 dul.event_queue.put(event)
         if connection_lost:
             dul.event_queue.put("Evt17")
