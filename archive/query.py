@@ -518,7 +518,7 @@ def find(db: Database, query: Query) -> Iterator[dict[str, Any]]:
     ]
     by_keyword = {m.key.keyword: m for m in matchers}
 
-    stmt, ids = _base_select(level)
+    stmt, ids, positions = _base_select(level)
     conditions: list[ColumnElement[bool]] = []
     json_matchers: list[_Matcher] = []
     combined: set[str] = set()
@@ -557,29 +557,30 @@ def find(db: Database, query: Query) -> Iterator[dict[str, Any]]:
         for k in return_keys
     )
     with db.engine.connect() as conn:
-        rows = conn.execute(stmt).mappings().all()
-    yield from _results(db, query, rows, return_keys, json_matchers, needs_json)
+        rows = conn.execute(stmt).all()  # rows read by position: by name costs more
+    yield from _results(db, query, rows, positions, return_keys, json_matchers, needs_json)
 
 
 def _results(
     db: Database,
     query: Query,
     rows: Sequence[Any],
+    positions: dict[str, int],
     return_keys: list[Key],
     json_matchers: list[_Matcher],
     needs_json: bool,
 ) -> Iterator[dict[str, Any]]:
     level = query.level
-    plan = _result_plan(query, return_keys)
+    plan = _result_plan(query, return_keys, positions)
     skipped = 0
     emitted = 0
     for chunk_start in range(0, len(rows), 500):
         chunk = rows[chunk_start : chunk_start + 500]
-        ids = [row["_id"] for row in chunk]
+        ids = [row[0] for row in chunk]
         computed = _computed_values(db, level, ids, return_keys)
         documents = _representative_json(db, level, ids) if needs_json else {}
         for row in chunk:
-            document = documents.get(row["_id"], {})
+            document = documents.get(row[0], {})
             if json_matchers and not all(
                 _match_text(m, _json_texts(document.get(f"{m.key.tag:08X}"))) for m in json_matchers
             ):
@@ -591,14 +592,18 @@ def _results(
                 if query.limit is not None and emitted >= query.limit:
                     return
             emitted += 1
-            yield _result(plan, level, row, computed.get(row["_id"], {}), document)
+            yield _result(plan, level, row, computed.get(row[0], {}), document)
 
 
 @functools.cache
-def _base_select(level: QueryLevel) -> tuple[Select[Any], Any]:
+def _base_select(level: QueryLevel) -> tuple[Select[Any], Any, dict[str, int]]:
+    """The select of a level's indexed attributes, its id column, and the position of each
+    attribute in its rows (the id comes first)."""
     columns: list[Any] = []
+    positions: dict[str, int] = {}
     for attr in INDEXED.values():
         if _LEVEL_ORDER.index(attr.level) <= _LEVEL_ORDER.index(level):
+            positions[attr.keyword] = len(columns) + 1
             columns.append(attr.column.label(attr.keyword))  # type: ignore[union-attr]
     if level is QueryLevel.PATIENT:
         ids = Patient.id
@@ -621,12 +626,19 @@ def _base_select(level: QueryLevel) -> tuple[Select[Any], Any]:
             .join(Study, Series.study_fk == Study.id)
             .join(Patient, Study.patient_fk == Patient.id)
         )
-    return stmt, ids
+    return stmt, ids, positions
+
+
+@functools.cache
+def _alias(model: Any, use: str) -> Any:
+    """One alias of ``model`` per use, made once: an alias adapts its columns on first use,
+    which costs more than the rest of building a condition on it."""
+    return aliased(model, name=f"{use}_{model.__tablename__}")
 
 
 def _computed_condition(keyword: str, m: _Matcher) -> ColumnElement[bool]:
     if keyword == "ModalitiesInStudy":
-        s = aliased(Series)
+        s = _alias(Series, "modalities")
         values = list(m.values)
         if m.kind == "wildcard":
             cond = s.modality.like(_like_pattern(values[0]), escape="\\")
@@ -634,7 +646,7 @@ def _computed_condition(keyword: str, m: _Matcher) -> ColumnElement[bool]:
             cond = s.modality.in_([v for part in values for v in part.split("\\")])
         return exists(select(literal(1)).where(s.study_fk == Study.id, cond))
     if keyword == "SOPClassesInStudy":
-        s, i = aliased(Series), aliased(Instance)
+        s, i = _alias(Series, "sop_classes"), _alias(Instance, "sop_classes")
         return exists(
             select(literal(1))
             .select_from(i)
@@ -893,9 +905,12 @@ def _column_json(keyword: str, vr: str, value: Any) -> dict[str, Any]:
 _FROM_COLUMN, _FROM_LIST, _FROM_COUNT, _FROM_DOCUMENT = range(4)
 
 
-def _result_plan(query: Query, return_keys: list[Key]) -> list[tuple[int, str, str, str]]:
-    """What each match returns, worked out once per query: (source, tag, keyword, VR) for
-    every requested key and the unique keys of the query level and the levels above."""
+def _result_plan(
+    query: Query, return_keys: list[Key], positions: dict[str, int]
+) -> list[tuple[int, str, str, str, int]]:
+    """What each match returns, worked out once per query: (source, tag, keyword, VR, position
+    in the row or -1) for every requested key and the unique keys of the query level and the
+    levels above."""
     level_index = _LEVEL_ORDER.index(query.level)
     wanted = list(return_keys)
     # The unique key of the query level (and of the levels above) is always returned.
@@ -903,7 +918,7 @@ def _result_plan(query: Query, return_keys: list[Key]) -> list[tuple[int, str, s
         unique_tag = int(tag_for_keyword(UNIQUE_KEYS[level]))  # type: ignore[arg-type]
         if not any(k.tag == unique_tag for k in wanted):
             wanted.append(Key(unique_tag, _vr(unique_tag)))
-    plan: list[tuple[int, str, str, str]] = []
+    plan: list[tuple[int, str, str, str, int]] = []
     for key in wanted:
         keyword = key.keyword
         tag = f"{key.tag:08X}"
@@ -911,26 +926,26 @@ def _result_plan(query: Query, return_keys: list[Key]) -> list[tuple[int, str, s
             continue
         attr = INDEXED.get(keyword)
         if attr is not None and _LEVEL_ORDER.index(attr.level) <= level_index:
-            plan.append((_FROM_COLUMN, tag, keyword, key.vr))
+            plan.append((_FROM_COLUMN, tag, keyword, key.vr, positions[keyword]))
         elif keyword in COMPUTED:
             listed = keyword in ("ModalitiesInStudy", "SOPClassesInStudy")
-            plan.append((_FROM_LIST if listed else _FROM_COUNT, tag, keyword, key.vr))
+            plan.append((_FROM_LIST if listed else _FROM_COUNT, tag, keyword, key.vr, -1))
         else:
-            plan.append((_FROM_DOCUMENT, tag, keyword, key.vr))
+            plan.append((_FROM_DOCUMENT, tag, keyword, key.vr, -1))
     return plan
 
 
 def _result(
-    plan: list[tuple[int, str, str, str]],
+    plan: list[tuple[int, str, str, str, int]],
     level: QueryLevel,
     row: Any,
     computed: dict[str, Any],
     document: dict[str, Any],
 ) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for source, tag, keyword, vr in plan:
+    for source, tag, keyword, vr, position in plan:
         if source == _FROM_COLUMN:
-            out[tag] = _column_json(keyword, vr, row[keyword])
+            out[tag] = _column_json(keyword, vr, row[position])
         elif source == _FROM_LIST:
             value = computed.get(keyword)
             out[tag] = {"vr": vr, "Value": value} if value else {"vr": vr}
