@@ -263,14 +263,18 @@ class IngestService:
             parsed.study_instance_uid, parsed.series_instance_uid, parsed.sop_instance_uid
         )
         try:
-            with self.db.direct() as direct:
-                if self.settings.duplicate_policy == "keep":
+            if self.settings.duplicate_policy == "keep":
+                with self.db.direct() as direct:
                     held = self._held.execute(direct.dbapi, {"sop": parsed.sop_instance_uid})
-                    if held is not None:
-                        return self._result(parsed, IngestOutcome.DUPLICATE)
-                self.blobs.check_space(len(data))
-                self.blobs.put(key, data)
-                outcome = self._index_direct(direct, parsed, key, calling_ae_title)
+                if held is not None:
+                    return self._result(parsed, IngestOutcome.DUPLICATE)
+            # No database connection is held while the blob is written (to S3, say).
+            self.blobs.check_space(len(data))
+            self.blobs.put(key, data)
+            outcome = None
+            if not self.listeners:  # listeners are given a SQLAlchemy connection
+                with self.db.direct() as direct:
+                    outcome = self._index_direct(direct, parsed, key, calling_ae_title)
             if outcome is None:
                 # After a direct attempt its cached ids may be gone: look everything up again.
                 outcome = self._index_on_connection(
@@ -292,10 +296,8 @@ class IngestService:
         self, direct: DirectConnection, parsed: ParsedInstance, key: str, calling_ae_title: str
     ) -> IngestOutcome | None:
         """Index a stored blob in one transaction on the driver directly; None when it must
-        run on a SQLAlchemy connection instead: listeners need one, and so do the rare steps
-        (an overwrite, a patient without an ID) and a cached parent row that is gone."""
-        if self.listeners:
-            return None
+        run on a SQLAlchemy connection instead: the rare steps (an overwrite, a patient
+        without an ID) need one, and a cached parent row that is gone is looked up there."""
         try:
             with direct.transaction() as dbapi:
                 return self._index(dbapi, parsed, key, calling_ae_title, use_cache=True)
