@@ -394,6 +394,11 @@ def _assoc_run_reactor(self: Association) -> None:
         self._is_paused = True
         self._reactor_checkpoint.wait()
         self._is_paused = False
+        if not self._reactor_checkpoint.is_set():
+            # A send_*() cleared the checkpoint and saw this thread "paused" just before it
+            # passed: the response that send_*() waits for is not this thread's to take. (It
+            # now either sees the flag unset and waits, or cleared the checkpoint first.)
+            continue
         wake.clear()
 
         context_id, msg = self.dimse.get_msg(block=False)
