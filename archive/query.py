@@ -509,6 +509,33 @@ def validate(query: Query) -> None:
 
 def find(db: Database, query: Query) -> Iterator[dict[str, Any]]:
     """Run ``query``; yield DICOM JSON of each match with the requested keys."""
+    matches = find_matches(db, query)
+    for match in matches.items:
+        yield matches.json(match)
+
+
+#: One returned attribute: (source, tag, keyword, VR, position in the index row or -1).
+PlanItem = tuple[int, str, str, str, int]
+#: One match: its index row, its computed attributes, its representative document (or {}).
+Match = tuple[Any, dict[str, Any], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Matches:
+    """The matches of a query before they become DICOM JSON: what each returns (``plan``,
+    the same for all) and, per match, what its JSON is made of (see :meth:`json`). Callers
+    that encode the matches themselves (C-FIND identifiers) can skip the JSON."""
+
+    level: QueryLevel
+    plan: list[PlanItem]
+    items: Iterator[Match]
+
+    def json(self, match: Match) -> dict[str, Any]:
+        return _result(self.plan, self.level, *match)
+
+
+def find_matches(db: Database, query: Query) -> Matches:
+    """Run ``query``: the SQL now, the matches as they are iterated."""
     validate(query)
     level = query.level
     matchers = [
@@ -558,20 +585,20 @@ def find(db: Database, query: Query) -> Iterator[dict[str, Any]]:
     )
     with db.engine.connect() as conn:
         rows = conn.execute(stmt).all()  # rows read by position: by name costs more
-    yield from _results(db, query, rows, positions, return_keys, json_matchers, needs_json)
+    plan = _result_plan(query, return_keys, positions)
+    items = _matches(db, query, rows, return_keys, json_matchers, needs_json)
+    return Matches(level, plan, items)
 
 
-def _results(
+def _matches(
     db: Database,
     query: Query,
     rows: Sequence[Any],
-    positions: dict[str, int],
     return_keys: list[Key],
     json_matchers: list[_Matcher],
     needs_json: bool,
-) -> Iterator[dict[str, Any]]:
+) -> Iterator[Match]:
     level = query.level
-    plan = _result_plan(query, return_keys, positions)
     skipped = 0
     emitted = 0
     for chunk_start in range(0, len(rows), 500):
@@ -592,7 +619,7 @@ def _results(
                 if query.limit is not None and emitted >= query.limit:
                     return
             emitted += 1
-            yield _result(plan, level, row, computed.get(row[0], {}), document)
+            yield row, computed.get(row[0], {}), document
 
 
 @functools.cache
@@ -902,12 +929,10 @@ def _column_json(keyword: str, vr: str, value: Any) -> dict[str, Any]:
 
 
 # How one returned attribute is filled (see _result_plan).
-_FROM_COLUMN, _FROM_LIST, _FROM_COUNT, _FROM_DOCUMENT = range(4)
+FROM_COLUMN, FROM_LIST, FROM_COUNT, FROM_DOCUMENT = range(4)
 
 
-def _result_plan(
-    query: Query, return_keys: list[Key], positions: dict[str, int]
-) -> list[tuple[int, str, str, str, int]]:
+def _result_plan(query: Query, return_keys: list[Key], positions: dict[str, int]) -> list[PlanItem]:
     """What each match returns, worked out once per query: (source, tag, keyword, VR, position
     in the row or -1) for every requested key and the unique keys of the query level and the
     levels above."""
@@ -918,7 +943,7 @@ def _result_plan(
         unique_tag = int(tag_for_keyword(UNIQUE_KEYS[level]))  # type: ignore[arg-type]
         if not any(k.tag == unique_tag for k in wanted):
             wanted.append(Key(unique_tag, _vr(unique_tag)))
-    plan: list[tuple[int, str, str, str, int]] = []
+    plan: list[PlanItem] = []
     for key in wanted:
         keyword = key.keyword
         tag = f"{key.tag:08X}"
@@ -926,17 +951,17 @@ def _result_plan(
             continue
         attr = INDEXED.get(keyword)
         if attr is not None and _LEVEL_ORDER.index(attr.level) <= level_index:
-            plan.append((_FROM_COLUMN, tag, keyword, key.vr, positions[keyword]))
+            plan.append((FROM_COLUMN, tag, keyword, key.vr, positions[keyword]))
         elif keyword in COMPUTED:
             listed = keyword in ("ModalitiesInStudy", "SOPClassesInStudy")
-            plan.append((_FROM_LIST if listed else _FROM_COUNT, tag, keyword, key.vr, -1))
+            plan.append((FROM_LIST if listed else FROM_COUNT, tag, keyword, key.vr, -1))
         else:
-            plan.append((_FROM_DOCUMENT, tag, keyword, key.vr, -1))
+            plan.append((FROM_DOCUMENT, tag, keyword, key.vr, -1))
     return plan
 
 
 def _result(
-    plan: list[tuple[int, str, str, str, int]],
+    plan: list[PlanItem],
     level: QueryLevel,
     row: Any,
     computed: dict[str, Any],
@@ -944,12 +969,12 @@ def _result(
 ) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for source, tag, keyword, vr, position in plan:
-        if source == _FROM_COLUMN:
+        if source == FROM_COLUMN:
             out[tag] = _column_json(keyword, vr, row[position])
-        elif source == _FROM_LIST:
+        elif source == FROM_LIST:
             value = computed.get(keyword)
             out[tag] = {"vr": vr, "Value": value} if value else {"vr": vr}
-        elif source == _FROM_COUNT:
+        elif source == FROM_COUNT:
             out[tag] = {"vr": vr, "Value": [int(computed.get(keyword) or 0)]}
         elif tag in document:
             out[tag] = document[tag]

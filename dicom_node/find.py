@@ -21,9 +21,9 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from archive import Archive
-from archive.query import Key, Query, QueryError, QueryLevel, QueryModel, find
+from archive.query import Key, Query, QueryError, QueryLevel, QueryModel, find_matches
 from config import Settings
-from dicom_node.identifier import Unencodable, codec_for, encode_identifier
+from dicom_node.identifier import RowEncoder, Unencodable, codec_for, encode_identifier
 from dicom_node.identifier import texts as identifier_texts
 from dicom_node.pdata import PrebuiltPData, c_find_pending_command, pdata_pdus
 from dicom_node.services import Handler
@@ -161,12 +161,33 @@ class FindService:
         implicit_vr = bool(transfer_syntax.is_implicit_VR)
         batch = _PendingBatch(event, pending)
         try:
-            results = find(self.archive.db, query)
-            for result in results:
+            matches = find_matches(self.archive.db, query)
+            # Most identifiers are encoded straight from the index rows (RowEncoder); the
+            # others (non-ASCII values, attributes from the stored JSON...) from their JSON.
+            encoder = None
+            if direct:
+                fixed: dict[str, tuple[str, str]] = {}
+                requested = _text_value(request_charset)
+                if requested:
+                    fixed["00080005"] = ("CS", requested)
+                if wants_retrieve_ae:
+                    fixed["00080054"] = ("AE", self.settings.ae_title)
+                if wants_availability:
+                    fixed["00080056"] = ("CS", "ONLINE")
+                encoder = RowEncoder.build(
+                    matches.plan, query.level.value, implicit_vr=implicit_vr, fixed=fixed
+                )
+            for match in matches.items:
                 if event.is_cancelled or not event.assoc.is_established:
                     batch.flush()
                     yield STATUS_CANCEL, None
                     return
+                if encoder is not None:
+                    encoded = encoder.encode(match)
+                    if encoded is not None:
+                        batch.add(encoded)
+                        continue
+                result = matches.json(match)
                 if wants_retrieve_ae:
                     result["00080054"] = {"vr": "AE", "Value": [self.settings.ae_title]}
                 if wants_availability:

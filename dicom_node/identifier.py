@@ -156,3 +156,114 @@ def encode_identifier(result: dict[str, Any], *, implicit_vr: bool, codec: str) 
             parts.append(struct.pack("<H", len(value)))
         parts.append(value)
     return b"".join(parts)
+
+
+# --- identifiers straight from index rows --------------------------------------------------
+
+_TEXT, _PERSON_NAME, _INTEGER_STRING, _LIST, _COUNT, _FIXED = range(6)
+
+
+class RowEncoder:
+    """Encodes a C-FIND query's matches straight from their index rows and computed
+    attributes: what :func:`encode_identifier` gives for the match's DICOM JSON, without
+    building it. Made once per query from its plan (:func:`archive.query.find_matches`);
+    :meth:`build` returns None for a plan it does not cover (an attribute from the stored
+    JSON, a binary or DS value), and :meth:`encode` None for a match it leaves to the JSON
+    path (a value that is not ASCII, a person name with several groups)."""
+
+    def __init__(self, slots: list[tuple[bytes, bool, int, int, str, str, bytes]]) -> None:
+        # (element header, 4-byte length, kind, row position, keyword, VR, fixed value), in
+        # tag order
+        self._slots = slots
+
+    @classmethod
+    def build(
+        cls,
+        plan: Iterable[tuple[int, str, str, str, int]],
+        level: str,
+        *,
+        implicit_vr: bool,
+        fixed: dict[str, tuple[str, str]],
+    ) -> RowEncoder | None:
+        """``fixed``: the elements every match gets, {tag: (VR, value)} (Query/Retrieve
+        Level is added here)."""
+        from archive.query import FROM_COLUMN, FROM_COUNT, FROM_LIST
+
+        entries: dict[str, tuple[int, int, str, str, bytes]] = {}
+        for source, tag, keyword, vr, position in plan:
+            if source == FROM_COLUMN:
+                if vr == "PN":
+                    kind = _PERSON_NAME
+                elif vr == "IS":
+                    kind = _INTEGER_STRING
+                elif vr in _STRING_VRS:
+                    kind = _TEXT
+                else:
+                    return None
+            elif source == FROM_LIST and vr in _STRING_VRS:
+                kind = _LIST
+            elif source == FROM_COUNT and vr == "IS":
+                kind = _COUNT
+            else:
+                return None
+            entries[tag] = (kind, position, keyword, vr, b"")
+        for tag, (vr, text) in {**fixed, "00080052": ("CS", level)}.items():
+            try:
+                value = _padded(text.encode("ascii"), vr)
+            except UnicodeError:
+                return None
+            entries[tag] = (_FIXED, -1, "", vr, value)
+        slots = []
+        for tag in sorted(entries):
+            kind, position, keyword, vr, value = entries[tag]
+            long_length = implicit_vr or vr in _LONG_LENGTH_VRS
+            slots.append(
+                (_header(tag, vr, implicit_vr), long_length, kind, position, keyword, vr, value)
+            )
+        return cls(slots)
+
+    def encode(self, match: tuple[Any, dict[str, Any], dict[str, Any]]) -> bytes | None:
+        row, computed, _document = match
+        parts: list[bytes] = []
+        append = parts.append
+        try:
+            for header, long_length, kind, position, keyword, vr, value in self._slots:
+                if kind == _FIXED:
+                    raw = value
+                else:
+                    if kind == _LIST:
+                        text = "\\".join(computed.get(keyword) or ())
+                    elif kind == _COUNT:
+                        text = str(int(computed.get(keyword) or 0))
+                    else:
+                        column = row[position]
+                        if column is None or column == "":
+                            text = ""
+                        elif kind == _INTEGER_STRING:
+                            text = str(int(column))
+                        elif type(column) is not str or (kind == _PERSON_NAME and "=" in column):
+                            return None
+                        else:
+                            text = column
+                    raw = _padded(text.encode("ascii"), vr)
+                append(header)
+                if long_length:
+                    append(_LENGTH_4(len(raw)))
+                elif len(raw) > 0xFFFF:
+                    return None
+                else:
+                    append(_LENGTH_2(len(raw)))
+                append(raw)
+        except (UnicodeError, ValueError, TypeError):
+            return None
+        return b"".join(parts)
+
+
+_LENGTH_4 = struct.Struct("<L").pack
+_LENGTH_2 = struct.Struct("<H").pack
+
+
+def _padded(raw: bytes, vr: str) -> bytes:
+    if len(raw) % 2:
+        return raw + (b"\x00" if vr == "UI" else b" ")
+    return raw

@@ -17,6 +17,7 @@ from archive.query import Key, Query, QueryLevel, QueryModel, find
 from config import Settings
 from dicom_node.find import _encode_directly, _response_charset
 from dicom_node.identifier import Unencodable, codec_for, encode_identifier
+from dicom_node.identifier import texts as identifier_texts
 from tests import find_dataset
 
 RETURN_KEYS = {
@@ -112,6 +113,82 @@ def test_non_ascii_names_are_in_the_data(archive: Archive):
         r["00100010"].get("Value", [{}])[0].get("Alphabetic", "") for r in find(archive.db, query)
     ]
     assert any(not name.isascii() for name in names)
+
+
+# Return keys the row encoder covers (index columns and computed attributes).
+ROW_KEYS = {
+    QueryLevel.PATIENT: [
+        "PatientName", "PatientID", "PatientBirthDate", "PatientSex",
+        "NumberOfPatientRelatedStudies", "NumberOfPatientRelatedSeries",
+        "NumberOfPatientRelatedInstances", "RetrieveAETitle", "InstanceAvailability",
+    ],
+    QueryLevel.STUDY: [
+        "PatientName", "PatientID", "StudyDate", "StudyTime", "AccessionNumber", "StudyID",
+        "StudyDescription", "ModalitiesInStudy", "NumberOfStudyRelatedSeries",
+        "NumberOfStudyRelatedInstances", "RetrieveAETitle",
+    ],
+    QueryLevel.SERIES: [
+        "Modality", "SeriesNumber", "SeriesDescription", "NumberOfSeriesRelatedInstances",
+    ],
+    QueryLevel.IMAGE: ["SOPClassUID", "InstanceNumber"],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("request_charset", [None, "ISO_IR 100", "ISO_IR 192"])
+@pytest.mark.parametrize("level", list(QueryLevel))
+def test_row_encoder_is_the_json_path(archive: Archive, level: QueryLevel, request_charset):
+    """Identifiers encoded straight from index rows (RowEncoder) are byte for byte what the
+    JSON path (_encode_directly) sends; matches it leaves to that path are the non-ASCII
+    ones."""
+    from archive.query import find_matches
+    from dicom_node.identifier import RowEncoder
+
+    keys = []
+    for keyword in ROW_KEYS[level]:
+        tag = tag_for_keyword(keyword)
+        assert tag is not None
+        keys.append(Key(int(tag), dictionary_VR(tag)))
+    query = Query(level, QueryModel.PATIENT_ROOT, keys, hierarchical=False)
+    wants_ae = "RetrieveAETitle" in ROW_KEYS[level]
+    wants_availability = "InstanceAvailability" in ROW_KEYS[level]
+    fixed = {}
+    if request_charset:
+        fixed["00080005"] = ("CS", request_charset)
+    if wants_ae:
+        fixed["00080054"] = ("AE", "PACSBRIDGE")
+    if wants_availability:
+        fixed["00080056"] = ("CS", "ONLINE")
+    for implicit in (True, False):
+        matches = find_matches(archive.db, query)
+        encoder = RowEncoder.build(matches.plan, level.value, implicit_vr=implicit, fixed=fixed)
+        assert encoder is not None
+        fast = left = 0
+        for match in matches.items:
+            result = matches.json(match)
+            if wants_ae:
+                result["00080054"] = {"vr": "AE", "Value": ["PACSBRIDGE"]}
+            if wants_availability:
+                result["00080056"] = {"vr": "CS", "Value": ["ONLINE"]}
+            expected = _encode_directly(result, request_charset, implicit)
+            ours = encoder.encode(match)
+            if ours is None:
+                left += 1
+                assert any(not text.isascii() for text in identifier_texts(result)), result
+            else:
+                fast += 1
+                assert ours == expected, result
+        assert fast
+        if level in (QueryLevel.PATIENT, QueryLevel.STUDY):
+            assert left  # the non-ASCII names
+
+
+def test_row_encoder_leaves_stored_json_attributes_to_the_json_path(archive: Archive):
+    from archive.query import find_matches
+    from dicom_node.identifier import RowEncoder
+
+    query = Query(QueryLevel.STUDY, QueryModel.STUDY_ROOT, _keys(QueryLevel.STUDY))
+    matches = find_matches(archive.db, query)
+    assert RowEncoder.build(matches.plan, "STUDY", implicit_vr=True, fixed={}) is None
 
 
 def test_what_is_left_to_pydicom():
