@@ -17,6 +17,8 @@ from typing import Any
 
 from pydicom.charset import convert_encodings
 
+from archive.query import FROM_COLUMN, FROM_COUNT, FROM_LIST
+
 #: Explicit VR elements with a 4-byte length after two reserved bytes (PS3.5 Table 7.1-1).
 _LONG_LENGTH_VRS = frozenset(
     {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"}
@@ -132,9 +134,7 @@ def _value(vr: str, element: dict[str, Any], codec: str) -> bytes:
         raw = text.encode(codec if vr in CHARSET_VRS else "ascii")
     except UnicodeError as exc:
         raise Unencodable(str(exc)) from exc
-    if len(raw) % 2:
-        raw += b"\x00" if vr == "UI" else b" "
-    return raw
+    return _padded(raw, vr)
 
 
 def encode_identifier(result: dict[str, Any], *, implicit_vr: bool, codec: str) -> bytes:
@@ -187,8 +187,6 @@ class RowEncoder:
     ) -> RowEncoder | None:
         """``fixed``: the elements every match gets, {tag: (VR, value)} (Query/Retrieve
         Level is added here)."""
-        from archive.query import FROM_COLUMN, FROM_COUNT, FROM_LIST
-
         entries: dict[str, tuple[int, int, str, str, bytes]] = {}
         for source, tag, keyword, vr, position in plan:
             if source == FROM_COLUMN:
@@ -264,6 +262,7 @@ _LENGTH_2 = struct.Struct("<H").pack
 
 
 def _padded(raw: bytes, vr: str) -> bytes:
+    """An even length (PS3.5 7.1.1): UIs padded with NUL, other text with a space."""
     if len(raw) % 2:
         return raw + (b"\x00" if vr == "UI" else b" ")
     return raw

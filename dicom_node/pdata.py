@@ -264,16 +264,37 @@ def _plain_query_response(primitive: Any) -> bool:
 
 def c_store_response_command(primitive: C_STORE) -> bytes:
     """A C-STORE-RSP command set without a data set (PS3.7 Table 9.3-2), encoded."""
-    body = b"".join(
-        (
-            _element(0x00000002, _ui(str(primitive.AffectedSOPClassUID))),
-            _element(0x00000100, struct.pack("<H", 0x8001)),  # Command Field: C-STORE-RSP
-            _element(0x00000120, struct.pack("<H", int(primitive.MessageIDBeingRespondedTo or 0))),
-            _element(0x00000800, struct.pack("<H", 0x0101)),  # no data set follows
-            _element(0x00000900, struct.pack("<H", int(primitive.Status or 0))),
-            _element(0x00001000, _ui(str(primitive.AffectedSOPInstanceUID))),
-        )
+    return c_store_response(
+        str(primitive.AffectedSOPClassUID),
+        str(primitive.AffectedSOPInstanceUID),
+        message_id=int(primitive.MessageIDBeingRespondedTo or 0),
+        status=int(primitive.Status or 0),
     )
+
+
+def c_store_response(
+    sop_class_uid: str,
+    sop_instance_uid: str,
+    *,
+    message_id: int,
+    status: int,
+    error_comment: str = "",
+) -> bytes:
+    """The C-STORE-RSP command set (PS3.7 Table 9.3-2), encoded in the order and form
+    pynetdicom gives it."""
+    elements = [
+        _element(0x00000002, _ui(sop_class_uid)),
+        _element(0x00000100, struct.pack("<H", 0x8001)),  # Command Field: C-STORE-RSP
+        _element(0x00000120, struct.pack("<H", message_id)),
+        _element(0x00000800, struct.pack("<H", 0x0101)),  # no data set follows
+        _element(0x00000900, struct.pack("<H", status)),
+    ]
+    if error_comment:
+        # Error Comment (0000,0902), LO: at most 64 characters, padded with a space.
+        raw = error_comment[:64].encode("ascii", "replace")
+        elements.append(_element(0x00000902, raw + b" " if len(raw) % 2 else raw))
+    elements.append(_element(0x00001000, _ui(sop_instance_uid)))
+    body = b"".join(elements)
     return _element(0x00000000, struct.pack("<L", len(body))) + body
 
 

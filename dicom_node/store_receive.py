@@ -33,7 +33,7 @@ from pynetdicom import evt
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext
 
-from dicom_node.pdata import _element, _ui, command_elements, pdata_pdus
+from dicom_node.pdata import c_store_response, command_elements, pdata_pdus
 
 log = logging.getLogger(__name__)
 
@@ -106,22 +106,14 @@ def parse_store_request(command: bytes | memoryview) -> StoreRequest | None:
 
 
 def store_response(request: StoreRequest, status: int, error_comment: str = "") -> bytes:
-    """The C-STORE-RSP command set (PS3.7 Table 9.3-2) for ``request``, encoded in the order
-    and form pynetdicom gives it."""
-    elements = [
-        _element(0x00000002, _ui(request.sop_class_uid)),
-        _element(0x00000100, struct.pack("<H", 0x8001)),  # Command Field: C-STORE-RSP
-        _element(0x00000120, struct.pack("<H", request.message_id)),
-        _element(0x00000800, struct.pack("<H", 0x0101)),  # no data set follows
-        _element(0x00000900, struct.pack("<H", status)),
-    ]
-    if error_comment:
-        # Error Comment (0000,0902), LO: at most 64 characters, padded with a space.
-        raw = error_comment[:64].encode("ascii", "replace")
-        elements.append(_element(0x00000902, raw + b" " if len(raw) % 2 else raw))
-    elements.append(_element(0x00001000, _ui(request.sop_instance_uid)))
-    body = b"".join(elements)
-    return _element(0x00000000, struct.pack("<L", len(body))) + body
+    """The C-STORE-RSP command set for ``request`` (PS3.7 Table 9.3-2)."""
+    return c_store_response(
+        request.sop_class_uid,
+        request.sop_instance_uid,
+        message_id=request.message_id,
+        status=status,
+        error_comment=error_comment,
+    )
 
 
 def pdvs(pdu: bytes) -> list[tuple[int, int, memoryview]] | None:
