@@ -390,8 +390,10 @@ def test_c_cancel_stops_the_responses(make_backend, tmp_path: Path):
     archive = Archive(backend.settings)
     study = generate_uid()
     series = generate_uid()
-    # Enough matches that the server is still sending when the C-CANCEL arrives.
-    for i in range(600):
+    # Enough matches that the server is still sending when the C-CANCEL arrives: identifiers
+    # encoded from the index rows go out fast enough that 600 could all be sent before it.
+    matches = 4000
+    for i in range(matches):
         ds = ct_slice(study_uid=study, series_uid=series, index=i, size=4)
         buffer = io.BytesIO()
         ds.save_as(buffer, enforce_file_format=True)
@@ -414,7 +416,7 @@ def test_c_cancel_stops_the_responses(make_backend, tmp_path: Path):
                 assoc.send_c_cancel(7, context_id)
         assoc.release()
         assert statuses[-1] == 0xFE00
-        assert len(statuses) < 600
+        assert len(statuses) < matches
     finally:
         server.stop()
 
