@@ -13,8 +13,8 @@ requests from one HTTP client (httpx, ``Accept-Encoding: gzip``):
   no transfer syntax (MB/s received);
 - WADO-RS study metadata of the 200-instance study and of a 2,000-instance study (seconds, and
   per-instance growth from one to the other);
-- QIDO-RS: a few searches over an archive of ``--studies`` small studies plus the ones above
-  (median latency).
+- QIDO-RS: the versions of bench.query's C-FIND searches over its ``--studies`` (10,000)
+  one-instance studies, and searches a viewer makes (median latency, result counts checked).
 
 Medians of ``--repeat`` runs; ratios pacsbridge/Orthanc are printed and everything is written
 to ``bench/results/dicomweb-<timestamp>.json``. See bench/README.md.
@@ -49,7 +49,10 @@ from bench.peers import (
     new_uid,
     pacsbridge_executable,
     run_benchmark,
+    wait_idle,
 )
+from bench.query import RETURN_KEYS, StudyInfo, pacsbridge_stable_settings, study_datasets
+from bench.query import queries as find_queries
 
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 DICOM_JSON = "application/dicom+json"
@@ -64,8 +67,11 @@ TARGETS = {
     "wado_default_mb_per_s": (1.0, True),
     "metadata_small_s": (0.5, False),
     "metadata_large_s": (0.5, False),
-    "qido_median_s": (1 / 3, False),
 }
+#: pacsbridge runs no jobs here: the benchmark times the DICOMweb service alone.
+PACSBRIDGE_ENV = {"PACSBRIDGE_WORKER_IN_SERVE": "false"}
+#: QIDO-RS latency wanted, pacsbridge/Orthanc, for each search.
+QIDO_TARGET = 1 / 3
 
 
 # --- data ------------------------------------------------------------------------------------
@@ -111,6 +117,7 @@ class Server:
         self.root = root
         self.target = target
         self.client = httpx.Client(timeout=600, headers={"Accept-Encoding": "gzip"})
+        self.last_store = 0.0
 
     def stow(self, parts: Sequence[bytes]) -> tuple[float, int]:
         body, content_type = multipart(parts)
@@ -121,6 +128,7 @@ class Server:
             headers={"Content-Type": content_type, "Accept": DICOM_JSON},
         )
         seconds = time.perf_counter() - started
+        self.last_store = time.monotonic()
         if response.status_code != 200:
             raise BenchError(
                 f"{self.name} STOW-RS answered {response.status_code}: {response.text[:500]}"
@@ -195,7 +203,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--large", type=int, default=2000, help="instances of the large metadata study"
     )
-    parser.add_argument("--studies", type=int, default=200, help="small studies for QIDO-RS")
+    parser.add_argument(
+        "--studies", type=int, default=10000, help="one-instance studies for QIDO-RS"
+    )
+    parser.add_argument("--seed", type=int, default=1729, help="seed of the QIDO-RS data")
     parser.add_argument("--repeat", type=int, default=3, help="runs per measurement (median)")
     parser.add_argument("--qido-repeat", type=int, default=30, help="runs per QIDO-RS query")
     parser.add_argument(
@@ -206,7 +217,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--keep-temp", action="store_true", help="keep the temporary directory")
     args = parser.parse_args(argv)
     if args.quick:
-        args.slices, args.size, args.large, args.studies = 40, 256, 400, 40
+        args.slices, args.size, args.large, args.studies = 40, 256, 400, 500
         args.repeat, args.qido_repeat = 1, 10
     if min(args.slices, args.size, args.large, args.studies, args.repeat, args.qido_repeat) < 1:
         parser.error("all counts must be >= 1")
@@ -227,7 +238,7 @@ def start_targets(
         workdir / "pacsbridge",
         pacsbridge_executable(),
         database_url,
-        extra_env={"PACSBRIDGE_WORKER_IN_SERVE": "false"},
+        extra_env=PACSBRIDGE_ENV,
     )
     orthanc = OrthancTarget(
         workdir / "orthanc",
@@ -261,6 +272,23 @@ def run(args: argparse.Namespace, workdir: Path, stack: contextlib.ExitStack) ->
         server.get_json(f"/studies/{study}/metadata")
         server.get_json(f"/studies?StudyInstanceUID={study}")
         server.retrieve(study, AS_STORED)
+
+    # The archive the searches run on: bench.query's one-instance studies. Loaded first, so that
+    # pacsbridge's stable-study work for them is over before anything is timed.
+    log(f"loading {args.studies} one-instance studies for QIDO-RS (bench.query's data) ...")
+    qido_studies: list[StudyInfo] = []
+    small_parts: list[bytes] = []
+    for info, ds in study_datasets(args.studies, seed=args.seed):
+        qido_studies.append(info)
+        small_parts.append(part10(ds))
+    for server in servers:
+        started = time.perf_counter()
+        for start in range(0, len(small_parts), 100):
+            server.stow(small_parts[start : start + 100])
+        seconds = time.perf_counter() - started
+        results[server.name]["qido_load_instances_per_s"] = len(small_parts) / seconds
+        log(f"  {server.name:<10} {seconds:.1f} s ({len(small_parts) / seconds:.0f} instances/s)")
+    del small_parts
 
     # STOW-RS: a new series per server and repeat (no duplicates), the last one is kept; runs
     # alternate between the servers.
@@ -346,38 +374,34 @@ def run(args: argparse.Namespace, workdir: Path, stack: contextlib.ExitStack) ->
             small / args.slices
         )
 
-    log(f"loading {args.studies} small studies for QIDO-RS ...")
-    from tests.dicom_factory import ct_slice
+    # pacsbridge's stable-study scanner marks each study stable (and enqueues its jobs)
+    # stable_age seconds after its last instance: that work must not land in timed searches.
+    stable_age, scan_interval = pacsbridge_stable_settings(PACSBRIDGE_ENV)
+    last_store = max(server.last_store for server in servers)
+    delay = last_store + stable_age + scan_interval + 2 - time.monotonic()
+    if delay > 0:
+        log(f"waiting {delay:.0f} s: pacsbridge marks studies stable {stable_age:.0f} s after "
+            "their last instance ...")  # fmt: skip
+        time.sleep(delay)
+    processes = [s.target.process for s in servers if s.target.process is not None]
+    log(f"  all servers idle after another {wait_idle(processes, timeout=600):.0f} s")
 
-    names = ["SMITH^JOHN", "SMITH^ANNA", "DOE^JANE", "MULLER^JURGEN", "OBRIEN^SEAN"]
-    small_parts = []
-    for n in range(args.studies):
-        uid = new_uid()
-        ds = ct_slice(
-            study_uid=uid,
-            series_uid=new_uid(),
-            index=0,
-            size=8,
-            patient_id=f"QP{n:05d}",
-            patient_name=names[n % len(names)],
-            study_date=f"2024{1 + n % 12:02d}{1 + n % 28:02d}",
-        )
-        small_parts.append(part10(ds))
-    for server in servers:
-        for start in range(0, len(small_parts), 100):
-            server.stow(small_parts[start : start + 100])
-
-    queries = {
-        "patient_id": "/studies?PatientID=QP00007",
-        "name_and_dates": "/studies?PatientName=SMITH*&StudyDate=20240301-20240630",
-        "all_studies_limit_25": "/studies?limit=25",
-        "modality": "/studies?ModalitiesInStudy=CT&limit=100",
-        "series_of_study": "/studies/{study}/series",
-        "instances_of_series": "/studies/{study}/series/{series}/instances",
-    }
+    # The QIDO-RS versions of bench.query's C-FIND searches, on the same data, with the same
+    # return keys; then searches a viewer makes. Explicit limits: Orthanc has no default one.
+    limit = f"limit={args.studies}&includefield={','.join(RETURN_KEYS)}"
+    searches: list[tuple[str, str, int | None]] = []
+    for query in find_queries(qido_studies):
+        keys = "&".join(f"{k}={v}" for k, v in query.keys.items())
+        searches.append((f"C-FIND {query.name}", f"/studies?{keys}&{limit}", query.expected))
+    searches += [
+        ("viewer: 25 studies", "/studies?limit=25", 25),
+        ("viewer: CT studies, 100", "/studies?ModalitiesInStudy=CT&limit=100", 100),
+        ("viewer: series of a study", "/studies/{study}/series", 1),
+        ("viewer: instances of a series", "/studies/{study}/series/{series}/instances", None),
+    ]
     log(f"QIDO-RS, median of {args.qido_repeat} (runs alternate between the servers)")
     per_query: dict[str, dict[str, Any]] = {server.name: {} for server in servers}
-    for label, template in queries.items():
+    for label, template, expected in searches:
 
         def qido_path(server: Server, template: str = template) -> str:
             study, series = kept[server.name]
@@ -387,8 +411,14 @@ def run(args: argparse.Namespace, workdir: Path, stack: contextlib.ExitStack) ->
         for server in servers:
             times, counts = samples[server.name]
             seconds = statistics.median(times)
-            per_query[server.name][label] = {"median_s": seconds, "results": counts[-1]}
-            log(f"  {server.name:<10} {label:<22} {seconds * 1000:7.2f} ms ({counts[-1]} results)")
+            per_query[server.name][label] = {
+                "path": qido_path(server),
+                "median_s": seconds,
+                "results": counts[-1],
+                "expected": expected if expected is not None else args.slices,
+            }
+            log(f"  {server.name:<10} {label:<34} {seconds * 1000:7.2f} ms "
+                f"({counts[-1]} results)")  # fmt: skip
     for server in servers:
         results[server.name]["qido"] = per_query[server.name]
         results[server.name]["qido_median_s"] = statistics.median(
@@ -407,13 +437,16 @@ def run(args: argparse.Namespace, workdir: Path, stack: contextlib.ExitStack) ->
             "target": wanted,
             "met": ratio >= wanted if higher_better else ratio <= wanted,
         }
-    for label in queries:
+    for label, _template, _expected in searches:
         pb_q, peer_q = pb["qido"][label], peer["qido"][label]
-        ratios[f"qido_{label}_s"] = {
-            "ratio": pb_q["median_s"] / peer_q["median_s"],
-            "target": 1 / 3,
-            "met": pb_q["median_s"] / peer_q["median_s"] <= 1 / 3,
+        counted = pb_q["results"] == peer_q["results"] == pb_q["expected"]
+        ratio = pb_q["median_s"] / peer_q["median_s"]
+        ratios[f"qido {label}"] = {
+            "ratio": ratio,
+            "target": QIDO_TARGET,
+            "met": counted and ratio <= QIDO_TARGET,
             "results": [pb_q["results"], peer_q["results"]],
+            "expected": pb_q["expected"],
         }
     print_table(results, ratios)
     pacsbridge_target = servers[0].target
@@ -433,6 +466,7 @@ def run(args: argparse.Namespace, workdir: Path, stack: contextlib.ExitStack) ->
             "size": args.size,
             "large": args.large,
             "studies": args.studies,
+            "seed": args.seed,
             "repeat": args.repeat,
             "qido_repeat": args.qido_repeat,
             "database": "postgresql" if args.database_url else "sqlite",
@@ -462,7 +496,6 @@ def print_table(results: dict[str, dict[str, Any]], ratios: dict[str, Any]) -> N
         ("WADO-RS default MB/s", "wado_default_mb_per_s", 1),
         ("metadata small (ms)", "metadata_small_s", 1000),
         ("metadata large (ms)", "metadata_large_s", 1000),
-        ("QIDO median (ms)", "qido_median_s", 1000),
     ]
     log("")
     log(f"{'measure':<26}{'pacsbridge':>12}{'orthanc':>12}{'ratio':>8}{'target':>10}  met")
@@ -480,11 +513,16 @@ def print_table(results: dict[str, dict[str, Any]], ratios: dict[str, Any]) -> N
             cells.append(f"{ratio['ratio']:8.2f}{sign + format(ratio['target'], '.2f'):>10}  ")
             cells.append("yes" if ratio["met"] else "NO")
         log(f"{label:<26}" + "".join(cells))
+    log(f"QIDO-RS searches (target: at most {QIDO_TARGET:.2f} of Orthanc's latency each)")
     for key, ratio in ratios.items():
-        if key.startswith("qido_") and key != "qido_median_s" and ratio:
+        if key.startswith("qido ") and ratio:
+            pb_ms = results["pacsbridge"]["qido"][key[5:]]["median_s"] * 1000
+            peer_ms = results["orthanc"]["qido"][key[5:]]["median_s"] * 1000
+            counts = "/".join(str(n) for n in ratio["results"])
             log(
-                f"  {key:<36} ratio {ratio['ratio']:.2f} "
-                f"({'met' if ratio['met'] else 'NOT met'}; results {ratio['results']})"
+                f"  {key[5:]:<40}{pb_ms:8.2f}{peer_ms:9.2f} ms{ratio['ratio']:7.2f}  "
+                f"{'yes' if ratio['met'] else 'NO'}  "
+                f"({counts} results, {ratio['expected']} expected)"
             )
     for name, data in results.items():
         growth = data.get("metadata_growth_per_instance")

@@ -29,7 +29,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -115,14 +115,12 @@ class Dataset10k:
     get_files: list[Path]
 
 
-def generate(
-    workdir: Path, *, studies: int, senders: int, get_slices: int, seed: int
-) -> Dataset10k:
-    """``studies`` single-instance studies (~3 per patient), split over ``senders`` folders,
-    and one ``get_slices``-slice 512x512 CT study for the C-GET."""
+def study_datasets(studies: int, seed: int) -> Iterator[tuple[StudyInfo, Any]]:
+    """``studies`` single-instance studies (4x4 pixels) of about ``studies / 3`` patients, one
+    in ten named ``SMITH^…``, dates over 2021-2023, seven modalities; the same for a seed."""
     from pydicom.uid import UID
 
-    from tests.dicom_factory import ct_slice, write_series
+    from tests.dicom_factory import ct_slice
 
     rng = random.Random(seed)
     patients = max(1, round(studies / 3))
@@ -137,18 +135,12 @@ def generate(
                 rng.choice("MF"),
             )
         )
-    infos: list[StudyInfo] = []
-    batches: list[list[Path]] = [[] for _ in range(senders)]
-    folders = [workdir / "studies" / f"sender{i}" for i in range(senders)]
-    for folder in folders:
-        folder.mkdir(parents=True)
     for n in range(studies):
         patient_id, name, birth, sex = people[n % patients]
         day = (FIRST_DAY + timedelta(days=rng.randrange(DAYS))).strftime("%Y%m%d")
         modality = rng.choice(MODALITIES)
-        study_uid = new_uid()
         ds = ct_slice(
-            study_uid=study_uid,
+            study_uid=new_uid(),
             series_uid=new_uid(),
             index=0,
             size=4,
@@ -166,10 +158,26 @@ def generate(
         ds.AccessionNumber = f"BA{n:08d}"
         ds.StudyDescription = f"{modality} {rng.choice(['HEAD', 'CHEST', 'ABDOMEN', 'KNEE'])}"
         ds.Modality = modality
+        yield StudyInfo(patient_id, name, day, modality), ds
+
+
+def generate(
+    workdir: Path, *, studies: int, senders: int, get_slices: int, seed: int
+) -> Dataset10k:
+    """:func:`study_datasets` as files split over ``senders`` folders, and one
+    ``get_slices``-slice 512x512 CT study for the C-GET."""
+    from tests.dicom_factory import write_series
+
+    infos: list[StudyInfo] = []
+    batches: list[list[Path]] = [[] for _ in range(senders)]
+    folders = [workdir / "studies" / f"sender{i}" for i in range(senders)]
+    for folder in folders:
+        folder.mkdir(parents=True)
+    for n, (info, ds) in enumerate(study_datasets(studies, seed)):
         path = folders[n % senders] / f"{n:06d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         batches[n % senders].append(path)
-        infos.append(StudyInfo(patient_id, name, day, modality))
+        infos.append(info)
     get_uid = new_uid()
     get_files = write_series(
         workdir / "get-study",
@@ -192,8 +200,8 @@ class Query:
     target: float
 
 
-def queries(data: Dataset10k) -> list[Query]:
-    studies = data.studies
+def queries(studies: Sequence[StudyInfo]) -> list[Query]:
+    """The four C-FIND searches of the issue, with the number of studies each must find."""
     one = studies[len(studies) // 2].patient_id
     month = ("20220301", "20220331")
     half = ("20220101", "20220630")
@@ -506,7 +514,7 @@ def run(args: argparse.Namespace, workdir: Path, stack: contextlib.ExitStack) ->
         log(f"  all servers idle after another {idle_wait:.0f} s")
 
     # 2. C-FIND: findscu once per query and server (counts), then timed runs, round-robin.
-    table = queries(data)
+    table = queries(data.studies)
     clients = {t.name: FindClient(t) for t in targets}
     for client in clients.values():
         stack.callback(client.close)
