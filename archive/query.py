@@ -42,6 +42,7 @@ from sqlalchemy import (
     select,
     true,
 )
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import aliased
 
 from archive.db import Database
@@ -359,35 +360,145 @@ def _compile(key: Key, case_insensitive_pn: bool) -> _Matcher:
     return _Matcher(key, "single", (value,), fold_case=fold)
 
 
-def _sql_condition(m: _Matcher, attr: Attribute) -> ColumnElement[bool]:
-    column = attr.search_column if (m.fold_case and attr.search_column is not None) else attr.column
-    assert column is not None
-    if m.kind == "universal":
-        return true()
-    if attr.keyword in ("SeriesNumber", "InstanceNumber", "NumberOfFrames", "Rows", "Columns"):
+# --- SQL of a query shape -------------------------------------------------------------------
+#
+# A condition is reduced to its shape (a tuple: what is compared, how) and its values. The SQL
+# of a shape is built once with one bind parameter per value (p0, p1, … in order) and reused:
+# building and compiling the SQL of a search cost more than running it on an indexed column.
+
+#: Integer attributes held as integers in the index.
+_NUMBER_COLUMNS = frozenset({"SeriesNumber", "InstanceNumber", "NumberOfFrames", "Rows", "Columns"})
+
+Shape = tuple[Any, ...]
+
+
+def _condition_shape(m: _Matcher, attr: Attribute) -> tuple[Shape, list[Any]]:
+    """The shape of an indexed key's condition and its values."""
+    keyword = attr.keyword
+    search = m.fold_case and attr.search_column is not None
+    upper = m.fold_case and attr.search_column is None
+    if keyword in _NUMBER_COLUMNS:
         try:
             numbers = [int(float(v)) for v in m.values]
         except ValueError:
-            return false()
-        return column.in_(numbers) if m.kind in ("uids", "single") else false()
+            return ("false",), []
+        if m.kind in ("uids", "single"):
+            return ("in", keyword, search), [numbers]
+        return ("false",), []
     if m.kind == "uids":
-        return column.in_(list(m.values))
+        return ("in", keyword, search), [list(m.values)]
     if m.kind == "single":
-        if m.fold_case and attr.search_column is None:
-            return func.upper(column) == m.values[0]
-        return column == m.values[0]
+        return ("eq", keyword, search, upper), [m.values[0]]
     if m.kind == "wildcard":
-        target = func.upper(column) if m.fold_case and attr.search_column is None else column
-        return target.like(_like_pattern(m.values[0]), escape="\\")
-    # range
-    if m.key.vr == "TM":
-        column = tm_sql(column)
-    conditions = []
-    if m.low is not None:
-        conditions.append(column >= m.low)
-    if m.high is not None:
-        conditions.append(column <= m.high)
-    return and_(*conditions)
+        return ("like", keyword, search, upper), [_like_pattern(m.values[0])]
+    bounds = [v for v in (m.low, m.high) if v is not None]
+    shape = ("range", keyword, search, m.key.vr == "TM", m.low is not None, m.high is not None)
+    return shape, bounds
+
+
+def _combined_shape(date_m: _Matcher, time_m: _Matcher) -> tuple[Shape, list[Any]]:
+    """Date and time ranges as one date-time range (PS3.4 C.2.2.2.5.2)."""
+    values: list[Any] = []
+    if date_m.low is not None:
+        values += [date_m.low, time_m.low or ""]
+    if date_m.high is not None:
+        values += [date_m.high, time_m.high or "999999"]
+    shape = ("datetime", date_m.key.keyword, time_m.key.keyword)
+    return (*shape, date_m.low is not None, date_m.high is not None), values
+
+
+def _computed_shape(keyword: str, m: _Matcher) -> tuple[Shape, list[Any]]:
+    if keyword == "ModalitiesInStudy":
+        if m.kind == "wildcard":
+            return ("modalities like",), [_like_pattern(m.values[0])]
+        return ("modalities in",), [[v for part in m.values for v in part.split("\\")]]
+    if keyword == "SOPClassesInStudy":
+        return ("sop classes in",), [list(m.values)]
+    # Counts are return keys; matching on them compares the number.
+    try:
+        number = int(float(m.values[0])) if m.values else None
+    except ValueError as exc:
+        raise QueryError(f"{keyword}: {m.values[0]!r} is not a number") from exc
+    if number is None:
+        return ("false",), []
+    return ("count", keyword), [number]
+
+
+def _bind(params: Iterator[str], expanding: bool = False) -> Any:
+    """The next bind parameter (a list of values when ``expanding``)."""
+    return bindparam(next(params), expanding=expanding)
+
+
+def _condition_sql(shape: Shape, params: Iterator[str]) -> ColumnElement[bool]:
+    """The condition of ``shape``, its values bound to the names ``params`` yields."""
+    form = shape[0]
+    if form == "false":
+        return false()
+    if form in ("in", "eq", "like", "range"):
+        attr = INDEXED[shape[1]]
+        column: Any = attr.search_column if shape[2] else attr.column
+        if form == "in":
+            return column.in_(_bind(params, expanding=True))
+        if form == "range":
+            _, _, _, is_time, has_low, has_high = shape
+            if is_time:
+                column = tm_sql(column)
+            bounds = []
+            if has_low:
+                bounds.append(column >= _bind(params))
+            if has_high:
+                bounds.append(column <= _bind(params))
+            return and_(*bounds)
+        target: Any = func.upper(column) if shape[3] else column
+        if form == "eq":
+            return target == _bind(params)
+        return target.like(_bind(params), escape="\\")
+    if form == "datetime":
+        _, date_kw, time_kw, has_low, has_high = shape
+        date_col: Any = INDEXED[date_kw].column
+        time_col: Any = INDEXED[time_kw].column
+        time_or_zero = func.coalesce(tm_sql(time_col), "")
+        lower: ColumnElement[bool] = true()
+        upper: ColumnElement[bool] = true()
+        if has_low:
+            low, low_time = _bind(params), _bind(params)
+            lower = or_(date_col > low, and_(date_col == low, time_or_zero >= low_time))
+        if has_high:
+            high, high_time = _bind(params), _bind(params)
+            upper = or_(date_col < high, and_(date_col == high, time_or_zero <= high_time))
+        return and_(lower, upper)
+    if form in ("modalities like", "modalities in"):
+        s = _alias(Series, "modalities")
+        if form == "modalities like":
+            cond = s.modality.like(_bind(params), escape="\\")
+        else:
+            cond = s.modality.in_(_bind(params, expanding=True))
+        return exists(select(literal(1)).where(s.study_fk == Study.id, cond))
+    if form == "sop classes in":
+        uids = _bind(params, expanding=True)
+        s, i = _alias(Series, "sop_classes"), _alias(Instance, "sop_classes")
+        return exists(
+            select(literal(1))
+            .select_from(i)
+            .join(s, i.series_fk == s.id)
+            .where(s.study_fk == Study.id, i.sop_class_uid.in_(uids))
+        )
+    assert form == "count", shape
+    return _count_expression(shape[1]) == _bind(params)
+
+
+@functools.lru_cache(maxsize=512)
+def _shaped_select(level: QueryLevel, conditions: tuple[Shape, ...], paging: str) -> Select[Any]:
+    """The select of a query level with the conditions of these shapes, ordered by the row id;
+    ``paging``: "" or "limit" (both bound: :limit, :offset) or "offset" (:offset only)."""
+    stmt, ids, _positions = _base_select(level)
+    names = (f"p{n}" for n in range(10_000))
+    stmt = stmt.where(*(_condition_sql(shape, names) for shape in conditions)).order_by(ids)
+    if paging == "limit":
+        stmt = stmt.limit(bindparam("limit")).offset(bindparam("offset"))
+    elif paging == "offset":
+        stmt = stmt.offset(bindparam("offset"))
+    return stmt
 
 
 def tm_sql(column: Any) -> Any:
@@ -406,26 +517,6 @@ def tm_text(value: str) -> str:
     """:func:`tm_sql` for a value in Python."""
     text = value.replace(":", "").strip()
     return text + "0000" if len(text) == 2 else text + "00" if len(text) == 4 else text
-
-
-def _combined_range(
-    date_m: _Matcher, time_m: _Matcher, date_col: Any, time_col: Any
-) -> ColumnElement[bool]:
-    """Date and time ranges as one date-time range (PS3.4 C.2.2.2.5.2)."""
-    time_or_zero = func.coalesce(tm_sql(time_col), "")
-    lower: ColumnElement[bool] = true()
-    upper: ColumnElement[bool] = true()
-    if date_m.low is not None:
-        lower = or_(
-            date_col > date_m.low,
-            and_(date_col == date_m.low, time_or_zero >= (time_m.low or "")),
-        )
-    if date_m.high is not None:
-        upper = or_(
-            date_col < date_m.high,
-            and_(date_col == date_m.high, time_or_zero <= (time_m.high or "999999")),
-        )
-    return and_(lower, upper)
 
 
 # --- JSON-side matching (not indexed attributes) ---------------------------------------------
@@ -545,8 +636,8 @@ def find_matches(db: Database, query: Query) -> Matches:
     ]
     by_keyword = {m.key.keyword: m for m in matchers}
 
-    stmt, ids, positions = _base_select(level)
-    conditions: list[ColumnElement[bool]] = []
+    shapes: list[Shape] = []
+    values: list[Any] = []
     json_matchers: list[_Matcher] = []
     combined: set[str] = set()
     for date_kw, time_kw in _DATE_TIME_PAIRS.items():
@@ -555,9 +646,9 @@ def find_matches(db: Database, query: Query) -> Matches:
         in_scope = _LEVEL_ORDER.index(INDEXED[date_kw].level) <= _LEVEL_ORDER.index(level)
         if pair_ranges and query.combine_date_time and in_scope:
             assert dm is not None and tm is not None
-            conditions.append(
-                _combined_range(dm, tm, INDEXED[date_kw].column, INDEXED[time_kw].column)
-            )
+            shape, shape_values = _combined_shape(dm, tm)
+            shapes.append(shape)
+            values += shape_values
             combined |= {date_kw, time_kw}
     for m in matchers:
         keyword = m.key.keyword
@@ -565,18 +656,26 @@ def find_matches(db: Database, query: Query) -> Matches:
             continue
         attr = INDEXED.get(keyword)
         if attr is not None and _LEVEL_ORDER.index(attr.level) <= _LEVEL_ORDER.index(level):
-            conditions.append(_sql_condition(m, attr))
+            shape, shape_values = _condition_shape(m, attr)
         elif keyword in COMPUTED:
-            if _LEVEL_ORDER.index(COMPUTED[keyword]) <= _LEVEL_ORDER.index(level):
-                conditions.append(_computed_condition(keyword, m))
-            # below the query level a computed key has no meaning: it matches everything
+            if _LEVEL_ORDER.index(COMPUTED[keyword]) > _LEVEL_ORDER.index(level):
+                continue  # below the query level a computed key has no meaning: matches all
+            shape, shape_values = _computed_shape(keyword, m)
         else:
             json_matchers.append(m)
-    stmt = stmt.where(*conditions).order_by(ids)
+            continue
+        shapes.append(shape)
+        values += shape_values
+    params = {f"p{n}": value for n, value in enumerate(values)}
+    paging = ""
     if query.limit is not None and not json_matchers:
-        stmt = stmt.limit(query.limit).offset(query.offset)
+        paging = "limit"
+        params["limit"], params["offset"] = query.limit, query.offset
     elif query.offset and not json_matchers:
-        stmt = stmt.offset(query.offset)
+        paging = "offset"
+        params["offset"] = query.offset
+    stmt = _shaped_select(level, tuple(shapes), paging)
+    positions = _base_select(level)[2]
 
     return_keys = [k for k in query.keys if k.keyword not in ("QueryRetrieveLevel",)]
     needs_json = bool(json_matchers) or any(
@@ -584,10 +683,33 @@ def find_matches(db: Database, query: Query) -> Matches:
         for k in return_keys
     )
     with db.engine.connect() as conn:
-        rows = conn.execute(stmt).all()  # rows read by position: by name costs more
+        rows = conn.execute(stmt, params).all()  # rows read by position: by name costs more
+        # The computed attributes and documents of the first rows, on the same connection.
+        first = _extras(conn, level, rows[:_CHUNK], return_keys, needs_json)
     plan = _result_plan(query, return_keys, positions)
-    items = _matches(db, query, rows, return_keys, json_matchers, needs_json)
+    items = _matches(db, query, rows, return_keys, json_matchers, needs_json, first)
     return Matches(level, plan, items)
+
+
+#: Matches are completed (computed attributes, documents) this many rows at a time.
+_CHUNK = 500
+_Extras = tuple[dict[int, dict[str, Any]], dict[int, Any]]
+
+
+def _extras(
+    conn: Connection,
+    level: QueryLevel,
+    chunk: Sequence[Any],
+    return_keys: list[Key],
+    needs_json: bool,
+) -> _Extras:
+    """The computed attributes and the representative documents of a chunk of rows."""
+    if not chunk:
+        return {}, {}
+    ids = [row[0] for row in chunk]
+    computed = _computed_values(conn, level, ids, return_keys)
+    documents = _representative_json(conn, level, ids) if needs_json else {}
+    return computed, documents
 
 
 def _matches(
@@ -597,15 +719,18 @@ def _matches(
     return_keys: list[Key],
     json_matchers: list[_Matcher],
     needs_json: bool,
+    first: _Extras,
 ) -> Iterator[Match]:
     level = query.level
     skipped = 0
     emitted = 0
-    for chunk_start in range(0, len(rows), 500):
-        chunk = rows[chunk_start : chunk_start + 500]
-        ids = [row[0] for row in chunk]
-        computed = _computed_values(db, level, ids, return_keys)
-        documents = _representative_json(db, level, ids) if needs_json else {}
+    for chunk_start in range(0, len(rows), _CHUNK):
+        chunk = rows[chunk_start : chunk_start + _CHUNK]
+        if chunk_start == 0:
+            computed, documents = first
+        else:
+            with db.engine.connect() as conn:
+                computed, documents = _extras(conn, level, chunk, return_keys, needs_json)
         for row in chunk:
             document = documents.get(row[0], {})
             if json_matchers and not all(
@@ -663,31 +788,6 @@ def _alias(model: Any, use: str) -> Any:
     return aliased(model, name=f"{use}_{model.__tablename__}")
 
 
-def _computed_condition(keyword: str, m: _Matcher) -> ColumnElement[bool]:
-    if keyword == "ModalitiesInStudy":
-        s = _alias(Series, "modalities")
-        values = list(m.values)
-        if m.kind == "wildcard":
-            cond = s.modality.like(_like_pattern(values[0]), escape="\\")
-        else:
-            cond = s.modality.in_([v for part in values for v in part.split("\\")])
-        return exists(select(literal(1)).where(s.study_fk == Study.id, cond))
-    if keyword == "SOPClassesInStudy":
-        s, i = _alias(Series, "sop_classes"), _alias(Instance, "sop_classes")
-        return exists(
-            select(literal(1))
-            .select_from(i)
-            .join(s, i.series_fk == s.id)
-            .where(s.study_fk == Study.id, i.sop_class_uid.in_(list(m.values)))
-        )
-    # Counts are return keys; matching on them compares the number.
-    try:
-        number = int(float(m.values[0])) if m.values else None
-    except ValueError as exc:
-        raise QueryError(f"{keyword}: {m.values[0]!r} is not a number") from exc
-    return _count_expression(keyword) == number
-
-
 def _count_expression(keyword: str) -> Any:
     s, i, st = aliased(Series), aliased(Instance), aliased(Study)
     if keyword == "NumberOfStudyRelatedSeries":
@@ -723,35 +823,34 @@ def _count_expression(keyword: str) -> Any:
 
 
 def _computed_values(
-    db: Database, level: QueryLevel, ids: list[int], keys: Iterable[Key]
+    conn: Connection, level: QueryLevel, ids: list[int], keys: Iterable[Key]
 ) -> dict[int, dict[str, Any]]:
     """Computed attributes for the matched rows, one grouped query per attribute."""
     wanted = [k.keyword for k in keys if k.keyword in COMPUTED]
     out: dict[int, dict[str, Any]] = defaultdict(dict)
     if not wanted or not ids:
         return out
-    with db.engine.connect() as conn:
-        summary = [k for k in wanted if k in _STUDY_SUMMARY]
-        if len(summary) > 1 and level is not P:
-            # One query answers them all: a row per series of each matched row's study.
-            for row_id, modality, count in conn.execute(_study_summary_select(level), {"ids": ids}):
-                values = out[row_id]
-                values.setdefault("ModalitiesInStudy", []).append(modality)
-                series = values.get("NumberOfStudyRelatedSeries", 0)
-                values["NumberOfStudyRelatedSeries"] = series + 1
-                instances = values.get("NumberOfStudyRelatedInstances", 0)
-                values["NumberOfStudyRelatedInstances"] = instances + count
-            wanted = [k for k in wanted if k not in summary]
-        for keyword in wanted:
-            owner = COMPUTED[keyword]
-            if _LEVEL_ORDER.index(owner) > _LEVEL_ORDER.index(level):
-                continue
-            stmt = _computed_select(keyword, level)
-            for row_id, value in conn.execute(stmt, {"ids": ids}):
-                if keyword in ("ModalitiesInStudy", "SOPClassesInStudy"):
-                    out[row_id].setdefault(keyword, []).append(value)
-                else:
-                    out[row_id][keyword] = value
+    summary = [k for k in wanted if k in _STUDY_SUMMARY]
+    if len(summary) > 1 and level is not P:
+        # One query answers them all: a row per series of each matched row's study.
+        for row_id, modality, count in conn.execute(_study_summary_select(level), {"ids": ids}):
+            values = out[row_id]
+            values.setdefault("ModalitiesInStudy", []).append(modality)
+            series = values.get("NumberOfStudyRelatedSeries", 0)
+            values["NumberOfStudyRelatedSeries"] = series + 1
+            instances = values.get("NumberOfStudyRelatedInstances", 0)
+            values["NumberOfStudyRelatedInstances"] = instances + count
+        wanted = [k for k in wanted if k not in summary]
+    for keyword in wanted:
+        owner = COMPUTED[keyword]
+        if _LEVEL_ORDER.index(owner) > _LEVEL_ORDER.index(level):
+            continue
+        stmt = _computed_select(keyword, level)
+        for row_id, value in conn.execute(stmt, {"ids": ids}):
+            if keyword in ("ModalitiesInStudy", "SOPClassesInStudy"):
+                out[row_id].setdefault(keyword, []).append(value)
+            else:
+                out[row_id][keyword] = value
     for values in out.values():
         for keyword in ("ModalitiesInStudy", "SOPClassesInStudy"):
             if keyword in values:
@@ -890,22 +989,26 @@ def _computed_select(keyword: str, level: QueryLevel) -> Select[Any]:
     return stmt.group_by(rows.c.rid)
 
 
-def _representative_json(db: Database, level: QueryLevel, ids: list[int]) -> dict[int, Any]:
+def _representative_json(conn: Connection, level: QueryLevel, ids: list[int]) -> dict[int, Any]:
     """The DICOM JSON of one instance per matched row (its first instance)."""
+    return {row[0]: row[1] for row in conn.execute(_representative_select(level), {"ids": ids})}
+
+
+@functools.cache
+def _representative_select(level: QueryLevel) -> Select[Any]:
+    """(row id, DICOM JSON of the row's first instance) for the rows ``:ids``."""
+    ids: Any = bindparam("ids", expanding=True)
     if level is QueryLevel.IMAGE:
-        stmt = select(Instance.id, Instance.dicom_json).where(Instance.id.in_(ids))
-    else:
-        owner = {P: Patient.id, ST: Study.id, SE: Series.id}[level]
-        first = select(owner.label("oid"), func.min(Instance.id).label("iid")).select_from(Instance)
-        first = first.join(Series, Instance.series_fk == Series.id)
-        if level in (P, ST):
-            first = first.join(Study, Series.study_fk == Study.id)
-        if level is P:
-            first = first.join(Patient, Study.patient_fk == Patient.id)
-        sub = first.where(owner.in_(ids)).group_by(owner).subquery()
-        stmt = select(sub.c.oid, Instance.dicom_json).join(Instance, Instance.id == sub.c.iid)
-    with db.engine.connect() as conn:
-        return {row[0]: row[1] for row in conn.execute(stmt)}
+        return select(Instance.id, Instance.dicom_json).where(Instance.id.in_(ids))
+    owner = {P: Patient.id, ST: Study.id, SE: Series.id}[level]
+    first = select(owner.label("oid"), func.min(Instance.id).label("iid")).select_from(Instance)
+    first = first.join(Series, Instance.series_fk == Series.id)
+    if level in (P, ST):
+        first = first.join(Study, Series.study_fk == Study.id)
+    if level is P:
+        first = first.join(Patient, Study.patient_fk == Patient.id)
+    sub = first.where(owner.in_(ids)).group_by(owner).subquery()
+    return select(sub.c.oid, Instance.dicom_json).join(Instance, Instance.id == sub.c.iid)
 
 
 def _column_json(keyword: str, vr: str, value: Any) -> dict[str, Any]:
