@@ -4,33 +4,62 @@ Viewers make many small DICOMweb requests (a QIDO search, the metadata of a seri
 For those, FastAPI's middleware chain, route resolution and dependency solving cost more than
 the archive's own work: a one-result QIDO-RS search spent most of its time there. The GET
 routes of the DICOMweb router take only the request and their path parameters, so
-:class:`DirectApp` matches them itself and calls the endpoint with the same middleware the
-application declares (CORS), the same error responses (``{"detail": ...}`` for an
-``HTTPException``) and the same thread pool. Every other request, and a path that matches no
-route, goes through FastAPI as before; the routes stay in the OpenAPI document as they are.
+:class:`DirectApp` matches them itself (one regular expression per route, compiled once) and
+runs the endpoint in a thread of its own pool, with the same middleware the application
+declares (CORS) and the same error responses (``{"detail": ...}`` for an ``HTTPException``).
+Every other request, and a path that matches no route, goes through FastAPI as before; the
+routes stay in the OpenAPI document as they are.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
+import functools
 import inspect
+import re
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.routing import APIRoute, APIRouter
-from starlette.concurrency import run_in_threadpool
+from starlette.convertors import Convertor
 from starlette.exceptions import HTTPException
-from starlette.middleware.exceptions import ExceptionMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Match, Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.routing import compile_path
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+#: Threads that run the direct endpoints (the archive's work is blocking I/O and SQL), as many
+#: as the thread pool FastAPI runs its other endpoints in.
+THREADS = 40
 
 
-def _direct(prefix: str, route: APIRoute) -> Route | None:
-    """A plain Starlette route for a GET endpoint that takes the request and its path
-    parameters only; None for any other route."""
+@dataclass(frozen=True, slots=True)
+class DirectRoute:
+    """A GET endpoint that takes the request and its path parameters only."""
+
+    name: str
+    path: str
+    regex: re.Pattern[str]
+    convertors: dict[str, Convertor[Any]]
+    endpoint: Callable[..., Response]
+
+    def match(self, path: str) -> dict[str, Any] | None:
+        found = self.regex.match(path)
+        if found is None:
+            return None
+        return {
+            name: self.convertors[name].convert(value) for name, value in found.groupdict().items()
+        }
+
+
+def _direct(prefix: str, route: APIRoute) -> DirectRoute | None:
+    """The direct form of a GET endpoint that takes the request and its path parameters only;
+    None for any other route."""
     if route.methods != {"GET"} or route.dependant.dependencies:
         return None
     if route.dependant.query_params or route.dependant.header_params:
@@ -43,12 +72,8 @@ def _direct(prefix: str, route: APIRoute) -> Route | None:
         return None
     if inspect.iscoroutinefunction(route.endpoint):
         return None
-    function: Callable[..., Response] = route.endpoint
-
-    async def endpoint(request: Request) -> Response:
-        return await run_in_threadpool(function, request, **request.path_params)
-
-    return Route(prefix + route.path, endpoint, methods=["GET"], name=route.name)
+    regex, path, convertors = compile_path(prefix + route.path)
+    return DirectRoute(route.name, path, regex, convertors, route.endpoint)
 
 
 class DirectApp(FastAPI):
@@ -56,12 +81,15 @@ class DirectApp(FastAPI):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._direct_routes: list[Route] = []
+        self._direct_prefix = ""
+        self._direct_routes: list[DirectRoute] = []
         self._direct_stack: ASGIApp | None = None
+        self._executor: ThreadPoolExecutor | None = None
 
     def serve_directly(self, prefix: str, routers: Iterable[APIRouter]) -> None:
         """Serve the plain GET routes of ``routers``, included in this app under ``prefix``,
         directly."""
+        self._direct_prefix = prefix
         self._direct_routes = [
             direct
             for router in routers
@@ -71,23 +99,58 @@ class DirectApp(FastAPI):
         self._direct_stack = None
 
     def _build_direct_stack(self) -> ASGIApp:
-        handlers: dict[Any, Any] = {HTTPException: http_exception_handler}
-        app: ASGIApp = ExceptionMiddleware(self._dispatch, handlers=handlers)
+        app: ASGIApp = self._dispatch
         for middleware in reversed(self.user_middleware):  # as Starlette builds its own stack
             app = middleware.cls(app, *middleware.args, **middleware.kwargs)
         return app
 
     async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await scope["pacsbridge.direct_route"].handle(scope, receive, send)
+        """The endpoint in a worker thread, its response, and an ``HTTPException`` from either
+        as FastAPI answers it (``{"detail": ...}``)."""
+        route, path_params = scope["pacsbridge.direct_route"]
+        request = Request(scope, receive, send)
+        started = False
+
+        async def sender(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(THREADS, thread_name_prefix="dicomweb")
+        call = functools.partial(
+            contextvars.copy_context().run, route.endpoint, request, **path_params
+        )
+        try:
+            response = await asyncio.get_running_loop().run_in_executor(self._executor, call)
+            await response(scope, receive, sender)
+        except HTTPException as exc:
+            if started:
+                raise
+            error = await http_exception_handler(request, exc)
+            await error(scope, receive, sender)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "GET" and self._direct_routes:
+        if (
+            scope["type"] == "http"
+            and scope["method"] == "GET"
+            and scope["path"].startswith(self._direct_prefix)
+            and self._direct_routes
+        ):
+            path = scope["path"]
             for route in self._direct_routes:
-                match, child = route.matches(scope)
-                if match is Match.FULL:
+                path_params = route.match(path)
+                if path_params is not None:
                     if self._direct_stack is None:
                         self._direct_stack = self._build_direct_stack()
-                    scope = {**scope, **child, "app": self, "pacsbridge.direct_route": route}
+                    scope = {
+                        **scope,
+                        "app": self,
+                        "path_params": path_params,
+                        "endpoint": route.endpoint,
+                        "pacsbridge.direct_route": (route, path_params),
+                    }
                     await self._direct_stack(scope, receive, send)
                     return
         await super().__call__(scope, receive, send)

@@ -3,6 +3,7 @@ writing multipart/related bodies."""
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -158,6 +159,7 @@ def parse_accept(header: str | None) -> list[MediaRange]:
     return sorted(ranges, key=lambda r: -r.q)
 
 
+@functools.lru_cache(maxsize=256)
 def accepts_json(header: str | None) -> bool:
     """Whether a response in application/dicom+json is acceptable."""
     for r in parse_accept(header):

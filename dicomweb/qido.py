@@ -9,6 +9,7 @@ Tables 10.6.3-3/-4/-5, RetrieveURL, and errors as JSON with Warning headers.
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 from collections.abc import Iterator
@@ -113,6 +114,7 @@ class Search:
     """A key contradicts the URL: nothing can match."""
 
 
+@functools.lru_cache(maxsize=4096)
 def _tag(name: str) -> int | None:
     tag = tag_for_keyword(name)
     if tag is not None:
@@ -122,6 +124,7 @@ def _tag(name: str) -> int | None:
     return None
 
 
+@functools.lru_cache(maxsize=4096)
 def _vr(tag: int) -> str:
     try:
         vr = str(dictionary_VR(tag))
@@ -232,6 +235,15 @@ def _return_keywords(level: QueryLevel, scoped: set[str]) -> list[str]:
     return keywords
 
 
+@functools.lru_cache(maxsize=64)
+def _return_tags(level: QueryLevel, scoped: frozenset[str], include_all: bool) -> tuple[int, ...]:
+    """Tags of the attributes every result of this search returns."""
+    names = _return_keywords(level, set(scoped))
+    if include_all:
+        names += _all_keywords(level)
+    return tuple(int(tag_for_keyword(keyword)) for keyword in names)  # type: ignore[arg-type]
+
+
 def _all_keywords(level: QueryLevel) -> list[str]:
     index = _LEVEL_ORDER.index(level)
     return [
@@ -289,12 +301,7 @@ def _run(request: Request, search: Search, fixed: dict[str, str]) -> Response:
     if limit == 0:
         limit = settings.qido_max_limit
 
-    wanted: dict[int, str | None] = {}
-    names = _return_keywords(search.level, set(fixed))
-    if search.include_all:
-        names += _all_keywords(search.level)
-    for keyword in names:
-        wanted[int(tag_for_keyword(keyword))] = None  # type: ignore[arg-type]
+    wanted = dict.fromkeys(_return_tags(search.level, frozenset(fixed), search.include_all))
     for tag in search.include:
         wanted.setdefault(tag, None)
     fuzzy_keys: dict[int, str] = {}
