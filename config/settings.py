@@ -169,6 +169,10 @@ class Settings(BaseSettings):
     """Results of a QIDO-RS search that gives no ``limit``."""
     qido_max_limit: int = Field(default=10000, ge=1)
     """The most results one QIDO-RS response holds; a larger ``limit`` is reduced (Warning 299)."""
+    wado_mmap: bool = True
+    """WADO-RS sends stored files of 128 KiB and more from memory maps of the files (one copy
+    less). Turn it off when the blob folder is on a network file system that other machines
+    change, as with Apache httpd's ``EnableMMAP``."""
 
     # --- DIMSE -------------------------------------------------------------------------
     ae_title: str = "PACSBRIDGE"

@@ -17,10 +17,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import mmap
 import os
 import re
+import sys
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy
@@ -85,6 +88,8 @@ CRLF = b"\r\n"
 WHOLE_FILE_LIMIT = 8 * 2**20
 #: Bytes of small instances read in one go by a worker thread while streaming a retrieve.
 COALESCE_BYTES = 4 * 2**20
+#: Stored files from this size on are memory-mapped when sent as stored (_read_passthrough).
+MAP_BYTES = 128 * 2**10
 #: Instances per chunk of a metadata response.
 METADATA_BATCH = 64
 _PIXEL_TAGS = {"7FE00010", "7FE00008", "7FE00009"}
@@ -186,10 +191,10 @@ def _instance_header(
 
 def _read_group(
     archive: Archive, group: Sequence[_Part], boundary: str, base: str
-) -> bytes | memoryview:
-    """Header, bytes and CRLF of each instance of a group of small ones, as one piece (read
-    in a worker thread: the event loop then makes one large write instead of many). Files
-    sent as stored are read straight into the piece (no intermediate copy)."""
+) -> list[bytes | memoryview]:
+    """Header, bytes and CRLF of each instance of a group, as few pieces as possible (read in
+    a worker thread: the event loop then makes a few large writes instead of many small ones).
+    See :func:`_read_passthrough` for a group sent as stored."""
     if all(part.passthrough for part in group):
         return _read_passthrough(archive, group)
     pieces: list[bytes] = []
@@ -202,7 +207,7 @@ def _read_group(
                 data = to_explicit_vr_little_endian(fh)
             header = _instance_header(boundary, base, part.instance, part.target, len(data))
             pieces += (header, data, CRLF)
-    return b"".join(pieces)
+    return [b"".join(pieces)]
 
 
 def _size_mismatch(part: _Part, size: int) -> OSError:
@@ -220,28 +225,81 @@ def _read_stored(archive: Archive, part: _Part) -> bytes:
     return data
 
 
-def _read_passthrough(archive: Archive, group: Sequence[_Part]) -> memoryview:
-    total = sum(len(part.header or b"") + part.instance.size + len(CRLF) for part in group)
+def _read_passthrough(archive: Archive, group: Sequence[_Part]) -> list[bytes | memoryview]:
+    """A group sent as stored. With ``wado_mmap`` on, files of at least :data:`MAP_BYTES` in
+    the blob store's folder are memory-mapped: the socket write copies them straight from the
+    page cache, with no copy into this process first. Everything between them (part headers,
+    CRLFs, smaller files, files that cannot be mapped) is read into one buffer per run."""
+    pieces: list[bytes | memoryview] = []
+    run: list[bytes | _Part] = []
+    mapping = archive.settings.wado_mmap
+    for part in group:
+        assert part.header is not None
+        run.append(part.header)
+        path = archive.blobs.local_path(part.instance.blob_key) if mapping else None
+        mapped = _map(path, part) if path is not None and part.instance.size >= MAP_BYTES else None
+        if mapped is not None:
+            pieces.append(_gather(archive, run))
+            pieces.append(mapped)
+            run = []
+        else:
+            run.append(part)
+        run.append(CRLF)
+    pieces.append(_gather(archive, run))
+    return [piece for piece in pieces if len(piece)]
+
+
+#: madvise(MADV_POPULATE_READ) (Linux 5.14): read a mapping's pages in now, and report an I/O
+#: error as an error instead of a SIGBUS at the first access.
+_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22 if sys.platform == "linux" else None)
+
+
+def _map(path: Path, part: _Part) -> memoryview | None:
+    """The file mapped read-only with its pages read in, or None when that cannot be done
+    (the caller then reads the file; a file that cannot be read fails there, clearly).
+
+    Blob files are never changed in place (a new version is a new file renamed over the old
+    one), so a mapping always sees one whole file. The mapping goes when its last view does."""
+    if _POPULATE_READ is None:
+        return None
+    try:
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            if size != part.instance.size:
+                return None
+            mapped = mmap.mmap(fh.fileno(), size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+        try:
+            mapped.madvise(_POPULATE_READ)
+        except OSError:
+            mapped.close()
+            return None
+        return memoryview(mapped)
+    except (OSError, ValueError):
+        return None
+
+
+def _gather(archive: Archive, run: Sequence[bytes | _Part]) -> memoryview:
+    """Byte strings and stored files, one after the other in one buffer."""
+    total = sum(len(item) if isinstance(item, bytes) else item.instance.size for item in run)
     # numpy.empty: uninitialised memory (a bytearray would be zero-filled first, a pass over
     # the whole piece that costs a good part of the retrieve).
     buffer = numpy.empty(total, dtype=numpy.uint8).data.cast("B")
     offset = 0
-    for part in group:
-        assert part.header is not None
-        header, size = part.header, part.instance.size
-        buffer[offset : offset + len(header)] = header
-        offset += len(header)
-        path = archive.blobs.local_path(part.instance.blob_key)
+    for item in run:
+        if isinstance(item, bytes):
+            buffer[offset : offset + len(item)] = item
+            offset += len(item)
+            continue
+        size = item.instance.size
+        path = archive.blobs.local_path(item.instance.blob_key)
         if path is None:
-            buffer[offset : offset + size] = _read_stored(archive, part)
+            buffer[offset : offset + size] = _read_stored(archive, item)
         else:
             with open(path, "rb") as fh:
                 got = fh.readinto(buffer[offset : offset + size])
                 if got != size or fh.read(1):
-                    raise _size_mismatch(part, os.fstat(fh.fileno()).st_size)
+                    raise _size_mismatch(item, os.fstat(fh.fileno()).st_size)
         offset += size
-        buffer[offset : offset + len(CRLF)] = CRLF
-        offset += len(CRLF)
     return buffer
 
 
@@ -275,7 +333,7 @@ async def _stream_instances(
     piece, the next group while the current one is being sent. Large files stream in chunks."""
     groups = list(_groups(parts))
 
-    def read(index: int) -> asyncio.Future[bytes | memoryview] | None:
+    def read(index: int) -> asyncio.Future[list[bytes | memoryview]] | None:
         if index >= len(groups) or _large(groups[index]):
             return None
         return asyncio.ensure_future(
@@ -296,9 +354,10 @@ async def _stream_instances(
                 ahead = read(index + 1)
                 continue
             assert ahead is not None
-            piece = await ahead
+            pieces = await ahead
             ahead = read(index + 1)
-            yield piece
+            for piece in pieces:
+                yield piece
         yield closing(boundary)
     except (BlobNotFound, TranscodeError, OSError) as exc:
         # The status line is gone already: end the body early so the client sees an error.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import mmap
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -355,6 +356,29 @@ def test_retrieve_study_and_series_stream_every_instance(
     assert len(series) == 1
 
 
+def test_retrieve_large_and_small_files_byte_for_byte(http: httpx.Client) -> None:
+    """512² slices (memory-mapped on the file store, read on S3) between 16² ones (read into
+    one buffer with the part headers), as stored: every part is the stored file."""
+    big = ct_study(3, size=512, patient_id="H-WADO-MAP")
+    study = big[0].StudyInstanceUID
+    small = ct_study(2, size=16, patient_id="H-WADO-MAP", study_uid=study)
+    files = {ds.SOPInstanceUID: part10(ds) for ds in [big[0], *small, big[1], big[2]]}
+    assert stow(http, list(files.values())).status_code == 200
+    assert min(len(files[ds.SOPInstanceUID]) for ds in big) > 128 * 1024
+    response = http.get(f"/studies/{study}", headers={"Accept": AS_STORED})
+    assert int(response.headers["content-length"]) == len(response.content)
+    parts = parse_multipart(*_body(response))
+    assert len(parts) == 5
+    for headers, content in parts:
+        sop = headers["content-location"].rsplit("/", 1)[1]
+        assert content == files[sop]
+    series = big[0].SeriesInstanceUID
+    one = http.get(f"/studies/{study}/series/{series}", headers={"Accept": AS_STORED})
+    assert sorted(c for _h, c in parse_multipart(*_body(one))) == sorted(
+        files[ds.SOPInstanceUID] for ds in big
+    )
+
+
 @pytest.mark.parametrize(
     "path",
     [
@@ -650,3 +674,35 @@ def test_openapi_describes_media_types(dw_server: RunningServer) -> None:
         'multipart/related; type="application/octet-stream"'
         in frames["get"]["responses"]["200"]["content"]
     )
+
+
+@pytest.mark.parametrize("mapping", [True, False], ids=["mmap", "read"])
+def test_passthrough_pieces_are_the_stored_files(tmp_path, mapping: bool) -> None:
+    """The pieces of a retrieve sent as stored: large files as memory maps when
+    ``wado_mmap`` is on, everything else read; the same bytes either way."""
+    from archive import Archive
+    from archive.wado import find_stored
+    from config import Settings
+    from dicomweb.wado import DicomChoice, _plan, _read_passthrough
+
+    archive = Archive(Settings(data_dir=tmp_path / "data", wado_mmap=mapping))
+    try:
+        big = ct_study(2, size=512)
+        study = big[0].StudyInstanceUID
+        small = ct_study(2, size=16, study_uid=study)
+        files = {ds.SOPInstanceUID: part10(ds) for ds in [*big, *small]}
+        for data in files.values():
+            archive.ingest(data)
+        instances = find_stored(archive.db, study)
+        parts = _plan(instances, DicomChoice(True, None), "b", "http://x/dicom-web")
+        pieces = _read_passthrough(archive, parts)
+        mapped = [p for p in pieces if isinstance(p, memoryview) and isinstance(p.obj, mmap.mmap)]
+        assert len(mapped) == (2 if mapping else 0)
+        body = b"".join(bytes(p) for p in pieces)
+        expected = b"".join(
+            (p.header or b"") + files[p.instance.sop_instance_uid] + b"\r\n" for p in parts
+        )
+        assert body == expected
+        del pieces, mapped
+    finally:
+        archive.close()

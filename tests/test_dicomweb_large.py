@@ -95,17 +95,18 @@ def test_large_stow_body_with_bounded_memory(dw_server: RunningServer) -> None:
     assert found[0]["00201208"]["Value"] == [SLICES]
 
 
+@pytest.mark.parametrize("size", [64, 512], ids=["read", "mapped"])
 def test_a_blob_that_disagrees_with_the_index_ends_the_body_early(
-    dw_server: RunningServer,
+    dw_server: RunningServer, size: int
 ) -> None:
     """A stored file changed behind the archive's back (cut short on disk) is not sent as if it
     were whole: the multipart body ends early, so the client sees a broken response, and the
-    server goes on serving the rest."""
+    server goes on serving the rest. 512² slices are ones WADO-RS would memory-map."""
     from tests.dicomweb_fixtures import multipart_body, part10
 
     study, series = new_uid(), new_uid()
     slices = [
-        part10(ct_slice(study_uid=study, series_uid=series, index=i, size=64)) for i in range(3)
+        part10(ct_slice(study_uid=study, series_uid=series, index=i, size=size)) for i in range(3)
     ]
     body, content_type = multipart_body(slices)
     root = f"{dw_server.http}/dicom-web"
