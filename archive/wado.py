@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import struct
 import tempfile
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO
@@ -19,6 +21,8 @@ from typing import Any, BinaryIO
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.encaps import get_frame
+from pydicom.filebase import DicomFileLike
+from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import UID
 from sqlalchemy import Text, cast, func, select
 
@@ -191,9 +195,23 @@ def iter_metadata(
 
 
 @contextlib.contextmanager
-def open_instance(blobs: BlobStore, key: str) -> Iterator[BinaryIO]:
+def open_instance(blobs: BlobStore, key: str, *, inflate: bool = False) -> Iterator[BinaryIO]:
     """The stored file, seekable: the file itself on a filesystem store, else a spooled copy
-    (in memory up to :data:`SPOOL_IN_MEMORY`, then on disk). Raises :class:`BlobNotFound`."""
+    (in memory up to :data:`SPOOL_IN_MEMORY`, then on disk). Raises :class:`BlobNotFound`.
+
+    With ``inflate``, a file in Deflated Explicit VR Little Endian comes as a spooled copy
+    with its data set inflated and its file meta saying Explicit VR Little Endian (PS3.5
+    A.5), so that offsets in it are those of the data set's elements."""
+    with _open_stored(blobs, key) as fh:
+        if inflate and _deflated(fh):
+            with _inflated(fh) as copy:
+                yield copy
+        else:
+            yield fh
+
+
+@contextlib.contextmanager
+def _open_stored(blobs: BlobStore, key: str) -> Iterator[BinaryIO]:
     path = blobs.local_path(key)
     if path is not None:
         try:
@@ -206,6 +224,74 @@ def open_instance(blobs: BlobStore, key: str) -> Iterator[BinaryIO]:
     with tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY) as spool:
         for chunk in blobs.open(key):
             spool.write(chunk)
+        spool.seek(0)
+        yield spool  # type: ignore[misc]
+
+
+#: Preamble, "DICM" and the File Meta Information Group Length element (PS3.10 7.1).
+_META_START = 128 + 4 + 12
+_GROUP_LENGTH = b"\x02\x00\x00\x00UL\x04\x00"
+_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN"})
+_LONG_VRS |= {b"UR", b"UT", b"UV"}
+
+
+def _meta_end(fh: BinaryIO) -> int | None:
+    """Where the file meta information of a Part-10 file ends; None when it does not start
+    with its group length."""
+    fh.seek(0)
+    head = fh.read(_META_START)
+    if len(head) < _META_START or head[128:140] != b"DICM" + _GROUP_LENGTH:
+        return None
+    (length,) = struct.unpack("<L", head[140:144])
+    return _META_START + length
+
+
+def _deflated(fh: BinaryIO) -> bool:
+    """Whether the file meta information names Deflated Explicit VR Little Endian: its
+    elements are read one by one (Explicit VR Little Endian, PS3.10 7.1)."""
+    end = _meta_end(fh)
+    if end is None:
+        return False
+    fh.seek(0)
+    meta = fh.read(end)
+    offset = _META_START
+    while offset + 8 <= len(meta):
+        group, element = struct.unpack("<HH", meta[offset : offset + 4])
+        vr = meta[offset + 4 : offset + 6]
+        if vr in _LONG_VRS:
+            (length,) = struct.unpack("<L", meta[offset + 8 : offset + 12])
+            value = offset + 12
+        else:
+            (length,) = struct.unpack("<H", meta[offset + 6 : offset + 8])
+            value = offset + 8
+        if (group, element) == (0x0002, 0x0010):
+            uid = meta[value : value + length].rstrip(b"\x00 ").decode("ascii", "replace")
+            return uid == pydicom.uid.DeflatedExplicitVRLittleEndian
+        offset = value + length
+    return False
+
+
+@contextlib.contextmanager
+def _inflated(fh: BinaryIO) -> Iterator[BinaryIO]:
+    end = _meta_end(fh)
+    assert end is not None
+    fh.seek(0)
+    head = fh.read(end)
+    try:
+        meta = pydicom.dcmread(io.BytesIO(head), stop_before_pixels=True).file_meta
+    except Exception as exc:
+        raise NoPixelData(f"the file meta information cannot be read: {exc}") from exc
+    meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    with tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY) as spool:
+        spool.write(head[:132])
+        write_file_meta_info(DicomFileLike(spool), meta, enforce_standard=True)
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)  # raw deflate (PS3.5 A.5)
+        try:
+            while chunk := fh.read(1 << 20):
+                spool.write(inflater.decompress(chunk))
+            spool.write(inflater.flush())
+        except zlib.error as exc:
+            raise NoPixelData(f"the deflated data set cannot be inflated: {exc}") from exc
         spool.seek(0)
         yield spool  # type: ignore[misc]
 
@@ -273,7 +359,7 @@ def pixel_layout(fh: BinaryIO) -> tuple[Dataset, PixelLayout]:
     """Read the header of a stored file (never its pixels) and locate its pixel data.
 
     Raises :class:`NoPixelData` when there is none, or when the file is deflated (its offsets
-    are not those of the stored bytes: such files are read whole instead).
+    are not those of the stored bytes: open it with ``open_instance(..., inflate=True)``).
     """
     fh.seek(0)
     ds = pydicom.dcmread(fh, stop_before_pixels=True)

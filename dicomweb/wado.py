@@ -625,7 +625,7 @@ def _pixel_parts(
     choice: PixelChoice,
     boundary: str,
 ) -> Iterator[bytes]:
-    with open_instance(archive.blobs, instance.blob_key) as fh:
+    with open_instance(archive.blobs, instance.blob_key, inflate=True) as fh:
         _ds, layout = pixel_layout(fh)
         for number in numbers:
             data = _frame(fh, layout, number, choice)
@@ -659,7 +659,7 @@ def _decoded_value(
 
     def body() -> Iterator[bytes]:
         header = part_header(boundary, part_content_type(OCTET_STREAM, DEFAULT_TRANSFER_SYNTAX))
-        with open_instance(archive.blobs, instance.blob_key) as fh:
+        with open_instance(archive.blobs, instance.blob_key, inflate=True) as fh:
             for number in range(1, layout.number_of_frames + 1):
                 data = decoded_frame(fh, layout, number)
                 yield header + data if multipart and number == 1 else data
@@ -676,7 +676,7 @@ def _decoded_value(
 
 def _open_pixels(archive: Archive, instance: StoredInstance) -> PixelLayout:
     try:
-        with open_instance(archive.blobs, instance.blob_key) as fh:
+        with open_instance(archive.blobs, instance.blob_key, inflate=True) as fh:
             return pixel_layout(fh)[1]
     except NoPixelData as exc:
         fail(404, f"instance {instance.sop_instance_uid} has no frames: {exc}")
@@ -864,7 +864,7 @@ def retrieve_bulkdata(request: Request, study: str, series: str, sop: str, path:
         if not layout.encapsulated and layout.little_endian and layout.bits_allocated % 8 == 0:
 
             def pixels(start: int, end: int) -> Iterator[bytes]:
-                with open_instance(archive.blobs, instance.blob_key) as fh:
+                with open_instance(archive.blobs, instance.blob_key, inflate=True) as fh:
                     yield from uncompressed_range(fh, layout, start, end)
 
             assert layout.length is not None

@@ -98,7 +98,7 @@ def catalog(http: httpx.Client) -> Catalog:
     bulky.IconImageSequence = DicomSequence([icon])
     bulky.add_new(0x60003000, "OW", bytes(4096))  # OverlayData
     parts = [part10(ds) for datasets in cat.studies.values() for ds in datasets]
-    for name in ("JPEG2000.dcm", "SC_rgb_rle_2frame.dcm", "MR_small_implicit.dcm"):
+    for name in ("JPEG2000.dcm", "SC_rgb_rle_2frame.dcm", "MR_small_implicit.dcm", "image_dfl.dcm"):
         path = get_testdata_file(name)
         assert path is not None
         with open(path, "rb") as fh:
@@ -474,6 +474,39 @@ def test_frames_decoded_and_as_stored(http: httpx.Client, catalog: Catalog) -> N
     )
     [(_h, default)] = parse_multipart(*_body(http.get(path)))  # no Accept: uncompressed
     assert len(default) == ds.Rows * ds.Columns * 2
+
+
+def test_frames_and_pixel_bulk_data_of_a_deflated_instance(
+    http: httpx.Client, catalog: Catalog
+) -> None:
+    """Deflated Explicit VR Little Endian (PS3.5 A.5): the data set is inflated to find the
+    pixels; they go out uncompressed, as for any native transfer syntax."""
+    ds = file_ds(catalog, "image_dfl.dcm")
+    assert ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1.99"
+    pixels = ds.pixel_array.astype(ds.pixel_array.dtype.newbyteorder("<")).tobytes()
+    for accept in (
+        "application/octet-stream",
+        "application/octet-stream; transfer-syntax=*",
+        'multipart/related; type="application/octet-stream"',
+    ):
+        response = http.get(f"{instance_path(ds)}/frames/1", headers={"Accept": accept})
+        assert response.status_code == 200, (accept, response.text)
+        if accept.startswith("multipart"):
+            [(headers, content)] = parse_multipart(*_body(response))
+            assert ExplicitVRLittleEndian in headers["content-type"]
+        else:
+            content = response.content
+        assert content == pixels, accept
+    assert http.get(f"{instance_path(ds)}/frames/2").status_code == 404
+    bulk = http.get(
+        f"{instance_path(ds)}/bulkdata/7FE00010", headers={"Accept": "application/octet-stream"}
+    )
+    assert bulk.status_code == 200 and bulk.content == pixels
+    ranged = http.get(
+        f"{instance_path(ds)}/bulkdata/7FE00010",
+        headers={"Accept": "application/octet-stream", "Range": "bytes=100-199"},
+    )
+    assert ranged.status_code == 206 and ranged.content == pixels[100:200]
 
 
 def test_multiframe_frames(http: httpx.Client, catalog: Catalog) -> None:
