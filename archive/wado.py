@@ -255,7 +255,7 @@ def _deflated(fh: BinaryIO) -> bool:
     fh.seek(0)
     meta = fh.read(end)
     offset = _META_START
-    while offset + 8 <= len(meta):
+    while offset + 12 <= len(meta):  # a header, and the 4 bytes a long one takes
         group, element = struct.unpack("<HH", meta[offset : offset + 4])
         vr = meta[offset + 4 : offset + 6]
         if vr in _LONG_VRS:
