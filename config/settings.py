@@ -170,8 +170,8 @@ class Settings(BaseSettings):
     qido_max_limit: int = Field(default=10000, ge=1)
     """The most results one QIDO-RS response holds; a larger ``limit`` is reduced (Warning 299)."""
     wado_mmap: bool = True
-    """WADO-RS sends stored files of 128 KiB and more from memory maps of the files (one copy
-    less). Turn it off when the blob folder is on a network file system that other machines
+    """WADO-RS sends stored files from 128 KiB to 8 MiB from memory maps of the files (one
+    copy less). Turn it off when the blob folder is on a network file system that other machines
     change, as with Apache httpd's ``EnableMMAP``."""
 
     # --- DIMSE -------------------------------------------------------------------------

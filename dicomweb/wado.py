@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import logging
 import mmap
@@ -88,7 +89,8 @@ CRLF = b"\r\n"
 WHOLE_FILE_LIMIT = 8 * 2**20
 #: Bytes of small instances read in one go by a worker thread while streaming a retrieve.
 COALESCE_BYTES = 4 * 2**20
-#: Stored files from this size on are memory-mapped when sent as stored (_read_passthrough).
+#: Stored files from this size up to WHOLE_FILE_LIMIT are memory-mapped when sent as stored
+#: (_read_passthrough); larger ones stream in chunks.
 MAP_BYTES = 128 * 2**10
 #: Instances per chunk of a metadata response.
 METADATA_BATCH = 64
@@ -260,6 +262,7 @@ def _map(path: Path, part: _Part) -> memoryview | None:
 
     Blob files are never changed in place (a new version is a new file renamed over the old
     one), so a mapping always sees one whole file. The mapping goes when its last view does."""
+    global _POPULATE_READ
     if _POPULATE_READ is None:
         return None
     try:
@@ -270,8 +273,10 @@ def _map(path: Path, part: _Part) -> memoryview | None:
             mapped = mmap.mmap(fh.fileno(), size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
         try:
             mapped.madvise(_POPULATE_READ)
-        except OSError:
+        except OSError as exc:
             mapped.close()
+            if exc.errno == errno.EINVAL:  # a kernel before 5.14: read files from now on
+                _POPULATE_READ = None
             return None
         return memoryview(mapped)
     except (OSError, ValueError):
