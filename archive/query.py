@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import itertools
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
@@ -492,7 +493,7 @@ def _shaped_select(level: QueryLevel, conditions: tuple[Shape, ...], paging: str
     """The select of a query level with the conditions of these shapes, ordered by the row id;
     ``paging``: "" or "limit" (both bound: :limit, :offset) or "offset" (:offset only)."""
     stmt, ids, _positions = _base_select(level)
-    names = (f"p{n}" for n in range(10_000))
+    names = (f"p{n}" for n in itertools.count())
     stmt = stmt.where(*(_condition_sql(shape, names) for shape in conditions)).order_by(ids)
     if paging == "limit":
         stmt = stmt.limit(bindparam("limit")).offset(bindparam("offset"))

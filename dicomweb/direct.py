@@ -77,7 +77,8 @@ def _direct(prefix: str, route: APIRoute) -> DirectRoute | None:
 
 
 class DirectApp(FastAPI):
-    """A FastAPI application that serves the plain GET routes of ``direct_router`` directly."""
+    """A FastAPI application that serves the plain GET routes given to
+    :meth:`serve_directly` directly."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
