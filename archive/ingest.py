@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, cast
 
-from sqlalchemy import Connection, Table, bindparam, insert, select, update
+from sqlalchemy import Connection, Table, bindparam, delete, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 
@@ -39,7 +39,22 @@ _SERIES = cast(Table, Series.__table__)
 _INSTANCE = cast(Table, Instance.__table__)
 _PENDING_DELETION = cast(Table, PendingBlobDeletion.__table__)
 _PARENT_CACHE_SIZE = 10_000
-_HELD = select(_INSTANCE.c.id).where(_INSTANCE.c.sop_instance_uid == bindparam("sop"))
+# Where an instance is held: (SOP Class UID, Series Instance UID, Study Instance UID).
+_HELD = (
+    select(_INSTANCE.c.sop_class_uid, _SERIES.c.series_instance_uid, _STUDY.c.study_instance_uid)
+    .select_from(
+        _INSTANCE.join(_SERIES, _INSTANCE.c.series_fk == _SERIES.c.id).join(
+            _STUDY, _SERIES.c.study_fk == _STUDY.c.id
+        )
+    )
+    .where(_INSTANCE.c.sop_instance_uid == bindparam("sop"))
+)
+# The study a series belongs to.
+_SERIES_STUDY = (
+    select(_STUDY.c.study_instance_uid)
+    .select_from(_SERIES.join(_STUDY, _SERIES.c.study_fk == _STUDY.c.id))
+    .where(_SERIES.c.series_instance_uid == bindparam("series"))
+)
 # A study that grows is no longer stable (archive.stable declares it stable again later).
 _TOUCH_STUDY = (
     update(_STUDY)
@@ -154,16 +169,54 @@ class IngestResult:
 
 class IngestErrorKind(enum.StrEnum):
     CANNOT_UNDERSTAND = "cannot-understand"  # DIMSE 0xC000, STOW FailureReason 0xC000
+    UNSUPPORTED_TRANSFER_SYNTAX = "unsupported-transfer-syntax"  # DIMSE 0xC000, STOW 0xC122
     DATASET_MISMATCH = "dataset-mismatch"  # DIMSE 0xA900
+    CONFLICT = "conflict"  # the SOP Instance UID is held elsewhere: DIMSE and STOW 0x0111
     REFUSED = "refused"  # SOP class refused by configuration: DIMSE 0x0122
     OUT_OF_RESOURCES = "out-of-resources"  # DIMSE 0xA700, HTTP 507/503
 
 
 class IngestError(Exception):
-    def __init__(self, kind: IngestErrorKind, reason: str) -> None:
+    def __init__(
+        self,
+        kind: IngestErrorKind,
+        reason: str,
+        *,
+        sop_class_uid: str = "",
+        sop_instance_uid: str = "",
+    ) -> None:
         super().__init__(reason)
         self.kind = kind
         self.reason = reason
+        #: The instance's UIDs, when its header was read (for the STOW-RS FailedSOPSequence).
+        self.sop_class_uid = sop_class_uid
+        self.sop_instance_uid = sop_instance_uid
+
+
+class _Conflict(Exception):
+    """Raised inside an index transaction: the SOP Instance UID is held elsewhere."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def conflict_reason(parsed: ParsedInstance, held: tuple[str, str, str]) -> str | None:
+    """Why ``parsed`` cannot be stored as a copy of the instance ``held`` (its SOP Class,
+    Series and Study Instance UIDs), or None when it is a copy of it.
+
+    A SOP Instance UID names one instance for ever (PS3.3 C.12.1.1.1): the same UID under
+    another study or series, or of another SOP Class, is not a second copy of the instance
+    held but a different one, and storing it would lose one of the two.
+    """
+    sop_class, series, study = held
+    if study != parsed.study_instance_uid:
+        return f"SOP Instance UID already held in another study: {study}"
+    if series != parsed.series_instance_uid:
+        return f"SOP Instance UID already held in another series: {series}"
+    if sop_class != parsed.sop_class_uid:
+        return f"SOP Instance UID already held as another SOP Class: {sop_class}"
+    return None
 
 
 class _StripedLocks:
@@ -184,8 +237,9 @@ class IngestService:
         self.settings = settings
         self.refused_sop_classes = resolve_sop_classes(settings.refused_sop_classes)
         self._locks = _StripedLocks()
-        # series UID -> (series id, study id); study id -> when this process last touched it
-        self._parents: dict[str, tuple[int, int]] = {}
+        # series UID -> (series id, study id, study UID); study id -> when this process last
+        # touched it
+        self._parents: dict[str, tuple[int, int, str]] = {}
         self._study_touched: dict[int, float] = {}
         #: Called inside the index transaction of every stored instance, e.g. to enqueue jobs
         #: that must exist if and only if the instance does (routing on arrival).
@@ -199,6 +253,8 @@ class IngestService:
         self._insert_instance: _DirectStatement | None = None
         self._touch_study = _DirectStatement(_TOUCH_STUDY, db.engine, ["study_fk", "now"])
         self._held = _DirectStatement(_HELD, db.engine, ["sop"])
+        self._series_study = _DirectStatement(_SERIES_STUDY, db.engine, ["series"])
+        self._max_inflated_size = settings.max_inflated_size_mb * 2**20
 
     def ingest(
         self,
@@ -216,10 +272,12 @@ class IngestService:
         refused (PS3.4 B.2.3 0xA900, PS3.18 10.5.1).
         """
         try:
-            parsed = parse_header(data)
+            parsed = parse_header(data, max_inflated_size=self._max_inflated_size)
         except InvalidInstance as exc:
             kind = (
-                IngestErrorKind.CANNOT_UNDERSTAND
+                IngestErrorKind.UNSUPPORTED_TRANSFER_SYNTAX
+                if exc.unsupported_transfer_syntax
+                else IngestErrorKind.CANNOT_UNDERSTAND
                 if exc.cannot_understand
                 else IngestErrorKind.DATASET_MISMATCH
             )
@@ -228,7 +286,12 @@ class IngestService:
             parsed, expected_sop_class_uid, expected_sop_instance_uid, expected_study_instance_uid
         )
         with self._locks(parsed.sop_instance_uid):
-            return self._store(parsed, data, calling_ae_title)
+            try:
+                return self._store(parsed, data, calling_ae_title)
+            except IngestError as exc:
+                exc.sop_class_uid = exc.sop_class_uid or parsed.sop_class_uid
+                exc.sop_instance_uid = exc.sop_instance_uid or parsed.sop_instance_uid
+                raise
 
     def _check_envelope(
         self,
@@ -263,23 +326,39 @@ class IngestService:
             parsed.study_instance_uid, parsed.series_instance_uid, parsed.sop_instance_uid
         )
         try:
-            if self.settings.duplicate_policy == "keep":
-                with self.db.direct() as direct:
+            with self.db.direct() as direct:
+                if self.settings.duplicate_policy == "keep":
                     held = self._held.execute(direct.dbapi, {"sop": parsed.sop_instance_uid})
-                if held is not None:
-                    return self._result(parsed, IngestOutcome.DUPLICATE)
+                    if held is not None:
+                        # A copy of a held instance is answered as stored; anything else that
+                        # reuses its UID is refused. (Under "overwrite" the last copy wins,
+                        # wherever it says it belongs.)
+                        reason = conflict_reason(parsed, (held[0], held[1], held[2]))
+                        if reason is not None:
+                            raise IngestError(IngestErrorKind.CONFLICT, reason)
+                        return self._result(parsed, IngestOutcome.DUPLICATE)
+                self._check_series(direct.dbapi, parsed)
             # No database connection is held while the blob is written (to S3, say).
             self.blobs.check_space(len(data))
             self.blobs.put(key, data)
-            outcome = None
-            if not self.listeners:  # listeners are given a SQLAlchemy connection
-                with self.db.direct() as direct:
-                    outcome = self._index_direct(direct, parsed, key, calling_ae_title)
-            if outcome is None:
-                # After a direct attempt its cached ids may be gone: look everything up again.
-                outcome = self._index_on_connection(
-                    parsed, key, calling_ae_title, use_cache=bool(self.listeners)
-                )
+            try:
+                outcome = None
+                if not self.listeners:  # listeners are given a SQLAlchemy connection
+                    with self.db.direct() as direct:
+                        outcome = self._index_direct(direct, parsed, key, calling_ae_title)
+                if outcome is None:
+                    # After a direct attempt its cached ids may be gone: look everything up
+                    # again.
+                    outcome = self._index_on_connection(
+                        parsed, key, calling_ae_title, use_cache=bool(self.listeners)
+                    )
+            except _Conflict as exc:
+                # Another process stored the UID elsewhere between our check and our insert:
+                # the blob just written is no instance's (the held one has another key), and
+                # the parent rows cached in the rolled-back transaction do not exist.
+                self._parents.pop(parsed.series_instance_uid, None)
+                self.blobs.delete(key)
+                raise IngestError(IngestErrorKind.CONFLICT, exc.reason) from exc
         except OutOfSpace as exc:
             raise IngestError(IngestErrorKind.OUT_OF_RESOURCES, str(exc)) from exc
         except BlobStoreError as exc:
@@ -291,6 +370,23 @@ class IngestService:
                 IngestErrorKind.OUT_OF_RESOURCES, f"index unavailable: {type(exc).__name__}"
             ) from exc
         return self._result(parsed, outcome)
+
+    def _check_series(self, dbapi: Any, parsed: ParsedInstance) -> None:
+        """Refuse an instance whose Series Instance UID the archive holds in another study: it
+        would be indexed in that study, away from where its own data set (and its RetrieveURL)
+        puts it. A series found in the parent cache was checked when cached."""
+        cached = self._parents.get(parsed.series_instance_uid)
+        study: str | None
+        if cached is not None:
+            study = cached[2]
+        else:
+            row = self._series_study.execute(dbapi, {"series": parsed.series_instance_uid})
+            study = None if row is None else row[0]
+        if study is not None and study != parsed.study_instance_uid:
+            raise IngestError(
+                IngestErrorKind.DATASET_MISMATCH,
+                f"Series Instance UID already held in another study: {study}",
+            )
 
     def _index_direct(
         self, direct: DirectConnection, parsed: ParsedInstance, key: str, calling_ae_title: str
@@ -382,10 +478,11 @@ class IngestService:
         study_created = False
         if cached is None:
             series_fk, study_fk, study_created = self._parent_ids(conn, parsed, now)
-            cached = self._parents[parsed.series_instance_uid] = (series_fk, study_fk)
+            cached = (series_fk, study_fk, parsed.study_instance_uid)
+            self._parents[parsed.series_instance_uid] = cached
             if len(self._parents) > _PARENT_CACHE_SIZE:
                 self._parents.pop(next(iter(self._parents)))
-        series_fk, study_fk = cached
+        series_fk, study_fk, _ = cached
         values: dict[str, Any] = {
             **parsed.instance,
             "sop_instance_uid": parsed.sop_instance_uid,
@@ -411,15 +508,24 @@ class IngestService:
         outcome = IngestOutcome.STORED
         if inserted is None:
             if self.settings.duplicate_policy == "keep":
-                # Another association stored it between our check and our insert.
+                # Another association stored the UID between our check and our insert.
+                held = self._held.execute(conn, {"sop": parsed.sop_instance_uid})
+                if held is not None:
+                    reason = conflict_reason(parsed, (held[0], held[1], held[2]))
+                    if reason is not None:
+                        raise _Conflict(reason)
                 return IngestOutcome.DUPLICATE
             if not isinstance(conn, Connection):
                 raise _NeedsConnection
             where = _INSTANCE.c.sop_instance_uid == parsed.sop_instance_uid
-            old_key = conn.execute(select(_INSTANCE.c.blob_key).where(where)).scalar_one()
+            old_key, old_series_fk = conn.execute(
+                select(_INSTANCE.c.blob_key, _INSTANCE.c.series_fk).where(where)
+            ).one()
             conn.execute(update(_INSTANCE).where(where).values(**values))
             if old_key != key:
                 conn.execute(insert(_PENDING_DELETION).values(blob_key=old_key, created_at=now))
+            if old_series_fk != series_fk:
+                self._prune_series(conn, old_series_fk)
             outcome = IngestOutcome.OVERWRITTEN
         # Stable-study detection needs to know when the study last grew; a second is precise
         # enough, so a burst of instances updates the study row once per second, not each time.
@@ -434,6 +540,33 @@ class IngestService:
         for listener in self.listeners:
             listener(cast(Connection, conn), parsed, calling_ae_title)
         return outcome
+
+    def _prune_series(self, conn: Connection, series_fk: int) -> None:
+        """Remove a series an overwrite left without instances, and its study and patient when
+        they are left empty too (as deletes do)."""
+        count = select(func.count()).select_from
+        if conn.execute(count(_INSTANCE).where(_INSTANCE.c.series_fk == series_fk)).scalar():
+            return
+        study_fk = conn.execute(
+            select(_SERIES.c.study_fk).where(_SERIES.c.id == series_fk)
+        ).scalar()
+        conn.execute(delete(_SERIES).where(_SERIES.c.id == series_fk))
+        self._parents.clear()
+        if (
+            study_fk is None
+            or conn.execute(count(_SERIES).where(_SERIES.c.study_fk == study_fk)).scalar()
+        ):
+            return
+        patient_fk = conn.execute(
+            select(_STUDY.c.patient_fk).where(_STUDY.c.id == study_fk)
+        ).scalar()
+        conn.execute(delete(_STUDY).where(_STUDY.c.id == study_fk))
+        if (
+            patient_fk is None
+            or conn.execute(count(_STUDY).where(_STUDY.c.patient_fk == patient_fk)).scalar()
+        ):
+            return
+        conn.execute(delete(_PATIENT).where(_PATIENT.c.id == patient_fk))
 
     def _get_or_create(
         self,

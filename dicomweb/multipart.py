@@ -13,10 +13,40 @@ from typing import BinaryIO
 
 #: Largest header block of one part.
 MAX_HEADER_BYTES = 64 * 1024
+#: Longest boundary (RFC 2046 5.1.1).
+MAX_BOUNDARY_LENGTH = 70
+#: Characters of a boundary (RFC 2046 5.1.1 ``bchars``); the last may not be a space.
+_BOUNDARY_CHARS = frozenset(
+    b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz'()+_,-./:=? "
+)
 
 
 class MultipartError(ValueError):
-    """The body is not multipart as announced."""
+    """The body is not multipart as announced. ``parts`` holds the parts completed by the
+    chunk in which the error was found (they are whole: only what follows them is wrong)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.parts: list[Part] = []
+
+
+def boundary_error(boundary: bytes) -> str | None:
+    """Why ``boundary`` is not a boundary RFC 2046 5.1.1 allows (1 to 70 of its ``bchars``,
+    not ending in a space), or None."""
+    if not boundary:
+        return "the multipart boundary is empty"
+    if len(boundary) > MAX_BOUNDARY_LENGTH:
+        return (
+            f"the multipart boundary has {len(boundary)} characters; RFC 2046 5.1.1 allows "
+            f"at most {MAX_BOUNDARY_LENGTH}"
+        )
+    bad = sorted(set(boundary) - _BOUNDARY_CHARS)
+    if bad:
+        shown = ascii(bytes(bad[:5]).decode("latin-1"))
+        return f"the multipart boundary holds characters RFC 2046 5.1.1 does not allow: {shown}"
+    if boundary.endswith(b" "):
+        return "the multipart boundary ends in a space, which RFC 2046 5.1.1 does not allow"
+    return None
 
 
 class PartBuffer:
@@ -48,6 +78,18 @@ class PartBuffer:
         self._file.seek(0)
         return self._file.read()
 
+    def head(self, size: int) -> bytes:
+        """The first ``size`` bytes (fewer when the part is shorter), without reading the rest."""
+        if self._file is not None:
+            self._file.seek(0)
+            return self._file.read(size)
+        out = bytearray()
+        for chunk in self._chunks:
+            out += chunk[: size - len(out)]
+            if len(out) >= size:
+                break
+        return bytes(out)
+
     def close(self) -> None:
         self._chunks = []
         if self._file is not None:
@@ -74,13 +116,15 @@ class MultipartReader:
     parts_seen: int = 0
     finished: bool = False
     _buffer: bytearray = field(default_factory=bytearray)
-    _state: str = "preamble"  # preamble | after-boundary | headers | body | epilogue
+    _state: str = "preamble"  # preamble | after-boundary | headers | body | epilogue | failed
     _current: Part | None = None
     _search_from: int = 0
+    _at_start: bool = True
 
     def __post_init__(self) -> None:
-        if not self.boundary or len(self.boundary) > 200:
-            raise MultipartError("the multipart boundary must be 1 to 200 characters")
+        error = boundary_error(self.boundary)
+        if error:
+            raise MultipartError(error)
         self._dash = b"--" + self.boundary
         self._delimiter = b"\r\n--" + self.boundary
 
@@ -90,6 +134,19 @@ class MultipartReader:
             return []
         self._buffer += data
         done: list[Part] = []
+        try:
+            self._parse(done)
+        except MultipartError as exc:
+            # Nothing after the error is read: no part is cut short by it.
+            self._state = "failed"
+            self.finished = True
+            self._buffer.clear()
+            self._current = None
+            exc.parts = done
+            raise
+        return done
+
+    def _parse(self, done: list[Part]) -> None:
         while True:
             if self._state == "preamble":
                 if not self._preamble():
@@ -102,13 +159,15 @@ class MultipartReader:
                     self.finished = True
                     self._buffer.clear()
                     break
-                end = self._buffer.find(b"\r\n")
+                # Only transport padding (spaces, tabs) may come before the CRLF (RFC 2046
+                # 5.1.1).
+                end = self._buffer.find(b"\r\n", 0, 1026)
+                if (end < 0 and len(self._buffer) > 1024) or self._buffer[:end].strip(b" \t"):
+                    raise MultipartError(
+                        "a boundary delimiter is not followed by CRLF (RFC 2046 5.1.1)"
+                    )
                 if end < 0:
-                    if len(self._buffer) > 1024:
-                        raise MultipartError("garbage after a multipart boundary")
                     break
-                if self._buffer[:end].strip(b" \t"):
-                    raise MultipartError("garbage after a multipart boundary")
                 del self._buffer[: end + 2]
                 self._state = "headers"
             elif self._state == "headers":
@@ -119,26 +178,35 @@ class MultipartReader:
                 if part is None:
                     break
                 done.append(part)
-        return done
+            else:
+                break
 
     def close(self) -> Part | None:
-        """The body ended: return the part it cut short, if any (``complete=False``)."""
+        """The body ended: return the part it cut short, if any (``complete=False``): one cut
+        inside its body, or inside its headers (then with no headers and no bytes)."""
         part = self._current
         if part is not None and self._state == "body":
             part.body.write(bytes(self._buffer))
             part.complete = False
+        elif self._state == "headers":
+            self.parts_seen += 1
+            part = Part({}, PartBuffer(self.spool_limit), self.parts_seen, complete=False)
         self._buffer.clear()
         self._current = None
+        self._state = "epilogue"
         return part
 
     def _preamble(self) -> bool:
-        index = self._buffer.find(self._dash)
+        # The first delimiter starts the body or follows a CRLF (RFC 2046 5.1.1). Once the
+        # preamble's start is dropped, a match in the first two bytes was already looked at.
+        index = self._buffer.find(self._dash, 0 if self._at_start else 2)
         while index > 0 and self._buffer[index - 2 : index] != b"\r\n":
             index = self._buffer.find(self._dash, index + 1)
         if index < 0:
             # Keep enough to find a boundary that straddles chunks.
             if len(self._buffer) > len(self._dash) + 2:
                 del self._buffer[: len(self._buffer) - len(self._dash) - 2]
+                self._at_start = False
             return False
         del self._buffer[: index + len(self._dash)]
         self._state = "after-boundary"
@@ -149,10 +217,12 @@ class MultipartReader:
             raw = b""
             del self._buffer[:2]
         else:
-            end = self._buffer.find(b"\r\n\r\n")
+            end = self._buffer.find(b"\r\n\r\n", 0, MAX_HEADER_BYTES + 4)
             if end < 0:
                 if len(self._buffer) > MAX_HEADER_BYTES:
-                    raise MultipartError("a part's headers are longer than 64 KiB")
+                    raise MultipartError(
+                        f"the headers of part {self.parts_seen + 1} are longer than 64 KiB"
+                    )
                 return False
             raw = bytes(self._buffer[:end])
             del self._buffer[: end + 4]

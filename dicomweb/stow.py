@@ -10,18 +10,17 @@ what failed (FailedSOPSequence, with a FailureReason from the archive's error ki
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 from dataclasses import dataclass
 from typing import Any
 
-import pydicom
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from archive import Archive, IngestError, IngestErrorKind
+from archive.dicom import NOT_PART10, identify, looks_like_part10
 from dicomweb.common import (
     archive_of,
     base_url,
@@ -29,11 +28,12 @@ from dicomweb.common import (
     fail,
     instance_url,
     json_body,
+    settings_of,
     study_url,
     warning_value,
 )
 from dicomweb.media import DICOM, MULTIPART, accepts_json, parse_media_type
-from dicomweb.multipart import MultipartError, MultipartReader, Part
+from dicomweb.multipart import MultipartError, MultipartReader, Part, boundary_error
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -41,15 +41,19 @@ router = APIRouter()
 #: Parts ingested at the same time (each in a worker thread).
 PARTS_IN_FLIGHT = 4
 
-# PS3.18 Table 10.5.3-2 / PS3.4 B.2.3 failure reasons.
+# PS3.18 I.2.2 (Table I.2-2) / PS3.4 B.2.3 failure reasons; PS3.7 Annex C general statuses.
 PROCESSING_FAILURE = 0x0110
+DUPLICATE_SOP_INSTANCE = 0x0111
 REFUSED_SOP_CLASS = 0x0122
 OUT_OF_RESOURCES = 0xA700
 DATASET_MISMATCH = 0xA900
 CANNOT_UNDERSTAND = 0xC000
+TRANSFER_SYNTAX_NOT_SUPPORTED = 0xC122
 FAILURE_REASONS = {
     IngestErrorKind.CANNOT_UNDERSTAND: CANNOT_UNDERSTAND,
+    IngestErrorKind.UNSUPPORTED_TRANSFER_SYNTAX: TRANSFER_SYNTAX_NOT_SUPPORTED,
     IngestErrorKind.DATASET_MISMATCH: DATASET_MISMATCH,
+    IngestErrorKind.CONFLICT: DUPLICATE_SOP_INSTANCE,
     IngestErrorKind.REFUSED: REFUSED_SOP_CLASS,
     IngestErrorKind.OUT_OF_RESOURCES: OUT_OF_RESOURCES,
 }
@@ -66,20 +70,6 @@ class PartOutcome:
     reason: str = ""
 
 
-def _identify(data: bytes) -> tuple[str, str]:
-    """Best-effort SOP Class and Instance UIDs of a part that could not be stored."""
-    try:
-        ds = pydicom.dcmread(
-            io.BytesIO(data),
-            stop_before_pixels=True,
-            specific_tags=["SOPClassUID", "SOPInstanceUID"],
-            force=True,
-        )
-        return str(ds.get("SOPClassUID", "")).strip(), str(ds.get("SOPInstanceUID", "")).strip()
-    except Exception:
-        return "", ""
-
-
 def with_preamble(data: bytes) -> bytes:
     """A part that starts with its File Meta Information but lacks the 128-byte preamble and
     ``DICM`` prefix (what ``pydicom.dcmwrite`` writes for a data set built in memory, and so
@@ -90,8 +80,7 @@ def with_preamble(data: bytes) -> bytes:
 
 
 def _ingest(archive: Archive, part: Part, study: str | None) -> PartOutcome:
-    data = part.body.getvalue()
-    part.body.close()
+    data = b""
     try:
         if not part.complete:
             raise IngestError(
@@ -100,14 +89,20 @@ def _ingest(archive: Archive, part: Part, study: str | None) -> PartOutcome:
             )
         content_type = part.content_type
         if content_type and parse_media_type(content_type).media_type != DICOM:
+            shown = ascii(content_type[:100])[1:-1]
             raise IngestError(
                 IngestErrorKind.CANNOT_UNDERSTAND,
-                f"part {part.index} is {content_type}, not application/dicom",
+                f"part {part.index} is {shown}, not application/dicom",
             )
-        data = with_preamble(data)
+        # What is not DICOM fails on its first bytes, before the part is read into memory.
+        if not looks_like_part10(part.body.head(132)):
+            raise IngestError(IngestErrorKind.CANNOT_UNDERSTAND, NOT_PART10)
+        data = with_preamble(part.body.getvalue())
         result = archive.ingest(data, expected_study_instance_uid=study)
     except IngestError as exc:
-        sop_class, sop_instance = _identify(data)
+        sop_class, sop_instance = (
+            (exc.sop_class_uid, exc.sop_instance_uid) if exc.sop_instance_uid else identify(data)
+        )
         return PartOutcome(
             part.index,
             sop_class,
@@ -117,7 +112,7 @@ def _ingest(archive: Archive, part: Part, study: str | None) -> PartOutcome:
         )
     except Exception as exc:
         log.exception("STOW-RS part failed", extra={"part": part.index})
-        sop_class, sop_instance = _identify(data)
+        sop_class, sop_instance = identify(data)
         return PartOutcome(
             part.index,
             sop_class,
@@ -125,6 +120,8 @@ def _ingest(archive: Archive, part: Part, study: str | None) -> PartOutcome:
             failure=PROCESSING_FAILURE,
             reason=f"{type(exc).__name__}: {exc}",
         )
+    finally:
+        part.body.close()
     return PartOutcome(
         part.index,
         result.sop_class_uid,
@@ -153,7 +150,11 @@ def _boundary(request: Request) -> bytes:
     boundary = content_type.params.get("boundary", "")
     if not boundary:
         fail(400, "the multipart/related Content-Type has no boundary parameter")
-    return boundary.encode("latin-1")
+    raw = boundary.encode("latin-1", "replace")
+    error = boundary_error(raw)
+    if error:
+        fail(400, error)
+    return raw
 
 
 async def _store(request: Request, study: str | None) -> Response:
@@ -161,35 +162,54 @@ async def _store(request: Request, study: str | None) -> Response:
         fail(406, "the STOW-RS response is available as application/dicom+json only")
     boundary = _boundary(request)
     archive = archive_of(request)
+    max_parts = settings_of(request).stow_max_parts
     reader = MultipartReader(boundary)
     pending: list[asyncio.Task[PartOutcome]] = []
     outcomes: list[PartOutcome] = []
 
     async def submit(part: Part) -> None:
+        if part.index > max_parts:
+            part.body.close()
+            return
         pending.append(asyncio.create_task(run_in_threadpool(_ingest, archive, part, study)))
         while len(pending) >= PARTS_IN_FLIGHT:
             outcomes.append(await pending.pop(0))
 
-    malformed = ""
+    notes: list[str] = []
+    gone = False
     try:
         async for chunk in request.stream():
             for part in reader.feed(chunk):
                 await submit(part)
-            if reader.finished:
+            if reader.finished or reader.parts_seen > max_parts:
                 break
     except MultipartError as exc:
-        # What came before is stored; the part being read fails as cut short.
-        malformed = f"the body is not valid multipart/related: {exc}"
+        # The parts before the error are stored; reading stops there.
+        for part in exc.parts:
+            await submit(part)
+        notes.append(f"the body is not valid multipart/related: {exc}")
     except ClientDisconnect:
+        gone = True
         log.warning("STOW-RS client went away", extra={"parts": reader.parts_seen})
     cut = reader.close()
     if cut is not None:
         await submit(cut)
     for task in pending:
         outcomes.append(await task)
+    if reader.parts_seen > max_parts:
+        notes.append(
+            f"the body holds more than {max_parts} parts: those after part {max_parts} were "
+            "not read (stow_max_parts)"
+        )
+    elif not notes and not gone and not reader.finished:
+        notes.append(
+            "the body has no closing boundary delimiter (RFC 2046 5.1.1)"
+            if reader.parts_seen
+            else "the body holds no part: the boundary of the Content-Type never appears"
+        )
     if not outcomes:
-        fail(400, malformed or "the body holds no parts")
-    return _response(request, study, outcomes, [malformed] if malformed else [])
+        fail(400, notes[0] if notes else "the body holds no parts")
+    return _response(request, study, outcomes, notes)
 
 
 def _response(
