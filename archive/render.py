@@ -1,10 +1,11 @@
 """Stored images rendered for people: the pixels a viewer would show, as JPEG, PNG or GIF.
 
-Protocol-free: WADO-RS rendered and thumbnail resources (``dicomweb.rendered``) are built on it.
+Protocol-free: WADO-RS rendered and thumbnail resources (``dicomweb.rendered``) are built on it,
+handing it parsed values (the URL syntax of window, viewport and quality lives in ``dicomweb``).
 The pipeline follows the grayscale and colour transformations of PS3.3 C.11 and PS3.4 N.2:
 
-1. decode one frame (pydicom with pylibjpeg / GDCM: every compressed transfer syntax the
-   archive can decode), never the whole multi-frame instance;
+1. decode one frame (:mod:`archive.frames`: every transfer syntax the archive can decode),
+   never the whole multi-frame instance;
 2. grayscale: Modality LUT (Rescale Slope/Intercept or Modality LUT Sequence, C.11.1), then
    VOI LUT (C.11.2): the ``window`` asked for, else the file's first Window Center/Width
    with its VOI LUT Function, else its VOI LUT Sequence, else the frame's full range;
@@ -16,47 +17,51 @@ The pipeline follows the grayscale and colour transformations of PS3.3 C.11 and 
 5. the viewport: a region of the source (flipped when its width/height is negative) scaled to
    fit ``vw`` x ``vh`` with its aspect ratio kept;
 6. encoded at 8 bits per sample.
+
+Memory stays bounded: a frame of more than :data:`MAX_RENDER_PIXELS` pixels is not rendered,
+a viewport covers at most :data:`MAX_VIEWPORT_PIXELS`, and the rendered image is never larger
+than :data:`MAX_RENDER_PIXELS` whatever the pixel aspect ratio says.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Literal
 
 import numpy as np
-import pydicom
 from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
-from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, pixel_array
-from pydicom.uid import UID
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 from sqlalchemy import select
 
 from archive.db import Database
+from archive.frames import decode_frame
+from archive.instance_io import NoPixelData, StoredInstance, check_frames, pixel_layout
 from archive.models import Instance, Series, Study
-from archive.transcode import can_decode
-from archive.wado import StoredInstance, find_stored
+from archive.transcode import as_little_endian
+from archive.wado import find_stored
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_QUALITY",
+    "MAX_RENDER_PIXELS",
+    "MAX_VIEWPORT",
+    "MAX_VIEWPORT_PIXELS",
     "MEDIA_TYPES",
     "THUMBNAIL_SIZE",
     "BadViewport",
-    "FrameOutOfRange",
     "NotRenderable",
     "RenderError",
     "RenderOptions",
     "Viewport",
     "Window",
-    "frame_count",
     "image_instances",
-    "parse_quality",
-    "parse_viewport",
-    "parse_window",
-    "read_header",
     "render_frames",
     "representative",
 ]
@@ -67,20 +72,19 @@ MEDIA_TYPES = {"image/jpeg": "JPEG", "image/png": "PNG", "image/gif": "GIF"}
 DEFAULT_QUALITY = 90
 #: Longest side of a thumbnail when no viewport is asked for.
 THUMBNAIL_SIZE = 128
-#: Largest viewport side we render (a guard against requests for giant images).
+#: Largest viewport side we render, and the most pixels of a viewport (4096 x 4096): guards
+#: against requests for giant images.
 MAX_VIEWPORT = 8192
+MAX_VIEWPORT_PIXELS = 4096 * 4096
+#: The most pixels of a frame rendered, and of a rendered image (8192 x 8192).
+MAX_RENDER_PIXELS = 8192 * 8192
 
 WindowFunction = Literal["LINEAR", "LINEAR_EXACT", "SIGMOID"]
-_FUNCTIONS: dict[str, WindowFunction] = {
-    "linear": "LINEAR",
-    "linear_exact": "LINEAR_EXACT",
-    "linear-exact": "LINEAR_EXACT",
-    "sigmoid": "SIGMOID",
-}
 
 
 class RenderError(Exception):
-    """The frame cannot be rendered: its pixel data cannot be decoded."""
+    """The frame cannot be rendered: its pixel data or the attributes that present it are
+    broken in a way the pipeline cannot handle."""
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -88,8 +92,8 @@ class RenderError(Exception):
 
 
 class NotRenderable(RenderError):
-    """The instance (or every instance in scope) has no pixel data to render, or is stored in a
-    transfer syntax no installed decoder reads."""
+    """The instance (or every instance in scope) has no pixel data to render, or pixel data
+    this pipeline does not present (too large, an unsupported number of samples)."""
 
 
 class BadViewport(ValueError):
@@ -98,12 +102,6 @@ class BadViewport(ValueError):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
-
-
-class FrameOutOfRange(LookupError):
-    def __init__(self, number: int, count: int) -> None:
-        super().__init__(f"frame {number} does not exist: the instance has {count} frame(s)")
-        self.message = str(self)
 
 
 # --- parameters ----------------------------------------------------------------------------
@@ -139,6 +137,22 @@ class Viewport:
     sw: int | None = None
     sh: int | None = None
 
+    def __post_init__(self) -> None:
+        for name, value in (("width", self.width), ("height", self.height)):
+            if not 1 <= value <= MAX_VIEWPORT:
+                raise ValueError(f"the viewport {name} must be 1 to {MAX_VIEWPORT}, not {value}")
+        if self.width * self.height > MAX_VIEWPORT_PIXELS:
+            raise ValueError(
+                f"the viewport {self.width}x{self.height} is larger than "
+                f"{MAX_VIEWPORT_PIXELS} pixels (e.g. 4096x4096)"
+            )
+        if self.sx < 0 or self.sy < 0:
+            raise ValueError(
+                f"the region's offset sx,sy must not be negative, not {self.sx},{self.sy}"
+            )
+        if self.sw == 0 or self.sh == 0:
+            raise ValueError("the region's width and height (sw, sh) must not be 0")
+
 
 @dataclass(frozen=True, slots=True)
 class RenderOptions:
@@ -150,77 +164,11 @@ class RenderOptions:
     max_size: int | None = None
     """Without a viewport: shrink the image (never enlarge) so its longest side fits this."""
 
-
-def _number(name: str, text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError(f"{name} must be a number, not {text!r}") from None
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, not {text!r}")
-    return value
-
-
-def _integer(name: str, text: str) -> int:
-    text = text.strip()
-    try:
-        return int(text)
-    except ValueError:
-        raise ValueError(f"{name} must be an integer, not {text!r}") from None
-
-
-def parse_window(text: str) -> Window:
-    """``window=center,width[,function]``, function ``linear`` (default), ``linear-exact``
-    (or ``linear_exact``) or ``sigmoid`` (PS3.18 8.3.5.1.4)."""
-    parts = [p.strip() for p in text.split(",")]
-    if len(parts) not in (2, 3):
-        raise ValueError(
-            f"window is center,width,function (e.g. window=40,400,linear), not {text!r}"
-        )
-    center = _number("the window center", parts[0])
-    width = _number("the window width", parts[1])
-    function: WindowFunction = "LINEAR"
-    if len(parts) == 3 and parts[2]:
-        name = parts[2].lower()
-        if name not in _FUNCTIONS:
-            raise ValueError(
-                f"the window function is linear, linear-exact or sigmoid, not {parts[2]!r}"
-            )
-        function = _FUNCTIONS[name]
-    return Window(center, width, function)
-
-
-def parse_viewport(text: str) -> Viewport:
-    """``viewport=vw,vh`` or ``viewport=vw,vh,sx,sy,sw,sh`` (sx…sh may be left empty)."""
-    parts = [p.strip() for p in text.split(",")]
-    if len(parts) not in (2, 6):
-        raise ValueError(
-            f"viewport is vw,vh or vw,vh,sx,sy,sw,sh (e.g. viewport=512,512), not {text!r}"
-        )
-    vw = _integer("the viewport width", parts[0])
-    vh = _integer("the viewport height", parts[1])
-    for name, value in (("width", vw), ("height", vh)):
-        if not 1 <= value <= MAX_VIEWPORT:
-            raise ValueError(f"the viewport {name} must be 1 to {MAX_VIEWPORT}, not {value}")
-    if len(parts) == 2:
-        return Viewport(vw, vh)
-    sx = _integer("sx", parts[2]) if parts[2] else 0
-    sy = _integer("sy", parts[3]) if parts[3] else 0
-    sw = _integer("sw", parts[4]) if parts[4] else None
-    sh = _integer("sh", parts[5]) if parts[5] else None
-    if sx < 0 or sy < 0:
-        raise ValueError(f"the region's offset sx,sy must not be negative, not {sx},{sy}")
-    if sw == 0 or sh == 0:
-        raise ValueError("the region's width and height (sw, sh) must not be 0")
-    return Viewport(vw, vh, sx, sy, sw, sh)
-
-
-def parse_quality(text: str) -> int:
-    """``quality=1..100`` (PS3.18 8.3.5.1.2)."""
-    value = _integer("quality", text)
-    if not 1 <= value <= 100:
-        raise ValueError(f"quality must be 1 to 100, not {value}")
-    return value
+    def __post_init__(self) -> None:
+        if self.media_type not in MEDIA_TYPES:
+            raise ValueError(f"rendered images are {', '.join(MEDIA_TYPES)}, not {self.media_type}")
+        if self.quality is not None and not 1 <= self.quality <= 100:
+            raise ValueError(f"quality must be 1 to 100, not {self.quality}")
 
 
 # --- which instances -----------------------------------------------------------------------
@@ -281,66 +229,6 @@ def representative(
         series = image_instances(db, study)[0].series_instance_uid
     instances = image_instances(db, study, series, sop)
     return instances[(len(instances) - 1) // 2]
-
-
-# --- decoding ------------------------------------------------------------------------------
-
-
-def read_header(fh: BinaryIO) -> Dataset:
-    """Every attribute but the pixel data."""
-    fh.seek(0)
-    try:
-        return pydicom.dcmread(fh, stop_before_pixels=True)
-    except Exception as exc:
-        raise RenderError(f"the stored file cannot be read: {exc}") from exc
-
-
-def frame_count(header: Dataset) -> int:
-    try:
-        return max(1, int(header.get("NumberOfFrames") or 1))
-    except (TypeError, ValueError):
-        return 1
-
-
-def _transfer_syntax(header: Dataset) -> str:
-    meta = getattr(header, "file_meta", None)
-    return str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
-
-
-def decode_frame(fh: BinaryIO, header: Dataset, number: int) -> np.ndarray:
-    """Frame ``number`` (1-based) as decoded samples: (rows, columns) or (rows, columns, 3),
-    YBR converted to RGB."""
-    count = frame_count(header)
-    if not 1 <= number <= count:
-        raise FrameOutOfRange(number, count)
-    if "Rows" not in header or "Columns" not in header:
-        raise NotRenderable("the instance has no pixel data: there is no image to render")
-    syntax = _transfer_syntax(header)
-    if syntax and not can_decode(syntax):
-        raise NotRenderable(
-            f"no decoder is installed for {UID(syntax).name} ({syntax}): the image cannot be "
-            "rendered"
-        )
-    fh.seek(0)
-    try:
-        array = pixel_array(fh, index=number - 1)
-    except Exception:
-        # Deflated files and other odd encodings: read the whole data set instead.
-        fh.seek(0)
-        try:
-            ds = pydicom.dcmread(fh)
-            if not any(t in ds for t in (0x7FE00010, 0x7FE00008, 0x7FE00009)):
-                raise NotRenderable(
-                    "the instance has no pixel data: there is no image to render"
-                ) from None
-            array = ds.pixel_array
-        except NotRenderable:
-            raise
-        except Exception as exc:
-            raise RenderError(f"frame {number} cannot be decoded: {exc}") from exc
-        if count > 1:
-            array = array[number - 1]
-    return np.asarray(array)
 
 
 # --- grayscale and colour transformations --------------------------------------------------
@@ -408,21 +296,27 @@ def apply_window(values: np.ndarray, window: Window) -> np.ndarray:
     """PS3.3 C.11.2.1.2 (and .3.1/.3.2 for LINEAR_EXACT and SIGMOID) onto 0..1."""
     x = values.astype(np.float64, copy=False)
     c, w = window.center, window.width
-    if window.function == "LINEAR":
-        y = (x - (c - 0.5)) / (w - 1) + 0.5 if w > 1 else np.where(x > c - 0.5, 1.0, 0.0)
-    elif window.function == "LINEAR_EXACT":
-        y = (x - c) / w + 0.5
-    else:
-        y = 1.0 / (1.0 + np.exp(-4.0 * (x - c) / w))
-    return np.clip(y, 0.0, 1.0)
+    # Extreme (finite) centers and widths overflow to ±inf, which clips to 0 or 1.
+    with np.errstate(over="ignore", invalid="ignore"):
+        if window.function == "LINEAR":
+            y = (x - (c - 0.5)) / (w - 1) + 0.5 if w > 1 else np.where(x > c - 0.5, 1.0, 0.0)
+        elif window.function == "LINEAR_EXACT":
+            y = (x - c) / w + 0.5
+        else:
+            y = 1.0 / (1.0 + np.exp(-4.0 * (x - c) / w))
+    return np.clip(np.nan_to_num(y, nan=0.0), 0.0, 1.0)
 
 
 def _full_range(values: np.ndarray) -> np.ndarray:
     x = values.astype(np.float64, copy=False)
-    low, high = float(np.min(x)), float(np.max(x))
+    finite = x[np.isfinite(x)] if x.dtype.kind == "f" else x
+    if finite.size == 0:
+        return np.zeros_like(x)
+    low, high = float(np.min(finite)), float(np.max(finite))
     if high <= low:
         return np.zeros_like(x)
-    return (x - low) / (high - low)
+    with np.errstate(over="ignore", invalid="ignore"):
+        return np.nan_to_num((x - low) / (high - low), nan=0.0, posinf=1.0, neginf=0.0)
 
 
 def _has_voi_lut(ds: Dataset) -> bool:
@@ -455,7 +349,12 @@ def to_display(
     or (rows, columns, 3) RGB. ``window`` overrides the file's VOI for grayscale images."""
     ds = frame_attributes(header, number)
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
-    if photometric == "PALETTE COLOR":
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] != 3):
+        raise NotRenderable(
+            f"frame {number} has samples of shape {array.shape}: only grayscale and three-sample "
+            "colour images are rendered"
+        )
+    if photometric == "PALETTE COLOR" and array.ndim == 2:
         rgb = apply_color_lut(array, ds)
         descriptor = ds.get("RedPaletteColorLookupTableDescriptor")
         bits = int(descriptor[2]) if descriptor else (16 if rgb.dtype.itemsize > 1 else 8)
@@ -487,6 +386,7 @@ def to_display(
 
 
 def _to_uint8(unit: np.ndarray) -> np.ndarray:
+    unit = np.nan_to_num(unit, nan=0.0, posinf=1.0, neginf=0.0)
     return np.clip(np.rint(unit * 255.0), 0, 255).astype(np.uint8)
 
 
@@ -540,6 +440,9 @@ def place(
         scale = max_size / max(width, height)
     else:
         scale = 1.0
+    if width * scale * height * scale > MAX_RENDER_PIXELS:
+        # A pixel aspect ratio that would stretch the image beyond the limit.
+        scale = math.sqrt(MAX_RENDER_PIXELS / (width * height))
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
     picture = Image.fromarray(image, mode="RGB" if image.ndim == 3 else "L")
     if size != (columns, rows):
@@ -562,11 +465,19 @@ def encode(picture: Image.Image, media_type: str, quality: int | None) -> bytes:
 
 
 def render(header: Dataset, array: np.ndarray, number: int, options: RenderOptions) -> bytes:
-    """One decoded frame → encoded image bytes."""
-    display = to_display(header, array, number, options.window)
-    ds = frame_attributes(header, number)
-    picture = place(display, _pixel_aspect(ds), options.viewport, options.max_size)
-    return encode(picture, options.media_type, options.quality)
+    """One decoded frame → encoded image bytes. Raises :class:`BadViewport`,
+    :class:`NotRenderable`, and :class:`RenderError` for attributes the pipeline cannot apply
+    (a broken lookup table, say)."""
+    try:
+        display = to_display(header, array, number, options.window)
+        ds = frame_attributes(header, number)
+        picture = place(display, _pixel_aspect(ds), options.viewport, options.max_size)
+        return encode(picture, options.media_type, options.quality)
+    except (RenderError, BadViewport):
+        raise
+    except Exception as exc:
+        log.warning("frame %d cannot be rendered", number, exc_info=True)
+        raise RenderError(f"frame {number} cannot be rendered: {exc}") from exc
 
 
 def render_frames(
@@ -576,20 +487,34 @@ def render_frames(
     *,
     pick: Literal["all", "first", "middle"] = "all",
 ) -> Iterator[tuple[int, bytes]]:
-    """(frame number, image bytes) for frames ``numbers`` of a stored file (``None``: every
-    frame). ``pick="first"`` renders only the first of them, ``"middle"`` only the middle one.
-    Every number is checked before anything is decoded (:class:`FrameOutOfRange`)."""
-    header = read_header(fh)
-    count = frame_count(header)
+    """(frame number, image bytes) for frames ``numbers`` of a stored file opened with
+    :func:`archive.instance_io.open_instance` (``None``: every frame). ``pick="first"`` renders
+    only the first of them, ``"middle"`` only the middle one. Every number is checked before
+    anything is decoded (:class:`~archive.instance_io.FrameOutOfRange`); a frame that cannot
+    be decoded raises :class:`~archive.frames.DecodeError`."""
+    try:
+        header, layout = pixel_layout(fh)
+    except NoPixelData:
+        raise NotRenderable("the instance has no pixel data: there is no image to render") from None
+    if not layout.little_endian:
+        # Lookup tables (palette, modality, VOI) as the pipeline reads them: OW words in the
+        # machine's (little endian) order.
+        header = as_little_endian(header)
+    if layout.rows * layout.columns > MAX_RENDER_PIXELS:
+        raise NotRenderable(
+            f"the {layout.columns}x{layout.rows} image is larger than the {MAX_RENDER_PIXELS} "
+            "pixels rendered: retrieve its frames instead"
+        )
+    chosen: Sequence[int]
     if numbers is None:
-        numbers = list(range(1, count + 1))
-    for number in numbers:
-        if not 1 <= number <= count:
-            raise FrameOutOfRange(number, count)
+        chosen = range(1, layout.number_of_frames + 1)
+    else:
+        check_frames(layout, numbers)
+        chosen = numbers
     if pick == "first":
-        numbers = numbers[:1]
+        chosen = chosen[:1]
     elif pick == "middle":
-        numbers = [numbers[(len(numbers) - 1) // 2]]
-    for number in numbers:
-        array = decode_frame(fh, header, number)
+        chosen = chosen[(len(chosen) - 1) // 2 :][:1]
+    for number in chosen:
+        array = decode_frame(fh, layout, number)
         yield number, render(header, array, number, options)

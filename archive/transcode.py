@@ -1,129 +1,169 @@
-"""Decoding what is stored compressed, only when a client asks for it.
+"""The one converter between transfer syntaxes: a stored instance as a Part-10 stream in an
+uncompressed transfer syntax, used wherever an edge cannot send the stored bytes (WADO-RS in
+Explicit VR Little Endian, C-GET / C-MOVE and forwarding to a peer that accepted only Explicit or
+Implicit VR Little Endian).
 
-Retrievals stream blobs unchanged whenever the client accepts the stored transfer syntax; this
-module is the exception path: a whole instance re-encoded as Explicit VR Little Endian
-(decompressed if needed), or one frame decoded to native pixel bytes. Decoders come from
-pydicom's plugins (pylibjpeg with openjpeg / libjpeg, GDCM, pydicom's own RLE).
+Retrievals send the stored bytes unchanged whenever the receiver accepts their transfer syntax;
+this is the exception path. What it does to the data set:
+
+- compressed pixel data is decoded (pydicom's plugins: pylibjpeg with openjpeg / libjpeg, GDCM,
+  RLE), the SOP Instance UID kept (PS3.5 8.2, 10: the pixels are those the compressed stream
+  holds), YBR colour of JPEG converted to RGB with Photometric Interpretation RGB as PS3.5 8.2.1
+  says of a decompressed YBR_FULL_422 image, Planar Configuration and Number of Frames set to
+  match the decoded pixels;
+- big endian values of OW, OF, OL, OD and OV (pixel data, palette lookup tables (0028,1201-1203),
+  LUT data, overlay data, waveform data, …) are word-swapped into little endian (PS3.5 7.3,
+  Annex D); OB and UN values are byte strings and stay as they are; every other value is
+  re-encoded by pydicom from its decoded value;
+- a deflated data set (PS3.5 A.5) is inflated, never beyond the configured limit.
 """
 
 from __future__ import annotations
 
-import io
 from typing import BinaryIO
 
 import numpy as np
 import pydicom
-from pydicom.encaps import encapsulate
-from pydicom.pixels import get_decoder, pack_bits, pixel_array
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
     UID,
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
 
-from archive.wado import PixelLayout, native_frame
+from archive.frames import NATIVE_TRANSFER_SYNTAXES, can_decode
+from archive.instance_io import StoredFileError, inflated, is_deflated
 
 __all__ = [
+    "UNCOMPRESSED_TARGETS",
     "TranscodeError",
-    "can_decode",
-    "decoded_frame",
-    "to_explicit_vr_little_endian",
+    "as_little_endian",
+    "can_convert",
+    "swap_words_to_little_endian",
+    "to_uncompressed",
 ]
 
-_NATIVE = frozenset(
-    {
-        ImplicitVRLittleEndian,
-        ExplicitVRLittleEndian,
-        ExplicitVRBigEndian,
-        DeflatedExplicitVRLittleEndian,
-    }
-)
+#: What the converter writes.
+UNCOMPRESSED_TARGETS = (UID(ExplicitVRLittleEndian), UID(ImplicitVRLittleEndian))
+#: Value representations whose values are words of 2, 4 or 8 bytes in the data set's byte order
+#: (PS3.5 6.2); OB and UN are bytes.
+_WORD_SIZE = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
+_IMPLEMENTATION_VERSION = f"PYDICOM {pydicom.__version__}"[:16]
 
 
-class TranscodeError(Exception):
-    """The stored data cannot be converted as asked (no decoder, corrupt stream)."""
+class TranscodeError(StoredFileError):
+    """The stored instance cannot be converted (no decoder, a broken data set or stream)."""
 
 
-def can_decode(transfer_syntax_uid: str) -> bool:
-    """Whether instances stored in this transfer syntax can be turned into native pixel data."""
-    if transfer_syntax_uid in _NATIVE:
-        return True
-    try:
-        return bool(get_decoder(UID(transfer_syntax_uid)).is_available)
-    except (NotImplementedError, ValueError, KeyError):
-        return False
+def can_convert(transfer_syntax_uid: str) -> bool:
+    """Whether instances stored in this transfer syntax can be converted to uncompressed."""
+    return can_decode(transfer_syntax_uid)
 
 
-def to_explicit_vr_little_endian(fh: BinaryIO) -> bytes:
-    """The whole stored instance as a Part-10 stream in Explicit VR Little Endian, pixel data
-    decompressed when it was stored compressed (colour data decoded to RGB as PS3.5 8.2 asks
-    for native YBR_FULL_422 and JPEG YBR)."""
+def to_uncompressed(
+    fh: BinaryIO,
+    target: str = ExplicitVRLittleEndian,
+    *,
+    max_inflated: int,
+    source_ae_title: str | None = None,
+) -> bytes:
+    """The stored Part-10 file ``fh`` as a Part-10 stream in ``target`` (Explicit or Implicit
+    VR Little Endian) holding the same data set (see the module's rules).
+
+    Its File Meta Information is new: this transfer syntax, pydicom as the implementation
+    that wrote it and ``source_ae_title``, when given, as Source Application Entity Title
+    (PS3.10 7.1). A deflated file inflates to at most ``max_inflated`` bytes
+    (:class:`~archive.instance_io.InflateLimitExceeded`). Raises :class:`TranscodeError`."""
+    target_uid = UID(target)
+    if target_uid not in UNCOMPRESSED_TARGETS:
+        raise ValueError(f"the converter writes {UNCOMPRESSED_TARGETS}, not {target}")
+    if is_deflated(fh):
+        with inflated(fh, max_inflated) as copy:
+            return _convert(copy, target_uid, source_ae_title)
+    return _convert(fh, target_uid, source_ae_title)
+
+
+def _convert(fh: BinaryIO, target: UID, source_ae_title: str | None) -> bytes:
     fh.seek(0)
     try:
         ds = pydicom.dcmread(fh)
-        transfer_syntax = UID(str(ds.file_meta.TransferSyntaxUID))
-        if transfer_syntax.is_compressed and transfer_syntax != DeflatedExplicitVRLittleEndian:
-            ds.decompress(generate_instance_uid=False)
-        elif transfer_syntax == ExplicitVRBigEndian and "PixelData" in ds:
-            # Words of native pixel data are swapped; other OW values are rare and kept.
-            array = ds.pixel_array
-            ds.PixelData = array.astype(array.dtype.newbyteorder("<")).tobytes()
-            ds["PixelData"].VR = "OW" if ds.BitsAllocated > 8 else "OB"
-            for _elem in ds.iterall():
-                pass  # decode every raw element while the big endian encoding is known
-            ds.set_original_encoding(False, True, ds.original_character_set)
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        out = io.BytesIO()
-        ds.save_as(out, implicit_vr=False, little_endian=True, enforce_file_format=True)
     except Exception as exc:
-        raise TranscodeError(
-            f"cannot convert the instance to Explicit VR Little Endian: {exc}"
-        ) from exc
-    return out.getvalue()
-
-
-def decoded_frame(fh: BinaryIO, layout: PixelLayout, number: int) -> bytes:
-    """Frame ``number`` (1-based) as native little-endian pixel bytes (PS3.5 8.1.1): decoded
-    when stored compressed, byte-swapped when stored big endian, bit-packed for 1-bit data."""
-    if not layout.encapsulated:
-        whole_words = layout.bits_allocated % 8 == 0 and (
-            layout.little_endian or layout.bits_allocated > 8 or layout.vr == "OB"
-        )
-        if whole_words:
-            data = native_frame(fh, layout, number)
-            if layout.little_endian or layout.bits_allocated == 8:
-                return data
-            dtype = np.dtype(f">u{layout.bits_allocated // 8}")
-            return np.frombuffer(data, dtype=dtype).astype(dtype.newbyteorder("<")).tobytes()
-        # Bit-packed data, or 8-bit samples in big endian OW words: let pydicom unpack them.
-        fh.seek(0)
-        try:
-            array = pixel_array(fh, index=number - 1)
-        except Exception as exc:
-            raise TranscodeError(f"cannot decode frame {number}: {exc}") from exc
-        if layout.bits_allocated == 1:
-            return bytes(pack_bits(array))
-        if layout.samples_per_pixel > 1 and layout.planar_configuration == 1:
-            array = array.transpose(2, 0, 1)
-        return _little_endian_bytes(array)
-    frame = native_frame(fh, layout, number)
+        raise TranscodeError(f"the stored file cannot be read: {exc}") from exc
+    stored = UID(str(ds.file_meta.get("TransferSyntaxUID", "")).strip("\x00 "))
     try:
-        decoder = get_decoder(UID(layout.transfer_syntax_uid))
-        # The decoder reads encapsulated pixel data: one item, no offset table.
-        array, _meta = decoder.as_array(
-            encapsulate([frame], has_bot=False), **layout.decode_options()
-        )
+        if stored not in NATIVE_TRANSFER_SYNTAXES:
+            if not can_decode(stored):
+                raise TranscodeError(
+                    f"no decoder is installed for {stored.name}: the instance is available as "
+                    "stored only"
+                )
+            if "PixelData" in ds:
+                ds.decompress(generate_instance_uid=False, as_rgb=True)
+        elif not stored.is_little_endian:
+            swap_words_to_little_endian(ds)
+        meta = DicomBytesIO()
+        write_file_meta_info(meta, _file_meta(ds, target, source_ae_title), enforce_standard=True)
+        body = DicomBytesIO()
+        body.is_little_endian = True
+        body.is_implicit_VR = target == ImplicitVRLittleEndian
+        write_dataset(body, ds)
+    except TranscodeError:
+        raise
     except Exception as exc:
         raise TranscodeError(
-            f"cannot decode frame {number} ({UID(layout.transfer_syntax_uid).name}): {exc}"
+            f"the instance cannot be converted from {stored.name} to {target.name}: {exc}"
         ) from exc
-    return _little_endian_bytes(array)
+    return b"\x00" * 128 + b"DICM" + meta.getvalue() + body.getvalue()
 
 
-def _little_endian_bytes(array: np.ndarray) -> bytes:
-    dtype = array.dtype
-    if dtype.byteorder == ">" or (dtype.byteorder == "=" and not np.little_endian):
-        array = array.astype(dtype.newbyteorder("<"))
-    return bytes(np.ascontiguousarray(array).tobytes())
+def _file_meta(ds: Dataset, target: UID, source_ae_title: str | None) -> FileMetaDataset:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = target
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    meta.ImplementationVersionName = _IMPLEMENTATION_VERSION
+    title = (source_ae_title or "").strip()[:16]
+    if title:
+        meta.SourceApplicationEntityTitle = title
+    return meta
+
+
+def swap_words_to_little_endian(ds: Dataset) -> None:
+    """Turn a data set read from Explicit VR Big Endian into one that writes as little endian.
+
+    pydicom re-encodes every value it decodes (US, SS, UL, FL, AT, …) in the byte order it
+    writes, but keeps the bytes of OB, OW, OF, OL, OD and OV values as they were read: the
+    words of OW/OF/OL/OD/OV values, in every item of every sequence, are swapped here (PS3.5
+    7.3). Native Pixel Data of 32 or 64 bits allocated is swapped in units of its samples, as
+    readers of big endian pixel data take it (a 16-bit OW word swap would mix two samples'
+    halves). Every element is decoded first, while the data set still knows it was read big
+    endian."""
+    for elem in ds:
+        if elem.VR == "SQ":
+            for item in elem.value or ():
+                swap_words_to_little_endian(item)
+            continue
+        size = _WORD_SIZE.get(str(elem.VR))
+        if size == 2 and elem.tag == 0x7FE00010:
+            bits = ds.get("BitsAllocated")
+            if bits in (32, 64):
+                size = int(bits) // 8
+        if size and isinstance(elem.value, bytes) and len(elem.value) % size == 0:
+            words = np.frombuffer(elem.value, dtype=f">u{size}")
+            elem.value = words.astype(f"<u{size}").tobytes()
+
+
+def as_little_endian(ds: Dataset) -> Dataset:
+    """A data set read from Explicit VR Big Endian, changed in place into one that says and is
+    Explicit VR Little Endian (:func:`swap_words_to_little_endian`): for code that reads OW
+    lookup tables in the machine's byte order, as pydicom's ``apply_color_lut`` does."""
+    swap_words_to_little_endian(ds)
+    ds.set_original_encoding(False, True, ds.original_character_set)
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None:
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return ds

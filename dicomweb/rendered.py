@@ -32,23 +32,18 @@ from typing import Any, Literal, NoReturn
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
-from archive import Archive, BlobNotFound
+from archive import Archive
+from archive.instance_io import StoredInstance, inflate_limit, open_instance
 from archive.render import (
     MEDIA_TYPES,
     THUMBNAIL_SIZE,
-    BadViewport,
-    FrameOutOfRange,
     NotRenderable,
-    RenderError,
     RenderOptions,
     image_instances,
-    parse_quality,
-    parse_viewport,
-    parse_window,
     render_frames,
     representative,
 )
-from archive.wado import NotFound, StoredInstance, open_instance
+from archive.wado import NotFound
 from dicomweb.common import (
     ERROR_RESPONSES,
     archive_of,
@@ -58,6 +53,13 @@ from dicomweb.common import (
     warning_value,
 )
 from dicomweb.media import closing, multipart_content_type, new_boundary, parse_accept, part_header
+from dicomweb.pixels import (
+    fail_for_pixel_error,
+    parse_frame_list,
+    parse_quality,
+    parse_viewport,
+    parse_window,
+)
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -145,13 +147,10 @@ def _parameters(request: Request, *, thumbnail: bool) -> tuple[RenderOptions, li
 
 
 def _frame_numbers(text: str) -> list[int]:
-    numbers: list[int] = []
-    for item in text.split(","):
-        item = item.strip()
-        if not item.isdigit() or int(item) < 1:
-            fail(400, f"frame numbers are positive integers separated by commas, not {text!r}")
-        numbers.append(int(item))
-    return numbers
+    try:
+        return parse_frame_list(text)
+    except ValueError as exc:
+        fail(400, str(exc))
 
 
 def _lookup(call: Callable[[], Any]) -> Any:
@@ -163,17 +162,18 @@ def _lookup(call: Callable[[], Any]) -> Any:
         fail(406, exc.message)
 
 
+class _Failed(Exception):
+    """An error while rendering the frames of one instance."""
+
+    def __init__(self, instance: StoredInstance, error: Exception) -> None:
+        super().__init__(str(error))
+        self.instance = instance
+        self.error = error
+
+
 def _render_failed(exc: Exception) -> NoReturn:
-    if isinstance(exc, FrameOutOfRange):
-        fail(404, exc.message)
-    if isinstance(exc, BadViewport):
-        fail(400, exc.message)
-    if isinstance(exc, NotRenderable):
-        fail(406, exc.message)
-    if isinstance(exc, BlobNotFound):
-        fail(404, "the stored file of the instance is missing")
-    if isinstance(exc, RenderError):
-        fail(500, exc.message)
+    if isinstance(exc, _Failed):
+        fail_for_pixel_error(exc.error, exc.instance.sop_instance_uid)
     raise exc
 
 
@@ -187,10 +187,14 @@ Selection = tuple[StoredInstance, Sequence[int] | None, Pick]
 def _images(
     archive: Archive, selection: Sequence[Selection], options: RenderOptions
 ) -> Iterator[tuple[StoredInstance, int, bytes]]:
+    limit = inflate_limit(archive.settings)
     for instance, numbers, pick in selection:
-        with open_instance(archive.blobs, instance.blob_key) as fh:
-            for number, data in render_frames(fh, numbers, options, pick=pick):
-                yield instance, number, data
+        try:
+            with open_instance(archive.blobs, instance.blob_key, max_inflated=limit) as fh:
+                for number, data in render_frames(fh, numbers, options, pick=pick):
+                    yield instance, number, data
+        except Exception as exc:
+            raise _Failed(instance, exc) from exc
 
 
 def _first_then_rest(images: Iterator[Any]) -> tuple[Any, Iterator[Any]]:

@@ -33,28 +33,27 @@ from fastapi.responses import Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from archive import Archive, BlobNotFound
-from archive.transcode import (
-    TranscodeError,
-    can_decode,
-    decoded_frame,
-    to_explicit_vr_little_endian,
-)
-from archive.wado import (
+from archive.frames import can_decode, frame_bytes
+from archive.instance_io import (
     FrameOutOfRange,
-    NoPixelData,
     NoSuchElement,
-    NotFound,
     PixelLayout,
+    StoredFileError,
     StoredInstance,
     check_frames,
     element_value,
-    find_stored,
-    iter_metadata,
-    metadata_version,
+    inflate_limit,
     native_frame,
     open_instance,
     pixel_layout,
     uncompressed_range,
+)
+from archive.transcode import can_convert, to_uncompressed
+from archive.wado import (
+    NotFound,
+    find_stored,
+    iter_metadata,
+    metadata_version,
 )
 from dicomweb.common import (
     ERROR_RESPONSES,
@@ -80,6 +79,7 @@ from dicomweb.media import (
     part_header,
     pixel_media_type,
 )
+from dicomweb.pixels import fail_for_pixel_error, parse_frame_list
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -133,7 +133,7 @@ def choose_dicom(accept: str | None, stored: set[str], single: bool) -> DicomCho
         if syntax == ANY_TRANSFER_SYNTAX:
             return DicomChoice(multipart, None)
         convertible = syntax == DEFAULT_TRANSFER_SYNTAX
-        if all(s == syntax or (convertible and can_decode(s)) for s in stored):
+        if all(s == syntax or (convertible and can_convert(s)) for s in stored):
             return DicomChoice(multipart, syntax)
     fail(
         406,
@@ -153,8 +153,24 @@ def _instance_bytes(archive: Archive, instance: StoredInstance, target: str) -> 
         else:
             yield from archive.blobs.open(instance.blob_key)
         return
-    with open_instance(archive.blobs, instance.blob_key) as fh:
-        yield to_explicit_vr_little_endian(fh)
+    yield _converted(archive, instance, target)
+
+
+def _converted(archive: Archive, instance: StoredInstance, target: str) -> bytes:
+    """The instance converted to ``target`` (an uncompressed transfer syntax) by the archive's
+    one converter."""
+    limit = inflate_limit(archive.settings)
+    with open_instance(archive.blobs, instance.blob_key, max_inflated=limit) as fh:
+        return to_uncompressed(fh, target, max_inflated=limit)
+
+
+def _converted_first(archive: Archive, instance: StoredInstance, target: str) -> bytes:
+    """The first instance of a response converted before the status line goes out, so that an
+    instance that cannot be converted is a 4xx and not a broken body."""
+    try:
+        return _converted(archive, instance, target)
+    except (StoredFileError, BlobNotFound) as exc:
+        fail_for_pixel_error(exc, instance.sop_instance_uid)
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +179,8 @@ class _Part:
     target: str
     header: bytes | None
     """Known ahead for instances sent as stored (their size is in the index)."""
+    converted: bytes | None = None
+    """Converted ahead (the first part of a response, see :func:`_converted_first`)."""
 
     @property
     def passthrough(self) -> bool:
@@ -205,8 +223,9 @@ def _read_group(
             assert part.header is not None
             pieces += (part.header, _read_stored(archive, part), CRLF)
         else:
-            with open_instance(archive.blobs, part.instance.blob_key) as fh:
-                data = to_explicit_vr_little_endian(fh)
+            data = part.converted
+            if data is None:
+                data = _converted(archive, part.instance, part.target)
             header = _instance_header(boundary, base, part.instance, part.target, len(data))
             pieces += (header, data, CRLF)
     return [b"".join(pieces)]
@@ -364,7 +383,7 @@ async def _stream_instances(
             for piece in pieces:
                 yield piece
         yield closing(boundary)
-    except (BlobNotFound, TranscodeError, OSError) as exc:
+    except (BlobNotFound, StoredFileError, OSError) as exc:
         # The status line is gone already: end the body early so the client sees an error.
         log.error("WADO-RS retrieve interrupted", extra={"err": str(exc)})
         raise
@@ -384,6 +403,11 @@ def _retrieve(
     if not choice.multipart:
         instance = instances[0]
         target = choice.transfer_syntax or instance.transfer_syntax_uid
+        if target != instance.transfer_syntax_uid:
+            return Response(
+                _converted_first(archive, instance, target),
+                media_type=part_content_type(DICOM, target),
+            )
         return StreamingResponse(
             _instance_bytes(archive, instance, target),
             media_type=part_content_type(DICOM, target),
@@ -391,6 +415,9 @@ def _retrieve(
     boundary = new_boundary()
     single_syntax = choice.transfer_syntax or (next(iter(stored)) if len(stored) == 1 else None)
     parts = _plan(instances, choice, boundary, base)
+    if not parts[0].passthrough:
+        first = parts[0]
+        parts[0] = replace(first, converted=_converted_first(archive, first.instance, first.target))
     headers = {}
     if all(p.header is not None for p in parts):
         # Everything goes out as stored: the length is known, no chunked encoding needed.
@@ -614,13 +641,10 @@ def _instance(request: Request, study: str, series: str, sop: str) -> StoredInst
 
 
 def _parse_frames(text: str) -> list[int]:
-    numbers: list[int] = []
-    for item in text.split(","):
-        item = item.strip()
-        if not item.isdigit() or int(item) < 1:
-            fail(400, f"frame numbers are positive integers separated by commas, not {text!r}")
-        numbers.append(int(item))
-    return numbers
+    try:
+        return parse_frame_list(text)
+    except ValueError as exc:
+        fail(400, str(exc))
 
 
 def _pixel_parts(
@@ -630,7 +654,8 @@ def _pixel_parts(
     choice: PixelChoice,
     boundary: str,
 ) -> Iterator[bytes]:
-    with open_instance(archive.blobs, instance.blob_key, inflate=True) as fh:
+    limit = inflate_limit(archive.settings)
+    with open_instance(archive.blobs, instance.blob_key, max_inflated=limit) as fh:
         _ds, layout = pixel_layout(fh)
         for number in numbers:
             data = _frame(fh, layout, number, choice)
@@ -652,7 +677,7 @@ def _pixel_parts(
 
 def _frame(fh: BinaryIO, layout: PixelLayout, number: int, choice: PixelChoice) -> bytes:
     if choice.decode:
-        return decoded_frame(fh, layout, number)
+        return frame_bytes(fh, layout, number)
     return native_frame(fh, layout, number)
 
 
@@ -664,14 +689,15 @@ def _decoded_value(
 
     def body() -> Iterator[bytes]:
         header = part_header(boundary, part_content_type(OCTET_STREAM, DEFAULT_TRANSFER_SYNTAX))
-        with open_instance(archive.blobs, instance.blob_key, inflate=True) as fh:
+        limit = inflate_limit(archive.settings)
+        with open_instance(archive.blobs, instance.blob_key, max_inflated=limit) as fh:
             for number in range(1, layout.number_of_frames + 1):
-                data = decoded_frame(fh, layout, number)
+                data = frame_bytes(fh, layout, number)
                 yield header + data if multipart and number == 1 else data
         if multipart:
             yield CRLF + closing(boundary)
 
-    chunks = _checked(body())
+    chunks = _checked(body(), instance)
     if multipart:
         media_type = multipart_content_type(OCTET_STREAM, boundary, DEFAULT_TRANSFER_SYNTAX)
     else:
@@ -680,20 +706,19 @@ def _decoded_value(
 
 
 def _open_pixels(archive: Archive, instance: StoredInstance) -> PixelLayout:
+    limit = inflate_limit(archive.settings)
     try:
-        with open_instance(archive.blobs, instance.blob_key, inflate=True) as fh:
+        with open_instance(archive.blobs, instance.blob_key, max_inflated=limit) as fh:
             return pixel_layout(fh)[1]
-    except NoPixelData as exc:
-        fail(404, f"instance {instance.sop_instance_uid} has no frames: {exc}")
-    except BlobNotFound:
-        fail(404, f"the file of instance {instance.sop_instance_uid} is missing")
+    except (StoredFileError, BlobNotFound) as exc:
+        fail_for_pixel_error(exc, instance.sop_instance_uid)
 
 
 def _pixel_response(
     archive: Archive, instance: StoredInstance, numbers: list[int], choice: PixelChoice
 ) -> Response:
     boundary = new_boundary()
-    body = _checked(_pixel_parts(archive, instance, numbers, choice, boundary))
+    body = _checked(_pixel_parts(archive, instance, numbers, choice, boundary), instance)
     if choice.multipart:
         media_type = multipart_content_type(choice.part_type, boundary, choice.transfer_syntax)
     else:
@@ -701,17 +726,15 @@ def _pixel_response(
     return StreamingResponse(body, media_type=media_type)
 
 
-def _checked(chunks: Iterator[bytes]) -> Iterator[bytes]:
+def _checked(chunks: Iterator[bytes], instance: StoredInstance) -> Iterator[bytes]:
     """Decode the first part before the status line goes out, so that a frame that cannot be
-    decoded is a 4xx/5xx and not a broken body."""
+    decoded is a 4xx and not a broken body."""
     try:
         first = next(chunks)
     except StopIteration:
         return iter(())
-    except FrameOutOfRange as exc:
-        fail(404, exc.message)
-    except TranscodeError as exc:
-        fail(406, str(exc))
+    except (StoredFileError, BlobNotFound) as exc:
+        fail_for_pixel_error(exc, instance.sop_instance_uid)
 
     def rest() -> Iterator[bytes]:
         yield first
@@ -756,29 +779,44 @@ def retrieve_frames(request: Request, study: str, series: str, sop: str, frames:
     return _pixel_response(archive, instance, numbers, choice)
 
 
-_RANGE = re.compile(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$")
+_RANGE = re.compile(r"\s*bytes\s*=\s*([0-9]*)\s*-\s*([0-9]*)\s*", re.ASCII | re.IGNORECASE)
+#: Positions with more digits than this lie beyond any value (a petabyte has 16).
+_MAX_POSITION_DIGITS = 18
+
+
+def _position(digits: str) -> int:
+    """A byte position; one too long to mean anything counts as beyond every value."""
+    return int(digits) if len(digits) <= _MAX_POSITION_DIGITS else 10**_MAX_POSITION_DIGITS
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
-    """One byte range ``[start, end)`` from a Range header; ``None`` for none (or several,
-    which are answered in full). Raises 416 when it cannot be satisfied."""
+    """One byte range ``[start, end)`` from a Range header (RFC 9110 14.1.2); ``None`` to send
+    the whole value: no header, several ranges, another unit, or a header that is not a valid
+    ``bytes=first-last`` / ``bytes=first-`` / ``bytes=-suffix`` (RFC 9110 14.2 lets a server
+    ignore such a Range). Raises 416 when the range cannot be satisfied: it starts at or
+    beyond the end, or asks for the last 0 bytes (RFC 9110 15.5.17)."""
     if not header or "," in header:
         return None
-    match = _RANGE.match(header)
+    match = _RANGE.fullmatch(header)
     if match is None:
         return None
     first, last = match.groups()
     if not first and not last:
         return None
     if not first:
-        start, end = max(0, size - int(last)), size
+        # A suffix longer than the value is the whole value (RFC 9110 14.1.2).
+        start, end = max(0, size - _position(last)), size
+        satisfiable = _position(last) > 0 and size > 0
     else:
-        start = int(first)
-        end = min(size, int(last) + 1) if last else size
-    if start >= size or start >= end:
+        start = _position(first)
+        if last and _position(last) < start:
+            return None  # an invalid range-spec (RFC 9110 14.1.1): ignored
+        end = min(size, _position(last) + 1) if last else size
+        satisfiable = start < size
+    if not satisfiable:
         fail(
             416,
-            f"range {header.strip()} is outside the {size} bytes",
+            f"range {header.strip()[:60]} is outside the {size} bytes",
             {"Content-Range": f"bytes */{size}"},
         )
     return start, end
@@ -869,7 +907,8 @@ def retrieve_bulkdata(request: Request, study: str, series: str, sop: str, path:
         if not layout.encapsulated and layout.little_endian and layout.bits_allocated % 8 == 0:
 
             def pixels(start: int, end: int) -> Iterator[bytes]:
-                with open_instance(archive.blobs, instance.blob_key, inflate=True) as fh:
+                limit = inflate_limit(archive.settings)
+                with open_instance(archive.blobs, instance.blob_key, max_inflated=limit) as fh:
                     yield from uncompressed_range(fh, layout, start, end)
 
             assert layout.length is not None
@@ -877,12 +916,13 @@ def retrieve_bulkdata(request: Request, study: str, series: str, sop: str, path:
         return _decoded_value(archive, instance, layout, choice.multipart)
     multipart = _bulk_choice(accept)
     try:
-        with open_instance(archive.blobs, instance.blob_key) as fh:
+        limit = inflate_limit(archive.settings)
+        with open_instance(archive.blobs, instance.blob_key, max_inflated=limit) as fh:
             value, _vr = element_value(fh, steps)
     except NoSuchElement as exc:
         fail(404, exc.message)
-    except BlobNotFound:
-        fail(404, f"the file of instance {instance.sop_instance_uid} is missing")
+    except (StoredFileError, BlobNotFound) as exc:
+        fail_for_pixel_error(exc, instance.sop_instance_uid)
 
     def element(start: int, end: int) -> Iterator[bytes]:
         yield value[start:end]

@@ -744,18 +744,18 @@ def test_passthrough_pieces_are_the_stored_files(tmp_path, mapping: bool) -> Non
 def test_deflate_check_takes_any_bytes() -> None:
     """The file meta walk that spots a deflated instance answers for any file, cut short or
     with lengths that point anywhere, and never fails."""
-    from archive.wado import _deflated
+    from archive.instance_io import is_deflated
 
     path = get_testdata_file("image_dfl.dcm")
     assert path is not None
     with open(path, "rb") as fh:
         data = fh.read(1024)
-    assert _deflated(io.BytesIO(data))
-    assert not _deflated(io.BytesIO(part10(ct_study(1)[0])))
+    assert is_deflated(io.BytesIO(data))
+    assert not is_deflated(io.BytesIO(part10(ct_study(1)[0])))
     for cut in range(len(data)):
-        assert _deflated(io.BytesIO(data[:cut])) in (True, False)
+        assert is_deflated(io.BytesIO(data[:cut])) in (True, False)
     for offset in range(144, 400):
         for value in (0x00, 0xFF):
             broken = bytearray(data)
             broken[offset] = value
-            assert _deflated(io.BytesIO(bytes(broken))) in (True, False)
+            assert is_deflated(io.BytesIO(bytes(broken))) in (True, False)
