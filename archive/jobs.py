@@ -63,6 +63,10 @@ log = logging.getLogger(__name__)
 
 _JOB = cast(Table, Job.__table__)
 MAX_ERROR_LENGTH = 8000
+#: The largest job id, offset and limit the index can compare: a signed 64-bit integer
+#: (SQLite's INTEGER; a bigint on PostgreSQL, whose ids are smaller still). Beyond it SQLite
+#: raises OverflowError, so a larger id is no job without asking.
+MAX_JOB_ID = 2**63 - 1
 
 
 class JobStatus(enum.StrEnum):
@@ -401,6 +405,8 @@ class JobQueue:
     def requeue(self, job_id: int) -> JobRecord | None:
         """Run a job again from scratch (attempts back to 0), now. None if there is no such
         job; :class:`JobStateError` if it is running (its worker holds a valid lease)."""
+        if not 0 < job_id <= MAX_JOB_ID:
+            return None
         with self.db.write_connection() as conn:
             current = conn.execute(
                 select(_JOB.c.status, _JOB.c.locked_until).where(_JOB.c.id == job_id)
@@ -452,6 +458,10 @@ class JobQueue:
 
     # --- reading -------------------------------------------------------------------------
     def get(self, job_id: int) -> JobRecord | None:
+        """The job ``job_id``; None if there is none (ids beyond :data:`MAX_JOB_ID` included,
+        without asking the index: it could not even compare them)."""
+        if not 0 < job_id <= MAX_JOB_ID:
+            return None
         with self.db.engine.connect() as conn:
             row = conn.execute(select(_JOB).where(_JOB.c.id == job_id)).first()
         return None if row is None else JobRecord.from_row(row)
@@ -466,8 +476,8 @@ class JobQueue:
         offset: int = 0,
     ) -> JobList:
         """Jobs, newest first, filtered by status, kind and study."""
-        if limit < 0 or offset < 0:
-            raise ValueError("limit and offset must not be negative")
+        if not (0 <= limit <= MAX_JOB_ID and 0 <= offset <= MAX_JOB_ID):
+            raise ValueError(f"limit and offset must be integers from 0 to {MAX_JOB_ID}")
         query = select(_JOB).order_by(_JOB.c.id.desc()).limit(limit).offset(offset)
         if status is not None:
             query = query.where(_JOB.c.status == JobStatus(status).value)

@@ -14,6 +14,14 @@ Matching rules implemented (PS3.4 C.2.2.2):
   (``combine_date_time``, C.2.2.2.5.2), else each is matched on its own;
 - list of UID matching: ``uid1\\uid2\\…`` (C.2.2.2.2);
 - sequence matching is not supported: a sequence key is a return key only.
+
+Matching values are held to what their VR can hold (PS3.5 6.2) before any SQL is built, the
+same for C-FIND and QIDO-RS: integers within their VR's range, decimals finite, text no longer
+than the VR's maximum length (wildcards aside, with a bounded number of ``*``), months, days
+and times of day that exist, at most :data:`MAX_LIST_VALUES` values in lists, no NUL. A value
+outside those bounds cannot match a stored value; it is refused with a :class:`QueryError`
+that names the attribute, and never reaches the database as an error (a number beyond 64
+bits, a LIKE pattern too complex).
 """
 
 from __future__ import annotations
@@ -21,9 +29,10 @@ from __future__ import annotations
 import enum
 import functools
 import itertools
+import math
 import re
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,7 +56,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.orm import aliased
 
 from archive.db import Database
-from archive.dicom import normalise_person_name
+from archive.dicom import normalise_person_name, valid_uid
 from archive.models import Instance, Patient, Series, Study
 
 
@@ -77,6 +86,43 @@ UNIQUE_KEYS = {
 _WILDCARD_VRS = frozenset({"AE", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UR", "UT"})
 _RANGE_VRS = frozenset({"DA", "TM", "DT"})
 _INT_VRS = frozenset({"IS", "US", "UL", "SS", "SL"})
+
+#: The values of the integer VRs (PS3.5 Table 6.2-1).
+_INT_RANGES: dict[str, tuple[int, int]] = {
+    "IS": (-(2**31), 2**31 - 1),
+    "SS": (-(2**15), 2**15 - 1),
+    "US": (0, 2**16 - 1),
+    "SL": (-(2**31), 2**31 - 1),
+    "UL": (0, 2**32 - 1),
+    "SV": (-(2**63), 2**63 - 1),
+    "UV": (0, 2**64 - 1),
+}
+_FLOAT_VRS = frozenset({"DS", "FL", "FD"})
+#: The most characters a value of each text VR holds (PS3.5 Table 6.2-1; PN: per component
+#: group, UI: per UID of a list, CS: per code of a list). Matching values are held to these,
+#: ``*`` wildcards aside. UC, UR and UT are unbounded in the standard: matching values of those
+#: (and of any other VR) are held to :data:`_MAX_OTHER_LENGTH`.
+_MAX_LENGTH: dict[str, int] = {
+    "AE": 16,
+    "AS": 4,
+    "CS": 16,
+    "LO": 64,
+    "LT": 10240,
+    "PN": 64,
+    "SH": 16,
+    "ST": 1024,
+    "UI": 64,
+}
+_MAX_OTHER_LENGTH = 10240
+#: The most ``*`` wildcards one matching value may hold (runs of ``*`` count once: they mean
+#: the same). Enough for every component of a three-group person name.
+MAX_WILDCARDS = 32
+#: The most values the lists of one query may hold together (UID lists, CS lists): far below
+#: the bind-parameter limits of SQLite (32,766) and PostgreSQL (65,535).
+MAX_LIST_VALUES = 10_000
+_STAR_RUNS = re.compile(r"\*{2,}")
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+_DECIMAL = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,17 +322,31 @@ _TM_RE = re.compile(r"^\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?$")
 _DA_RE = re.compile(r"^\d{8}$")
 
 
+def shown(value: str, limit: int = 40) -> str:
+    """``value`` as an error message quotes it: ``repr``, cut to about ``limit`` characters."""
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}… ({len(value)} characters)"
+
+
 def _normalise_date(value: str) -> str:
     text = value.replace(".", "") if len(value) == 10 else value  # ACR-NEMA "yyyy.mm.dd"
     if not _DA_RE.match(text):
-        raise QueryError(f"{value!r} is not a DICOM date (YYYYMMDD)")
+        raise QueryError(f"{shown(value)} is not a DICOM date (YYYYMMDD)")
+    # Months 01-12 and days 01-31: a range bound such as "20240231" ("to the end of February")
+    # is understood as a string compares it, as clients mean it.
+    if not ("01" <= text[4:6] <= "12" and "01" <= text[6:] <= "31"):
+        raise QueryError(f"{shown(value)} is not a DICOM date: no such month or day")
     return text
 
 
 def _normalise_time(value: str, upper: bool) -> str:
     text = value.replace(":", "")
     if not _TM_RE.match(text):
-        raise QueryError(f"{value!r} is not a DICOM time (HHMMSS.FFFFFF)")
+        raise QueryError(f"{shown(value)} is not a DICOM time (HHMMSS.FFFFFF)")
+    # PS3.5 6.2 TM: hours 00-23, minutes 00-59, seconds 00-60 (a leap second).
+    if text[:2] > "23" or text[2:4] > "59" or text[4:6] > "60":
+        raise QueryError(f"{shown(value)} is not a DICOM time: no such time of day")
     if upper:
         # "11" means up to 11:59:59.999999 (PS3.4 C.2.2.2.5: range bounds are inclusive)
         base, _, frac = text.partition(".")
@@ -303,7 +363,7 @@ def _bound(value: str | None, vr: str, upper: bool) -> str | None:
     if vr == "TM":
         return _normalise_time(value, upper)
     if not re.fullmatch(r"\d{4,14}(\.\d{1,6})?([+-]\d{4})?", value):
-        raise QueryError(f"{value!r} is not a DICOM date-time (YYYYMMDDHHMMSS.FFFFFF&ZZXX)")
+        raise QueryError(f"{shown(value)} is not a DICOM date-time (YYYYMMDDHHMMSS.FFFFFF&ZZXX)")
     return value + ("99999999999999"[len(value) - 4 :] if upper and len(value) < 14 else "")
 
 
@@ -319,8 +379,88 @@ class _Matcher:
     fold_case: bool = False
 
 
+def _check_number(key: Key, value: str) -> None:
+    """An integer within its VR's range, or a finite decimal (PS3.5 Table 6.2-1)."""
+    vr = key.vr
+    if vr in _INT_RANGES:
+        low, high = _INT_RANGES[vr]
+        if not _INTEGER.fullmatch(value):
+            raise QueryError(f"{key.keyword}: {shown(value)} is not an integer ({vr})")
+        if len(value) > 21 or not low <= int(value) <= high:
+            raise QueryError(
+                f"{key.keyword}: {shown(value)} is outside the range of {vr} "
+                f"({low} to {high}, PS3.5 6.2)"
+            )
+        return
+    try:
+        number = float(value)
+    except ValueError:
+        raise QueryError(f"{key.keyword}: {shown(value)} is not a number") from None
+    if not math.isfinite(number):
+        raise QueryError(f"{key.keyword}: {shown(value)} is not a finite decimal number ({vr})")
+    if vr == "DS" and (len(value) > 16 or _DECIMAL.fullmatch(value) is None):
+        raise QueryError(
+            f"{key.keyword}: {shown(value)} is not a decimal string (DS: at most 16 characters, "
+            "PS3.5 6.2)"
+        )
+
+
+def _check_text(key: Key, value: str) -> str:
+    """The matching value of a text VR held to the VR's length (wildcards aside) and to
+    :data:`MAX_WILDCARDS`; runs of ``*`` become one ``*``."""
+    vr = key.vr
+    limit = _MAX_LENGTH.get(vr, _MAX_OTHER_LENGTH)
+    if len(value) <= limit and "*" not in value and (vr != "PN" or value.count("=") < 3):
+        return value  # no longer than one value may be, and no wildcard: within every bound
+    wildcards = vr in _WILDCARD_VRS
+    if wildcards and "**" in value:
+        value = _STAR_RUNS.sub("*", value)
+    if vr == "PN":
+        parts = value.split("=")
+        if len(parts) > 3:
+            raise QueryError(
+                f"{key.keyword}: a person name has at most 3 component groups (PS3.5 6.2.1)"
+            )
+        what = "per component group"
+    elif vr in ("UI", "CS"):
+        parts = value.split("\\")
+        what = "per value"
+    else:
+        parts = [value]
+        what = ""
+    if len(parts) > MAX_LIST_VALUES:
+        raise QueryError(
+            f"{key.keyword}: a list holds at most {MAX_LIST_VALUES} values; this one has "
+            f"{len(parts)}"
+        )
+    for part in parts:
+        length = len(part) - part.count("*") if wildcards else len(part)
+        if length > limit:
+            raise QueryError(
+                f"{key.keyword}: a {vr} value holds at most {limit} characters"
+                f"{' ' + what if what else ''} (PS3.5 6.2), wildcards aside; this one has {length}"
+            )
+    if wildcards and value.count("*") > MAX_WILDCARDS:
+        raise QueryError(
+            f"{key.keyword}: a matching value holds at most {MAX_WILDCARDS} '*' wildcards; "
+            f"this one has {value.count('*')}"
+        )
+    return value
+
+
+def check_key(key: Key) -> None:
+    """Raise :class:`QueryError` when ``key``'s matching value is not one its VR can hold
+    (the checks every query makes), for values matched outside :func:`find`."""
+    _compile(key, case_insensitive_pn=False)
+
+
 def _compile(key: Key, case_insensitive_pn: bool) -> _Matcher:
     value = (key.value or "").strip() if key.vr not in ("LT", "ST", "UT") else key.value or ""
+    if "\x00" in value:
+        # UI values are padded with NUL (PS3.5 6.2); anywhere else a NUL has no place.
+        value = value.rstrip("\x00 ")
+        if "\x00" in value:
+            raise QueryError(f"{key.keyword}: the matching value holds a NUL character")
     if key.vr == "PN":
         value = normalise_person_name(value) or ""
     fold = key.vr == "PN" and case_insensitive_pn
@@ -328,34 +468,43 @@ def _compile(key: Key, case_insensitive_pn: bool) -> _Matcher:
         value = value.upper()
     if not value or value == "*" or key.vr == "SQ":
         return _Matcher(key, "universal")
+    if key.vr in _INT_RANGES or key.vr in _FLOAT_VRS:
+        _check_number(key, value)
+    elif key.vr not in _RANGE_VRS:
+        value = _check_text(key, value)
+        if value == "*":
+            return _Matcher(key, "universal")  # "**…" is "*"
     if key.vr == "UI":
         uids = tuple(u.strip() for u in value.split("\\") if u.strip())
         if any(_has_wildcard(u) for u in uids):
             raise QueryError(f"{key.keyword}: wildcards are not allowed in UIDs (PS3.4 C.2.2.2.4)")
+        for uid in uids:
+            if not valid_uid(uid):
+                raise QueryError(
+                    f"{key.keyword}: {shown(uid)} is not a UID (PS3.5 9.1: digits and dots)"
+                )
         return _Matcher(key, "uids", uids)
-    bounds = _split_range(value, key.vr)
-    if bounds is not None:
-        low, high = bounds
-        if low is None and high is None:
-            return _Matcher(key, "universal")
-        return _Matcher(
-            key, "range", low=_bound(low, key.vr, False), high=_bound(high, key.vr, True)
-        )
-    if key.vr in _RANGE_VRS:
-        _bound(value, key.vr, False)  # validate
-        if key.vr == "TM":
-            # A single time names the whole minute/second it spells: "1015" is 10:15:00 to
-            # 10:15:59.999999 (PS3.5 6.2 TM), matched as that range.
+    try:
+        bounds = _split_range(value, key.vr)
+        if bounds is not None:
+            low, high = bounds
+            if low is None and high is None:
+                return _Matcher(key, "universal")
             return _Matcher(
-                key, "range", low=_bound(value, "TM", False), high=_bound(value, "TM", True)
+                key, "range", low=_bound(low, key.vr, False), high=_bound(high, key.vr, True)
             )
+        if key.vr in _RANGE_VRS:
+            _bound(value, key.vr, False)  # validate
+            if key.vr == "TM":
+                # A single time names the whole minute/second it spells: "1015" is 10:15:00
+                # to 10:15:59.999999 (PS3.5 6.2 TM), matched as that range.
+                return _Matcher(
+                    key, "range", low=_bound(value, "TM", False), high=_bound(value, "TM", True)
+                )
+    except QueryError as exc:
+        raise QueryError(f"{key.keyword}: {exc}") from None
     if key.vr in _WILDCARD_VRS and _has_wildcard(value):
         return _Matcher(key, "wildcard", (value,), fold_case=fold)
-    if key.vr in _INT_VRS or key.vr in ("DS", "FL", "FD"):
-        try:
-            float(value)
-        except ValueError:
-            raise QueryError(f"{key.keyword}: {value!r} is not a number") from None
     if "\\" in value and key.vr in ("CS",):
         return _Matcher(key, "uids", tuple(v.strip() for v in value.split("\\")), fold_case=fold)
     return _Matcher(key, "single", (value,), fold_case=fold)
@@ -380,9 +529,9 @@ def _condition_shape(m: _Matcher, attr: Attribute) -> tuple[Shape, list[Any]]:
     upper = m.fold_case and attr.search_column is None
     if keyword in _NUMBER_COLUMNS:
         try:
-            numbers = [int(float(v)) for v in m.values]
+            numbers = [int(v) for v in m.values]  # integers of their VR's range (_check_number)
         except ValueError:
-            return ("false",), []
+            raise QueryError(f"{keyword}: {shown(m.values[0])} is not an integer") from None
         if m.kind in ("uids", "single"):
             return ("in", keyword, search), [numbers]
         return ("false",), []
@@ -415,11 +564,11 @@ def _computed_shape(keyword: str, m: _Matcher) -> tuple[Shape, list[Any]]:
         return ("modalities in",), [[v for part in m.values for v in part.split("\\")]]
     if keyword == "SOPClassesInStudy":
         return ("sop classes in",), [list(m.values)]
-    # Counts are return keys; matching on them compares the number.
+    # Counts are return keys; matching on them compares the number (an IS: _check_number).
     try:
-        number = int(float(m.values[0])) if m.values else None
-    except ValueError as exc:
-        raise QueryError(f"{keyword}: {m.values[0]!r} is not a number") from exc
+        number = int(m.values[0]) if m.values else None
+    except ValueError:
+        raise QueryError(f"{keyword}: {shown(m.values[0])} is not an integer") from None
     if number is None:
         return ("false",), []
     return ("count", keyword), [number]
@@ -523,6 +672,40 @@ def tm_text(value: str) -> str:
 # --- JSON-side matching (not indexed attributes) ---------------------------------------------
 
 
+@functools.lru_cache(maxsize=256)
+def glob_matcher(pattern: str) -> Callable[[str], bool]:
+    """Whether a whole text matches ``pattern``, whose ``*`` stands for any characters and
+    ``?`` for one (PS3.4 C.2.2.2.4). The pieces between the ``*`` are found leftmost first
+    (which finds a match whenever there is one), in time at most the text's length times the
+    pattern's: a regular expression of many ``.*`` would backtrack exponentially on a text
+    that almost matches."""
+    pieces = pattern.split("*")
+    compiled = [
+        re.compile("".join("." if c == "?" else re.escape(c) for c in piece), re.DOTALL)
+        for piece in pieces
+    ]
+    if len(pieces) == 1:
+        only = compiled[0]
+        return lambda text: only.fullmatch(text) is not None
+    first, *middle, last = compiled
+    last_length = len(pieces[-1])
+
+    def matches(text: str) -> bool:
+        found = first.match(text)
+        if found is None:
+            return False
+        position = found.end()
+        for piece in middle:
+            found = piece.search(text, position)
+            if found is None:
+                return False
+            position = found.end()
+        tail = len(text) - last_length
+        return tail >= position and last.fullmatch(text, tail) is not None
+
+    return matches
+
+
 def _json_texts(element: dict[str, Any] | None) -> list[str]:
     if not element:
         return []
@@ -557,11 +740,8 @@ def _match_text(m: _Matcher, texts: list[str]) -> bool:
                 return False
         return m.values[0] in texts
     if m.kind == "wildcard":
-        pattern = re.compile(
-            "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in m.values[0]),
-            re.DOTALL,
-        )
-        return any(pattern.fullmatch(t) for t in texts)
+        matches = glob_matcher(m.values[0])
+        return any(matches(t) for t in texts)
     if m.key.vr == "TM":
         texts = [tm_text(t) for t in texts]
     return any((m.low is None or t >= m.low) and (m.high is None or t <= m.high) for t in texts)
@@ -667,6 +847,11 @@ def find_matches(db: Database, query: Query) -> Matches:
             continue
         shapes.append(shape)
         values += shape_values
+    listed = sum(len(v) for v in values if isinstance(v, list))
+    if listed > MAX_LIST_VALUES:
+        raise QueryError(
+            f"the query's value lists hold {listed} values together; at most {MAX_LIST_VALUES}"
+        )
     params = {f"p{n}": value for n, value in enumerate(values)}
     paging = ""
     if query.limit is not None and not json_matchers:

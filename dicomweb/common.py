@@ -1,19 +1,27 @@
 """What every DICOMweb route shares: the archive and settings of the app, URLs, errors as JSON,
-DICOM JSON responses (gzip-compressed when the client accepts it) and Warning headers."""
+DICOM JSON responses (gzip-compressed when the client accepts it), Warning headers, and the
+check of the UIDs in request paths."""
 
 from __future__ import annotations
 
+import functools
 import json
+import re
 import zlib
 from collections.abc import Iterable, Iterator
 from typing import Any, NoReturn
 
 from fastapi import HTTPException, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from archive import Archive
+from archive.dicom import valid_uid
 from config import Settings
 from dicomweb.media import DICOM_JSON
+
+#: Where the DICOMweb routes live, below the server's root.
+PREFIX = "/dicom-web"
 
 #: Bodies smaller than this are sent as they are.
 GZIP_MINIMUM = 1024
@@ -40,14 +48,53 @@ def fail(status: int, message: str, headers: dict[str, str] | None = None) -> No
     raise HTTPException(status_code=status, detail=message, headers=headers)
 
 
+#: A Host header (RFC 9110 7.2): a host name or IPv4 address (RFC 3986 3.2.2, the names DNS
+#: allows: letters, digits, "-", "_", ".") or a bracketed IPv6 literal, and an optional port.
+_HOST = re.compile(
+    r"(?:[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,252})|\[[0-9A-Fa-f:.]{2,45}(?:%25[A-Za-z0-9._~-]+)?\])"
+    r"(?::([0-9]{1,5}))?"
+)
+
+
+@functools.lru_cache(maxsize=1024)
+def valid_host(value: str) -> bool:
+    """Whether ``value`` is a syntactically valid ``host[:port]`` (RFC 9110 7.2, RFC 3986
+    3.2.2 and 3.2.3)."""
+    found = _HOST.fullmatch(value)
+    return found is not None and (found.group(1) is None or int(found.group(1)) <= 65535)
+
+
+def host_error(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+    """Why the Host header of a request cannot make the server's URLs; None when it can (or
+    there is none: HTTP/1.0, the server's own address then)."""
+    hosts = [value for name, value in headers if name == b"host"]
+    if len(hosts) > 1:
+        return "the request has several Host headers (RFC 9110 7.2 allows one)"
+    host = hosts[0].decode("latin-1") if hosts else ""
+    if host and not valid_host(host):
+        return (
+            f"the Host header {host[:100]!r} is not a valid host[:port] (RFC 9110 7.2); "
+            "the server's URLs are built from it unless PACSBRIDGE_PUBLIC_URL is set"
+        )
+    return None
+
+
 def base_url(request: Request) -> str:
-    """The DICOMweb root as the client reaches it (``dicomweb_base_url`` overrides)."""
-    configured = settings_of(request).dicomweb_base_url
-    if configured:
-        return configured.rstrip("/")
+    """The DICOMweb root as clients reach it, for RetrieveURLs and BulkDataURIs:
+    ``dicomweb_base_url`` when set, else ``public_url`` + ``/dicom-web``, else from the
+    request's Host header, which must then be a valid ``host[:port]`` (400 otherwise: the
+    header is copied into every URL of the response)."""
+    settings = settings_of(request)
+    if settings.dicomweb_base_url:
+        return settings.dicomweb_base_url.rstrip("/")
+    if settings.public_url:
+        return settings.public_url.rstrip("/") + PREFIX
+    error = host_error(request.scope["headers"])
+    if error is not None:
+        fail(400, error)
+    host = request.headers.get("host", "")
     url = request.base_url
     server = request.scope.get("server")
-    host = request.headers.get("host", "")
     forwarded = any(
         name in request.headers
         for name in ("forwarded", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto")
@@ -63,7 +110,7 @@ def base_url(request: Request) -> str:
         # A direct client that sent Host without the port it connected to (dicomweb-client
         # does): the URLs we hand out must still reach this port.
         url = url.replace(netloc=f"{host}:{server[1]}")
-    return f"{str(url).rstrip('/')}/dicom-web"
+    return f"{str(url).rstrip('/')}{PREFIX}"
 
 
 def study_url(base: str, study: str) -> str:
@@ -78,11 +125,31 @@ def instance_url(base: str, study: str, series: str, sop: str) -> str:
     return f"{base}/studies/{study}/series/{series}/instances/{sop}"
 
 
+#: A Warning header holds at most this many messages (the others are counted in one more),
+#: each cut to this many characters: it stays well under the 4 to 8 KiB that proxies allow
+#: a header.
+MAX_WARNINGS = 5
+MAX_WARNING_LENGTH = 200
+_NOT_PRINTABLE = re.compile(r"[^\x20-\x7e]")
+
+
+def _warning_text(message: str) -> str:
+    """A message as printable ASCII (other characters as escapes) in a quoted-string."""
+    text = message.encode("ascii", "backslashreplace").decode("ascii")
+    text = _NOT_PRINTABLE.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    if len(text) > MAX_WARNING_LENGTH:
+        text = text[: MAX_WARNING_LENGTH - 3] + "..."
+    return text.replace("\\", "\\\\").replace('"', '\\"')
+
+
 def warning_value(messages: Iterable[str]) -> str:
-    """A Warning header (RFC 7234 5.5, PS3.18 8.4): code 299, agent ``pacsbridge``."""
-    return ", ".join(
-        '299 pacsbridge "{}"'.format(m.replace("\\", "\\\\").replace('"', '\\"')) for m in messages
-    )
+    """A Warning header (RFC 7234 5.5, PS3.18 8.4): code 299, agent ``pacsbridge``; the same
+    message once, at most :data:`MAX_WARNINGS` of them and a count of the rest."""
+    unique = list(dict.fromkeys(messages))
+    kept = unique[:MAX_WARNINGS]
+    if len(unique) > MAX_WARNINGS:
+        kept.append(f"and {len(unique) - MAX_WARNINGS} more warnings")
+    return ", ".join(f'299 pacsbridge "{_warning_text(m)}"' for m in kept)
 
 
 def _wants_gzip(request: Request) -> bool:
@@ -149,3 +216,58 @@ def etag_matches(request: Request, etag: str) -> bool:
         return True
     bare = etag.removeprefix("W/")
     return any(tag.strip().removeprefix("W/") == bare for tag in header.split(","))
+
+
+#: The path segment before a UID in DICOMweb paths, and the UID's name.
+_UID_SEGMENTS = {
+    "studies": "Study Instance UID",
+    "series": "Series Instance UID",
+    "instances": "SOP Instance UID",
+}
+
+
+def path_uid_error(path: str) -> str | None:
+    """Why a DICOMweb path (below :data:`PREFIX`) names something that is not a UID where its
+    study, series or instance UID belongs; None when it does not. PS3.5 9.1: digits and dots,
+    at most 64 characters (components with a leading zero are accepted, as at ingest).
+    ``path`` is already percent-decoded: ``%2A``, ``%2e%2e`` and ``%00`` are refused too."""
+    segments = path.split("/")
+    index = 1
+    while index + 1 < len(segments):
+        name = _UID_SEGMENTS.get(segments[index])
+        uid = segments[index + 1]
+        if name is None or not uid:
+            return None
+        if not valid_uid(uid):
+            shown = repr(uid) if len(uid) <= 80 else f"{uid[:80]!r}… ({len(uid)} characters)"
+            return f"{shown} is not a valid {name}: a UID is at most 64 digits and dots (PS3.5 9.1)"
+        index += 2
+    return None
+
+
+class RequestCheck:
+    """ASGI middleware that answers 400 with a message, before any route sees the request
+    (direct routes and FastAPI's alike), to a DICOMweb request
+
+    - whose path holds anything but a UID where a study, series or instance UID belongs, so
+      that no UID in a path is ever matched as a pattern;
+    - when ``check_host`` (no public URL configured: URLs are built from the Host header),
+      whose Host header is not a valid ``host[:port]``, so that a STOW-RS request is refused
+      before it stores anything rather than when its answer is written."""
+
+    def __init__(self, app: ASGIApp, prefix: str = PREFIX, check_host: bool = True) -> None:
+        self.app = app
+        self.prefix = prefix
+        self.check_host = check_host
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            path: str = scope["path"]
+            if path.startswith(self.prefix):
+                error = path_uid_error(path[len(self.prefix) :])
+                if error is None and self.check_host:
+                    error = host_error(scope["headers"])
+                if error is not None:
+                    await JSONResponse({"detail": error}, status_code=400)(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)

@@ -159,15 +159,25 @@ def parse_accept(header: str | None) -> list[MediaRange]:
     return sorted(ranges, key=lambda r: -r.q)
 
 
-@functools.lru_cache(maxsize=256)
-def accepts_json(header: str | None) -> bool:
-    """Whether a response in application/dicom+json is acceptable."""
+def _accepts_json(header: str | None) -> bool:
     for r in parse_accept(header):
         if r.multipart:
             continue
         if r.media_type in (DICOM_JSON, "application/json", "*/*", "application/*"):
             return True
     return False
+
+
+_accepts_json_cached = functools.lru_cache(maxsize=256)(_accepts_json)
+#: Accept headers longer than this are parsed each time rather than remembered.
+_CACHED_HEADER_LENGTH = 1024
+
+
+def accepts_json(header: str | None) -> bool:
+    """Whether a response in application/dicom+json is acceptable."""
+    if header is not None and len(header) > _CACHED_HEADER_LENGTH:
+        return _accepts_json(header)
+    return _accepts_json_cached(header)
 
 
 # --- multipart/related bodies --------------------------------------------------------------

@@ -19,7 +19,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 
 from archive.models import Instance
 from archive.query import (
@@ -30,7 +30,10 @@ from archive.query import (
     QueryError,
     QueryLevel,
     QueryModel,
+    check_key,
     find,
+    glob_matcher,
+    shown,
 )
 from dicomweb.common import (
     ERROR_RESPONSES,
@@ -91,6 +94,11 @@ INSTANCE_DEFAULTS = (
 
 #: Query parameters of PS3.18 8.3.4 that this server does not implement: ignored, with a Warning.
 UNSUPPORTED_PARAMETERS = frozenset({"emptyvaluematching", "multiplevaluematching", "orderby"})
+#: The largest ``limit`` and ``offset``: what a signed 64-bit LIMIT / OFFSET holds (SQLite,
+#: PostgreSQL's bigint).
+MAX_PAGING = 2**63 - 1
+#: The most attributes ``includefield`` may name (``all`` names every one).
+MAX_INCLUDE_FIELDS = 256
 
 _RETRIEVE_URL = "00081190"
 _AVAILABILITY = "00080056"
@@ -139,14 +147,14 @@ def _level_of(keyword: str) -> QueryLevel | None:
     return COMPUTED.get(keyword)
 
 
+_DIGITS = re.compile(r"\s*\+?[0-9]{1,19}\s*")
+
+
 def _integer(name: str, text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        fail(400, f"{name} must be a non-negative integer, not {text!r}")
-    if value < 0:
-        fail(400, f"{name} must be a non-negative integer, not {text!r}")
-    return value
+    """A ``limit`` or ``offset``: 0 to :data:`MAX_PAGING`."""
+    if not _DIGITS.fullmatch(text) or int(text) > MAX_PAGING:
+        fail(400, f"{name} must be an integer from 0 to {MAX_PAGING}, not {shown(text)}")
+    return int(text)
 
 
 def parse_search(request: Request, level: QueryLevel, fixed: dict[str, str]) -> Search:
@@ -176,8 +184,17 @@ def parse_search(request: Request, level: QueryLevel, fixed: dict[str, str]) -> 
                     continue
                 tag = _tag(item)
                 if tag is None:
-                    fail(400, f"includefield: {item!r} is neither a keyword nor a tag (ggggeeee)")
+                    fail(
+                        400,
+                        f"includefield: {shown(item)} is neither a keyword nor a tag (ggggeeee)",
+                    )
                 search.include.add(tag)
+                if len(search.include) > MAX_INCLUDE_FIELDS:
+                    fail(
+                        400,
+                        f"includefield names more than {MAX_INCLUDE_FIELDS} attributes; "
+                        "name fewer, or all",
+                    )
         elif lowered in UNSUPPORTED_PARAMETERS:
             search.warnings.append(f"the {name} parameter is not supported and was ignored")
         elif "." in name:
@@ -189,8 +206,9 @@ def parse_search(request: Request, level: QueryLevel, fixed: dict[str, str]) -> 
             if tag is None:
                 fail(
                     400,
-                    f"unknown query parameter {name!r}: give an attribute keyword (PatientName) "
-                    "or tag (00100010), or limit, offset, includefield, fuzzymatching",
+                    f"unknown query parameter {shown(name)}: give an attribute keyword "
+                    "(PatientName) or tag (00100010), or limit, offset, includefield, "
+                    "fuzzymatching",
                 )
             values.setdefault(tag, []).append(value)
     for tag, given in values.items():
@@ -266,18 +284,16 @@ def fuzzy_name_match(pattern: str, element: dict[str, Any] | None) -> bool:
     """``fuzzymatching=true`` for person names: every word of the pattern (split on ``^``,
     spaces, commas) must begin some word of the name, ignoring case and accents, in any of
     its component groups; ``*`` and ``?`` keep their meaning inside a word."""
-    words = _words(pattern.replace("*", "\x00").replace("?", "\x01"))
+    words = _words(pattern)
     if not words:
         return True
-    regexes = [
-        re.compile(re.escape(w).replace("\x00", ".*").replace("\x01", "."), re.DOTALL)
-        for w in words
-    ]
+    # A word of the pattern is a prefix of a name's word: the word and "*" matches it whole.
+    prefixes = [glob_matcher(w + "*") for w in words]
     for value in (element or {}).get("Value", []) or []:
         groups = value.values() if isinstance(value, dict) else [str(value or "")]
         for group in groups:
             name_words = _words(str(group))
-            if all(any(r.match(w) for w in name_words) for r in regexes):
+            if all(any(matches(w) for w in name_words) for matches in prefixes):
                 return True
     return False
 
@@ -307,6 +323,10 @@ def _run(request: Request, search: Search, fixed: dict[str, str]) -> Response:
     fuzzy_keys: dict[int, str] = {}
     for tag, value in search.keys.items():
         if search.fuzzy and _vr(tag) == "PN" and value and value.strip("*"):
+            try:
+                check_key(Key(tag, "PN", value))  # the bounds of every PN matching value
+            except QueryError as exc:
+                fail(400, str(exc))
             fuzzy_keys[tag] = value
             wanted[tag] = None
         else:
@@ -373,15 +393,23 @@ def _finish(result: dict[str, Any], level: QueryLevel, base: str) -> dict[str, A
     return dict(sorted(result.items()))
 
 
+_MERGE_CHUNK = 500
+_MERGE_SELECT = select(Instance.sop_instance_uid, Instance.dicom_json).where(
+    Instance.sop_instance_uid.in_(bindparam("sops", expanding=True))
+)
+
+
 def _merge_instance_json(request: Request, results: list[dict[str, Any]], base: str) -> None:
     """``includefield=all`` at the instance level: every attribute of the stored instance, with
     BulkDataURIs made absolute."""
     by_sop = {_uid(r, "00080018"): r for r in results}
-    stmt = select(Instance.sop_instance_uid, Instance.dicom_json).where(
-        Instance.sop_instance_uid.in_(list(by_sop))
-    )
+    sops = list(by_sop)
+    rows: list[Any] = []
     with archive_of(request).db.engine.connect() as conn:
-        rows = conn.execute(stmt).all()
+        # A few hundred UIDs a statement: however large the limit, far below the database's
+        # bind-parameter limit.
+        for start in range(0, len(sops), _MERGE_CHUNK):
+            rows += conn.execute(_MERGE_SELECT, {"sops": sops[start : start + _MERGE_CHUNK]})
     for sop, document in rows:
         result = by_sop[sop]
         prefix = instance_url(base, _uid(result, "0020000D"), _uid(result, "0020000E"), sop)

@@ -5,8 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from dicomweb import qido, rendered, stow, wado
+from dicomweb.common import PREFIX
 
-PREFIX = "/dicom-web"
+__all__ = ["PREFIX", "SERVICES", "router"]
 
 #: Service modules, each with a ``router``. Order matters only where paths overlap.
 SERVICES = (qido, wado, stow, rendered)

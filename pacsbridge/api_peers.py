@@ -10,7 +10,7 @@ from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Path, Request, Response, status
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from archive import Archive
 from archive.peers import InvalidPeer, PeerConflict, PeerNotFound, PeerRecord, PeerSource
@@ -28,8 +28,16 @@ PeerName = Annotated[
 
 
 class PeerIn(BaseModel):
-    ae_title: str = Field(description="1 to 16 characters (PS3.5 AE)", examples=["STORESCP"])
-    host: str = Field(description="host name or IP address", examples=["10.0.0.7"])
+    """A peer as ``PUT`` takes it. Types are strict (a port is a JSON integer: not ``true``,
+    ``104.0`` or ``"104"``; the AE title and host are strings) and no other field is allowed,
+    so that a mistyped body is refused (422) rather than stored as something else."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    ae_title: str = Field(
+        description="1 to 16 characters (PS3.5 AE)", max_length=64, examples=["STORESCP"]
+    )
+    host: str = Field(description="host name or IP address", max_length=255, examples=["10.0.0.7"])
     port: int = Field(ge=1, le=65535, examples=[104])
 
     @field_validator("ae_title")

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
@@ -13,6 +16,7 @@ from sqlalchemy import text
 from archive import Archive
 from config import Settings
 from dicomweb import router as dicomweb_router
+from dicomweb.common import RequestCheck
 from dicomweb.direct import DirectApp
 from dicomweb.router import PREFIX as DICOMWEB_PREFIX
 from dicomweb.router import SERVICES as DICOMWEB_SERVICES
@@ -40,6 +44,14 @@ def create_app(
     app.include_router(dicomweb_router)
     # DICOMweb GETs past FastAPI's per-request machinery (dicomweb/direct.py)
     app.serve_directly(DICOMWEB_PREFIX, [service.router for service in DICOMWEB_SERVICES])
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    # Path UIDs (and the Host header URLs are built from) are checked once for every DICOMweb
+    # route, direct or not: the direct routes run inside the same middleware stack.
+    app.add_middleware(
+        RequestCheck,
+        prefix=DICOMWEB_PREFIX,
+        check_host=not (settings.public_url or settings.dicomweb_base_url),
+    )
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -72,3 +84,24 @@ def create_app(
         return JSONResponse(body, status_code=200 if healthy else 503)
 
     return app
+
+
+def _json_safe(value: Any) -> Any:
+    """``value`` with every float JSON cannot hold (NaN, ±Infinity) as its name."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(item) for item in value]
+    return value
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    """FastAPI's 422 for a request that fails validation, with a body that is always JSON:
+    the rejected input is echoed, and a body may hold NaN or Infinity (Python's JSON reader
+    takes them; JSON itself has no such numbers)."""
+    assert isinstance(exc, RequestValidationError)
+    return JSONResponse(
+        status_code=422, content={"detail": _json_safe(jsonable_encoder(exc.errors()))}
+    )

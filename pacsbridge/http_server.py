@@ -1,0 +1,156 @@
+"""The HTTP server: uvicorn, with the limits it lacks on reading a request's headers.
+
+uvicorn times out idle keep-alive connections, but not a request whose line and headers never
+finish: a client that sends half a request line holds its connection (and a file descriptor)
+for ever, and with httptools the headers of one request may grow without bound. Each
+connection here gets ``http_header_timeout`` seconds for a request's line and headers (from
+the connection, or from the first byte of a further request on it), after which it is
+answered 408 and closed (RFC 9110 15.5.9); and at most ``http_max_header_bytes`` of them,
+beyond which it is answered 431 and closed (RFC 6585 5). The other limits are uvicorn's own:
+idle keep-alive connections (``http_keep_alive_timeout``), open connections
+(``http_max_connections``: requests beyond get 503) and the listen backlog (``http_backlog``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from http import HTTPStatus
+from typing import Any
+
+import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from config import Settings
+
+log = logging.getLogger(__name__)
+
+
+class BoundedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a deadline and a size limit for request headers.
+    :func:`protocol_class` makes a subclass with the limits of the settings.
+
+    Each request only notes its deadline (no timer per request: keep-alive requests stay as
+    cheap as they were); one timer per connection looks at it, and while the connection is
+    busy or idle between requests, it looks again every ``header_timeout`` seconds."""
+
+    header_timeout: float = 10.0
+    max_header_bytes: int = 65536
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._header_timer: asyncio.TimerHandle | None = None
+        self._header_deadline = 0.0
+        self._awaiting_headers = True
+        self._request_begun = False
+        self._header_bytes = 0
+
+    # --- the header clock -------------------------------------------------------------------
+    def _check_header_deadline(self) -> None:
+        self._header_timer = None
+        if self.transport.is_closing():
+            return
+        left = self.header_timeout
+        if self._awaiting_headers:
+            left = self._header_deadline - self.loop.time()
+            if left <= 0 and self.cycle is not None and not self.cycle.response_complete:
+                # The next request began while this one's response is still going out: the
+                # response is not cut; the next request's time runs from its end.
+                self._header_deadline = self.loop.time() + self.header_timeout
+                left = self.header_timeout
+            if left <= 0:
+                if self._request_begun:
+                    self._refuse(
+                        HTTPStatus.REQUEST_TIMEOUT,
+                        f"the request's headers did not arrive within {self.header_timeout:g} s",
+                    )
+                else:
+                    self.transport.close()  # nothing was asked: nothing to answer
+                return
+        self._header_timer = self.loop.call_later(left, self._check_header_deadline)
+
+    def _refuse(self, status: HTTPStatus, message: str) -> None:
+        """Answer ``status`` with a plain-text ``message`` and close the connection."""
+        client = f"{self.client[0]}:{self.client[1]}" if self.client else "?"
+        log.warning("HTTP request refused", extra={"client": client, "reason": message})
+        body = message.encode("ascii")
+        head = [f"HTTP/1.1 {status.value} {status.phrase}\r\n".encode("ascii")]
+        for name, value in self.server_state.default_headers:
+            head += [name, b": ", value, b"\r\n"]
+        head += [
+            b"content-type: text/plain; charset=utf-8\r\n",
+            b"content-length: " + str(len(body)).encode("ascii") + b"\r\n",
+            b"connection: close\r\n\r\n",
+        ]
+        self.transport.write(b"".join(head) + body)
+        self.transport.close()
+
+    # --- uvicorn's protocol ---------------------------------------------------------------
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._header_deadline = self.loop.time() + self.header_timeout
+        self._header_timer = self.loop.call_later(self.header_timeout, self._check_header_deadline)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if not self._awaiting_headers:
+            super().data_received(data)
+            return
+        self._header_bytes += len(data)
+        super().data_received(data)
+        if (
+            self._awaiting_headers
+            and self._header_bytes > self.max_header_bytes
+            and not self.transport.is_closing()
+        ):
+            self._refuse(
+                HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
+                f"the request line and headers exceed {self.max_header_bytes} bytes",
+            )
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if not self._awaiting_headers:
+            # A further request on this connection: its headers get the whole time again.
+            self._awaiting_headers = True
+            self._header_bytes = 0
+            self._header_deadline = self.loop.time() + self.header_timeout
+        self._request_begun = True
+
+    def on_headers_complete(self) -> None:
+        self._awaiting_headers = False
+        super().on_headers_complete()
+
+
+def protocol_class(settings: Settings) -> type[BoundedHttpToolsProtocol]:
+    """:class:`BoundedHttpToolsProtocol` with the limits of ``settings``."""
+    return type(
+        "BoundedHttpToolsProtocol",
+        (BoundedHttpToolsProtocol,),
+        {
+            "header_timeout": settings.http_header_timeout,
+            "max_header_bytes": settings.http_max_header_bytes,
+        },
+    )
+
+
+def run(app: Any, settings: Settings) -> None:
+    """Serve ``app`` on ``http_host``:``http_port`` until interrupted, with the HTTP limits
+    of ``settings``."""
+    uvicorn.run(
+        app,
+        host=settings.http_host,
+        port=settings.http_port,
+        log_level=settings.log_level.lower(),
+        access_log=False,
+        http=protocol_class(settings),
+        timeout_keep_alive=settings.http_keep_alive_timeout,
+        limit_concurrency=settings.http_max_connections,
+        backlog=settings.http_backlog,
+        h11_max_incomplete_event_size=settings.http_max_header_bytes,
+    )
