@@ -26,6 +26,7 @@ DuplicatePolicy = Literal["keep", "overwrite"]
 
 _PEER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _HOST = re.compile(r"[A-Za-z0-9._:\[\]%-]{1,255}")
+_PUBLIC_URL = re.compile(r"https?://[A-Za-z0-9._\[\]:%-]+(/[A-Za-z0-9._~!$&'()*+,;=:@%/-]*)?")
 
 
 def validate_ae_title(value: str) -> str:
@@ -156,17 +157,27 @@ class Settings(BaseSettings):
     duplicate_policy: DuplicatePolicy = "keep"
     refused_sop_classes: list[str] = Field(default_factory=list)
     """Storage SOP Class UIDs (or pydicom keywords) the node refuses."""
+    max_inflated_size_mb: int = Field(default=128, ge=1)
+    """The largest data set a deflated instance (PS3.5 A.5) may inflate to: ingest refuses a
+    larger one (inflating it only up to this limit), and retrieval never inflates beyond it."""
 
     # --- query -------------------------------------------------------------------------
     query_case_insensitive_pn: bool = True
     """Person names match case-insensitively in C-FIND and QIDO-RS (like most PACS)."""
 
     # --- DICOMweb ----------------------------------------------------------------------
+    public_url: str | None = None
+    """The server's external base URL (``https://pacs.example``, behind a reverse proxy say):
+    RetrieveURL and BulkDataURI values are ``<public_url>/dicom-web/...``. Default: built from
+    each request's Host header, which must then be a valid ``host[:port]`` (else 400)."""
     dicomweb_base_url: str | None = None
-    """The DICOMweb root as clients reach it, for RetrieveURL and BulkDataURI values
-    (e.g. ``https://pacs.example/dicom-web`` behind a proxy). Default: from each request."""
+    """The DICOMweb root as clients reach it (``https://pacs.example/dicom-web``): overrides
+    ``public_url`` for DICOMweb URLs, for a root that is not ``<public_url>/dicom-web``."""
     qido_default_limit: int = Field(default=1000, ge=1)
     """Results of a QIDO-RS search that gives no ``limit``."""
+    stow_max_parts: int = Field(default=10000, ge=1)
+    """The most parts one STOW-RS request may hold: later parts are not read (each answer
+    lists every part it read, so this also bounds the answer)."""
     qido_max_limit: int = Field(default=10000, ge=1)
     """The most results one QIDO-RS response holds; a larger ``limit`` is reduced (Warning 299)."""
     wado_mmap: bool = True
@@ -179,6 +190,9 @@ class Settings(BaseSettings):
     dimse_host: str = "0.0.0.0"
     dimse_port: int = Field(default=11112, ge=0, le=65535)
     max_associations: int = Field(default=64, ge=1)
+    max_associations_per_address: int = Field(default=16, ge=1)
+    """Open DICOM connections from one IP address, counted over all DIMSE processes; more are
+    refused with A-ASSOCIATE-RJ rejected-transient, local-limit-exceeded (PS3.8 9.3.4)."""
     require_called_ae_title: bool = False
     """Reject associations whose Called AE Title is not ``ae_title``."""
     allowed_calling_ae_titles: list[str] = Field(default_factory=list)
@@ -190,6 +204,9 @@ class Settings(BaseSettings):
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0
     acse_timeout: float = 30.0
+    artim_timeout: float = Field(default=5.0, gt=0)
+    """ARTIM timer (PS3.8 9.1.5): how long a new connection has to send its A-ASSOCIATE-RQ, and
+    a peer to close the connection after a rejection, an abort or a release."""
 
     # --- HTTP --------------------------------------------------------------------------
     http_host: str = "127.0.0.1"
@@ -197,6 +214,30 @@ class Settings(BaseSettings):
     cors_origins: list[str] = Field(default_factory=list)
     """Origins allowed to call the HTTP API from a browser (CORS), e.g. a viewer served
     elsewhere; ``["*"]`` allows any. Empty (default): no CORS headers."""
+    http_header_timeout: float = Field(default=10.0, gt=0)
+    """Seconds a client has to send a request's line and headers, counted from the connection
+    (or from the first byte of a further request on it); then 408 and the connection closes."""
+    http_max_header_bytes: int = Field(default=65536, ge=4096)
+    """The most bytes of a request line and headers; a larger request gets 431 and is closed."""
+    http_keep_alive_timeout: int = Field(default=5, ge=1)
+    """Seconds an idle keep-alive connection stays open between requests."""
+    http_max_connections: int = Field(default=1000, ge=1)
+    """Open HTTP connections (and requests in progress) beyond which requests get 503."""
+    http_backlog: int = Field(default=2048, ge=1)
+    """Connections the kernel queues before the server accepts them (listen backlog)."""
+
+    @field_validator("public_url", "dicomweb_base_url")
+    @classmethod
+    def _valid_public_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        value = value.strip().rstrip("/")
+        if not _PUBLIC_URL.fullmatch(value):
+            raise ValueError(
+                f"{value!r} is not an http(s) URL of a host, an optional port and an optional "
+                "path, without query or fragment (https://pacs.example)"
+            )
+        return value
 
     # --- stable studies and jobs ---------------------------------------------------------
     stable_age: float = Field(default=60.0, ge=1.0)

@@ -27,16 +27,16 @@ from dicom_node.identifier import RowEncoder, Unencodable, codec_for, encode_ide
 from dicom_node.identifier import texts as identifier_texts
 from dicom_node.pdata import PrebuiltPData, c_find_pending_command, pdata_pdus
 from dicom_node.services import Handler
+from dicom_node.status import (  # PS3.4 C.4.1.1.4
+    STATUS_CANCEL,
+    STATUS_IDENTIFIER_MISMATCH,
+    STATUS_OUT_OF_RESOURCES,
+    STATUS_PENDING,
+    STATUS_PENDING_OPTIONAL_KEYS_UNSUPPORTED,
+    STATUS_UNABLE_TO_PROCESS,
+)
 
 log = logging.getLogger(__name__)
-
-# PS3.4 C.4.1.1.4 C-FIND status codes.
-STATUS_PENDING = 0xFF00
-STATUS_PENDING_OPTIONAL_KEYS_UNSUPPORTED = 0xFF01
-STATUS_CANCEL = 0xFE00
-STATUS_IDENTIFIER_MISMATCH = 0xA900
-STATUS_OUT_OF_RESOURCES = 0xA700
-STATUS_UNABLE_TO_PROCESS = 0xC000
 
 MODELS = {
     str(PatientRootQueryRetrieveInformationModelFind): QueryModel.PATIENT_ROOT,

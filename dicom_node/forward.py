@@ -16,13 +16,15 @@ from typing import Any
 
 import httpx
 from pynetdicom import AE, _config
+from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
 
 from archive import Archive
+from archive.instance_io import inflate_limit
 from archive.peers import PeerNotFound
 from archive.retrieve import RetrieveItem
 from config import DestinationSettings, Settings
 from dicom_node.retrieve import (
-    StoredInstance,
+    StoreSubOperation,
     SubOperationFailed,
     SubOperationSender,
     proposed_contexts,
@@ -107,16 +109,20 @@ class Forwarder:
                 )
             try:
                 sender = SubOperationSender(
-                    assoc, self.archive.blobs, ae_title=self.settings.ae_title
+                    assoc,
+                    self.archive.blobs,
+                    ae_title=self.settings.ae_title,
+                    max_inflated=inflate_limit(self.settings),
                 )
                 for item in batch:
                     try:
-                        status = sender.send_c_store(StoredInstance(item))
+                        status = sender.send_c_store(StoreSubOperation(item))
                     except SubOperationFailed as exc:
                         report.failed.append((item.sop_instance_uid, str(exc)))
                         continue
                     code = int(getattr(status, "Status", 0xC000)) if status else 0xC000
-                    if code in (0x0000, 0xB000, 0xB007, 0xB006):
+                    # Success or a warning: stored (PS3.4 B.2.3).
+                    if code_to_category(code) in (STATUS_SUCCESS, STATUS_WARNING):
                         report.sent += 1
                     else:
                         comment = str(getattr(status, "ErrorComment", "")) if status else ""

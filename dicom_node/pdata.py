@@ -370,6 +370,7 @@ def _send_msg(self: DIMSEServiceProvider, primitive: Any, context_id: int) -> No
 
 
 def install() -> None:
-    """Route C-STORE requests of every association in this process through the fast path."""
+    """Route C-STORE requests of every association in this process through the fast path
+    (part of ``dicom_node.patches.install()``)."""
     pynetdicom.fsm.P_DATA_TF = _p_data_tf  # type: ignore[misc,assignment]
     DIMSEServiceProvider.send_msg = _send_msg  # type: ignore[method-assign]

@@ -40,6 +40,7 @@ from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
 
 from dicom_node import store_receive
+from dicom_node.upper_layer import PDU_NAMES, stalled, take_pdu
 
 LOGGER = logging.getLogger("pynetdicom.dul")
 ASSOC_LOGGER = logging.getLogger("pynetdicom.assoc")
@@ -172,6 +173,12 @@ class SocketLease:
         buffer = self._buffer
         if len(buffer) < 6:
             return None
+        if buffer[0] not in PDU_NAMES:
+            # No PDU: what there is goes to the DUL at once, which takes it for an invalid PDU
+            # (and drops what follows) rather than waiting for the length it seems to give.
+            pdu = bytes(buffer)
+            buffer.clear()
+            return pdu
         size = 6 + int.from_bytes(buffer[2:6], "big")
         if len(buffer) < size:
             return None
@@ -179,12 +186,11 @@ class SocketLease:
         del buffer[:size]
         return pdu
 
-    def _drain(self, timeout: float) -> list[bytes]:
-        """The whole PDUs read into the buffer and not taken, the last one completed from
-        the socket when it arrived only in part."""
+    def _drain(self, timeout: float, pdus: list[bytes]) -> None:
+        """Append the whole PDUs read into the buffer and not taken to ``pdus``, the last one
+        completed from the socket when it arrived only in part."""
         sock = self.socket
         assert sock is not None
-        pdus = []
         while self._buffer:
             pdu = self._take_pdu()
             if pdu is None:
@@ -194,7 +200,6 @@ class SocketLease:
                 self._receive(sock)
                 continue
             pdus.append(pdu)
-        return pdus
 
     def release(self, unhandled_pdu: bytes | None = None, *, connection_lost: bool = False) -> None:
         """Give the socket back to the DUL thread, with a PDU read but not handled and any
@@ -203,26 +208,29 @@ class SocketLease:
             return
         dul = self.dul
         pending = [] if unhandled_pdu is None else [unhandled_pdu]
+        cut = False
         if not connection_lost:
             try:
-                pending += self._drain(dul.assoc.network_timeout or 60.0)
+                self._drain(dul.assoc.network_timeout or 60.0, pending)
+            except TimeoutError:
+                cut = True  # the peer stopped in the middle of a PDU
             except (OSError, EOFError, ValueError):
                 connection_lost = True
         self._buffer.clear()
         self.holder = None
         self.socket = None
         for pdu in pending:
-            # What DULServiceProvider._read_pdu_data does with a PDU it reads.
-            try:
-                decoded, event = dul._decode_pdu(bytearray(pdu))
-            except Exception:
-                LOGGER.exception("Unable to decode the received PDU data")
-                dul.event_queue.put("Evt19")
-            else:
-                dul._recv_pdu.put(decoded)
-                dul.event_queue.put(event)
+            # As the DUL would have taken it; after an invalid one the rest is dropped.
+            if not take_pdu(dul, bytearray(pdu)):
+                break
+        else:
+            if cut:
+                stalled(dul, dul.state_machine.current_state, "PDU")
         if connection_lost:
             dul.event_queue.put("Evt17")
+        # The socket was in use until now: the network timeout counts from here (before the
+        # association thread looks at it again; the DUL restarts it too).
+        dul._idle_timer.restart()
         self._returned.set()
 
     # --- the DUL thread's side -------------------------------------------------------------
@@ -296,6 +304,12 @@ def _dul_run_reactor(self: DULServiceProvider) -> None:
     lease: SocketLease = self._pb_lease  # type: ignore[attr-defined]
     self._idle_timer.start()
     try:
+        queued = self.event_queue.queue
+        if self.state_machine.current_state == "Sta1" and queued and queued[0] == "Evt5":
+            # An acceptor's connection is indicated (Evt5) before this thread starts: act on it
+            # before anything is read, so that the ARTIM timer runs while the A-ASSOCIATE-RQ
+            # comes in (PS3.8 9.2: AE-5). pynetdicom's loop may read the request in Sta1.
+            self.state_machine.do_action(self.event_queue.get())
         while True:
             if not self.assoc._dul_ready.is_set():
                 self.assoc._dul_ready.set()
@@ -321,18 +335,7 @@ def _dul_run_reactor(self: DULServiceProvider) -> None:
                     self._idle_timer.restart()
                     busy = True
             except Exception as exc:
-                LOGGER.error("Exception in DUL.run(), aborting association")
-                LOGGER.exception(exc)
-                abort_pdu = A_ABORT_RQ()
-                abort_pdu.source = 0x02
-                abort_pdu.reason_diagnostic = 0x00
-                with contextlib.suppress(Exception):
-                    cast(Any, self.socket).send(abort_pdu.encode())
-                self.assoc.is_aborted = True
-                self.assoc.is_established = False
-                self.assoc._kill = True
-                _wake_association(self.assoc)
-                self._kill_thread = True
+                _abort_on_error(self, exc)
                 return
             # Every queued event is acted on before the next pass: _process_recv_primitive
             # only peeks at the primitive it queues Evt9 for (DT-1 takes it off the queue), so
@@ -354,12 +357,36 @@ def _dul_run_reactor(self: DULServiceProvider) -> None:
                     break
                 if event == "Evt17" and self.state_machine.current_state == "Sta1":
                     continue  # closed twice (a failed read and a failed select, say): no-op
-                self.state_machine.do_action(event)
+                try:
+                    self.state_machine.do_action(event)
+                except Exception as exc:
+                    # pynetdicom's loop ends the thread here and leaves the connection open
+                    # with nobody reading it.
+                    _abort_on_error(self, exc)
+                    return
                 acted = True
             if not busy and not acted:
                 _wait_for_work(self, wakeup)
     finally:
         wakeup.close()
+        _wake_association(self.assoc)  # an acceptor waiting for its A-ASSOCIATE-RQ, say
+
+
+def _abort_on_error(self: DULServiceProvider, exc: Exception) -> None:
+    """What pynetdicom's loop does when it fails: send an A-ABORT (service-provider) past the
+    state machine, stop the association and this thread."""
+    LOGGER.error("Exception in DUL.run(), aborting association")
+    LOGGER.exception(exc)
+    abort_pdu = A_ABORT_RQ()
+    abort_pdu.source = 0x02
+    abort_pdu.reason_diagnostic = 0x00
+    with contextlib.suppress(Exception):
+        cast(Any, self.socket).send(abort_pdu.encode())
+    self.assoc.is_aborted = True
+    self.assoc.is_established = False
+    self.assoc._kill = True
+    _wake_association(self.assoc)
+    self._kill_thread = True
 
 
 def _dul_kill(self: DULServiceProvider) -> None:
@@ -435,7 +462,9 @@ def _assoc_run_reactor(self: Association) -> None:
             self.kill()
             return
 
-        if self.dul.idle_timer_expired():
+        if self.dul.idle_timer_expired() and not getattr(self.dul, "_pb_reading", False):
+            # (While the DUL reads a PDU, its read has a deadline of its own, the network
+            # timeout since the last byte, and reports a stall itself.)
             ASSOC_LOGGER.error("Network timeout reached")
             if self.network_timeout_response == "A-RELEASE":
                 self._is_paused = True
@@ -476,6 +505,15 @@ def _assoc_init(self: Association, *args: Any, **kwargs: Any) -> None:
 def _assoc_kill(self: Association) -> None:
     self.dul._pb_lease.release()  # type: ignore[attr-defined]
     _wake_association(self)
+    dul = self.dul
+    if dul.is_alive() and threading.current_thread() is not dul:
+        # pynetdicom polls until the DUL is back in Sta1 (it then stops): wait for its thread
+        # instead, which returns as soon as it stops. After a rejection or an abort that can
+        # take until the ARTIM timer expires, if the peer keeps sending.
+        self._reactor_checkpoint.set()
+        self._kill = True
+        while dul.is_alive() and dul.state_machine.current_state != "Sta1":
+            dul.join(IDLE_WAIT)
     _original_assoc_kill(self)
 
 
@@ -483,7 +521,8 @@ _installed = False
 
 
 def install() -> None:
-    """Make every association created in this process from now on event-driven."""
+    """Make every association created in this process from now on event-driven (part of
+    ``dicom_node.patches.install()``)."""
     global _installed
     if _installed:
         return

@@ -7,7 +7,7 @@ Warning ``0xB000`` / Failure ``0xA702`` with the Failed SOP Instance UID List, `
 a C-CANCEL and ``0xA801`` for an unknown Move Destination. For a C-MOVE it opens one association
 to the destination and sends every sub-operation over it.
 
-What the handlers yield per sub-operation is a :class:`StoredInstance`: a placeholder that
+What the handlers yield per sub-operation is a :class:`StoreSubOperation`: a placeholder that
 names the instance. The association that carries the sub-operations (the requestor's own for a
 C-GET, the one to the destination for a C-MOVE) gets a :class:`SubOperationSender` as its
 ``send_c_store``, which sends the stored file:
@@ -17,8 +17,9 @@ C-GET, the one to the destination for a C-MOVE) gets a :class:`SubOperationSende
   the run of sub-operations (dicom_node.reactor.SocketLease): it writes each request as
   finished PDUs and reads the plain C-STORE responses itself; anything else it reads goes to
   pynetdicom, which then carries on;
-- otherwise converted to Explicit, else Implicit VR Little Endian (decompressed with pydicom's
-  pixel data plugins: pylibjpeg, openjpeg, gdcm) when the peer accepted one of those;
+- otherwise converted to Explicit, else Implicit VR Little Endian by the archive's one converter
+  (:func:`archive.transcode.to_uncompressed`, the one WADO-RS uses too) when the peer accepted
+  one of those;
 - otherwise not at all: the sub-operation fails and its SOP Instance UID is listed.
   Nothing is ever sent on a presentation context the peer did not accept.
 """
@@ -35,16 +36,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
-from io import BytesIO
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_dataset
-from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID
 from pynetdicom import AE, _config, build_context, evt
 from pynetdicom.association import Association
 from pynetdicom.events import Event
@@ -61,6 +58,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from archive import Archive
 from archive.blobstore import BlobStore
 from archive.dicom import part10_data_set_offset
+from archive.instance_io import inflate_limit, open_instance
 from archive.retrieve import (
     InvalidRetrieveIdentifier,
     RetrieveItem,
@@ -68,8 +66,8 @@ from archive.retrieve import (
     RetrieveModel,
     find_instances,
 )
+from archive.transcode import UNCOMPRESSED_TARGETS, to_uncompressed
 from config import Settings
-from dicom_node.part10 import file_meta
 from dicom_node.pdata import (
     MAX_PREBUILT,
     c_store_request_command,
@@ -78,17 +76,16 @@ from dicom_node.pdata import (
 )
 from dicom_node.reactor import SocketLease
 from dicom_node.services import Handler
+from dicom_node.status import (  # PS3.4 C.4.2.1.5 (C-MOVE), C.4.3.1.3 (C-GET)
+    STATUS_CANCEL,
+    STATUS_IDENTIFIER_MISMATCH,
+    STATUS_OUT_OF_RESOURCES_MATCHES,
+    STATUS_OUT_OF_RESOURCES_SUBOPERATIONS,
+    STATUS_PENDING,
+    STATUS_UNABLE_TO_PROCESS,
+)
 
 log = logging.getLogger(__name__)
-
-# PS3.4 C.4.2.1.5 (C-MOVE) and C.4.3.1.3 (C-GET) status codes.
-STATUS_PENDING = 0xFF00
-STATUS_CANCEL = 0xFE00
-STATUS_OUT_OF_RESOURCES_MATCHES = 0xA701  # unable to calculate number of matches
-STATUS_OUT_OF_RESOURCES_SUBOPERATIONS = 0xA702  # unable to perform sub-operations
-STATUS_MOVE_DESTINATION_UNKNOWN = 0xA801
-STATUS_IDENTIFIER_MISMATCH = 0xA900
-STATUS_UNABLE_TO_PROCESS = 0xC000
 
 #: The Number of … Sub-operations are US (PS3.7 C.4.2.1): a retrieve has at most this many.
 MAX_SUBOPERATIONS = 65535
@@ -103,9 +100,9 @@ GET_MODELS = {
     str(PatientRootQueryRetrieveInformationModelGet): RetrieveModel.PATIENT_ROOT,
     str(StudyRootQueryRetrieveInformationModelGet): RetrieveModel.STUDY_ROOT,
 }
-_UNCOMPRESSED_FALLBACKS = (UID(ExplicitVRLittleEndian), UID(ImplicitVRLittleEndian))
-# Value representations whose bytes are words of 2, 4 or 8 bytes in the data set's byte order.
-_WORD_SIZE = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
+#: Explicit, else Implicit VR Little Endian: what an instance is converted to for a peer that
+#: did not accept its stored transfer syntax.
+_UNCOMPRESSED_FALLBACKS = UNCOMPRESSED_TARGETS
 
 StatusYield = tuple[int | Dataset, Dataset | None]
 
@@ -114,7 +111,7 @@ class SubOperationFailed(Exception):
     """One C-STORE sub-operation cannot be performed (counted as failed, never sent)."""
 
 
-class StoredInstance(Dataset):
+class StoreSubOperation(Dataset):
     """What a handler yields for one sub-operation: the instance's SOP Class and Instance UIDs
     (pynetdicom lists the latter when the sub-operation fails) and the archive item.
 
@@ -147,11 +144,13 @@ class SubOperationSender:
         blobs: BlobStore,
         *,
         ae_title: str,
+        max_inflated: int,
         originator: Originator | None = None,
     ) -> None:
         self.assoc = assoc
         self.blobs = blobs
         self.ae_title = ae_title
+        self.max_inflated = max_inflated
         self.originator = originator
         self._send = partial(Association.send_c_store, assoc)
         # SOP class -> accepted transfer syntaxes; the contexts do not change once negotiated
@@ -167,11 +166,14 @@ class SubOperationSender:
         blobs: BlobStore,
         *,
         ae_title: str,
+        max_inflated: int,
         originator: Originator | None = None,
     ) -> SubOperationSender:
-        """Route the association's ``send_c_store`` of :class:`StoredInstance` through a new
+        """Route the association's ``send_c_store`` of :class:`StoreSubOperation` through a new
         sender; any other data set still goes to pynetdicom's own ``send_c_store``."""
-        sender = cls(assoc, blobs, ae_title=ae_title, originator=originator)
+        sender = cls(
+            assoc, blobs, ae_title=ae_title, max_inflated=max_inflated, originator=originator
+        )
         setattr(assoc, "send_c_store", sender.send_c_store)  # noqa: B010 (mypy: method)
         return sender
 
@@ -183,7 +185,7 @@ class SubOperationSender:
         originator_aet: str | None = None,
         originator_id: int | None = None,
     ) -> Dataset:
-        if not isinstance(dataset, StoredInstance):
+        if not isinstance(dataset, StoreSubOperation):
             return self._send(dataset, msg_id, priority, originator_aet, originator_id)
         if self.originator is not None:
             # pynetdicom would name us; PS3.7 9.3.1.1 wants the AE that requested the C-MOVE.
@@ -238,8 +240,8 @@ class SubOperationSender:
         if offset is None:
             return None  # pynetdicom parses the File Meta Information itself
         assoc = self.assoc
-        lease: SocketLease = assoc.dul._pb_lease  # type: ignore[attr-defined]
-        if not lease.acquire():
+        lease: SocketLease | None = getattr(assoc.dul, "_pb_lease", None)  # patches.install()
+        if lease is None or not lease.acquire():
             self._leasing = False
             return None
         encoded = pdata_pdus(
@@ -358,11 +360,13 @@ class SubOperationSender:
                 else f"the peer accepted no presentation context for {sop_class}"
             )
         try:
-            data = self.blobs.read(item.blob_key)
-        except Exception as exc:
-            raise SubOperationFailed(f"cannot read the stored file: {exc}") from exc
-        try:
-            converted = convert_to_uncompressed(data, target, self.ae_title)
+            with open_instance(self.blobs, item.blob_key, max_inflated=self.max_inflated) as stored:
+                converted = to_uncompressed(
+                    stored,
+                    target,
+                    max_inflated=self.max_inflated,
+                    source_ae_title=self.ae_title,
+                )
         except Exception as exc:
             raise SubOperationFailed(
                 f"cannot convert {UID(item.transfer_syntax_uid).name} to {target.name}: {exc}"
@@ -384,35 +388,6 @@ class SubOperationSender:
             fh.close()
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
-
-
-def convert_to_uncompressed(data: bytes, target: UID, source_ae_title: str) -> bytes:
-    """A Part-10 stream in ``target`` (Explicit or Implicit VR Little Endian) holding the same
-    instance: compressed pixel data decoded (SOP Instance UID kept, PS3.5 8.2 / 10), big endian
-    word data swapped, deflate inflated."""
-    ds = pydicom.dcmread(BytesIO(data))
-    stored = UID(ds.file_meta.TransferSyntaxUID)
-    if stored.is_compressed:
-        ds.decompress(generate_instance_uid=False)
-    elif not stored.is_little_endian:
-        _swap_words_to_little_endian(ds)
-    out = DicomBytesIO()
-    out.is_little_endian = True
-    out.is_implicit_VR = target == ImplicitVRLittleEndian
-    write_dataset(out, ds)
-    return file_meta(str(ds.SOPClassUID), str(ds.SOPInstanceUID), target, source_ae_title) + (
-        out.getvalue()
-    )
-
-
-def _swap_words_to_little_endian(ds: Dataset) -> None:
-    """Big endian OW/OF/OL/OD/OV values hold words in big endian order; pydicom converts the
-    other elements when it writes little endian, but keeps these bytes as they are."""
-    for elem in ds.iterall():
-        size = _WORD_SIZE.get(str(elem.VR))
-        if size and isinstance(elem.value, bytes) and len(elem.value) % size == 0:
-            words = np.frombuffer(elem.value, dtype=f">u{size}")
-            elem.value = words.astype(f"<u{size}").tobytes()
 
 
 def proposed_contexts(items: list[RetrieveItem]) -> list[PresentationContext]:
@@ -577,7 +552,7 @@ class RetrieveService:
             if event.is_cancelled:
                 yield STATUS_CANCEL, None
                 return
-            yield STATUS_PENDING, StoredInstance(item)
+            yield STATUS_PENDING, StoreSubOperation(item)
 
     # --- C-GET ---------------------------------------------------------------------------
     def handle_get(self, event: Event) -> Iterator[int | StatusYield]:
@@ -587,7 +562,10 @@ class RetrieveService:
             # The sub-operations go back over the requestor's association, on the storage
             # contexts it proposed with the SCP role (PS3.7 D.3.3.4).
             SubOperationSender.install(
-                event.assoc, self.archive.blobs, ae_title=self.settings.ae_title
+                event.assoc,
+                self.archive.blobs,
+                ae_title=self.settings.ae_title,
+                max_inflated=inflate_limit(self.settings),
             )
         yield from self._suboperations(event, items, failure)
 
@@ -606,10 +584,15 @@ class RetrieveService:
         items, failure = self._resolve(event, model)
         originator = Originator(event.assoc.requestor.ae_title, int(event.request.MessageID or 0))
         blobs, ae_title = self.archive.blobs, self.settings.ae_title
+        max_inflated = inflate_limit(self.settings)
 
         def install_sender(established: Event) -> None:
             SubOperationSender.install(
-                established.assoc, blobs, ae_title=ae_title, originator=originator
+                established.assoc,
+                blobs,
+                ae_title=ae_title,
+                max_inflated=max_inflated,
+                originator=originator,
             )
 
         yield (

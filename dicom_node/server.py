@@ -2,22 +2,21 @@
 
 PS3.4 Annex A (Verification) and Annex B (Storage). Every storage SOP class pynetdicom knows is
 offered with every transfer syntax pydicom knows, and each instance is stored as received.
+
+Connections are accepted as ``dicom_node/acceptor.py`` describes (the ARTIM timer, a limit of
+open connections per peer address), on pynetdicom as ``dicom_node.patches.install()`` leaves it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import socket
 import threading
-import time
 from collections.abc import Callable, Sequence
 from io import BytesIO
 from typing import Any, cast
 
-import pynetdicom.association
-import pynetdicom.transport
 from pydicom.dataset import Dataset
 from pydicom.uid import AllTransferSyntaxes
 from pynetdicom import AE, _config, evt
@@ -31,24 +30,30 @@ from pynetdicom.transport import ThreadedAssociationServer
 from archive import Archive, IngestError, IngestErrorKind
 from archive.ingest import resolve_sop_classes
 from config import Settings
-from dicom_node import pdata, reactor, store_receive, uids
+from dicom_node import patches, store_receive
+from dicom_node.acceptor import AcceptorRequestHandler, AddressLimiter, ConnectionRefuser
 from dicom_node.part10 import file_meta
 from dicom_node.services import DimseService, default_services
 from dicom_node.sop_classes import storage_sop_classes
+from dicom_node.status import (
+    STATUS_CANNOT_UNDERSTAND,
+    STATUS_DATASET_MISMATCH,
+    STATUS_DUPLICATE_SOP_INSTANCE,
+    STATUS_OUT_OF_RESOURCES,
+    STATUS_PROCESSING_FAILURE,
+    STATUS_REFUSED_SOP_CLASS_NOT_SUPPORTED,
+    STATUS_SUCCESS,
+)
+from dicom_node.upper_layer import PEER_LOG
 
 log = logging.getLogger(__name__)
 
-# PS3.4 B.2.3 / PS3.7 C: C-STORE status codes.
-STATUS_SUCCESS = 0x0000
-STATUS_REFUSED_SOP_CLASS_NOT_SUPPORTED = 0x0122
-STATUS_OUT_OF_RESOURCES = 0xA700
-STATUS_DATASET_MISMATCH = 0xA900
-STATUS_CANNOT_UNDERSTAND = 0xC000
-STATUS_PROCESSING_FAILURE = 0x0110
-
 _STATUS_FOR_ERROR = {
     IngestErrorKind.CANNOT_UNDERSTAND: STATUS_CANNOT_UNDERSTAND,
+    IngestErrorKind.UNSUPPORTED_TRANSFER_SYNTAX: STATUS_CANNOT_UNDERSTAND,
     IngestErrorKind.DATASET_MISMATCH: STATUS_DATASET_MISMATCH,
+    # PS3.7 Annex C general status "Duplicate SOP Instance": the UID is held as another instance.
+    IngestErrorKind.CONFLICT: STATUS_DUPLICATE_SOP_INSTANCE,
     IngestErrorKind.REFUSED: STATUS_REFUSED_SOP_CLASS_NOT_SUPPORTED,
     IngestErrorKind.OUT_OF_RESOURCES: STATUS_OUT_OF_RESOURCES,
 }
@@ -56,7 +61,14 @@ _STATUS_FOR_ERROR = {
 
 class _NoDelayAssociationServer(ThreadedAssociationServer):
     """Sets TCP_NODELAY on every accepted socket, so that our small DIMSE responses go out at
-    once instead of waiting on Nagle's algorithm for the sender's delayed ACK."""
+    once instead of waiting on Nagle's algorithm for the sender's delayed ACK.
+
+    Its associations run the ARTIM timer for ``artim_timeout`` seconds and call
+    ``connection_ended`` with the peer address once each connection is over
+    (:class:`dicom_node.acceptor.AcceptorRequestHandler`)."""
+
+    artim_timeout: float = 30.0
+    connection_ended: Callable[[str], None] = staticmethod(lambda address: None)
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         client, address = super().get_request()
@@ -65,75 +77,43 @@ class _NoDelayAssociationServer(ThreadedAssociationServer):
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return client, address
 
-
-# pynetdicom's reactors poll their queues (the association reactor sleeps 1 ms on every loop,
-# the DUL when idle); ours wait for work instead (dicom_node/reactor.py). A few of
-# pynetdicom's hand-overs (pausing the reactor, stopping the DUL) still spin on time.sleep:
-# keep those spins short.
-REACTOR_POLL = 0.0001
-
-
-class _ReactorClock:
-    """Stands in for the ``time`` module inside ``pynetdicom.association``."""
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(time, name)
-
-    @staticmethod
-    def sleep(seconds: float) -> None:
-        time.sleep(min(seconds, REACTOR_POLL))
-
-
-pynetdicom.association.time = _ReactorClock()  # type: ignore[assignment]
-
-
-def _copy_for_association(value: Any) -> Any:
-    """pynetdicom deep-copies the server's presentation contexts for every new association:
-    with every storage SOP class and transfer syntax that is most of the cost of accepting one
-    (tens of milliseconds). Negotiation builds new contexts for its results and never changes
-    the supported ones, so each association gets its own list of the same contexts; our one
-    handler that changes a context (C-GET transfer syntax order) replaces it with a copy."""
-    if isinstance(value, list) and all(isinstance(cx, PresentationContext) for cx in value):
-        return list(value)
-    return copy.deepcopy(value)
-
-
-pynetdicom.transport.deepcopy = _copy_for_association  # type: ignore[assignment]
-
-
-def _accepted_contexts(self: Association) -> list[PresentationContext]:
-    """pynetdicom sorts the accepted contexts on every call, and every C-STORE it sends looks
-    its context up there: sort once per negotiation (the dict is replaced, never changed)."""
-    source = self._accepted_cx
-    cached = getattr(self, "_pb_accepted_contexts", None)
-    if cached is None or cached[0] is not source or cached[1] != len(source):
-        ordered = sorted(source.values(), key=lambda cx: cast(int, cx.context_id))
-        cached = (source, len(source), ordered)
-        self._pb_accepted_contexts = cached  # type: ignore[attr-defined]
-    return list(cached[2])
-
-
-Association.accepted_contexts = property(_accepted_contexts)  # type: ignore[method-assign,assignment]
-reactor.install()  # event-driven DUL and association reactors
-uids.install()  # UIDs validated once per distinct value
-pdata.install()  # C-STORE requests and responses, pending C-FIND responses as prebuilt PDUs
-# pynetdicom formats every C-FIND/C-GET/C-MOVE identifier for its debug log, logged or not:
-# most of the cost of a C-FIND response. Our own logs say what a request was.
-_config.LOG_REQUEST_IDENTIFIERS = False
-_config.LOG_RESPONSE_IDENTIFIERS = False
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # socketserver prints a traceback; the request handler has logged what failed.
+        log.warning("DICOM connection not served", extra={"peer": str(client_address)})
 
 
 class _DispatchingAssociationServer(_NoDelayAssociationServer):
-    """Offers every accepted connection to ``dispatch`` first, which may hand it over to
-    another acceptor process (``PACSBRIDGE_DIMSE_PROCESSES``) and return True."""
+    """Counts each accepted connection against its address's limit (refusing it above), then
+    offers it to ``dispatch`` first, which may hand it over to another acceptor process
+    (``PACSBRIDGE_DIMSE_PROCESSES``) and return True."""
 
-    dispatch: Callable[[socket.socket], bool] | None = None
+    dispatch: Callable[[socket.socket, str], bool] | None = None
+    limiter: AddressLimiter
+    refuser: ConnectionRefuser
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        if self.dispatch is not None and self.dispatch(request):
-            request.close()  # the other process has its own descriptor of the connection
+        address = str(client_address[0])
+        if not self.limiter.admit(address):
+            PEER_LOG.warning(
+                address,
+                "DICOM connection refused: too many open from this address",
+                limit=self.limiter.limit,
+                answer="A-ASSOCIATE-RJ result 2 source 3 reason 2",
+            )
+            self.refuser.refuse(request)
             return
-        super().process_request(request, client_address)
+        try:
+            if self.dispatch is not None and self.dispatch(request, address):
+                request.close()  # the other process has its own descriptor of the connection
+                return
+            super().process_request(request, client_address)
+        except Exception as exc:  # no thread to serve it, say
+            PEER_LOG.warning(
+                address, "DICOM connection not served", reason=f"{type(exc).__name__}: {exc}"
+            )
+            with contextlib.suppress(OSError):
+                request.close()
+            self.connection_ended(address)
 
 
 class _HandedOverAssociationServer(_NoDelayAssociationServer):
@@ -151,16 +131,17 @@ class _HandedOverAssociationServer(_NoDelayAssociationServer):
         super().server_close()
         self._quiet_peer.close()
 
-    def serve_connection(self, connection: socket.socket) -> bool:
+    def serve_connection(self, connection: socket.socket, address: str) -> bool:
         """False when the peer is already gone (nothing to serve)."""
         try:
             connection.setblocking(True)
             connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            address = connection.getpeername()
+            peer = connection.getpeername()
         except OSError:
             connection.close()
             return False
-        self.process_request(connection, address)
+        # The address the accepting process counted the connection under.
+        self.process_request(connection, (address, *peer[1:]))
         return True
 
 
@@ -211,8 +192,11 @@ class DimseServer:
         services: Sequence[DimseService] | None = None,
         *,
         handed_over: bool = False,
-        on_connection_closed: Callable[[], None] | None = None,
+        on_connection_closed: Callable[[str], None] | None = None,
     ) -> None:
+        """``on_connection_closed`` is called with the peer address once for every connection
+        this node served, when it has ended; ``handed_over``: serve connections another
+        process accepted (:meth:`serve_connection`), not a port."""
         self.handed_over = handed_over
         self.on_connection_closed = on_connection_closed
         self.archive = archive
@@ -222,6 +206,10 @@ class DimseServer:
         )
         self.server: ThreadedAssociationServer | None = None
         self._thread: threading.Thread | None = None
+        # Open connections per peer address, counted where they are accepted (PS3.8 9.3.4:
+        # those over the limit are rejected with local-limit-exceeded).
+        self.limiter = AddressLimiter(settings.max_associations_per_address)
+        self._refuser: ConnectionRefuser | None = None
         self.ae = self._build_ae()
 
     def _build_ae(self) -> AE:
@@ -256,14 +244,17 @@ class DimseServer:
             (evt.EVT_C_ECHO, self.handle_echo),
             (evt.EVT_C_STORE, self.handle_store),
         ]
-        if self.on_connection_closed is not None:
-            handlers.append((evt.EVT_CONN_CLOSE, self._connection_closed))
         for service in self.services:
             handlers.extend(service.handlers())
         return handlers
 
     def start(self) -> tuple[str, int]:
         """Start accepting associations in background threads; returns the bound address."""
+        if not patches.installed():
+            raise RuntimeError(
+                "pynetdicom is not prepared for the DIMSE server: call "
+                "dicom_node.patches.install() first"
+            )
         s = self.settings
         server = self.ae.make_server(
             (s.dimse_host, s.dimse_port),
@@ -271,7 +262,14 @@ class DimseServer:
             server_class=(
                 _HandedOverAssociationServer if self.handed_over else _DispatchingAssociationServer
             ),
+            request_handler=AcceptorRequestHandler,
         )
+        assert isinstance(server, _NoDelayAssociationServer)
+        server.artim_timeout = s.artim_timeout
+        server.connection_ended = self._connection_ended
+        if isinstance(server, _DispatchingAssociationServer):
+            server.limiter = self.limiter
+            server.refuser = self._refuser = ConnectionRefuser(s.artim_timeout)
         self.server = server
         self.ae._servers.append(server)  # so that ae.shutdown() stops it (as start_server does)
         self._thread = threading.Thread(
@@ -285,27 +283,48 @@ class DimseServer:
         )
         return str(host), int(port)
 
-    def dispatch_with(self, dispatch: Callable[[socket.socket], bool]) -> None:
-        """Offer every new connection to ``dispatch``, which may hand it to another process."""
+    def dispatch_with(self, dispatch: Callable[[socket.socket, str], bool]) -> None:
+        """Offer every new connection (and its peer address) to ``dispatch``, which may hand
+        it to another process; that process's end of it is then :meth:`handed_over_ended`."""
         if not isinstance(self.server, _DispatchingAssociationServer):
             raise RuntimeError("the DIMSE server is not started, or serves handed-over sockets")
         self.server.dispatch = dispatch
 
-    def serve_connection(self, connection: socket.socket) -> None:
-        """Serve a connection another process accepted."""
+    def handed_over_ended(self, address: str) -> None:
+        """A connection from ``address`` that ``dispatch`` handed to another process ended."""
+        self.limiter.release(address)
+
+    def serve_connection(self, connection: socket.socket, address: str) -> None:
+        """Serve a connection another process accepted from ``address``."""
         if not isinstance(self.server, _HandedOverAssociationServer):
             raise RuntimeError("the DIMSE server is not started for handed-over sockets")
-        if not self.server.serve_connection(connection) and self.on_connection_closed:
-            self.on_connection_closed()  # it counted as one of ours: it has ended already
+        try:
+            served = self.server.serve_connection(connection, address)
+        except Exception as exc:  # no thread to serve it, say
+            PEER_LOG.warning(
+                address, "DICOM connection not served", reason=f"{type(exc).__name__}: {exc}"
+            )
+            with contextlib.suppress(OSError):
+                connection.close()
+            served = False
+        if not served and self.on_connection_closed is not None:
+            self.on_connection_closed(address)  # it counted as one of ours: it has ended
 
     def stop(self) -> None:
         self.ae.shutdown()  # stops our server, aborts what is still associated
+        if self._refuser is not None:
+            self._refuser.stop()
+            self._refuser = None
         self.server = None
 
-    # --- handlers ----------------------------------------------------------------------
-    def _connection_closed(self, event: Event) -> None:
+    def _connection_ended(self, address: str) -> None:
+        """A connection this process served has ended (called once per connection)."""
+        if not self.handed_over:
+            self.limiter.release(address)
         if self.on_connection_closed is not None:
-            self.on_connection_closed()
+            self.on_connection_closed(address)
+
+    # --- handlers ----------------------------------------------------------------------
 
     def handle_echo(self, event: Event) -> int:
         return STATUS_SUCCESS

@@ -218,8 +218,8 @@ def serve_stores(assoc: Association) -> None:
     if store is None or not assoc.is_established:
         return
     dul: Any = assoc.dul
-    lease = dul._pb_lease
-    if not lease.acquire():
+    lease = getattr(dul, "_pb_lease", None)  # the socket lease of dicom_node.patches.install()
+    if lease is None or not lease.acquire():
         return
     try:
         _receive(assoc, dul, lease, store)

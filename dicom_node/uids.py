@@ -12,7 +12,11 @@ The transfer syntaxes of each proposed presentation context go through
 (four regular expressions): those that pass every check without a warning are remembered too.
 
 Only successful validations are remembered: an invalid or non-conformant UID still raises or
-logs every time, exactly as before.
+logs every time, exactly as before. What is remembered holds for pynetdicom's validation
+settings (``_config.VALIDATORS["UI"]``, ``_config.ENFORCE_UID_CONFORMANCE``) at the time: when
+either changes, the tables start afresh.
+
+Nothing changes in pynetdicom until :func:`install` runs (``dicom_node.patches.install``).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import pynetdicom.pdu_primitives
 import pynetdicom.presentation
 import pynetdicom.utils
 from pydicom.uid import UID
+from pynetdicom import _config
 from pynetdicom.presentation import PresentationContext
 
 #: Bounded: association requests may carry arbitrary private UIDs.
@@ -33,6 +38,22 @@ MAX_REMEMBERED = 50_000
 
 _original_set_uid = pynetdicom.utils.set_uid
 _validated: dict[Any, UID] = {}
+_clean_transfer_syntaxes: dict[Any, UID] = {}
+#: pynetdicom's UID validation settings the tables were filled under.
+_filled_validator: Any = None
+_filled_enforce: bool | None = None
+
+
+def _check_settings() -> None:
+    """Empty the tables when pynetdicom's UID validation settings are no longer those they
+    were filled under."""
+    global _filled_validator, _filled_enforce
+    validator = _config.VALIDATORS.get("UI")
+    enforce = _config.ENFORCE_UID_CONFORMANCE
+    if validator is not _filled_validator or enforce is not _filled_enforce:
+        _validated.clear()
+        _clean_transfer_syntaxes.clear()
+        _filled_validator, _filled_enforce = validator, enforce
 
 
 def set_uid(
@@ -44,6 +65,7 @@ def set_uid(
 ) -> UID | None:
     """``pynetdicom.utils.set_uid`` for validated UIDs, remembering those that pass."""
     if validate and value and isinstance(value, str | bytes):
+        _check_settings()
         known = _validated.get(value)
         if known is not None:
             return known
@@ -55,7 +77,6 @@ def set_uid(
 
 
 _original_add_transfer_syntax = PresentationContext.add_transfer_syntax
-_clean_transfer_syntaxes: dict[Any, UID] = {}
 
 
 def add_transfer_syntax(self: PresentationContext, syntax: str | bytes | UID | None) -> None:
@@ -63,6 +84,7 @@ def add_transfer_syntax(self: PresentationContext, syntax: str | bytes | UID | N
     if not isinstance(syntax, str | bytes):
         _original_add_transfer_syntax(self, syntax)
         return
+    _check_settings()
     known = _clean_transfer_syntaxes.get(syntax)
     if known is not None:
         if known not in self._transfer_syntax:
@@ -81,7 +103,8 @@ def add_transfer_syntax(self: PresentationContext, syntax: str | bytes | UID | N
 
 
 def install() -> None:
-    """Route every pynetdicom module's ``set_uid`` through the table."""
+    """Route every pynetdicom module's ``set_uid`` through the table (part of
+    ``dicom_node.patches.install()``)."""
     for module in (
         pynetdicom.utils,
         pynetdicom.ae,

@@ -76,14 +76,14 @@ def serve(
     ] = None,
 ) -> None:
     """Run the DICOM node and the HTTP API in one process until interrupted."""
-    import uvicorn
-
-    from dicom_node import DimseServer
+    from dicom_node import DimseServer, patches
+    from pacsbridge import http_server
     from pacsbridge.app import create_app
     from pacsbridge.dimse_pool import DimseProcessPool, available_cpus
     from pacsbridge.routing_jobs import install_arrival_routes
 
     settings = _settings(data_dir=data_dir, dimse_port=dimse_port, http_port=http_port)
+    patches.install()  # pynetdicom, for the DIMSE node and the forwarding jobs
     archive = _archive(settings)
     install_arrival_routes(archive, settings)
     if settings.reconcile_on_start:
@@ -105,6 +105,7 @@ def serve(
         )
         raise typer.Exit(4) from exc
     if pool is not None:
+        pool.connection_ended = dimse.handed_over_ended
         pool.start()
         dimse.dispatch_with(pool.dispatch)
     if runtime is not None:
@@ -129,13 +130,7 @@ def serve(
     gc.collect()
     gc.freeze()
     try:
-        uvicorn.run(
-            app,
-            host=settings.http_host,
-            port=settings.http_port,
-            log_level=settings.log_level.lower(),
-            access_log=False,
-        )
+        http_server.run(app, settings)
     finally:
         if pool is not None:
             pool.stop()
@@ -291,9 +286,11 @@ def send(
     import time
 
     from archive.jobs import JobStatus, Worker, worker_name
+    from dicom_node import patches
     from pacsbridge.jobs import build_registry
     from pacsbridge.routing_jobs import FORWARD, forward_items
 
+    patches.install()  # pynetdicom, for a send over DIMSE
     settings = _settings(data_dir=data_dir)
     archive = _archive(settings)
     if not forward_items(archive, {"study_instance_uid": study}):
@@ -379,8 +376,10 @@ def _exit_on_sigterm() -> None:
 
 def _job_runtime(archive: Any, settings: Settings) -> Any:
     """The worker + scanner of this process, with every registered job kind."""
+    from dicom_node import patches
     from pacsbridge.jobs import JobRuntime, build_registry
 
+    patches.install()  # pynetdicom, for the jobs that forward over DIMSE
     try:
         return JobRuntime(archive, settings, build_registry(settings))
     except Exception as exc:
@@ -444,6 +443,10 @@ def _job_status(value: str | None) -> Any:
         raise typer.Exit(2) from None
 
 
+#: Largest limit and offset of a listing: the index's 64-bit signed integers.
+_MAX_ROWS = 2**63 - 1
+
+
 @jobs_app.command("list")
 def jobs_list(
     status: Annotated[
@@ -451,8 +454,10 @@ def jobs_list(
     ] = None,
     kind: Annotated[str | None, typer.Option(help="Job kind.")] = None,
     study: Annotated[str | None, typer.Option(help="Study Instance UID.")] = None,
-    limit: Annotated[int, typer.Option(min=1, help="At most this many (newest first).")] = 50,
-    offset: Annotated[int, typer.Option(min=0, help="Skip this many.")] = 0,
+    limit: Annotated[
+        int, typer.Option(min=1, max=_MAX_ROWS, help="At most this many (newest first).")
+    ] = 50,
+    offset: Annotated[int, typer.Option(min=0, max=_MAX_ROWS, help="Skip this many.")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False,
     data_dir: DataDir = None,
 ) -> None:

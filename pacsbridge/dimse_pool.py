@@ -3,9 +3,11 @@
 Concurrent senders compete for one interpreter's GIL inside a process. ``serve`` therefore starts
 ``dimse_processes - 1`` more processes. ``serve`` still accepts every connection on the port,
 then gives it to whichever process (itself included) has the fewest open associations: the
-connection's descriptor goes over a Unix socket (SCM_RIGHTS) and the child serves it from
-there. Each child reports back when one of its associations ends. Every process ingests through
-the same index and blob store, exactly as separate ``pacsbridge serve`` machines would.
+connection's descriptor goes over a Unix socket (SCM_RIGHTS), followed by the peer address, and
+the child serves it from there. Each child reports back when one of its connections ends (with
+its address: ``serve`` counts open connections per address, ``max_associations_per_address``).
+Every process ingests through the same index and blob store, exactly as separate
+``pacsbridge serve`` machines would.
 A child stops when asked (SIGTERM) or when its parent goes away.
 """
 
@@ -19,6 +21,8 @@ import os
 import signal
 import socket
 import threading
+from collections import Counter
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from multiprocessing.reduction import recv_handle, send_handle
@@ -28,7 +32,8 @@ from config import Settings, configure_logging
 
 log = logging.getLogger(__name__)
 
-#: What a child writes to its parent: ready to serve; one of its associations has ended.
+#: What a child writes to its parent: ready to serve; a connection (from the address that
+#: follows) has ended.
 _READY = b"r"
 _CLOSED = b"c"
 #: The load of a child that cannot take connections (not started yet, or gone).
@@ -44,8 +49,9 @@ def available_cpus() -> int:
 
 def _child(settings_data: dict[str, Any], parent: Connection) -> None:
     from archive import Archive
-    from dicom_node import DimseServer
+    from dicom_node import DimseServer, patches
 
+    patches.install()
     settings = Settings(**settings_data)
     configure_logging(settings.log_level, settings.log_format)
     stop = threading.Event()
@@ -57,9 +63,9 @@ def _child(settings_data: dict[str, Any], parent: Connection) -> None:
     install_arrival_routes(archive, settings)
     send_lock = threading.Lock()
 
-    def closed() -> None:
+    def closed(address: str) -> None:
         with send_lock, contextlib.suppress(OSError, ValueError):
-            parent.send_bytes(_CLOSED)
+            parent.send_bytes(_CLOSED + address.encode())
 
     server = DimseServer(archive, settings, handed_over=True, on_connection_closed=closed)
     server.start()
@@ -68,7 +74,8 @@ def _child(settings_data: dict[str, Any], parent: Connection) -> None:
         try:
             while not stop.is_set():
                 fd = recv_handle(parent)
-                server.serve_connection(socket.socket(fileno=fd))
+                address = parent.recv_bytes().decode()
+                server.serve_connection(socket.socket(fileno=fd), address)
         except (EOFError, OSError, RuntimeError):
             pass  # the parent is gone (or stops us)
         stop.set()
@@ -93,7 +100,11 @@ class DimseProcessPool:
         self._local = 0  # associations this process took
         self._processes: list[tuple[BaseProcess, Connection]] = []
         self._loads: list[int] = []
+        self._handed: list[Counter[str]] = []  # open connections of each child, by address
         self._lock = threading.Lock()
+        #: Called with the peer address when a connection handed to a child has ended (or
+        #: the child is gone with it).
+        self.connection_ended: Callable[[str], None] = lambda address: None
 
     def start(self) -> None:
         ctx = multiprocessing.get_context("spawn")
@@ -107,27 +118,41 @@ class DimseProcessPool:
             theirs.close()
             self._processes.append((process, ours))
             self._loads.append(_UNAVAILABLE)
+            self._handed.append(Counter())
             threading.Thread(
                 target=self._watch, args=(index, ours), name="dimse-child-watch", daemon=True
             ).start()
 
     def _watch(self, index: int, conn: Connection) -> None:
-        """Makes a child available once it is ready and counts down its open associations as
+        """Makes a child available once it is ready and counts down its open connections as
         it reports them ended."""
         with contextlib.suppress(EOFError, OSError):
             while True:
                 message = conn.recv_bytes()
-                with self._lock:
-                    if message == _READY:
+                if message == _READY:
+                    with self._lock:
                         self._loads[index] = 0
-                    elif message == _CLOSED:
+                elif message[:1] == _CLOSED:
+                    address = message[1:].decode()
+                    with self._lock:
                         self._loads[index] = max(0, self._loads[index] - 1)
+                        handed = self._handed[index]
+                        if handed[address] <= 0:
+                            continue  # not one it was given
+                        handed[address] -= 1
+                        if not handed[address]:
+                            del handed[address]
+                    self.connection_ended(address)
         with self._lock:
             self._loads[index] = _UNAVAILABLE  # gone: never chosen again
+            left = list(self._handed[index].elements())
+            self._handed[index].clear()
+        for address in left:  # its connections went with it
+            self.connection_ended(address)
 
-    def dispatch(self, connection: socket.socket) -> bool:
-        """Hand the connection to the least busy child, unless this process is less busy
-        still; True when a child took it."""
+    def dispatch(self, connection: socket.socket, address: str) -> bool:
+        """Hand the connection (from ``address``) to the least busy child, unless this process
+        is less busy still; True when a child took it."""
         with self._lock:
             if not self._loads:
                 return False
@@ -141,11 +166,14 @@ class DimseProcessPool:
             except OSError:
                 self._local += 1
                 return False
+            with contextlib.suppress(OSError):  # if the child is gone, so is the count (_watch)
+                conn.send_bytes(address.encode())
+            self._handed[index][address] += 1
             self._loads[index] += 1
             return True
 
-    def local_closed(self) -> None:
-        """One of this process's own associations has ended."""
+    def local_closed(self, address: str) -> None:
+        """One of this process's own connections (from ``address``) has ended."""
         with self._lock:
             self._local = max(0, self._local - 1)
 

@@ -201,6 +201,15 @@ def chunked_send() -> Iterator[None]:
         _config.STORE_SEND_CHUNKED_DATASET = old
 
 
+@pytest.fixture(scope="session")
+def pynetdicom_patched() -> None:
+    """pynetdicom as ``pacsbridge`` runs it (``dicom_node.patches.install()``), for tests that
+    run a DimseServer or the node's SCU paths in the test process. Stays for the session."""
+    from dicom_node import patches
+
+    patches.install()
+
+
 @pytest.fixture
 def archive(backend: Backend) -> Iterator[Archive]:
     arc = Archive(backend.settings)

@@ -11,6 +11,8 @@ import time
 from types import SimpleNamespace
 from typing import Any
 
+from pynetdicom.timer import Timer
+
 from dicom_node.reactor import SocketLease
 
 
@@ -19,12 +21,15 @@ def _pdu(pdu_type: int, body: bytes) -> bytes:
 
 
 class _FakeDul:
-    """What SocketLease uses of a DUL: the decoder, the received-PDU and event queues."""
+    """What SocketLease uses of a DUL: the decoder, the received-PDU and event queues, the
+    state and the network idle timer."""
 
     def __init__(self) -> None:
         self._recv_pdu: queue.Queue[Any] = queue.Queue()
         self.event_queue: queue.Queue[str] = queue.Queue()
         self.assoc = SimpleNamespace(network_timeout=5)
+        self.state_machine = SimpleNamespace(current_state="Sta6")
+        self._idle_timer = Timer(5)
 
     def _decode_pdu(self, data: bytearray) -> tuple[bytes, str]:
         return bytes(data), f"Evt-{data[0]}"

@@ -229,7 +229,7 @@ def test_abort_in_the_middle_of_a_data_set(server: RunningServer, tmp_path: Path
     assert blob_count(server) == 1
 
 
-def test_requests_after_the_first_are_read_off_the_socket(tmp_path: Path):
+def test_requests_after_the_first_are_read_off_the_socket(tmp_path: Path, pynetdicom_patched):
     """In-process node: the first C-STORE of an association goes through pynetdicom, the
     following ones through the socket reader, until a message of another kind comes."""
     from archive import Archive

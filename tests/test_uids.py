@@ -10,8 +10,9 @@ from pydicom.uid import UID, ExplicitVRLittleEndian
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.presentation import PresentationContext
 
-import dicom_node.server  # noqa: F401  (installs the table)
 from dicom_node import uids
+
+pytestmark = pytest.mark.usefixtures("pynetdicom_patched")  # installs the table
 
 
 def test_valid_uids_come_back_equal_and_typed():
