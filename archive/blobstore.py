@@ -15,12 +15,17 @@ import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import TYPE_CHECKING, BinaryIO, Protocol
 from urllib.parse import urlparse
 
 from config import Settings
 
+if TYPE_CHECKING:
+    from minio.helpers import DictType
+
 CHUNK_SIZE = 1024 * 1024
+#: The largest object S3 takes in one PutObject request.
+_S3_SINGLE_PUT_LIMIT = 5 * 2**30
 
 
 class BlobStoreError(Exception):
@@ -40,6 +45,11 @@ class BlobStore(Protocol):
 
     def put(self, key: str, data: bytes) -> None:
         """Store ``data`` under ``key`` durably and atomically (readers see old or new)."""
+
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        """Store ``data`` under ``key`` as :meth:`put` does, unless a blob is there already:
+        then leave it as it is and return False. Of several writers of one key, at once or
+        one after another, exactly one stores its bytes (on any one store)."""
 
     def open(self, key: str, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
         """Stream the blob in chunks."""
@@ -107,6 +117,15 @@ class FileBlobStore:
         return self.root / _validate_key(key)
 
     def put(self, key: str, data: bytes) -> None:
+        self._put(key, data, replace=True)
+
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        """As :meth:`put`, but the finished temporary file is hard-linked to the key's name,
+        which fails when the name exists (link(2) never replaces): no check-then-write gap
+        between processes, and no reader ever sees half a file."""
+        return self._put(key, data, replace=False)
+
+    def _put(self, key: str, data: bytes, *, replace: bool) -> bool:
         # Plain strings and os calls: for a small instance pathlib's objects cost as much as
         # the write itself.
         path = os.path.join(self._root, _validate_key(key))
@@ -126,8 +145,11 @@ class FileBlobStore:
                         os.fdatasync(fd)  # data and size; the rename is made durable below
                 finally:
                     os.close(fd)
-                os.replace(tmp, path)
-                written_to_tmp = False
+                if replace:
+                    os.replace(tmp, path)
+                    written_to_tmp = False
+                elif not self._link(tmp, path):
+                    return False
                 if self.fsync:
                     dfd = os.open(folder, os.O_RDONLY)
                     try:
@@ -142,6 +164,23 @@ class FileBlobStore:
             if written_to_tmp:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
+        return True
+
+    @staticmethod
+    def _link(tmp: str, path: str) -> bool:
+        """Give the written ``tmp`` the name ``path`` unless it exists; whether it did. On a
+        filesystem without hard links, a check and a rename (not atomic between processes)."""
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK):
+                raise
+            if os.path.lexists(path):
+                return False
+            os.replace(tmp, path)
+        return True
 
     @staticmethod
     def _create(folder: str, tmp: str) -> int:
@@ -300,6 +339,36 @@ class S3BlobStore:
             raise BlobStoreError(f"cannot write {key}: {exc}") from exc
         except Exception as exc:  # network errors from urllib3
             raise BlobStoreError(f"cannot write {key}: {exc}") from exc
+
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        """One conditional PutObject, ``If-None-Match: *`` (S3 conditional writes; MinIO and
+        moto honour it): the server stores the object only when the key is free, else answers
+        412. Objects over 5 GiB, which S3 takes only in parts, are checked first and then put
+        (not atomic between processes)."""
+        if len(data) > _S3_SINGLE_PUT_LIMIT:
+            if self.exists(key):
+                return False
+            self.put(key, data)
+            return True
+        name = self._name(key)
+        headers: DictType = {"Content-Type": "application/dicom", "If-None-Match": "*"}
+        for _attempt in range(3):
+            try:
+                # put_object() would send If-None-Match as user metadata (x-amz-meta-…); its
+                # single-part request takes the headers as given.
+                self.client._put_object(self.bucket, name, data, headers)
+            except self._s3_error as exc:
+                if exc.code == "PreconditionFailed":
+                    return False
+                if exc.code == "ConditionalRequestConflict":
+                    continue  # another conditional write to the key is in flight: ask again
+                if exc.code in ("EntityTooLarge", "QuotaExceeded", "XMinioStorageFull"):
+                    raise OutOfSpace(f"the S3 store refused {key}: {exc.code}") from exc
+                raise BlobStoreError(f"cannot write {key}: {exc}") from exc
+            except Exception as exc:  # network errors from urllib3
+                raise BlobStoreError(f"cannot write {key}: {exc}") from exc
+            return True
+        raise BlobStoreError(f"cannot write {key}: concurrent conditional writes conflicted")
 
     def open(self, key: str, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
         try:

@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from archive.blobstore import BlobStore, FileBlobStore, open_blob_store
 from archive.db import Database
+from archive.dicom import configure_pydicom
 from archive.ingest import IngestError, IngestOutcome, IngestResult, IngestService
 from archive.jobs import JobQueue
 from archive.models import Instance, Patient, PendingBlobDeletion, Series, Study
@@ -41,6 +42,7 @@ class Archive:
     """One index and one blob store, and the services that keep them consistent."""
 
     def __init__(self, settings: Settings, *, migrate: bool | None = None) -> None:
+        configure_pydicom()
         self.settings = settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.db = Database(

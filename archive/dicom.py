@@ -30,9 +30,6 @@ from archive.dicom_json import dataset_to_json, raw_elements_to_json
 BULK_DATA_THRESHOLD = 1024
 _UID_CHARS = frozenset("0123456789.")
 
-# Values that break their VR's rules are common in real archives; read them as they are.
-pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
-
 #: Tags of the pixel data elements (PS3.3 C.7.6.3).
 PIXEL_TAGS = {0x7FE00010: "OW", 0x7FE00008: "OF", 0x7FE00009: "OD"}
 
@@ -42,6 +39,13 @@ _LONG_VRS = frozenset(
 )
 #: Every VR of PS3.5 6.2, as it appears in an explicit VR element header.
 _VRS = {vr.value.encode("ascii"): vr.value for vr in VR if len(vr.value) == 2}
+
+
+def configure_pydicom() -> None:
+    """Read values that break their VR's rules (common in real archives) as they are, without a
+    warning for each: pydicom's reading validation off for the process. Called by the archive
+    when it opens (:class:`archive.Archive`), never as a side effect of an import."""
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
 
 
 class InvalidInstance(ValueError):
@@ -77,6 +81,9 @@ class ParsedInstance:
     dicom_json: dict[str, Any]
     size: int
     sha256: str
+    warning: str | None = None
+    """Why the data set, stored as it is, does not quite match its SOP Class (DIMSE warning
+    0xB007, PS3.4 B.2.3): native pixel data longer than its attributes need."""
 
 
 @cache
@@ -153,45 +160,6 @@ def normalise_person_name(value: str | None) -> str | None:
     while groups and not groups[-1]:
         groups.pop()
     return "=".join(groups) or None
-
-
-def part10_data_set_offset(data: bytes) -> int | None:
-    """Where the data set of a Part-10 stream begins (PS3.10 7.1: 128-byte preamble, "DICM",
-    then the File Meta Information group in Explicit VR Little Endian, whose first element
-    (0002,0000) gives its length); None when the stream does not start that way or the
-    group's elements do not end exactly there."""
-    found = _file_meta(data)
-    return None if found is None else found[0]
-
-
-def _file_meta(data: bytes) -> tuple[int, dict[int, bytes]] | None:
-    """(data set offset, File Meta Information values by tag), as :func:`part10_data_set_offset`
-    describes; None for anything else."""
-    if len(data) < 144 or data[128:132] != b"DICM":
-        return None
-    # (0002,0000) UL, length 4.
-    if data[132:140] != b"\x02\x00\x00\x00UL\x04\x00":
-        return None
-    offset = 144 + int.from_bytes(data[140:144], "little")
-    if offset > len(data):
-        return None
-    values: dict[int, bytes] = {}
-    position = 144
-    while position < offset:
-        if data[position : position + 2] != b"\x02\x00" or position + 8 > offset:
-            return None
-        tag = 0x00020000 | int.from_bytes(data[position + 2 : position + 4], "little")
-        if data[position + 4 : position + 6] in _LONG_VRS:
-            start = position + 12
-            length = int.from_bytes(data[position + 8 : position + 12], "little")
-        else:
-            start = position + 8
-            length = int.from_bytes(data[position + 6 : position + 8], "little")
-        values[tag] = data[start : start + length]
-        position = start + length
-    if position != offset or data[offset : offset + 2] == b"\x02\x00":
-        return None
-    return offset, values
 
 
 # --- what ingest accepts ---------------------------------------------------------------------
@@ -295,24 +263,17 @@ def looks_like_part10(head: bytes) -> bool:
     return head[128:132] == b"DICM" or head[:2] == b"\x02\x00"
 
 
-def _read_file_meta(data: bytes, *, strict: bool = True) -> tuple[int, dict[int, bytes]]:
-    """(data set offset, File Meta Information values by tag) of a Part-10 stream (PS3.10 7.1:
-    a 128-byte preamble, ``DICM``, then group 0002 in Explicit VR Little Endian). ``strict``
-    also holds the File Meta Information Group Length (0002,0000), when present, to the
-    group's real length: readers that trust it and readers that follow the group number would
-    otherwise see different data sets in one stream."""
+def _file_meta_elements(data: bytes) -> tuple[int, dict[int, bytes], str | None]:
+    """Group 0002 of a Part-10 stream (PS3.10 7.1: a 128-byte preamble, ``DICM``, then the File
+    Meta Information in Explicit VR Little Endian), read element by element while the group
+    number is 0002: (where it ends, its values by tag, why it is cut short or None when whole).
+    The one reader of the File Meta Information: ingest, the readers of stored files and the
+    DIMSE sender all see the same group, as pydicom reads it."""
     if len(data) < 132 or data[128:132] != b"DICM":
         raise _cannot_understand(NOT_PART10)
     values: dict[int, bytes] = {}
     position, end = 132, len(data)
     unpack = struct.unpack_from
-    if strict and data[132:140] == b"\x02\x00\x00\x00UL\x04\x00" and end >= 144:
-        (declared,) = unpack("<L", data, 140)
-        if 144 + declared > end:
-            raise _cannot_understand(
-                f"the stream ends inside the File Meta Information: {end - 144} of its "
-                f"{declared} bytes"
-            )
     while position + 8 <= end:
         group, element, raw_vr, length = unpack("<HH2sH", data, position)
         if group != 0x0002:
@@ -326,33 +287,111 @@ def _read_file_meta(data: bytes, *, strict: bool = True) -> tuple[int, dict[int,
         start = position + 8
         if raw_vr in _LONG_VRS:
             if position + 12 > end:
-                if not strict:
-                    break
-                raise _cannot_understand(f"the stream ends inside the header of ({_tag(tag)})")
+                return position, values, f"the stream ends inside the header of ({_tag(tag)})"
             (length,) = unpack("<L", data, start)
             start += 4
         if start + length > end:
-            if not strict:
-                break
-            raise _cannot_understand(
-                f"the stream ends inside ({_tag(tag)}): {end - start} of its {length} bytes"
+            return (
+                position,
+                values,
+                f"the stream ends inside ({_tag(tag)}): {end - start} of its {length} bytes",
             )
         position = start + length
         values[tag] = data[start:position]
-    if strict and position + 8 > end and data[position : position + 2] == b"\x02\x00":
-        raise _cannot_understand(f"the stream ends inside an element header at byte {position}")
+    if position + 8 > end and data[position : position + 2] == b"\x02\x00":
+        return position, values, f"the stream ends inside an element header at byte {position}"
+    return position, values, None
+
+
+def _group_length_error(data: bytes, position: int, values: dict[int, bytes]) -> str | None:
+    """Why the File Meta Information Group Length (0002,0000), when present, is not the
+    group's length: readers that trust it and readers that follow the group number would
+    otherwise see different data sets in one stream."""
+    group_length = values.get(0x00020000)
+    if group_length is None:
+        return None
+    actual = position - 144
+    declared = int.from_bytes(group_length, "little") if len(group_length) == 4 else -1
+    if len(group_length) != 4 or data[132:136] != b"\x02\x00\x00\x00" or declared != actual:
+        return (
+            f"File Meta Information Group Length (0002,0000) is {declared}, but the group "
+            f"takes {actual} bytes (PS3.10 7.1)"
+        )
+    return None
+
+
+def _read_file_meta(data: bytes) -> tuple[int, dict[int, bytes]]:
+    """(data set offset, File Meta Information values by tag) of a stream ingest may take:
+    the group whole, with at least one element, and its Group Length (0002,0000), when
+    present, equal to its length. Raises :class:`InvalidInstance` otherwise."""
+    if data[132:140] == b"\x02\x00\x00\x00UL\x04\x00" and len(data) >= 144:
+        (declared,) = struct.unpack_from("<L", data, 140)
+        if 144 + declared > len(data):
+            raise _cannot_understand(
+                f"the stream ends inside the File Meta Information: {len(data) - 144} of its "
+                f"{declared} bytes"
+            )
+    position, values, cut = _file_meta_elements(data)
+    if cut is not None:
+        raise _cannot_understand(cut)
     if not values:
         raise _cannot_understand("no File Meta Information after the DICM prefix (PS3.10 7.1)")
-    group_length = values.get(0x00020000)
-    if strict and group_length is not None:
-        actual = position - 144
-        declared = int.from_bytes(group_length, "little") if len(group_length) == 4 else -1
-        if len(group_length) != 4 or data[132:136] != b"\x02\x00\x00\x00" or declared != actual:
-            raise _cannot_understand(
-                f"File Meta Information Group Length (0002,0000) is {declared}, but the group "
-                f"takes {actual} bytes (PS3.10 7.1)"
-            )
+    error = _group_length_error(data, position, values)
+    if error is not None:
+        raise _cannot_understand(error)
     return position, values
+
+
+@dataclass(frozen=True, slots=True)
+class FileMeta:
+    """The File Meta Information of a stored Part-10 file (PS3.10 7.1), as ingest read it."""
+
+    data_set_offset: int
+    """Where the data set starts: the end of group 0002."""
+    transfer_syntax: str
+    """Transfer Syntax UID (0002,0010); empty when there is none."""
+    group_length_agrees: bool
+    """(0002,0000) is absent, or gives the group's real length."""
+
+    @property
+    def encoding(self) -> Encoding | None:
+        """How the transfer syntax encodes the data set; None for one the archive does not
+        know."""
+        return KNOWN_TRANSFER_SYNTAXES.get(self.transfer_syntax)
+
+    @property
+    def deflated(self) -> bool:
+        """The data set after the File Meta Information is deflated (PS3.5 A.5)."""
+        encoding = self.encoding
+        return encoding is not None and encoding.deflated
+
+
+def read_file_meta(data: bytes) -> FileMeta | None:
+    """The File Meta Information at the start of ``data`` (a stored file, or its first bytes),
+    read as ingest reads it (:func:`_file_meta_elements`, with or without a Group Length);
+    None when ``data`` does not hold a whole one. Never raises."""
+    try:
+        position, values, cut = _file_meta_elements(data)
+    except InvalidInstance:
+        return None
+    if cut is not None or not values:
+        return None
+    raw = values.get(0x00020010, b"")
+    return FileMeta(
+        data_set_offset=position,
+        transfer_syntax=raw.decode("latin-1").strip(" \x00"),
+        group_length_agrees=_group_length_error(data, position, values) is None,
+    )
+
+
+def part10_data_set_offset(data: bytes) -> int | None:
+    """Where the data set of a stored Part-10 file begins (:func:`read_file_meta`); None when
+    the stream holds no whole File Meta Information, or a Group Length (0002,0000) that
+    disagrees with it."""
+    meta = read_file_meta(data)
+    if meta is None or not meta.group_length_agrees:
+        return None
+    return meta.data_set_offset
 
 
 def _tag(tag: int) -> str:
@@ -372,7 +411,7 @@ def identify(data: bytes) -> tuple[str, str]:
     its File Meta Information (Media Storage SOP Class/Instance UID, PS3.10 7.1); never reads
     the data set, so junk costs nothing. Empty strings when unknown."""
     try:
-        _, meta = _read_file_meta(data, strict=False)
+        _, meta, _cut = _file_meta_elements(data)
     except InvalidInstance:
         return "", ""
     found = []
@@ -499,8 +538,10 @@ def _element(
                 f"({_tag(tag)}) has an undefined length, which VR {raw_vr.decode()} cannot "
                 "have (PS3.5 7.1.2)"
             )
-        if raw_vr == b"UN":  # a sequence in Implicit VR Little Endian (PS3.5 6.2.2)
-            return _items(data, start, end, True, True, tag, depth + 1)
+        # A sequence (PS3.5 7.5), or encapsulated pixel data (A.4). UN of undefined length is
+        # a sequence too (PS3.5 6.2.2), read as pydicom reads it: in the data set's encoding,
+        # each item in the VR encoding its first element shows (6.2.2 asks for Implicit VR
+        # Little Endian; writers that relabel an SQ as UN leave Explicit VR items).
         return _items(data, start, end, little_endian, implicit_vr, tag, depth + 1)
     if start + length > end:
         where = "the Pixel Data" if tag == 0x7FE00010 else f"({_tag(tag)})"
@@ -523,16 +564,14 @@ def _items(
     and A.4) starting at ``position`` ends."""
     if depth > MAX_SEQUENCE_DEPTH:
         raise _cannot_understand(f"sequences nested deeper than {MAX_SEQUENCE_DEPTH} levels")
-    u16, u32 = ("<H", "<L") if little_endian else (">H", ">L")
+    u16, u32, item_header = ("<H", "<L", "<HHL") if little_endian else (">H", ">L", ">HHL")
     unpack = struct.unpack_from
     while True:
         if position + 8 > end:
             raise _cannot_understand(
                 f"the stream ends inside ({_tag(parent)}): no Sequence Delimitation Item"
             )
-        (group,) = unpack(u16, data, position)
-        (elem,) = unpack(u16, data, position + 2)
-        (length,) = unpack(u32, data, position + 4)
+        group, elem, length = unpack(item_header, data, position)
         tag = group << 16 | elem
         if tag == _SEQUENCE_DELIMITATION:
             return position + 8
@@ -549,20 +588,35 @@ def _items(
                 )
             position += length
             continue
-        # An item of undefined length: its elements, up to an Item Delimitation Item. Items
-        # of an Explicit VR data set may be in Implicit VR (read as pydicom reads them).
+        # An item of undefined length: its elements, up to an Item Delimitation Item. Each
+        # item of an Explicit VR data set is read in the VR encoding its first element shows
+        # (Implicit VR items are common); items of an Implicit VR data set are Implicit VR, as
+        # pydicom reads them: it never switches a sequence from Implicit to Explicit VR.
         item_implicit = implicit_vr or _looks_implicit(data, position, end)
-        while True:
-            if position + 8 > end:
-                raise _cannot_understand(
-                    f"the stream ends inside an item of ({_tag(parent)}): no Item Delimitation Item"
+        item_start = position
+        try:
+            while True:
+                if position + 8 > end:
+                    raise _cannot_understand(
+                        f"the stream ends inside an item of ({_tag(parent)}): no Item "
+                        "Delimitation Item"
+                    )
+                (group,) = unpack(u16, data, position)
+                (elem,) = unpack(u16, data, position + 2)
+                if (group << 16 | elem) == _ITEM_DELIMITATION:
+                    position += 8
+                    break
+                position = _element(
+                    data, position, end, little_endian, item_implicit, depth, u16, u32
                 )
-            (group,) = unpack(u16, data, position)
-            (elem,) = unpack(u16, data, position + 2)
-            if (group << 16 | elem) == _ITEM_DELIMITATION:
-                position += 8
-                break
-            position = _element(data, position, end, little_endian, item_implicit, depth, u16, u32)
+        except InvalidInstance:
+            if implicit_vr and not _looks_implicit(data, item_start, end):
+                # Read in Implicit VR, an Explicit VR item gives nonsense lengths: say so.
+                raise _cannot_understand(
+                    f"({_tag(parent)}) holds an item in Explicit VR in an Implicit VR data set "
+                    "(PS3.5 7.5): it cannot be read"
+                ) from None
+            raise
 
 
 def _looks_implicit(data: bytes, position: int, end: int) -> bool:
@@ -715,8 +769,9 @@ def parse_header(
     j = dicom_json = header.dicom_json
     transfer_syntax = header.transfer_syntax
     pixel = _pixel_data_element(stream, header)
+    warning = None
     if pixel is not None:
-        tag, vr = pixel
+        tag, vr, warning = pixel
         dicom_json[f"{tag:08X}"] = {"vr": vr, "BulkDataURI": f"bulkdata/{tag:08X}"}
 
     sop_class = _uid(j, "SOPClassUID")
@@ -793,13 +848,14 @@ def parse_header(
         dicom_json=dicom_json,
         size=len(data),
         sha256=hashlib.sha256(data).hexdigest(),
+        warning=warning,
     )
 
 
 _PIXEL_DATA_PROVIDER_URL = "00287FE0"  # instead of Pixel Data in JPIP syntaxes (PS3.3 C.7.6.3)
 #: Photometric interpretations whose native pixels hold two samples' worth per pixel: Y Y Cb Cr
 #: for each pair of pixels (PS3.3 C.7.6.3.1.2).
-_HALF_CHROMA = frozenset(("YBR_FULL_422", "YBR_PARTIAL_422"))
+HALF_CHROMA = frozenset(("YBR_FULL_422", "YBR_PARTIAL_422"))
 #: VRs of pixel data elements: OB or OW, OF, OD (PS3.5 8), UN where the sender did not know.
 _PIXEL_VRS = frozenset((b"OB", b"OW", b"OF", b"OD", b"UN"))
 #: Bytes per sample of Float and Double Float Pixel Data (PS3.3 C.7.6.24).
@@ -813,12 +869,13 @@ def _is_image(sop_class: str) -> bool:
     return "Image Storage" in UID(sop_class).name
 
 
-def _pixel_data_element(stream: _Stream, header: _Header) -> tuple[int, str] | None:
-    """The tag and VR of the pixel data element that reading stopped before, if any.
+def _pixel_data_element(stream: _Stream, header: _Header) -> tuple[int, str, str | None] | None:
+    """The tag and VR of the pixel data element that reading stopped before, if any, and a
+    warning when its native pixel data is longer than the image attributes need.
 
     Also checks that it and every element after it are whole, that encapsulated pixel data
-    appears only in an encapsulated transfer syntax, and that native pixel data is as long as
-    the image attributes say.
+    appears only in an encapsulated transfer syntax, and that native pixel data is at least as
+    long as the image attributes say.
     """
     data, offset = stream.data, header.stopped_at
     _walk(data, offset, stream.little_endian, header.implicit_vr, stop_at_pixels=False)
@@ -844,6 +901,7 @@ def _pixel_data_element(stream: _Stream, header: _Header) -> tuple[int, str] | N
             bits = _int(header.dicom_json, "BitsAllocated")
             vr = "OB" if bits is not None and bits <= 8 else "OW"
         (length,) = struct.unpack_from(endian + "L", data, offset + 4)
+    warning = None
     if length == _UNDEFINED_LENGTH:
         if stream.encoding.native or tag != 0x7FE00010:
             raise _cannot_understand(
@@ -851,14 +909,20 @@ def _pixel_data_element(stream: _Stream, header: _Header) -> tuple[int, str] | N
                 f"{stream.transfer_syntax} (PS3.5 A.4)"
             )
     elif stream.encoding.native or tag != 0x7FE00010:
-        _check_pixel_length(header.dicom_json, tag, length)
-    return tag, vr
+        warning = _check_pixel_length(header.dicom_json, tag, length)
+    return tag, vr, warning
 
 
-def _check_pixel_length(j: dict[str, Any], tag: int, length: int) -> None:
+def _check_pixel_length(j: dict[str, Any], tag: int, length: int) -> str | None:
     """Native pixel data holds Rows x Columns x Samples per Pixel x Bits Allocated x Number of
     Frames bits, packed when Bits Allocated is 1 (PS3.5 8.1.1), padded to an even length
-    (PS3.5 7.1.1); YBR_FULL_422 holds two samples' worth per pixel (PS3.3 C.7.6.3.1.2)."""
+    (PS3.5 7.1.1); YBR_FULL_422 holds two samples' worth per pixel (PS3.3 C.7.6.3.1.2).
+
+    Shorter pixel data is refused: the instance is cut or corrupt, and its last frames cannot
+    be read. Longer pixel data is stored as sent, and the returned warning says by how much:
+    real modalities write it (padding after the last frame, a byte per frame of 1-bit
+    segmentations, full chroma under a 4:2:2 label), and every frame the attributes describe
+    is there; pydicom reads such data too."""
     rows, columns = _int(j, "Rows"), _int(j, "Columns")
     bits = 8 * _FLOAT_SAMPLE[tag] if tag in _FLOAT_SAMPLE else _int(j, "BitsAllocated")
     if rows is None or columns is None or bits is None:
@@ -868,16 +932,23 @@ def _check_pixel_length(j: dict[str, Any], tag: int, length: int) -> None:
     samples = _int(j, "SamplesPerPixel") or 1
     frames = _int(j, "NumberOfFrames") or 1
     effective = samples
-    if samples == 3 and _text(j, "PhotometricInterpretation") in _HALF_CHROMA:
+    if samples == 3 and _text(j, "PhotometricInterpretation") in HALF_CHROMA:
         effective = 2
     expected = (rows * columns * effective * bits * frames + 7) // 8
     if length == expected or (length == expected + 1 and expected % 2):
-        return
+        return None
     name = "Pixel Data" if tag == 0x7FE00010 else dictionary_keyword(tag)
+    attributes = (
+        f"Rows {rows} x Columns {columns} x Samples per Pixel {samples} x Bits Allocated "
+        f"{bits} x Number of Frames {frames} (PS3.5 8.1.1)"
+    )
+    if length > expected and min(rows, columns, samples, bits, frames) > 0:
+        return (
+            f"{name} is {length - expected} bytes longer than its attributes need "
+            f"({expected}): {attributes}; stored as sent"
+        )
     raise InvalidInstance(
-        f"{name} has {length} bytes; its attributes need {expected}: Rows {rows} x Columns "
-        f"{columns} x Samples per Pixel {samples} x Bits Allocated {bits} x Number of Frames "
-        f"{frames} (PS3.5 8.1.1)"
+        f"{name} has {length} bytes; its attributes need {expected}: {attributes}"
     )
 
 

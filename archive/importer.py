@@ -19,6 +19,9 @@ log = logging.getLogger(__name__)
 
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # PS3.10 DICOMDIR SOP Class
 
+#: (file, outcome, reason it was rejected or warning it was stored with, size).
+_Outcome = tuple[Path, str, str, int]
+
 
 @dataclass
 class ImportReport:
@@ -28,6 +31,8 @@ class ImportReport:
     skipped: int = 0
     """Files that are not DICOM (found while walking a directory) or DICOMDIR indexes."""
     rejected: list[tuple[str, str]] = field(default_factory=list)
+    warnings: list[tuple[str, str]] = field(default_factory=list)
+    """Files stored (counted in ``stored`` or ``overwritten``) with a warning: (path, why)."""
     bytes: int = 0
 
     @property
@@ -133,7 +138,7 @@ def import_paths(
     """Import files and trees; ``progress(path, size)`` is called after each file."""
     report = ImportReport()
 
-    def one(item: tuple[Path, bool]) -> tuple[Path, str, str, int]:
+    def one(item: tuple[Path, bool]) -> _Outcome:
         path, explicit = item
         try:
             data = path.read_bytes()
@@ -147,10 +152,13 @@ def import_paths(
             result = ingest.ingest(data)
         except IngestError as exc:
             return path, "rejected", exc.reason, len(data)
-        return path, str(result.outcome), "", len(data)
+        # A stored file's "reason" is its warning, if any.
+        return path, str(result.outcome), result.warning or "", len(data)
 
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         for path, outcome, reason, size in _bounded_map(pool, one, iter_files(paths, report), jobs):
+            if reason and outcome in (IngestOutcome.STORED, IngestOutcome.OVERWRITTEN):
+                report.warnings.append((str(path), reason))
             if outcome == IngestOutcome.STORED:
                 report.stored += 1
                 report.bytes += size
@@ -170,12 +178,12 @@ def import_paths(
 
 def _bounded_map(
     pool: ThreadPoolExecutor,
-    fn: Callable[[tuple[Path, bool]], tuple[Path, str, str, int]],
+    fn: Callable[[tuple[Path, bool]], _Outcome],
     items: Iterable[tuple[Path, bool]],
     jobs: int,
-) -> Iterator[tuple[Path, str, str, int]]:
+) -> Iterator[_Outcome]:
     """``pool.map`` that keeps at most a few items per worker in flight (huge trees)."""
-    window: deque[Future[tuple[Path, str, str, int]]] = deque()
+    window: deque[Future[_Outcome]] = deque()
     limit = max(1, jobs) * 4
     for item in items:
         window.append(pool.submit(fn, item))

@@ -24,7 +24,7 @@ from sqlalchemy import Connection, Table, bindparam, delete, func, insert, selec
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 
-from archive.blobstore import BlobStore, BlobStoreError, OutOfSpace, instance_key
+from archive.blobstore import BlobNotFound, BlobStore, BlobStoreError, OutOfSpace, instance_key
 from archive.db import Database, DirectConnection
 from archive.dicom import InvalidInstance, ParsedInstance, parse_header, valid_uid
 from archive.models import Instance, Patient, PendingBlobDeletion, Series, Study
@@ -39,9 +39,14 @@ _SERIES = cast(Table, Series.__table__)
 _INSTANCE = cast(Table, Instance.__table__)
 _PENDING_DELETION = cast(Table, PendingBlobDeletion.__table__)
 _PARENT_CACHE_SIZE = 10_000
-# Where an instance is held: (SOP Class UID, Series Instance UID, Study Instance UID).
+# Where an instance is held: (SOP Class UID, Series Instance UID, Study Instance UID, blob key).
 _HELD = (
-    select(_INSTANCE.c.sop_class_uid, _SERIES.c.series_instance_uid, _STUDY.c.study_instance_uid)
+    select(
+        _INSTANCE.c.sop_class_uid,
+        _SERIES.c.series_instance_uid,
+        _STUDY.c.study_instance_uid,
+        _INSTANCE.c.blob_key,
+    )
     .select_from(
         _INSTANCE.join(_SERIES, _INSTANCE.c.series_fk == _SERIES.c.id).join(
             _STUDY, _SERIES.c.study_fk == _STUDY.c.id
@@ -165,6 +170,9 @@ class IngestResult:
     series_instance_uid: str
     transfer_syntax_uid: str
     size: int
+    warning: str | None = None
+    """Stored, but the data set does not quite match its SOP Class (DIMSE warning 0xB007,
+    PS3.4 B.2.3; STOW-RS WarningReason): why, in words (:attr:`ParsedInstance.warning`)."""
 
 
 class IngestErrorKind(enum.StrEnum):
@@ -194,11 +202,29 @@ class IngestError(Exception):
 
 
 class _Conflict(Exception):
-    """Raised inside an index transaction: the SOP Instance UID is held elsewhere."""
+    """Raised inside an index transaction: the SOP Instance UID is held elsewhere (under the
+    blob key ``blob_key``)."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, blob_key: str) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.blob_key = blob_key
+
+
+class _SeriesElsewhere(Exception):
+    """Raised inside an index transaction: the Series Instance UID is held in another study
+    (``study``, its Study Instance UID, once known)."""
+
+    def __init__(self, study: str = "") -> None:
+        super().__init__(study)
+        self.study = study
+
+
+def _series_elsewhere(study: str) -> IngestError:
+    return IngestError(
+        IngestErrorKind.DATASET_MISMATCH,
+        f"Series Instance UID already held in another study: {study}",
+    )
 
 
 def conflict_reason(parsed: ParsedInstance, held: tuple[str, str, str]) -> str | None:
@@ -248,7 +274,7 @@ class IngestService:
             postgresql.insert if db.engine.dialect.name == "postgresql" else sqlite.insert
         )
         self._parent_statements: dict[
-            tuple[str, tuple[str, ...]], tuple[_DirectStatement, _DirectStatement]
+            tuple[str, tuple[str, ...], str | None], tuple[_DirectStatement, _DirectStatement]
         ] = {}
         self._insert_instance: _DirectStatement | None = None
         self._touch_study = _DirectStatement(_TOUCH_STUDY, db.engine, ["study_fk", "now"])
@@ -325,40 +351,48 @@ class IngestService:
         key = instance_key(
             parsed.study_instance_uid, parsed.series_instance_uid, parsed.sop_instance_uid
         )
+        keep = self.settings.duplicate_policy == "keep"
+        written = False
         try:
-            with self.db.direct() as direct:
-                if self.settings.duplicate_policy == "keep":
-                    held = self._held.execute(direct.dbapi, {"sop": parsed.sop_instance_uid})
-                    if held is not None:
-                        # A copy of a held instance is answered as stored; anything else that
-                        # reuses its UID is refused. (Under "overwrite" the last copy wins,
-                        # wherever it says it belongs.)
-                        reason = conflict_reason(parsed, (held[0], held[1], held[2]))
-                        if reason is not None:
-                            raise IngestError(IngestErrorKind.CONFLICT, reason)
-                        return self._result(parsed, IngestOutcome.DUPLICATE)
-                self._check_series(direct.dbapi, parsed)
+            if keep or parsed.series_instance_uid not in self._parents:
+                with self.db.direct() as direct:
+                    if keep:
+                        held = self._held.execute(direct.dbapi, {"sop": parsed.sop_instance_uid})
+                        if held is not None:
+                            # A copy of a held instance is answered as stored; anything else
+                            # that reuses its UID is refused.
+                            reason = conflict_reason(parsed, (held[0], held[1], held[2]))
+                            if reason is not None:
+                                raise IngestError(IngestErrorKind.CONFLICT, reason)
+                            return self._result(parsed, IngestOutcome.DUPLICATE)
+                    self._check_series(direct.dbapi, parsed)
+            else:
+                self._check_series(None, parsed)  # the parent cache answers
             # No database connection is held while the blob is written (to S3, say).
             self.blobs.check_space(len(data))
-            self.blobs.put(key, data)
+            if keep:
+                # Under keep a blob, once written, is never replaced: another process may have
+                # stored this key since the check above, and its index row describes its bytes.
+                written, indexed = self._put_once(key, data, parsed)
+            else:
+                self.blobs.put(key, data)
+                written, indexed = True, parsed
             try:
-                outcome = None
-                if not self.listeners:  # listeners are given a SQLAlchemy connection
-                    with self.db.direct() as direct:
-                        outcome = self._index_direct(direct, parsed, key, calling_ae_title)
-                if outcome is None:
-                    # After a direct attempt its cached ids may be gone: look everything up
-                    # again.
-                    outcome = self._index_on_connection(
-                        parsed, key, calling_ae_title, use_cache=bool(self.listeners)
-                    )
+                outcome = self._index_blob(indexed, key, calling_ae_title)
             except _Conflict as exc:
-                # Another process stored the UID elsewhere between our check and our insert:
-                # the blob just written is no instance's (the held one has another key), and
-                # the parent rows cached in the rolled-back transaction do not exist.
+                # Another process stored the UID elsewhere between the check and the insert:
+                # the blob written here is no instance's, unless the held one has its key.
                 self._parents.pop(parsed.series_instance_uid, None)
-                self.blobs.delete(key)
+                if written and exc.blob_key != key:
+                    self.blobs.delete(key)
                 raise IngestError(IngestErrorKind.CONFLICT, exc.reason) from exc
+            except _SeriesElsewhere as exc:
+                # Another process put the series in another study between the check and the
+                # insert (the transaction, and any study row it created, is rolled back).
+                self._parents.pop(parsed.series_instance_uid, None)
+                if written:
+                    self.blobs.delete(key)
+                raise _series_elsewhere(exc.study) from exc
         except OutOfSpace as exc:
             raise IngestError(IngestErrorKind.OUT_OF_RESOURCES, str(exc)) from exc
         except BlobStoreError as exc:
@@ -369,24 +403,79 @@ class IngestService:
             raise IngestError(
                 IngestErrorKind.OUT_OF_RESOURCES, f"index unavailable: {type(exc).__name__}"
             ) from exc
+        if indexed is not parsed:
+            # The key holds another copy, stored first: it is the instance held.
+            reason = conflict_reason(
+                parsed,
+                (indexed.sop_class_uid, indexed.series_instance_uid, indexed.study_instance_uid),
+            )
+            if reason is not None:
+                raise IngestError(IngestErrorKind.CONFLICT, reason)
+            outcome = IngestOutcome.DUPLICATE
         return self._result(parsed, outcome)
 
-    def _check_series(self, dbapi: Any, parsed: ParsedInstance) -> None:
+    def _put_once(
+        self, key: str, data: bytes, parsed: ParsedInstance
+    ) -> tuple[bool, ParsedInstance]:
+        """Write the blob unless ``key`` holds one already: (whether it was written here, the
+        data set the blob under ``key`` holds). A blob already there was written by another
+        process that has indexed it, is indexing it, or died before (an orphan the start-up
+        reconciliation would index): whoever indexes the key indexes what it holds."""
+        for _attempt in range(3):
+            if self.blobs.put_if_absent(key, data):
+                return True, parsed
+            try:
+                held = self.blobs.read(key)
+            except BlobNotFound:
+                continue  # removed since (a writer that lost its own race): write again
+            if held == data:
+                return False, parsed
+            try:
+                found = parse_header(held, max_inflated_size=self._max_inflated_size)
+            except InvalidInstance as exc:
+                raise BlobStoreError(
+                    f"{key} holds a blob that is no instance: {exc.reason}"
+                ) from exc
+            if (
+                found.sop_instance_uid,
+                found.series_instance_uid,
+                found.study_instance_uid,
+            ) != (parsed.sop_instance_uid, parsed.series_instance_uid, parsed.study_instance_uid):
+                raise BlobStoreError(f"{key} holds the blob of another instance")
+            return False, found
+        raise BlobStoreError(f"{key} was written and removed again while this copy was stored")
+
+    def _index_blob(self, parsed: ParsedInstance, key: str, calling_ae_title: str) -> IngestOutcome:
+        """Index the blob under ``key`` (holding ``parsed``) in one transaction: on the driver
+        directly when possible, else on a SQLAlchemy connection."""
+        outcome = None
+        if not self.listeners:  # listeners are given a SQLAlchemy connection
+            with self.db.direct() as direct:
+                outcome = self._index_direct(direct, parsed, key, calling_ae_title)
+        if outcome is None:
+            # After a direct attempt its cached ids may be gone: look everything up again.
+            outcome = self._index_on_connection(
+                parsed, key, calling_ae_title, use_cache=bool(self.listeners)
+            )
+        return outcome
+
+    def _check_series(self, dbapi: Any | None, parsed: ParsedInstance) -> None:
         """Refuse an instance whose Series Instance UID the archive holds in another study: it
         would be indexed in that study, away from where its own data set (and its RetrieveURL)
-        puts it. A series found in the parent cache was checked when cached."""
+        puts it. The parent cache answers for a series it holds (its study was read from the
+        index); else the index, when ``dbapi`` is given. The index transaction checks again
+        (:meth:`_parent_ids`): a series may be created by another process in between."""
         cached = self._parents.get(parsed.series_instance_uid)
         study: str | None
         if cached is not None:
             study = cached[2]
+        elif dbapi is None:
+            return
         else:
             row = self._series_study.execute(dbapi, {"series": parsed.series_instance_uid})
             study = None if row is None else row[0]
         if study is not None and study != parsed.study_instance_uid:
-            raise IngestError(
-                IngestErrorKind.DATASET_MISMATCH,
-                f"Series Instance UID already held in another study: {study}",
-            )
+            raise _series_elsewhere(study)
 
     def _index_direct(
         self, direct: DirectConnection, parsed: ParsedInstance, key: str, calling_ae_title: str
@@ -431,13 +520,17 @@ class IngestService:
             series_instance_uid=parsed.series_instance_uid,
             transfer_syntax_uid=parsed.transfer_syntax_uid,
             size=parsed.size,
+            # A copy not stored (keep) leaves the one held, which was judged when it came.
+            warning=None if outcome is IngestOutcome.DUPLICATE else parsed.warning,
         )
 
     def _parent_ids(
         self, conn: IndexWriter, parsed: ParsedInstance, now: datetime
     ) -> tuple[int, int, bool]:
         """(series id, study id, whether the study row was created), creating patient, study
-        and series rows as needed."""
+        and series rows as needed. Raises :class:`_SeriesElsewhere` when the series row exists
+        in another study: two first instances of a series may arrive at once with different
+        Study Instance UIDs, and the unique constraint lets only one create it."""
         patient_fk, _ = self._get_or_create(
             conn,
             _PATIENT,
@@ -455,13 +548,18 @@ class IngestService:
         )
         # A series reaches this point with its first instance (later ones find its id in the
         # cache): it is almost always new, so try to create it first.
-        series_fk, _ = self._get_or_create(
-            conn,
-            _SERIES,
-            {"series_instance_uid": parsed.series_instance_uid},
-            {**parsed.series, "study_fk": study_fk},
-            create_first=True,
-        )
+        try:
+            series_fk, _ = self._get_or_create(
+                conn,
+                _SERIES,
+                {"series_instance_uid": parsed.series_instance_uid},
+                {**parsed.series, "study_fk": study_fk},
+                create_first=True,
+                same="study_fk",
+            )
+        except _SeriesElsewhere as exc:
+            row = self._series_study.execute(conn, {"series": parsed.series_instance_uid})
+            raise _SeriesElsewhere("" if row is None else row[0]) from exc
         return series_fk, study_fk, study_created
 
     def _index(
@@ -477,11 +575,14 @@ class IngestService:
         cached = self._parents.get(parsed.series_instance_uid) if use_cache else None
         study_created = False
         if cached is None:
+            # The series row is in this study (created here, or checked): cache it.
             series_fk, study_fk, study_created = self._parent_ids(conn, parsed, now)
             cached = (series_fk, study_fk, parsed.study_instance_uid)
             self._parents[parsed.series_instance_uid] = cached
             if len(self._parents) > _PARENT_CACHE_SIZE:
                 self._parents.pop(next(iter(self._parents)))
+        elif cached[2] != parsed.study_instance_uid:
+            raise _SeriesElsewhere(cached[2])
         series_fk, study_fk, _ = cached
         values: dict[str, Any] = {
             **parsed.instance,
@@ -513,7 +614,7 @@ class IngestService:
                 if held is not None:
                     reason = conflict_reason(parsed, (held[0], held[1], held[2]))
                     if reason is not None:
-                        raise _Conflict(reason)
+                        raise _Conflict(reason, held[3])
                 return IngestOutcome.DUPLICATE
             if not isinstance(conn, Connection):
                 raise _NeedsConnection
@@ -576,18 +677,21 @@ class IngestService:
         values: dict[str, Any],
         *,
         create_first: bool = False,
+        same: str | None = None,
     ) -> tuple[int, bool]:
-        """(row id, whether this call created the row)."""
+        """(row id, whether this call created the row). A row found (not created) must hold
+        ``values[same]`` in its column ``same``, else :class:`_SeriesElsewhere` is raised."""
         if any(value is None for value in unique.values()):
             return self._get_or_create_null(conn, table, unique, values)
         row = {**values, **unique}
-        shape = (table.name, tuple(row))
+        shape = (table.name, tuple(row), same)
         statements = self._parent_statements.get(shape)
         if statements is None:
             # Compiled once per table (and set of columns).
+            found_columns = [table.c.id] + ([table.c[same]] if same else [])
             statements = (
                 _DirectStatement(
-                    select(table.c.id).where(
+                    select(*found_columns).where(
                         *(table.c[name] == bindparam(name) for name in unique)
                     ),
                     self.db.engine,
@@ -604,16 +708,17 @@ class IngestService:
             self._parent_statements[shape] = statements
         lookup, create = statements
         found = None if create_first else lookup.execute(conn, unique)
-        if found is not None:
-            return int(found[0]), False
-        # Concurrent associations may create the same row: the unique constraint decides, and
-        # the loser reads the winner's row.
-        created = create.execute(conn, row)
-        if created is not None:
-            return int(created[0]), True
-        found = lookup.execute(conn, unique)
         if found is None:
-            raise SQLAlchemyError(f"the {table.name} row {unique} vanished while created")
+            # Concurrent associations may create the same row: the unique constraint decides,
+            # and the loser reads the winner's row.
+            created = create.execute(conn, row)
+            if created is not None:
+                return int(created[0]), True
+            found = lookup.execute(conn, unique)
+            if found is None:
+                raise SQLAlchemyError(f"the {table.name} row {unique} vanished while created")
+        if same is not None and found[1] != row[same]:
+            raise _SeriesElsewhere()
         return int(found[0]), False
 
     def _get_or_create_null(

@@ -23,11 +23,14 @@ _BOUNDARY_CHARS = frozenset(
 
 class MultipartError(ValueError):
     """The body is not multipart as announced. ``parts`` holds the parts completed by the
-    chunk in which the error was found (they are whole: only what follows them is wrong)."""
+    chunk in which the error was found (they are whole: only what follows them is wrong);
+    ``part_index`` is the number of the part whose framing is wrong (the one being read),
+    which is dropped with everything after it."""
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.parts: list[Part] = []
+        self.part_index = 0
 
 
 def boundary_error(boundary: bytes) -> str | None:
@@ -143,6 +146,7 @@ class MultipartReader:
             self._buffer.clear()
             self._current = None
             exc.parts = done
+            exc.part_index = self.parts_seen + 1  # no part's headers were read yet
             raise
         return done
 

@@ -3,8 +3,11 @@
 The body is read as a stream: each part is handed to the archive's ingest (the same one C-STORE
 uses) as soon as it is complete, a few parts at a time in worker threads, so an upload of any
 size is stored with memory bounded by the parts in flight. Each part succeeds or fails alone;
-the response (PS3.18 10.5.3) lists what was stored (ReferencedSOPSequence, with RetrieveURL) and
-what failed (FailedSOPSequence, with a FailureReason from the archive's error kind).
+the response (PS3.18 10.5.3) lists what was stored (ReferencedSOPSequence, with RetrieveURL and,
+for an instance stored with a warning, WarningReason) and what failed (FailedSOPSequence, with a
+FailureReason from the archive's error kind). 200 means every part sent was read and stored
+without warning; 202 that some were stored, and others failed, were not read, or were stored
+with a warning; 409 that none was stored.
 """
 
 from __future__ import annotations
@@ -49,6 +52,9 @@ OUT_OF_RESOURCES = 0xA700
 DATASET_MISMATCH = 0xA900
 CANNOT_UNDERSTAND = 0xC000
 TRANSFER_SYNTAX_NOT_SUPPORTED = 0xC122
+#: WarningReason of an instance stored as sent although it does not quite match its SOP Class
+#: (PS3.4 B.2.3 "Data Set does not match SOP Class", PS3.18 Table I.2-1).
+DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xB007
 FAILURE_REASONS = {
     IngestErrorKind.CANNOT_UNDERSTAND: CANNOT_UNDERSTAND,
     IngestErrorKind.UNSUPPORTED_TRANSFER_SYNTAX: TRANSFER_SYNTAX_NOT_SUPPORTED,
@@ -68,6 +74,8 @@ class PartOutcome:
     series_instance_uid: str = ""
     failure: int | None = None
     reason: str = ""
+    warning: str = ""
+    """Stored, with this warning (WarningReason 0xB007)."""
 
 
 def with_preamble(data: bytes) -> bytes:
@@ -128,6 +136,7 @@ def _ingest(archive: Archive, part: Part, study: str | None) -> PartOutcome:
         result.sop_instance_uid,
         result.study_instance_uid,
         result.series_instance_uid,
+        warning=result.warning or "",
     )
 
 
@@ -176,6 +185,8 @@ async def _store(request: Request, study: str | None) -> Response:
             outcomes.append(await pending.pop(0))
 
     notes: list[str] = []
+    # The part at which reading stopped before the body's end: it and the rest are not stored.
+    stopped: PartOutcome | None = None
     gone = False
     try:
         async for chunk in request.stream():
@@ -187,7 +198,9 @@ async def _store(request: Request, study: str | None) -> Response:
         # The parts before the error are stored; reading stops there.
         for part in exc.parts:
             await submit(part)
-        notes.append(f"the body is not valid multipart/related: {exc}")
+        note = f"the body is not valid multipart/related: {exc}"
+        notes.append(note)
+        stopped = PartOutcome(exc.part_index, "", "", failure=CANNOT_UNDERSTAND, reason=note)
     except ClientDisconnect:
         gone = True
         log.warning("STOW-RS client went away", extra={"parts": reader.parts_seen})
@@ -197,10 +210,12 @@ async def _store(request: Request, study: str | None) -> Response:
     for task in pending:
         outcomes.append(await task)
     if reader.parts_seen > max_parts:
-        notes.append(
+        note = (
             f"the body holds more than {max_parts} parts: those after part {max_parts} were "
             "not read (stow_max_parts)"
         )
+        notes.append(note)
+        stopped = PartOutcome(max_parts + 1, "", "", failure=CANNOT_UNDERSTAND, reason=note)
     elif not notes and not gone and not reader.finished:
         notes.append(
             "the body has no closing boundary delimiter (RFC 2046 5.1.1)"
@@ -209,6 +224,9 @@ async def _store(request: Request, study: str | None) -> Response:
         )
     if not outcomes:
         fail(400, notes[0] if notes else "the body holds no parts")
+    if stopped is not None:
+        # Not stored, and not silently: a failure with no UIDs (none were read).
+        outcomes.append(stopped)
     return _response(request, study, outcomes, notes)
 
 
@@ -235,24 +253,19 @@ def _response(
         ]
     body["00081199"] = {"vr": "SQ"}
     if stored:
-        body["00081199"]["Value"] = [
-            {
-                "00081150": _uid(o.sop_class_uid),
-                "00081155": _uid(o.sop_instance_uid),
-                "00081190": {
-                    "vr": "UR",
-                    "Value": [
-                        instance_url(
-                            base, o.study_instance_uid, o.series_instance_uid, o.sop_instance_uid
-                        )
-                    ],
-                },
-            }
-            for o in stored
-        ]
-    status = 200 if not failed else (202 if stored else 409)
+        body["00081199"]["Value"] = [_referenced(base, o) for o in stored]
+    warned = [o for o in stored if o.warning]
+    # PS3.18 10.5.3: 200 only when every instance was stored without warning.
+    status = 200 if not failed and not warned else (202 if stored else 409)
     headers = None
-    messages = notes + [f"part {o.index}: 0x{o.failure:04X} {o.reason}" for o in failed[:20]]
+    messages = notes + [
+        f"part {o.index}: 0x{o.failure:04X} {o.reason}"
+        for o in failed[:20]
+        if o.reason not in notes
+    ]
+    messages += [
+        f"part {o.index}: 0x{DATASET_DOES_NOT_MATCH_SOP_CLASS:04X} {o.warning}" for o in warned[:20]
+    ]
     if messages:
         headers = {"Warning": warning_value(messages)}
     if failed:
@@ -261,6 +274,24 @@ def _response(
             extra={"failed": len(failed), "stored": len(stored), "first": messages[0]},
         )
     return dicom_json_response(request, json_body(body), status_code=status, headers=headers)
+
+
+def _referenced(base: str, o: PartOutcome) -> dict[str, Any]:
+    """A ReferencedSOPSequence item (PS3.18 Table I.2-2): the instance, its RetrieveURL, and
+    its WarningReason when it was stored with a warning."""
+    item: dict[str, Any] = {
+        "00081150": _uid(o.sop_class_uid),
+        "00081155": _uid(o.sop_instance_uid),
+        "00081190": {
+            "vr": "UR",
+            "Value": [
+                instance_url(base, o.study_instance_uid, o.series_instance_uid, o.sop_instance_uid)
+            ],
+        },
+    }
+    if o.warning:
+        item["00081196"] = {"vr": "US", "Value": [DATASET_DOES_NOT_MATCH_SOP_CLASS]}
+    return item
 
 
 def _uid(value: str) -> dict[str, Any]:
@@ -280,11 +311,14 @@ _STOW_OPENAPI: dict[str, Any] = {
 }
 _STOW_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
-        "description": "Every instance was stored. DICOM JSON with ReferencedSOPSequence "
-        "(each with its RetrieveURL).",
+        "description": "Every instance was stored, without warning. DICOM JSON with "
+        "ReferencedSOPSequence (each with its RetrieveURL).",
         "content": {"application/dicom+json": {"schema": {"type": "object"}}},
     },
-    202: {"description": "Some instances were stored, some failed (FailedSOPSequence)."},
+    202: {
+        "description": "Some instances were stored; others failed or were not read "
+        "(FailedSOPSequence), or were stored with a warning (WarningReason)."
+    },
     400: {"description": "The body is not multipart/related, or holds no parts."},
     406: {"description": "The client does not accept application/dicom+json."},
     409: {"description": "No instance could be stored (FailedSOPSequence says why)."},

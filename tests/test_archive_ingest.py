@@ -104,6 +104,34 @@ def test_duplicate_overwrite_replaces_blob_and_row(make_backend, tmp_path: Path)
     arc.close()
 
 
+def test_overwrite_answers_a_cached_series_without_a_connection(make_backend, tmp_path: Path):
+    """Policy overwrite: the series check of a series this process has cached takes no
+    database connection, only the index transaction does; a series held in another study is
+    still refused from the cache."""
+    archive = Archive(make_backend(duplicate_policy="overwrite").settings)
+    try:
+        study, series = generate_uid(), generate_uid()
+        archive.ingest(_bytes(ct_slice(study_uid=study, series_uid=series, index=0), tmp_path))
+        opened: list[int] = []
+        real = archive.db.direct
+
+        def counting() -> Any:
+            opened.append(1)
+            return real()
+
+        archive.db.direct = counting  # type: ignore[method-assign]
+        second = ct_slice(study_uid=study, series_uid=series, index=1)
+        assert archive.ingest(_bytes(second, tmp_path)).outcome is IngestOutcome.STORED
+        assert len(opened) == 1  # the index transaction
+        intruder = ct_slice(study_uid=generate_uid(), series_uid=series, index=2)
+        with pytest.raises(IngestError) as info:
+            archive.ingest(_bytes(intruder, tmp_path))
+        assert info.value.kind is IngestErrorKind.DATASET_MISMATCH
+        assert len(opened) == 1
+    finally:
+        archive.close()
+
+
 @pytest.mark.parametrize(
     ("mutate", "kind", "reason"),
     [

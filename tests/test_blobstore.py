@@ -240,6 +240,20 @@ def test_invalid_keys_are_refused(storage_backend: Backend, store, key: str):
     assert not Path("/abs").exists()
 
 
+def test_put_if_absent_stores_once_and_never_replaces(store):
+    """The write ingest uses under the duplicate policy keep: the first bytes stay, whoever
+    writes the key next (this process or another) is told so."""
+    key = _key()
+    assert store.put_if_absent(key, b"first copy") is True
+    assert store.put_if_absent(key, b"second copy, other bytes") is False
+    assert store.put_if_absent(key, b"first copy") is False
+    assert store.read(key) == b"first copy"
+    assert list(store.keys()) == [key]
+    store.delete(key)
+    assert store.put_if_absent(key, b"after a delete") is True
+    assert store.read(key) == b"after a delete"
+
+
 # --- filesystem backend -----------------------------------------------------------------------
 
 
@@ -259,6 +273,29 @@ def test_file_put_leaves_no_partial_files(file_store: FileBlobStore):
         p.relative_to(file_store.root).as_posix() for p in file_store.root.rglob("*.dcm")
     )
     assert files == sorted(keys)
+
+
+def test_file_put_if_absent_of_many_writers_at_once(file_store: FileBlobStore):
+    """Writers racing for one key: exactly one stores its bytes, whole; no temporary file is
+    left behind (the link of a finished file either makes the name or fails)."""
+    key = _key()
+    payloads = [os.urandom(256 * 1024) for _ in range(8)]
+    barrier = threading.Barrier(len(payloads))
+    won: list[bytes] = []
+
+    def writer(data: bytes) -> None:
+        barrier.wait()
+        if file_store.put_if_absent(key, data):
+            won.append(data)
+
+    threads = [threading.Thread(target=writer, args=(data,)) for data in payloads]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(won) == 1
+    assert file_store.read(key) == won[0]
+    assert _partials(file_store.root) == []
 
 
 def test_file_failed_put_leaves_no_partial_and_raises_blob_store_error(file_store: FileBlobStore):
@@ -393,6 +430,20 @@ def test_s3_object_lands_in_bucket_as_application_dicom(s3_backend: Backend, siz
 
     store.delete(key)
     assert list(_objects(client, bucket)) == []
+
+
+def test_s3_put_if_absent_is_one_conditional_put(s3_backend: Backend):
+    """``If-None-Match: *`` goes to the server as the condition, not as user metadata; the
+    object is application/dicom, as put() writes it."""
+    store = open_blob_store(s3_backend.settings)
+    bucket = urlparse(s3_backend.settings.resolved_storage_url).netloc
+    key = _key()
+    assert store.put_if_absent(key, b"once")
+    stat = _client(s3_backend).stat_object(bucket, key)
+    assert stat.content_type == "application/dicom"
+    assert not any("none-match" in name.lower() for name in (stat.metadata or {}))
+    assert not store.put_if_absent(key, b"twice")
+    assert store.read(key) == b"once"
 
 
 def test_s3_prefix_in_storage_url(make_backend):

@@ -3,7 +3,8 @@ atheris, feeding each body in random chunks (the input format is in ``multipart_
 
 Any exception but ``MultipartError`` is a crash, and so is a broken invariant: a body framed as
 RFC 2046 says must come back as exactly the parts framed (headers and bytes), whatever the
-chunking; any body gives parts numbered 1, 2, 3... whose sizes match their bytes.
+chunking; any body gives parts numbered 1, 2, 3... whose sizes match their bytes; a framing
+error names the part right after the last one returned (STOW-RS lists it as failed).
 
     .venv/bin/python tests/fuzz/fuzz_multipart.py WORK_DIR tests/fuzz/corpus/multipart \\
         -max_total_time=600
@@ -71,6 +72,8 @@ def test_one_input(data: bytes) -> None:
         raise AssertionError(f"refused a well-framed body {body!r}: {error}")
     if error is not None and cut is not None:
         raise AssertionError("a part cut short after the body was refused")
+    if error is not None and error.part_index != len(parts) + 1:
+        raise AssertionError(f"the error names part {error.part_index} after {len(parts)} parts")
     try:
         _check_numbering(parts, cut)
         if not case.framed:

@@ -46,12 +46,17 @@ def _ct(**changes: object) -> Dataset:
     return ds
 
 
-def _un_sequence(data: bytes) -> bytes:
+def _un_sequence(data: bytes, *, explicit_item: bool = False) -> bytes:
     """``data`` with a private element of VR UN and undefined length (a sequence in Implicit VR
-    Little Endian, PS3.5 6.2.2) before its pixel data."""
+    Little Endian, PS3.5 6.2.2; its item in Explicit VR, as an SQ relabelled UN leaves it, with
+    ``explicit_item``) before its pixel data."""
     at = data.index(b"\xe0\x7f\x10\x00")
     creator = b"\x09\x00\x10\x00LO\x04\x00PRIV"
-    item = b"\x08\x00\x00\x01\x04\x00\x00\x00T123"
+    item = (
+        b"\x08\x00\x00\x01SH\x04\x00T123"
+        if explicit_item
+        else b"\x08\x00\x00\x01\x04\x00\x00\x00T123"
+    )
     un = (
         b"\x09\x00\x01\x10UN\x00\x00\xff\xff\xff\xff"
         + b"\xfe\xff\x00\xe0\xff\xff\xff\xff"
@@ -76,6 +81,11 @@ def header_seeds() -> dict[str, bytes]:
     seeds["ct_sequence"] = _bytes(with_sequence)
     seeds["ct_sequence_implicit"] = _bytes(with_sequence, ImplicitVRLittleEndian)
     seeds["ct_un_sequence"] = _un_sequence(seeds["ct_explicit_le"])
+    seeds["ct_un_sequence_explicit_item"] = _un_sequence(
+        seeds["ct_explicit_le"], explicit_item=True
+    )
+    deflated = seeds["ct_deflated"]
+    seeds["ct_deflated_no_group_length"] = deflated[:132] + deflated[144:]
 
     jpeg = _ct(SamplesPerPixel=1, BitsAllocated=8, BitsStored=8, HighBit=7, PixelRepresentation=0)
     jpeg.PixelData = encapsulate([b"\xff\xd8\xff\xdb" + bytes(16) + b"\xff\xd9"] * 2)
@@ -108,6 +118,9 @@ def header_seeds() -> dict[str, bytes]:
     seeds["unknown_syntax"] = data.replace(
         b"1.2.840.10008.1.2.1\x00", b"9.9.9.999.99.HOSTIL\x00", 1
     )
+    longer = _ct()
+    longer.PixelData = bytes(4 * 4 * 2 + 4)  # stored with a warning
+    seeds["pixel_data_longer"] = _bytes(longer)
     return seeds
 
 
@@ -146,6 +159,11 @@ def multipart_seeds(dicom: bytes) -> dict[str, bytes]:
         ),
         "raw_bad_boundary_chars": encode(
             framed=False, boundary=b"a\x00b;", body_or_parts=b"--a\x00b;\r\n\r\nx\r\n--a\x00b;--"
+        ),
+        "raw_good_part_then_bad_delimiter": encode(
+            framed=False,
+            boundary=b"xyz",
+            body_or_parts=b"--xyz\r\n\r\n" + part + b"\r\n--xyzGARBAGE\r\n\r\nx\r\n--xyz--",
         ),
         "raw_many_tiny_parts": encode(
             framed=False, boundary=b"q", body_or_parts=b"--q\r\n\r\n\r\n" * 50 + b"--q--"

@@ -9,11 +9,13 @@ before are byte-identical afterwards. One `pacsbridge serve` for the module.
 from __future__ import annotations
 
 import copy
+import hashlib
 import io
 import json
 import os
 import struct
 import subprocess
+import threading
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -21,24 +23,45 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
+import pydicom
 import pytest
+from PIL import Image
+from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
+from pydicom.filereader import read_dataset
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
-from pynetdicom import AE, build_context
-from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
+from pynetdicom import AE, build_context, build_role, evt
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    CTImageStorage,
+    MRImageStorage,
+    StudyRootQueryRetrieveInformationModelGet,
+    Verification,
+)
+from sqlalchemy import select
 
-from archive import Archive, IngestError, IngestErrorKind, IngestOutcome
+from archive import Archive, IngestError, IngestErrorKind, IngestOutcome, IngestResult
 from archive.blobstore import instance_key
-from archive.dicom import InvalidInstance, parse_header
+from archive.dicom import InvalidInstance, parse_header, part10_data_set_offset
+from archive.models import Instance
 from config import Settings
 from dicomweb.multipart import MultipartError, MultipartReader, boundary_error
-from tests.conftest import VENV_BIN, RunningServer, require_tool
+from tests.conftest import VENV_BIN, Backend, RunningServer, require_tool
 from tests.dicom_factory import ct_slice
-from tests.dicomweb_fixtures import ct_study, module_server, multipart_body, new_uid, part10
+from tests.dicomweb_fixtures import (
+    ct_study,
+    module_server,
+    multipart_body,
+    new_uid,
+    parse_multipart,
+    part10,
+)
+from tests.test_dicom_header import private_item, with_private_sequence
 
 #: Parts of one STOW-RS request (small, so that the many-parts case stays quick).
 MAX_PARTS = 1000
 DICOM_JSON = "application/dicom+json"
+DICOM = 'multipart/related; type="application/dicom"'
 AS_STORED = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 CANNOT_UNDERSTAND, DATASET_MISMATCH, DUPLICATE, SYNTAX = 0xC000, 0xA900, 0x0111, 0xC122
 
@@ -271,10 +294,6 @@ def _cases(stored: Stored) -> dict[str, Case]:
             pixels(508), DATASET_MISMATCH, DATASET_MISMATCH,
             "Pixel Data has 508 bytes; its attributes need 512",
         ),
-        "pixel-data-longer": Case(
-            pixels(516), DATASET_MISMATCH, DATASET_MISMATCH,
-            "Pixel Data has 516 bytes; its attributes need 512",
-        ),
         "rows-disagree-with-pixel-data": Case(
             pixels(512, Rows=17), DATASET_MISMATCH, DATASET_MISMATCH,
             "Pixel Data has 512 bytes; its attributes need 544",
@@ -327,7 +346,6 @@ CASE_NAMES = [
     "wrong-file-meta-group-length",
     "unknown-transfer-syntax",
     "pixel-data-shorter",
-    "pixel-data-longer",
     "rows-disagree-with-pixel-data",
     "deflate-bomb",
     "zero-filled",
@@ -599,7 +617,28 @@ BODY_CASES: dict[str, BodyCase] = {
         lambda good: _body([_part(b"")] * (MAX_PARTS + 200)),
         409,
         f"the body holds more than {MAX_PARTS} parts: those after part {MAX_PARTS} were not read",
-        [CANNOT_UNDERSTAND] * MAX_PARTS,
+        [CANNOT_UNDERSTAND] * (MAX_PARTS + 1),  # and the first part not read
+    ),
+    # Content not read is never a 200 (PS3.18 10.5.3: 200 means every instance was stored).
+    "good-parts-and-more-than-allowed": BodyCase(
+        lambda good: _body([_part(good)] * (MAX_PARTS + 1)),
+        202,
+        f"the body holds more than {MAX_PARTS} parts: those after part {MAX_PARTS} were not read",
+        [CANNOT_UNDERSTAND],
+    ),
+    "a-good-part-then-a-delimiter-without-crlf": BodyCase(
+        lambda good: b"--xyz\r\n" + _part(good) + b"\r\n--xyzGARBAGE\r\n\r\nx\r\n--xyz--",
+        202,
+        "the body is not valid multipart/related: a boundary delimiter is not followed by CRLF "
+        "(RFC 2046 5.1.1)",
+        [CANNOT_UNDERSTAND],
+    ),
+    "a-good-part-then-headers-over-64-KiB": BodyCase(
+        lambda good: _body([_part(good)], close=False)
+        + b"--xyz\r\nX-Long: " + b"a" * 70_000 + b"\r\n\r\n" + good + b"\r\n--xyz--",
+        202,
+        "the body is not valid multipart/related: the headers of part 2 are longer than 64 KiB",
+        [CANNOT_UNDERSTAND],
     ),
 }  # fmt: skip
 
@@ -615,6 +654,32 @@ def test_stow_malformed_body(server: RunningServer, http: httpx.Client, stored: 
     else:
         assert case.message in response.headers["warning"], response.headers.get("warning")
         assert [reason for reason, _ in failures(response)] == case.failed
+    assert_intact(server, http, stored)
+
+
+def test_stow_framing_error_after_a_good_part(
+    server: RunningServer, http: httpx.Client, stored: Stored
+):
+    """A good part, then a delimiter not followed by CRLF: the good part is stored (with its
+    RetrieveURL), and the part whose framing broke is listed as failed (0xC000, no UIDs: none
+    were read), so the answer is 202, not 200."""
+    good = _fresh()
+    body = b"--xyz\r\n" + _part(_bytes(good)) + b"\r\n--xyzGARBAGE\r\n\r\n"
+    body += _part(_bytes(_fresh())) + b"\r\n--xyz--\r\n"
+    response = post(http, body, related("xyz"))
+    assert response.status_code == 202, response.text
+    [item] = stored_items(response)
+    assert item["00081155"]["Value"] == [good.SOPInstanceUID]
+    assert http.get(item["00081190"]["Value"][0]).status_code == 200
+    [failed] = response.json()["00081198"]["Value"]
+    assert failed == {
+        "00081150": {"vr": "UI"},
+        "00081155": {"vr": "UI"},
+        "00081197": {"vr": "US", "Value": [CANNOT_UNDERSTAND]},
+    }
+    assert response.headers["warning"].count("a boundary delimiter is not followed by CRLF") == 1
+    stored.blobs = _blobs(server.backend.settings.data_dir)
+    stored.instances += 1
     assert_intact(server, http, stored)
 
 
@@ -889,9 +954,13 @@ def _image(size: int, **changes: Any) -> Dataset:
     ids=["ct", "frames", "odd-padded", "1-bit-packed", "1-bit-frames", "ybr-full-422", "rgb"],
 )
 def test_native_pixel_data_of_the_right_length_is_accepted(changes: dict[str, Any], size: int):
-    parse_header(_bytes(_image(size, **changes)))
-    with pytest.raises(InvalidInstance, match=f"Pixel Data has {size + 2} bytes"):
-        parse_header(_bytes(_image(size + 2, **changes)))
+    """The right length is stored without a warning; a longer one with a warning; a shorter
+    one is refused."""
+    assert parse_header(_bytes(_image(size, **changes))).warning is None
+    longer = parse_header(_bytes(_image(size + 2, **changes))).warning
+    assert longer is not None and "bytes longer than its attributes need" in longer
+    with pytest.raises(InvalidInstance, match=f"Pixel Data has {size - 2} bytes"):
+        parse_header(_bytes(_image(size - 2, **changes)))
 
 
 @pytest.mark.parametrize(
@@ -942,3 +1011,429 @@ def test_junk_is_refused_on_its_first_bytes():
     for data, reason in assert_reason.items():
         with pytest.raises(InvalidInstance, match=reason):
             parse_header(data)
+
+
+# --- native pixel data longer than its attributes need: stored, with a warning -------------------
+
+WARNING = 0xB007  # PS3.4 B.2.3 "Data Set does not match SOP Class", a warning
+#: pydicom's MR_small_padded.dcm: 64 x 64 x 16 bits need 8192 bytes; it holds 8320.
+MR_PADDED_WARNING = (
+    "Pixel Data is 128 bytes longer than its attributes need (8192): Rows 64 x Columns 64 x "
+    "Samples per Pixel 1 x Bits Allocated 16 x Number of Frames 1 (PS3.5 8.1.1); stored as sent"
+)
+#: A 16 x 16 CT slice whose 16-bit Pixel Data has 516 bytes instead of 512.
+LONGER_WARNING = (
+    "Pixel Data is 4 bytes longer than its attributes need (512): Rows 16 x Columns 16 x "
+    "Samples per Pixel 1 x Bits Allocated 16 x Number of Frames 1 (PS3.5 8.1.1); stored as sent"
+)
+
+
+def _testdata(name: str) -> Path:
+    path = get_testdata_file(name)
+    assert path is not None, name
+    return Path(path)
+
+
+def _with_new_uids(ds: Dataset) -> Dataset:
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = new_uid(), new_uid(), new_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    return ds
+
+
+def retrieve_as_stored(http: httpx.Client, ds: Dataset) -> bytes:
+    response = http.get(instance_path(ds), headers={"Accept": AS_STORED})
+    assert response.status_code == 200, response.text
+    ((_, data),) = parse_multipart(response.content, response.headers["content-type"])
+    return data
+
+
+def first_frame(http: httpx.Client, ds: Dataset) -> bytes:
+    response = http.get(f"{instance_path(ds)}/frames/1")
+    assert response.status_code == 200, response.text
+    ((_, frame),) = parse_multipart(response.content, response.headers["content-type"])
+    return frame
+
+
+def test_cstore_stores_longer_pixel_data_with_a_warning(
+    server: RunningServer, http: httpx.Client, stored: Stored, chunked_send: None, tmp_path: Path
+):
+    """0xB007 with an Error Comment saying what does not match; the data set is stored as sent
+    and its frame served."""
+    mr_path = _testdata("MR_small_padded.dcm")
+    longer = _image(516)
+    longer_path = tmp_path / "longer.dcm"
+    longer_path.write_bytes(_bytes(longer))
+    ae = _ae()
+    ae.add_requested_context(MRImageStorage, ExplicitVRLittleEndian)
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", server.dimse_port, ae_title=server.ae_title)
+    assert assoc.is_established
+    try:
+        for path, warning in ((mr_path, MR_PADDED_WARNING), (longer_path, LONGER_WARNING)):
+            status = assoc.send_c_store(path)
+            assert (status.Status, status.ErrorComment) == (WARNING, warning[:64].rstrip())
+    finally:
+        assoc.release()
+    for path, size in ((mr_path, 8192), (longer_path, 512)):
+        sent = path.read_bytes()
+        ds = pydicom.dcmread(path)
+        held = retrieve_as_stored(http, ds)
+        sent_offset, held_offset = part10_data_set_offset(sent), part10_data_set_offset(held)
+        assert sent_offset and held_offset
+        assert held[held_offset:] == sent[sent_offset:]  # the data set as sent, byte for byte
+        assert first_frame(http, ds) == ds.PixelData[:size]
+    stored.blobs = _blobs(server.backend.settings.data_dir)
+    stored.instances += 2
+    assert_intact(server, http, stored)
+
+
+def test_stow_stores_longer_pixel_data_with_a_warning(
+    server: RunningServer, http: httpx.Client, stored: Stored
+):
+    """202 (PS3.18 10.5.3: warnings), each such instance in the ReferencedSOPSequence with
+    WarningReason 0xB007 and a RetrieveURL that serves it; the others as usual."""
+    mr = _with_new_uids(pydicom.dcmread(_testdata("MR_small_padded.dcm")))
+    longer, plain = _image(516), _fresh()
+    files = [_bytes(mr), _bytes(longer), _bytes(plain)]
+    response = stow(http, files)
+    assert response.status_code == 202, response.text
+    assert failures(response) == []
+    items = stored_items(response)
+    assert [item["00081155"]["Value"][0] for item in items] == [
+        mr.SOPInstanceUID,
+        longer.SOPInstanceUID,
+        plain.SOPInstanceUID,
+    ]
+    reasons = [item.get("00081196") for item in items]
+    assert reasons == [{"vr": "US", "Value": [WARNING]}] * 2 + [None]
+    for item, data in zip(items, files, strict=True):
+        retrieve = http.get(item["00081190"]["Value"][0], headers={"Accept": AS_STORED})
+        assert retrieve.status_code == 200
+        assert data in retrieve.content
+    warning = response.headers["warning"]
+    assert f"part 1: 0xB007 {MR_PADDED_WARNING}" in warning, warning
+    assert f"part 2: 0xB007 {LONGER_WARNING}" in warning, warning
+    assert "part 3" not in warning
+    stored.blobs = _blobs(server.backend.settings.data_dir)
+    stored.instances += 3
+    assert_intact(server, http, stored)
+
+
+def test_import_stores_longer_pixel_data_with_a_warning(tmp_path: Path):
+    """Counted as stored, exit code 0, a warning line per file."""
+    data_dir = tmp_path / "data"
+    env = {**os.environ, "PACSBRIDGE_DATA_DIR": str(data_dir), "COLUMNS": "1000", "NO_COLOR": "1"}
+    env["PACSBRIDGE_WORKER_IN_SERVE"] = "false"
+    longer = tmp_path / "longer.dcm"
+    longer.write_bytes(_bytes(_image(516)))
+    mr = _testdata("MR_small_padded.dcm")
+    proc = subprocess.run(
+        [str(VENV_BIN / "pacsbridge"), "import", str(mr), str(longer)],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (summary["stored"], summary["rejected"]) == (2, 0)
+    lines = [line.strip() for line in proc.stderr.splitlines()]
+    assert "stored with a warning: 2" in lines
+    assert f"{mr}: warning: {MR_PADDED_WARNING}" in lines
+    assert f"{longer}: warning: {LONGER_WARNING}" in lines
+    held = {data for data in _blobs(data_dir).values()}
+    assert held == {mr.read_bytes(), longer.read_bytes()}
+
+
+# --- Error Comments ---------------------------------------------------------------------------
+
+
+def test_error_comment_is_one_value(
+    server: RunningServer, http: httpx.Client, stored: Stored, store_assoc: Any, tmp_path: Path
+):
+    """A reason that quotes a backslash (here a Study Instance UID with two values) gives an
+    Error Comment without one: a backslash would make the LO two values (PS3.5 6.2)."""
+    ds = _fresh()
+    ds.StudyInstanceUID = ["1.2.3", "4"]
+    path = tmp_path / "two-study-uids.dcm"
+    path.write_bytes(_bytes(ds))
+    status = store_assoc.send_c_store(path)
+    assert status.Status == DATASET_MISMATCH
+    assert status.ErrorComment == "StudyInstanceUID '1.2.3//4' is not a valid UID (PS3.5 9.1)"
+    assert_intact(server, http, stored)
+
+
+# --- sequences: Explicit VR items inside UN ----------------------------------------------------
+
+
+def test_stow_un_sequence_with_explicit_vr_items(
+    server: RunningServer, http: httpx.Client, stored: Stored
+):
+    """(0029,1010) UN of undefined length holding an Explicit VR item (an SQ relabelled UN):
+    stored, and its metadata holds the item as pydicom reads it."""
+    data = with_private_sequence(
+        private_item(True) + private_item(False), syntax=ExplicitVRLittleEndian, explicit=True
+    )
+    ds = pydicom.dcmread(io.BytesIO(data))
+    response = stow(http, [data])
+    assert response.status_code == 200, response.text
+    metadata = http.get(f"{instance_path(ds)}/metadata")
+    assert metadata.status_code == 200, metadata.text
+    [item_explicit, item_implicit] = metadata.json()[0]["00291010"]["Value"]
+    assert item_explicit["00291001"] == {"vr": "LO", "Value": ["HELLO"]}
+    assert item_explicit["00291002"] == {"vr": "US", "Value": [7]}
+    assert item_implicit["00291002"] == {"vr": "UN", "InlineBinary": "BwA="}
+    assert retrieve_as_stored(http, ds) == data
+    stored.blobs = _blobs(server.backend.settings.data_dir)
+    stored.instances += 1
+    assert_intact(server, http, stored)
+
+
+# --- a deflated instance without File Meta Information Group Length ----------------------------
+
+
+def _without_group_length(data: bytes) -> bytes:
+    """The stream without its (0002,0000): the File Meta Information is read by group number
+    (PS3.10 7.1 makes the element Type 1, but readers take files without it)."""
+    assert data[132:140] == b"\x02\x00\x00\x00UL\x04\x00"
+    return data[:132] + data[144:]
+
+
+def c_get_instance(server: RunningServer, ds: Dataset, transfer_syntax: str) -> bytes:
+    """The data set a C-GET of ``ds`` delivers when only ``transfer_syntax`` is proposed."""
+    received: list[tuple[str, bytes]] = []
+
+    def on_store(event: Any) -> int:
+        received.append((str(event.context.transfer_syntax), event.request.DataSet.getvalue()))
+        return 0x0000
+
+    ae = _ae()
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    ae.add_requested_context(CTImageStorage, [transfer_syntax])
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "IMAGE"
+    identifier.StudyInstanceUID = ds.StudyInstanceUID
+    identifier.SeriesInstanceUID = ds.SeriesInstanceUID
+    identifier.SOPInstanceUID = ds.SOPInstanceUID
+    assoc = ae.associate(
+        "127.0.0.1",
+        server.dimse_port,
+        ae_title=server.ae_title,
+        ext_neg=[build_role(CTImageStorage, scp_role=True)],
+        evt_handlers=[(evt.EVT_C_STORE, on_store)],
+    )
+    assert assoc.is_established
+    try:
+        responses = list(assoc.send_c_get(identifier, StudyRootQueryRetrieveInformationModelGet))
+    finally:
+        assoc.release()
+    assert responses[-1][0].Status == 0x0000, responses[-1][0]
+    [(syntax, data)] = received
+    assert syntax == transfer_syntax
+    return data
+
+
+def test_deflated_instance_without_group_length_is_read_like_any(
+    server: RunningServer, http: httpx.Client, stored: Stored
+):
+    """Ingest takes a deflated instance without (0002,0000); every reader of stored files
+    then sees it as deflated (one File Meta Information reader): its frame, its rendering and
+    its conversion to Explicit VR Little Endian over WADO-RS and C-GET, and C-GET as stored."""
+    ds = _fresh()
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    data = _without_group_length(_bytes(ds))
+    pixels = pydicom.dcmread(io.BytesIO(data)).pixel_array
+    response = stow(http, [data])
+    assert response.status_code == 200, response.text
+    assert first_frame(http, ds) == ds.PixelData
+    png = http.get(f"{instance_path(ds)}/rendered", headers={"Accept": "image/png"})
+    assert png.status_code == 200, png.text
+    assert Image.open(io.BytesIO(png.content)).size == (16, 16)
+    converted = http.get(instance_path(ds), headers={"Accept": DICOM})
+    assert converted.status_code == 200, converted.text
+    ((_, part),) = parse_multipart(converted.content, converted.headers["content-type"])
+    as_explicit = pydicom.dcmread(io.BytesIO(part))
+    assert as_explicit.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert np.array_equal(as_explicit.pixel_array, pixels)
+    by_get = read_dataset(
+        io.BytesIO(c_get_instance(server, ds, ExplicitVRLittleEndian)),
+        is_implicit_VR=False,
+        is_little_endian=True,
+    )
+    assert by_get.PixelData == ds.PixelData
+    offset = part10_data_set_offset(data)
+    assert offset is not None
+    assert c_get_instance(server, ds, DeflatedExplicitVRLittleEndian) == data[offset:]
+    assert retrieve_as_stored(http, ds) == data
+    stored.blobs = _blobs(server.backend.settings.data_dir)
+    stored.instances += 1
+    assert_intact(server, http, stored)
+
+
+# --- races between processes: a blob under keep is never replaced ------------------------------
+
+
+class _HeldOnlyAtInsert:
+    """The check of ``_held`` before the blob write finds nothing (another process stores the
+    instance just after it); the look-up after the insert finds what is there."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+        self.calls = 0
+
+    def execute(self, conn: Any, params: dict[str, Any]) -> Any:
+        self.calls += 1
+        return None if self.calls == 1 else self.real.execute(conn, params)
+
+
+def _ingest_racing(archive: Archive, data: bytes) -> IngestResult:
+    ingestor = archive.ingestor
+    real = ingestor._held
+    ingestor._held = _HeldOnlyAtInsert(real)  # type: ignore[assignment]
+    try:
+        return archive.ingest(data)
+    finally:
+        ingestor._held = real
+
+
+def _row(archive: Archive, sop: str) -> tuple[str, str, int]:
+    """(SOP Class UID, SHA-256, size) of the instance's index row."""
+    with archive.db.session() as s:
+        row = s.execute(
+            select(Instance.sop_class_uid, Instance.sha256, Instance.size_bytes).where(
+                Instance.sop_instance_uid == sop
+            )
+        ).one()
+    return str(row[0]), str(row[1]), int(row[2])
+
+
+def _key(ds: Dataset) -> str:
+    return instance_key(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+
+
+def test_copy_of_another_sop_class_stored_between_check_and_insert(archive: Archive):
+    """The same UID, study and series, another SOP Class, stored by another process after the
+    check: refused (0x0111), and the file of the instance held (same key) stays as it was."""
+    original = _fresh()
+    held = _bytes(original)
+    archive.ingest(held)
+    forged = copy.deepcopy(original)
+    forged.SOPClassUID = forged.file_meta.MediaStorageSOPClassUID = MRImageStorage
+    with pytest.raises(IngestError) as info:
+        _ingest_racing(archive, _bytes(forged))
+    assert info.value.kind is IngestErrorKind.CONFLICT
+    assert info.value.reason == (
+        f"SOP Instance UID already held as another SOP Class: {CTImageStorage}"
+    )
+    assert list(archive.blobs.keys()) == [_key(original)]
+    assert archive.blobs.read(_key(original)) == held
+    assert _row(archive, original.SOPInstanceUID) == (
+        CTImageStorage,
+        hashlib.sha256(held).hexdigest(),
+        len(held),
+    )
+
+
+def test_true_duplicate_stored_between_check_and_insert_keeps_the_first_bytes(archive: Archive):
+    """A second copy with other bytes, stored by another process after the check: answered as
+    a duplicate; the file keeps the first copy's bytes, which its index row describes."""
+    original = _fresh()
+    held = _bytes(original)
+    archive.ingest(held)
+    again = copy.deepcopy(original)
+    again.PatientName = "OTHER^BYTES"
+    assert _ingest_racing(archive, _bytes(again)).outcome is IngestOutcome.DUPLICATE
+    assert archive.blobs.read(_key(original)) == held
+    assert _row(archive, original.SOPInstanceUID)[1:] == (
+        hashlib.sha256(held).hexdigest(),
+        len(held),
+    )
+
+
+def test_blob_written_by_another_process_not_yet_indexed(archive: Archive):
+    """Another process has written its blob and not yet committed its row (or died in between):
+    a copy of another SOP Class under the same key is refused, and the blob there is indexed as
+    what it holds; its own writer then finds it held."""
+    original = _fresh()
+    first = _bytes(original)
+    archive.blobs.put(_key(original), first)
+    forged = copy.deepcopy(original)
+    forged.SOPClassUID = forged.file_meta.MediaStorageSOPClassUID = MRImageStorage
+    with pytest.raises(IngestError) as info:
+        archive.ingest(_bytes(forged))
+    assert info.value.kind is IngestErrorKind.CONFLICT
+    assert "as another SOP Class" in info.value.reason
+    assert archive.blobs.read(_key(original)) == first
+    assert _row(archive, original.SOPInstanceUID) == (
+        CTImageStorage,
+        hashlib.sha256(first).hexdigest(),
+        len(first),
+    )
+    assert archive.ingest(first).outcome is IngestOutcome.DUPLICATE
+    assert archive.stats().instances == 1
+
+
+class _WaitAfterFirst:
+    """A statement of one ingest service that, after its first run, waits until the other
+    ingest has run its own: both pass the check before either indexes."""
+
+    def __init__(self, real: Any, barrier: threading.Barrier) -> None:
+        self.real, self.barrier, self.waited = real, barrier, False
+
+    def execute(self, conn: Any, params: dict[str, Any]) -> Any:
+        result = self.real.execute(conn, params)
+        if not self.waited:
+            self.waited = True
+            self.barrier.wait(timeout=60)
+        return result
+
+
+def test_first_instances_of_a_series_in_two_studies_at_once(archive: Archive, backend: Backend):
+    """Two processes (two archives on one index and store) receive the first instance of one
+    series at once, each in another study: one is stored, the other refused (0xA900) with the
+    study that holds the series; no empty study is left; the loser's process then knows where
+    the series is."""
+    other = Archive(backend.settings, migrate=False)
+    series = new_uid()
+    first, second = _fresh(SeriesInstanceUID=series), _fresh(SeriesInstanceUID=series)
+    pairs = [(archive, first), (other, second)]
+    barrier = threading.Barrier(2)
+    results: list[IngestResult | IngestError | None] = [None, None]
+
+    def run(index: int) -> None:
+        arc, ds = pairs[index]
+        try:
+            results[index] = arc.ingest(_bytes(ds))
+        except IngestError as exc:
+            results[index] = exc
+
+    for arc, _ in pairs:
+        arc.ingestor._series_study = _WaitAfterFirst(arc.ingestor._series_study, barrier)  # type: ignore[assignment]
+    try:
+        threads = [threading.Thread(target=run, args=(i,)) for i in (0, 1)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        kinds = sorted(type(result).__name__ for result in results)
+        assert kinds == ["IngestError", "IngestResult"], results
+        [won] = [i for i in (0, 1) if isinstance(results[i], IngestResult)]
+        lost = 1 - won
+        winner, loser = pairs[won][1], pairs[lost][1]
+        error = results[lost]
+        assert isinstance(error, IngestError)
+        assert error.kind is IngestErrorKind.DATASET_MISMATCH
+        assert error.reason == (
+            f"Series Instance UID already held in another study: {winner.StudyInstanceUID}"
+        )
+        stats = archive.stats()
+        assert (stats.studies, stats.series, stats.instances) == (1, 1, 1)
+        assert list(archive.blobs.keys()) == [_key(winner)]
+        # The loser's process caches the series with the study the index holds.
+        loser_archive = pairs[lost][0]
+        more = _fresh(StudyInstanceUID=winner.StudyInstanceUID, SeriesInstanceUID=series)
+        assert loser_archive.ingest(_bytes(more)).outcome is IngestOutcome.STORED
+        again = _fresh(StudyInstanceUID=loser.StudyInstanceUID, SeriesInstanceUID=series)
+        with pytest.raises(IngestError) as info:
+            loser_archive.ingest(_bytes(again))
+        assert info.value.kind is IngestErrorKind.DATASET_MISMATCH
+        assert archive.stats().studies == 1
+    finally:
+        other.close()
