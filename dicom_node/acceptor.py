@@ -185,17 +185,32 @@ def _associate_indication(self: Association) -> A_ASSOCIATE | None:
 
 
 def _failed(self: Association, exc: Exception) -> None:
-    """The association thread met an error: answer the peer, end the association."""
+    """The association thread met an error: answer the peer (A-ABORT once established,
+    A-ASSOCIATE-RJ while the request waits for an answer), let the DUL send the answer and
+    end the connection as the state machine does (the peer closes it, or the ARTIM timer
+    expires: PS3.8 9.2, Sta13), then end the association. A DUL that has not ended the
+    connection by then has its socket closed under it."""
     _warn(self, "DICOM association ended by an error", exc)
     with contextlib.suppress(Exception):
         if self.is_established:
             self.abort()
         elif not self.is_rejected and not self.is_aborted and self.requestor.primitive:
+            # Rejected-permanent; service-provider (ACSE related); no-reason-given (9.3.4).
             self.acse.send_reject(0x01, 0x02, 0x01)
+    with contextlib.suppress(Exception):
+        dul = self.dul
+        artim = dul.artim_timer.timeout
+        deadline = time.monotonic() + (float(artim) if artim else 30.0) + 1.0
+        while (
+            dul.is_alive()
+            and dul.state_machine.current_state != "Sta1"
+            and time.monotonic() < deadline
+        ):
+            dul.join(IDLE_WAIT)
     with contextlib.suppress(Exception):
         sock = self.dul.socket
         if sock is not None:
-            sock.close()  # the DUL sees the connection closed and stops
+            sock.close()  # a DUL still in another state sees the connection closed
     with contextlib.suppress(Exception):
         self.kill()
 
@@ -208,7 +223,8 @@ def _warn(self: Association, message: str, exc: Exception, **extra: Any) -> None
 
 # --- per peer address ---------------------------------------------------------------------
 class AddressLimiter:
-    """Open connections per peer address, at most ``limit`` each."""
+    """Open connections per peer address, at most ``limit`` each (0: no limit; they are
+    counted all the same)."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -220,7 +236,7 @@ class AddressLimiter:
         open already."""
         with self._lock:
             count = self._open.get(address, 0)
-            if count >= self.limit:
+            if self.limit and count >= self.limit:
                 return False
             self._open[address] = count + 1
             return True
@@ -233,6 +249,13 @@ class AddressLimiter:
                 self._open[address] = count
             else:
                 self._open.pop(address, None)
+        if count < 0:
+            # Released twice, or never admitted: the count of this address was too low by
+            # one from then on (it lets one connection more in), or will be.
+            log.error(
+                "DICOM connection count: a connection ended that was not counted",
+                extra={"peer": address},
+            )
 
     def open_connections(self, address: str) -> int:
         with self._lock:
@@ -266,7 +289,11 @@ class ConnectionRefuser:
     modality tells its user why and tries again later; any other PDU gets an A-ABORT (AA-1),
     an A-ABORT a close (AA-2). Then our side of the connection is shut down and the peer has
     until the ARTIM timer expires to close its side, as has a peer that sends nothing at all.
-    At most ``max_pending`` connections wait here; beyond that, one is closed unread."""
+    At most ``max_pending`` connections wait here; beyond that, one is closed unread.
+
+    An error with one connection closes that connection (and is logged); should the thread
+    end all the same, the next refusal starts another. :meth:`stop` closes every connection
+    still here, taken up by the thread or not."""
 
     def __init__(self, artim_timeout: float, max_pending: int = 512) -> None:
         self.artim_timeout = artim_timeout
@@ -286,10 +313,10 @@ class ConnectionRefuser:
                 _close(connection)
                 return
             self._count += 1
-            if self._thread is None:
+            self._incoming.put(connection)
+            if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="dimse-refuser", daemon=True)
                 self._thread.start()
-        self._incoming.put(connection)
         with contextlib.suppress(OSError):
             self._wake_writer.send(b"\0")
 
@@ -301,8 +328,17 @@ class ConnectionRefuser:
             self._wake_writer.send(b"\0")
         if thread is not None:
             thread.join(5)
+        self._close_incoming()  # refused while the thread was busy, or after it ended
         self._wake_reader.close()
         self._wake_writer.close()
+
+    def _close_incoming(self) -> None:
+        while True:
+            try:
+                connection = self._incoming.get_nowait()
+            except queue.Empty:
+                return
+            self._done(connection)
 
     def _run(self) -> None:
         selector = selectors.DefaultSelector()
@@ -315,15 +351,24 @@ class ConnectionRefuser:
                 for key, _ in selector.select(max(0.0, min(timeout, 1.0))):
                     if key.data is None:
                         self._take_incoming(selector, waiting)
-                    else:
-                        self._readable(selector, waiting, cast(socket.socket, key.fileobj))
+                        continue
+                    connection = cast(socket.socket, key.fileobj)
+                    try:
+                        self._readable(selector, waiting, connection)
+                    except Exception:
+                        log.exception("refused DICOM connection closed after an error")
+                        self._forget(selector, waiting, connection)
                 now = time.monotonic()
                 for connection in [c for c, r in waiting.items() if r.deadline <= now]:
                     self._forget(selector, waiting, connection)  # ARTIM expired (AA-2)
+        except Exception:
+            log.exception("the thread answering refused DICOM connections failed")
         finally:
             for connection in list(waiting):
                 self._forget(selector, waiting, connection)
             selector.close()
+            if self._stopped:
+                self._close_incoming()
 
     def _take_incoming(
         self, selector: selectors.BaseSelector, waiting: dict[socket.socket, _Refused]

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
-from pynetdicom import AE, _config
+from pynetdicom import AE
 from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
 
 from archive import Archive
@@ -95,7 +95,6 @@ class Forwarder:
             peer = self.archive.peers.get(destination.peer)
         except PeerNotFound:
             raise ForwardError(f"unknown peer {destination.peer!r}") from None
-        _config.STORE_SEND_CHUNKED_DATASET = True  # files go out byte for byte
         for start in range(0, len(items), destination.batch_size * 20):
             batch = items[start : start + destination.batch_size * 20]
             ae = AE(ae_title=self.settings.ae_title)

@@ -12,13 +12,20 @@ What it changes, for every association of the process (requestor and acceptor):
   distinct value (``uids.py``), accepted contexts sorted once, pynetdicom's sleeping spins
   shortened, and no debug formatting of C-FIND/C-GET/C-MOVE identifiers;
 - robustness (PS3.8 9): PDUs read against the ARTIM timer and the network timeout, malformed
-  A-ASSOCIATE-RQs refused (``upper_layer.py``), acceptors that stop waiting once their
-  connection is gone (``acceptor.py``).
+  A-ASSOCIATE-RQs refused, A-ABORTs that give their reason (``upper_layer.py``), acceptors that
+  stop waiting once their connection is gone (``acceptor.py``), sockets waited on with
+  ``poll`` (``select`` refuses descriptors from 1024 on).
 
-:data:`PINS` holds a hash of the source of every pynetdicom function or method replaced,
-wrapped or copied here (and of the few whose behaviour the copies rely on), as released in the
-pynetdicom version the patches were written against; ``tests/test_pynetdicom_patches.py``
-fails when an installed pynetdicom differs, naming what to re-check.
+It also sets pynetdicom's own settings (``pynetdicom._config``) for the process:
+:data:`SETTINGS` names each one.
+
+:data:`PINS` holds a hash of the source of every pynetdicom function, method or class
+replaced, wrapped or copied here, and of those whose behaviour the copies and replacements
+rely on, as released in the pynetdicom version the patches were written against.
+``tests/test_pynetdicom_patches.py`` fails when an installed pynetdicom differs, naming what to
+re-check; and it compares every pynetdicom module and class before and after ``install()``:
+each attribute that changes must be pinned (or be named in :data:`SETTINGS` or
+:data:`GLOBALS`), and nothing may change before ``install()``.
 """
 
 from __future__ import annotations
@@ -49,13 +56,18 @@ PYNETDICOM_VERSION = "3.0.4"
 
 @dataclass(frozen=True)
 class Pin:
-    """A pynetdicom function or method (``module:Qualified.name``), the SHA-256 of its source
-    (first 16 hex digits) and what to re-check in ours when it changes."""
+    """A pynetdicom function, method, property or class (``module:Qualified.name``), the
+    SHA-256 of its source (first 16 hex digits) and what to re-check in ours when it changes."""
 
     target: str
     sha256: str
     recheck: str
 
+
+_SHORTENED_SPIN = (
+    "it sleeps through pynetdicom.association's time module, which is patches._ReactorClock "
+    "(sleeps of at most REACTOR_POLL): check a shorter sleep is still only a shorter wait"
+)
 
 PINS: tuple[Pin, ...] = (
     Pin(
@@ -206,34 +218,206 @@ PINS: tuple[Pin, ...] = (
         "dicom_node/server.py _DispatchingAssociationServer.process_request hands connections "
         "to it: check the thread still only starts the association",
     ),
+    Pin(
+        "pynetdicom.transport:AssociationServer.__init__",
+        "edacb98bdfb7b974",
+        "dicom_node/server.py sets request_queue_size (the listen backlog) on its server "
+        "classes: check it is still the TCPServer that binds and listens, on construction",
+    ),
+    # --- what the copies and replacements rely on ------------------------------------------
+    Pin(
+        "pynetdicom.dul:DULServiceProvider._process_recv_primitive",
+        "4c0ebbb3e646e35e",
+        "dicom_node/reactor.py _dul_run_reactor relies on it only peeking at the primitive it "
+        "queues an event for (DT-1 takes it off the queue) and queueing at most one event",
+    ),
+    Pin(
+        "pynetdicom.dul:DULServiceProvider.receive_pdu",
+        "fa67339834ca998c",
+        "dicom_node/acceptor.py _associate_indication and reactor._assoc_run_reactor take "
+        "primitives with it so that EVT_ACSE_RECV fires: check it still takes one without "
+        "waiting when asked not to",
+    ),
+    Pin(
+        "pynetdicom.dul:DULServiceProvider._send",
+        "a850a7919e68484e",
+        "dicom_node/upper_layer.py ae_6 and aa_8 send their A-ASSOCIATE-RJ and A-ABORT with it",
+    ),
+    Pin(
+        "pynetdicom.fsm:StateMachine.do_action",
+        "9a883f44c7f31641",
+        "dicom_node/upper_layer.py aa_8 is called through fsm.ACTIONS with the DUL only, and "
+        "learns the event from reactor._dul_run_reactor, which records it before calling this",
+    ),
+    Pin(
+        "pynetdicom.fsm:AA_8",
+        "06c83317f08831fd",
+        "dicom_node/upper_layer.py aa_8 replaces it in fsm.ACTIONS (with the reasons of "
+        "PS3.8 9.3.8): port the change",
+    ),
+    Pin(
+        "pynetdicom.pdu:P_DATA_TF",
+        "6fdbc751c92b9874",
+        "dicom_node/pdata.py _p_data_tf stands in for this class in pynetdicom.fsm and gives "
+        "prebuilt PDUs an encode() of their own: check encode() is still all that is used",
+    ),
+    Pin(
+        "pynetdicom.transport:AssociationSocket.__init__",
+        "1f0325fdef2cc353",
+        "dicom_node/reactor.py _wait_for_work and the socket lease read AssociationSocket's "
+        "socket and _is_connected directly: check what they mean",
+    ),
+    Pin(
+        "pynetdicom.transport:AssociationSocket.close",
+        "c726c8db53813d55",
+        "dicom_node/reactor.py relies on a closed AssociationSocket having _is_connected False "
+        "(and acceptor._failed closes it to end a DUL that is stuck)",
+    ),
+    Pin(
+        "pynetdicom.transport:AssociationSocket.connect",
+        "aeeeae413bd339dc",
+        "dicom_node/reactor.py relies on _is_connected being True once connected",
+    ),
+    Pin(
+        "pynetdicom.transport:AssociationSocket._create_socket",
+        "bf8b92b106c8aa07",
+        "dicom_node/reactor.py relies on _is_connected being False before connect()",
+    ),
+    Pin(
+        "pynetdicom.transport:AssociationSocket.ready",
+        "3eb58e3d39dc076d",
+        "dicom_node/reactor.py _socket_ready replaces it (poll instead of select): port the "
+        "change; upper_layer.read_pdu_data runs only when it says so (_is_transport_event)",
+    ),
+    Pin(
+        "pynetdicom.association:Association.acse_timeout",
+        "5633674fbb21bae5",
+        "its setter sets the ARTIM timer's timeout too: dicom_node/acceptor.py sets the ARTIM "
+        "timeout after the association is made, and nothing may set acse_timeout after that",
+    ),
+    Pin(
+        "pynetdicom.association:Association._serve_request",
+        "2f24c1759cdf6c8c",
+        "dicom_node/reactor.py _assoc_run_reactor serves each request with it on its own "
+        "thread, then takes the socket back from a handler that kept it and receives the "
+        "C-STOREs that follow (store_receive.serve_stores)",
+    ),
+    Pin(
+        "pynetdicom.acse:ACSE.negotiate_association",
+        "a6f771214fa494c1",
+        "dicom_node/acceptor.py answers a request itself only when this raises before it has "
+        "answered (is_established, is_rejected, is_aborted all False)",
+    ),
+    Pin(
+        "pynetdicom.acse:ACSE.send_reject",
+        "700998293bbcb6c9",
+        "dicom_node/acceptor.py rejects with it (result 1, source 2, reason 1) where "
+        "negotiation fails, and waits for the DUL to send the A-ASSOCIATE-RJ",
+    ),
+    Pin(
+        "pynetdicom.service_class:StorageServiceClass.SCP",
+        "63afca7fc6c6e7ee",
+        "dicom_node/store_receive.py serves C-STORE requests past it (status, response, "
+        "EVT_C_STORE handler): port the change",
+    ),
+    Pin(
+        "pynetdicom.dimse:DIMSEServiceProvider.receive_primitive",
+        "5f99c86b14a15cef",
+        "dicom_node/store_receive.py reassembles messages from P-DATA itself (pdvs, _Message): "
+        "port the change",
+    ),
+    Pin(
+        "pynetdicom.dimse_messages:DIMSEMessage.decode_msg",
+        "f51c777e841a76be",
+        "dicom_node/store_receive.py reassembles command and data set fragments itself "
+        "(PS3.8 E.2): port the change",
+    ),
+    Pin(
+        "pynetdicom.service_class:ServiceClass._c_find_scp",
+        "da242b908ef4848c",
+        "dicom_node/find.py _PendingBatch sends pending responses from the handler's thread "
+        "between the responses this yields: check they are still sent in order, from that "
+        "thread, with the final response after the generator ends",
+    ),
+    # --- pynetdicom.association's time module is patches._ReactorClock: every function there
+    # that sleeps, its sleeps shortened to REACTOR_POLL ---------------------------------------
+    Pin(
+        "pynetdicom.association:Association.send_c_echo",
+        "664d0e9b0ab20c53",
+        _SHORTENED_SPIN,
+    ),
+    Pin(
+        "pynetdicom.association:Association.send_c_find",
+        "5879d593298e14b6",
+        _SHORTENED_SPIN,
+    ),
+    Pin(
+        "pynetdicom.association:Association.send_c_get",
+        "df1f082c59355edc",
+        _SHORTENED_SPIN,
+    ),
+    Pin(
+        "pynetdicom.association:Association.send_c_move",
+        "eb51b3130c213cf6",
+        _SHORTENED_SPIN,
+    ),
+    Pin(
+        "pynetdicom.association:Association.send_n_action",
+        "fd0ab80035a52546",
+        _SHORTENED_SPIN,
+    ),
+    Pin(
+        "pynetdicom.association:Association.send_n_create",
+        "07a5d5de9fc39324",
+        _SHORTENED_SPIN,
+    ),
+    Pin(
+        "pynetdicom.association:Association.send_n_delete",
+        "30aa803ca48d1cff",
+        _SHORTENED_SPIN,
+    ),
+    Pin(
+        "pynetdicom.association:Association.send_n_event_report",
+        "e3d427e77369680c",
+        _SHORTENED_SPIN,
+    ),
+    Pin(
+        "pynetdicom.association:Association.send_n_get",
+        "815d125be00dbb13",
+        _SHORTENED_SPIN,
+    ),
+    Pin(
+        "pynetdicom.association:Association.send_n_set",
+        "7cfcb3cabf754673",
+        _SHORTENED_SPIN,
+    ),
 )
 
 
 def upstream_source(target: str) -> str:
     """The source of ``module:Qualified.name`` as the installed pynetdicom ships it, read from
-    its file (whatever has been patched in memory since)."""
+    its file (whatever has been patched in memory since). A name defined more than once in
+    its class (a property's getter and setter) has all its definitions, in order."""
     module_name, _, qualname = target.partition(":")
     source = inspect.getsource(importlib.import_module(module_name))
     body: list[ast.stmt] = ast.parse(source).body
-    node: ast.AST | None = None
+    nodes: list[Any] = []
     for name in qualname.split("."):
-        node = next(
-            (
-                n
-                for n in body
-                if isinstance(n, ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
-                and n.name == name
-            ),
-            None,
-        )
-        if node is None:
+        nodes = [
+            n
+            for n in body
+            if isinstance(n, ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+            and n.name == name
+        ]
+        if not nodes:
             raise LookupError(f"{target}: no {name} in {module_name}")
-        body = cast(Any, node).body
-    assert node is not None
-    decorated = cast(Any, node)
-    start = min([d.lineno for d in decorated.decorator_list] + [decorated.lineno])
-    lines = source.splitlines(keepends=True)[start - 1 : decorated.end_lineno]
-    return "".join(lines)
+        body = nodes[0].body
+    lines = source.splitlines(keepends=True)
+    parts = []
+    for node in nodes:
+        start = min([d.lineno for d in node.decorator_list] + [node.lineno])
+        parts.append("".join(lines[start - 1 : node.end_lineno]))
+    return "".join(parts)
 
 
 def source_hash(target: str) -> str:
@@ -289,6 +473,35 @@ def _accepted_contexts(self: Association) -> list[PresentationContext]:
     return list(cached[2])
 
 
+#: pynetdicom's settings (``pynetdicom._config``) that :func:`install` sets, and why.
+SETTINGS: dict[str, str] = {
+    "LOG_REQUEST_IDENTIFIERS": (
+        "False: pynetdicom formats every C-FIND/C-GET/C-MOVE identifier for its debug log, "
+        "logged or not (most of the cost of a C-FIND response); our own logs say what a "
+        "request was"
+    ),
+    "LOG_RESPONSE_IDENTIFIERS": "False, as LOG_REQUEST_IDENTIFIERS",
+    "LOG_HANDLER_LEVEL": (
+        '"none" unless the log level is DEBUG ("standard"): pynetdicom\'s standard handlers '
+        "log every PDU and message, formatting each one even when the log level drops it, and "
+        "an association with them bound takes no fast path"
+    ),
+    "STORE_SEND_CHUNKED_DATASET": (
+        "True: send_c_store(path) streams a stored file's data set as stored instead of "
+        "decoding and re-encoding it (C-GET, C-MOVE, forwarding; pynetdicom then requires an "
+        "exact transfer syntax match, which dicom_node/retrieve.py checks first)"
+    ),
+}
+
+#: Module globals of pynetdicom that :func:`install` replaces with something that is no
+#: pynetdicom code, and why; every function of that module that uses the global is pinned.
+GLOBALS: dict[str, str] = {
+    "pynetdicom.association:time": (
+        "patches._ReactorClock: the hand-overs pynetdicom still spins on (killing and aborting "
+        "an association) sleep at most REACTOR_POLL"
+    ),
+}
+
 _lock = threading.Lock()
 _installed = False
 
@@ -297,26 +510,33 @@ def installed() -> bool:
     return _installed
 
 
-def install() -> None:
-    """Apply every patch (once per process; later calls do nothing)."""
+def install(log_level: str = "INFO") -> None:
+    """Apply every patch (once per process; later calls only set :data:`SETTINGS` again),
+    with pynetdicom's own logging for ``log_level`` (the ``PACSBRIDGE_LOG_LEVEL`` of the
+    process)."""
     global _installed
     with _lock:
-        if _installed:
-            return
-        reactor.install()  # event-driven DUL and association reactors, the socket lease
-        uids.install()  # UIDs validated once per distinct value
-        pdata.install()  # C-STORE requests and responses, C-FIND responses as prebuilt PDUs
-        pynetdicom.association.time = _ReactorClock()  # type: ignore[assignment]
-        Association.accepted_contexts = property(_accepted_contexts)  # type: ignore[method-assign,assignment]
-        Association.run_reactor = acceptor.run_reactor  # type: ignore[method-assign]
-        DULServiceProvider._read_pdu_data = upper_layer.read_pdu_data  # type: ignore[method-assign]
-        description, _action, states = pynetdicom.fsm.ACTIONS["AE-6"]
-        pynetdicom.fsm.ACTIONS["AE-6"] = (description, upper_layer.ae_6, states)
-        pynetdicom.fsm.AE_6 = upper_layer.ae_6
-        for name in upper_layer.DECODING_LOGGERS:
-            logging.getLogger(name).addFilter(upper_layer.QUIET_WHILE_DECODING)
-        # pynetdicom formats every C-FIND/C-GET/C-MOVE identifier for its debug log, logged
-        # or not: most of the cost of a C-FIND response. Our own logs say what a request was.
+        if not _installed:
+            _patch()
+            _installed = True
         _config.LOG_REQUEST_IDENTIFIERS = False
         _config.LOG_RESPONSE_IDENTIFIERS = False
-        _installed = True
+        _config.LOG_HANDLER_LEVEL = "standard" if log_level.upper() == "DEBUG" else "none"
+        _config.STORE_SEND_CHUNKED_DATASET = True
+
+
+def _patch() -> None:
+    reactor.install()  # event-driven DUL and association reactors, the socket lease
+    uids.install()  # UIDs validated once per distinct value
+    pdata.install()  # C-STORE requests and responses, C-FIND responses as prebuilt PDUs
+    pynetdicom.association.time = _ReactorClock()  # type: ignore[assignment]
+    Association.accepted_contexts = property(_accepted_contexts)  # type: ignore[method-assign,assignment]
+    Association.run_reactor = acceptor.run_reactor  # type: ignore[method-assign]
+    DULServiceProvider._read_pdu_data = upper_layer.read_pdu_data  # type: ignore[method-assign]
+    for name, action in (("AE-6", upper_layer.ae_6), ("AA-8", upper_layer.aa_8)):
+        description, _action, states = pynetdicom.fsm.ACTIONS[name]
+        pynetdicom.fsm.ACTIONS[name] = (description, action, states)
+    pynetdicom.fsm.AE_6 = upper_layer.ae_6
+    pynetdicom.fsm.AA_8 = upper_layer.aa_8
+    for name in upper_layer.DECODING_LOGGERS:
+        logging.getLogger(name).addFilter(upper_layer.QUIET_WHILE_DECODING)

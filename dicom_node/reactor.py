@@ -8,7 +8,7 @@ with four senders storing at once that polling, not the storing, used most of th
 
 Here both threads sleep until there is something to do instead:
 
-- the DUL thread blocks in ``select`` on its socket and on a wake-up socket pair; a primitive
+- the DUL thread blocks in ``poll`` on its socket and on a wake-up socket pair; a primitive
   queued for it by another thread (``send_pdu``, a socket event, a kill) writes one byte there;
 - the association thread blocks on a :class:`threading.Event` that is set when the DUL hands it
   a DIMSE message or an A-RELEASE/A-ABORT primitive, or when the association is killed.
@@ -19,6 +19,10 @@ except that the DUL both sends and reads in one pass (see ``_dul_run_reactor``).
 
 A :class:`SocketLease` lets the thread that performs C-STORE sub-operations (a C-GET's or a
 C-MOVE's) write and read the socket itself while the DUL thread stands aside: see there.
+
+Sockets are waited on with ``poll``, here and in ``AssociationSocket.ready``
+(:func:`_socket_ready`): ``select`` refuses descriptors from 1024 on, and pynetdicom took such
+a connection for closed. A process that also serves HTTP holds that many easily.
 """
 
 from __future__ import annotations
@@ -38,9 +42,16 @@ from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.transport import AssociationSocket
 
 from dicom_node import store_receive
-from dicom_node.upper_layer import PDU_NAMES, stalled, take_pdu
+from dicom_node.upper_layer import (
+    header_problem,
+    invalid_pdu,
+    pdu_length_limits,
+    stalled,
+    take_pdu,
+)
 
 LOGGER = logging.getLogger("pynetdicom.dul")
 ASSOC_LOGGER = logging.getLogger("pynetdicom.assoc")
@@ -82,6 +93,11 @@ class SocketLease:
     The DUL answers a request for the lease once nothing is queued for it (it first sends what
     is), and grants it only in Sta6; otherwise the request is refused (or withdrawn after
     ``GRANT_TIMEOUT``) and the holder uses the ordinary path. TLS sockets are never leased.
+
+    Each PDU header read is held to the same limits as the DUL's reads (PS3.8 9.3.1, D.1:
+    a known type, no longer than we told the peer we receive): one that is not goes back to
+    the DUL at once as an invalid PDU (Evt19, an A-ABORT during the association), before any
+    more of it is read.
     """
 
     GRANT_TIMEOUT = 1.0
@@ -99,6 +115,8 @@ class SocketLease:
         self._lock = threading.Lock()
         self._buffer = bytearray()  # read from the socket, not yet taken as a PDU
         self._chunk: memoryview | None = None  # allocated with the first read
+        self._poller: Any = None  # select.poll() on the socket while it is held
+        self._limits: list[int] = []  # longest PDU body by type (upper_layer.pdu_length_limits)
 
     @property
     def held_here(self) -> bool:
@@ -128,9 +146,20 @@ class SocketLease:
                 return False
         if not self._granted:
             return False
+        self._hold(raw)
+        return True
+
+    def _hold(self, raw: socket.socket) -> None:
+        """This thread holds the socket from now on."""
+        self._limits = pdu_length_limits(self.dul)
+        self._poller = select.poll()
+        self._poller.register(raw, select.POLLIN)
         self.socket = raw
         self.holder = threading.current_thread()
-        return True
+
+    def _wait(self, timeout: float) -> bool:
+        """Whether the socket has something to read within ``timeout`` seconds."""
+        return bool(self._poller.poll(timeout * 1000))
 
     def send(self, data: bytes) -> None:
         assert self.socket is not None
@@ -142,7 +171,8 @@ class SocketLease:
 
         The socket is read in large chunks: a small instance's command and data set PDUs
         usually arrive in one. What is read beyond the PDUs the holder takes is handed to the
-        DUL with the socket (:meth:`release`)."""
+        DUL with the socket (:meth:`release`); so is a PDU header that breaks the limits
+        (:class:`InvalidPDU`), and None returned."""
         sock = self.socket
         assert sock is not None
         try:
@@ -150,11 +180,12 @@ class SocketLease:
                 pdu = self._take_pdu()
                 if pdu is not None:
                     return pdu
-                if timeout is not None:
-                    ready, _, _ = select.select([sock], [], [], timeout)
-                    if not ready:
-                        return None
+                if timeout is not None and not self._wait(timeout):
+                    return None
                 self._receive(sock)
+        except InvalidPDU as exc:
+            self.release(invalid=exc)
+            return None
         except (OSError, EOFError, ValueError):
             self.release(connection_lost=True)
             return None
@@ -169,17 +200,17 @@ class SocketLease:
 
     def _take_pdu(self) -> bytes | None:
         """The first whole PDU of the buffer, taken off it (PS3.8 9.3.1: type, reserved,
-        32-bit length of the rest)."""
+        32-bit length of the rest); raises :class:`InvalidPDU` for a header of an unknown
+        type, or longer than its type may be, without waiting for the length it gives."""
         buffer = self._buffer
         if len(buffer) < 6:
             return None
-        if buffer[0] not in PDU_NAMES:
-            # No PDU: what there is goes to the DUL at once, which takes it for an invalid PDU
-            # (and drops what follows) rather than waiting for the length it seems to give.
-            pdu = bytes(buffer)
-            buffer.clear()
-            return pdu
-        size = 6 + int.from_bytes(buffer[2:6], "big")
+        length = int.from_bytes(buffer[2:6], "big")
+        if length > self._limits[buffer[0]]:  # unknown types: -1
+            problem, reason = header_problem(self.dul, buffer[0], length) or ("", 0)
+            buffer.clear()  # what follows has no PDU boundaries: the DUL drops the rest
+            raise InvalidPDU(problem, reason)
+        size = 6 + length
         if len(buffer) < size:
             return None
         pdu = bytes(buffer[:size])
@@ -194,37 +225,48 @@ class SocketLease:
         while self._buffer:
             pdu = self._take_pdu()
             if pdu is None:
-                ready, _, _ = select.select([sock], [], [], timeout)
-                if not ready:
+                if not self._wait(timeout):
                     raise TimeoutError("the peer stopped in the middle of a PDU")
                 self._receive(sock)
                 continue
             pdus.append(pdu)
 
-    def release(self, unhandled_pdu: bytes | None = None, *, connection_lost: bool = False) -> None:
+    def release(
+        self,
+        unhandled_pdu: bytes | None = None,
+        *,
+        connection_lost: bool = False,
+        invalid: InvalidPDU | None = None,
+    ) -> None:
         """Give the socket back to the DUL thread, with a PDU read but not handled and any
-        read after it."""
+        read after it; ``invalid``: the header at the front of what was read (nothing
+        before it is pending) breaks the limits."""
         if not self.held_here:
             return
         dul = self.dul
         pending = [] if unhandled_pdu is None else [unhandled_pdu]
         cut = False
-        if not connection_lost:
+        if not connection_lost and invalid is None:
             try:
                 self._drain(dul.assoc.network_timeout or 60.0, pending)
             except TimeoutError:
                 cut = True  # the peer stopped in the middle of a PDU
+            except InvalidPDU as exc:
+                invalid = exc  # after the whole PDUs before it
             except (OSError, EOFError, ValueError):
                 connection_lost = True
         self._buffer.clear()
         self.holder = None
         self.socket = None
+        self._poller = None
         for pdu in pending:
             # As the DUL would have taken it; after an invalid one the rest is dropped.
             if not take_pdu(dul, bytearray(pdu)):
                 break
         else:
-            if cut:
+            if invalid is not None:
+                invalid_pdu(dul, invalid.problem, invalid.reason)
+            elif cut:
                 stalled(dul, dul.state_machine.current_state, "PDU")
         if connection_lost:
             dul.event_queue.put("Evt17")
@@ -257,6 +299,15 @@ class SocketLease:
         dul._idle_timer.restart()
 
 
+class InvalidPDU(Exception):
+    """A PDU header that no PDU of its type may have (see ``upper_layer.header_problem``)."""
+
+    def __init__(self, problem: str, reason: int) -> None:
+        super().__init__(problem)
+        self.problem = problem
+        self.reason = reason
+
+
 class _DulWakeup:
     """A socket pair the DUL thread selects on together with its peer socket."""
 
@@ -285,14 +336,32 @@ class _DulWakeup:
         self.writer.close()
 
 
+def _socket_ready(self: AssociationSocket) -> bool:
+    """pynetdicom's ``AssociationSocket.ready`` (whether the socket has something to read;
+    Evt17 when it is gone), asking ``poll`` instead of ``select``."""
+    sock = self.socket
+    if sock is None or self._is_connected is False:
+        return False
+    try:
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        ready = bool(poller.poll(0))
+    except (OSError, TimeoutError, ValueError):
+        self.event_queue.put("Evt17")  # Evt17: transport connection closed
+        return False
+    pending = getattr(sock, "pending", None)  # a TLS socket: records read, not yet taken
+    return ready or (pending is not None and bool(pending()))
+
+
 def _wait_for_work(dul: DULServiceProvider, wakeup: _DulWakeup) -> None:
-    fds: list[Any] = [wakeup.reader]
+    poller = select.poll()
+    poller.register(wakeup.reader, select.POLLIN)
     assoc_socket = dul.socket
     raw = getattr(assoc_socket, "socket", None) if assoc_socket is not None else None
-    if raw is not None and getattr(assoc_socket, "_is_connected", False):
-        fds.append(raw)
     try:
-        select.select(fds, [], [], IDLE_WAIT)
+        if raw is not None and getattr(assoc_socket, "_is_connected", False):
+            poller.register(raw, select.POLLIN)
+        poller.poll(IDLE_WAIT * 1000)
     except (OSError, ValueError):
         time.sleep(0.001)  # the socket was closed under us: the next loop sees Evt17
     wakeup.drain()
@@ -358,6 +427,8 @@ def _dul_run_reactor(self: DULServiceProvider) -> None:
                 if event == "Evt17" and self.state_machine.current_state == "Sta1":
                     continue  # closed twice (a failed read and a failed select, say): no-op
                 try:
+                    # What the action was triggered by (upper_layer.aa_8 gives its reason).
+                    self._pb_event = event  # type: ignore[attr-defined]
                     self.state_machine.do_action(event)
                 except Exception as exc:
                     # pynetdicom's loop ends the thread here and leaves the connection open
@@ -533,3 +604,4 @@ def install() -> None:
     DULServiceProvider.run_reactor = _dul_run_reactor  # type: ignore[method-assign]
     DULServiceProvider.kill_dul = _dul_kill  # type: ignore[method-assign]
     DULServiceProvider.stop_dul = _dul_stop  # type: ignore[method-assign]
+    AssociationSocket.ready = property(_socket_ready)  # type: ignore[method-assign,assignment]

@@ -42,7 +42,7 @@ from typing import Any
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
-from pynetdicom import AE, _config, build_context, evt
+from pynetdicom import AE, build_context, evt
 from pynetdicom.association import Association
 from pynetdicom.events import Event
 from pynetdicom.pdu_primitives import SCP_SCU_RoleSelectionNegotiation
@@ -445,10 +445,9 @@ class RetrieveService:
     def __init__(self, archive: Archive, settings: Settings) -> None:
         self.archive = archive
         self.settings = settings
-        # Let send_c_store(path) stream a file's data set as stored instead of decoding and
-        # re-encoding it (pynetdicom then requires an exact transfer syntax match, which the
-        # sender checks first). Process-wide; only file paths are affected.
-        _config.STORE_SEND_CHUNKED_DATASET = True
+        # send_c_store(path) streams a file's data set as stored (pynetdicom's
+        # STORE_SEND_CHUNKED_DATASET, set by dicom_node.patches.install()); pynetdicom then
+        # requires an exact transfer syntax match, which the sender checks first.
 
     def add_contexts(self, ae: AE) -> None:
         for uid in (*MOVE_MODELS, *GET_MODELS):

@@ -19,7 +19,7 @@ from typing import Any, cast
 
 from pydicom.dataset import Dataset
 from pydicom.uid import AllTransferSyntaxes
-from pynetdicom import AE, _config, evt
+from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
@@ -43,6 +43,7 @@ from dicom_node.status import (
     STATUS_PROCESSING_FAILURE,
     STATUS_REFUSED_SOP_CLASS_NOT_SUPPORTED,
     STATUS_SUCCESS,
+    STATUS_WARNING_DATASET_MISMATCH,
 )
 from dicom_node.upper_layer import PEER_LOG
 
@@ -57,6 +58,12 @@ _STATUS_FOR_ERROR = {
     IngestErrorKind.REFUSED: STATUS_REFUSED_SOP_CLASS_NOT_SUPPORTED,
     IngestErrorKind.OUT_OF_RESOURCES: STATUS_OUT_OF_RESOURCES,
 }
+
+
+def _error_comment(text: str) -> str:
+    """An Error Comment (0000,0902) for ``text``: LO, so at most 64 characters (PS3.7 C.4)
+    and no backslash, which would make it multi-valued (PS3.5 6.2)."""
+    return text.replace("\\", "/")[:64]
 
 
 class _NoDelayAssociationServer(ThreadedAssociationServer):
@@ -214,9 +221,6 @@ class DimseServer:
 
     def _build_ae(self) -> AE:
         s = self.settings
-        # pynetdicom's standard handlers log every PDU and message, formatting each one even
-        # when the log level drops it: keep them for debugging only.
-        _config.LOG_HANDLER_LEVEL = "standard" if s.log_level.upper() == "DEBUG" else "none"
         ae = AE(ae_title=s.ae_title)
         ae.maximum_associations = s.max_associations
         ae.maximum_pdu_size = s.maximum_pdu_size
@@ -256,12 +260,15 @@ class DimseServer:
                 "dicom_node.patches.install() first"
             )
         s = self.settings
+        base = _HandedOverAssociationServer if self.handed_over else _DispatchingAssociationServer
+        # The listen backlog (socketserver's request_queue_size, read when the server binds
+        # and listens on construction): its default of 5 overflows in a burst of connections,
+        # and the peers whose SYN is dropped try again only after 1 s, then 3 s.
+        server_class = type(base.__name__, (base,), {"request_queue_size": s.dimse_backlog})
         server = self.ae.make_server(
             (s.dimse_host, s.dimse_port),
             evt_handlers=self.handlers,
-            server_class=(
-                _HandedOverAssociationServer if self.handed_over else _DispatchingAssociationServer
-            ),
+            server_class=server_class,
             request_handler=AcceptorRequestHandler,
         )
         assert isinstance(server, _NoDelayAssociationServer)
@@ -391,10 +398,12 @@ class DimseServer:
                     "reason": exc.reason,
                 },
             )
-            return status, exc.reason[:64]
+            return status, _error_comment(exc.reason)
         except Exception as exc:
             log.exception("C-STORE failed", extra={"sop": sop_instance})
-            return STATUS_PROCESSING_FAILURE, f"processing failure: {type(exc).__name__}"[:64]
+            return STATUS_PROCESSING_FAILURE, _error_comment(
+                f"processing failure: {type(exc).__name__}"
+            )
         log.debug(
             "C-STORE",
             extra={
@@ -403,4 +412,10 @@ class DimseServer:
                 "outcome": result.outcome,
             },
         )
+        if result.warning:
+            log.warning(
+                "C-STORE stored with a warning",
+                extra={"calling_ae": calling, "sop": sop_instance, "reason": result.warning},
+            )
+            return STATUS_WARNING_DATASET_MISMATCH, _error_comment(result.warning)
         return STATUS_SUCCESS, ""

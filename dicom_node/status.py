@@ -22,6 +22,9 @@ STATUS_REFUSED_SOP_CLASS_NOT_SUPPORTED = 0x0122
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_DATASET_MISMATCH = 0xA900  # data set does not match SOP class
 STATUS_CANNOT_UNDERSTAND = 0xC000
+#: Warning "Data Set does not match SOP Class": stored as sent, with an Error Comment saying what
+#: does not match (native pixel data longer than its attributes need).
+STATUS_WARNING_DATASET_MISMATCH = 0xB007
 
 # --- Query/Retrieve (PS3.4 C.4.1.1.4, C.4.2.1.5, C.4.3.1.4) ---------------------------------
 STATUS_PENDING_OPTIONAL_KEYS_UNSUPPORTED = 0xFF01
@@ -66,6 +69,11 @@ CATEGORIES: dict[str, tuple[int, str, str]] = {
         STATUS_CANNOT_UNDERSTAND,
         "STORAGE_SERVICE_CLASS_STATUS",
         "Failure",
+    ),
+    "STATUS_WARNING_DATASET_MISMATCH": (
+        STATUS_WARNING_DATASET_MISMATCH,
+        "STORAGE_SERVICE_CLASS_STATUS",
+        "Warning",
     ),
     "STATUS_PENDING_OPTIONAL_KEYS_UNSUPPORTED": (
         STATUS_PENDING_OPTIONAL_KEYS_UNSUPPORTED,

@@ -17,7 +17,12 @@ the connection open with no answer. Here:
   is logged too (the state machine aborts: AA-1, AA-8).
 - :func:`ae_6` is AE-6 with the checks of PS3.8 9.3.2: a request the DUL can decode but must
   refuse gets an A-ASSOCIATE-RJ (PS3.8 9.3.4), as the state machine provides for.
+- :func:`aa_8` is AA-8 with the reason PS3.8 9.3.8 gives for what was received (an
+  unrecognised PDU, an unexpected one, an invalid parameter value) instead of none.
 - Each such peer is logged on one line, at most once a minute per address (:data:`PEER_LOG`).
+
+Sockets are waited on with ``poll`` (:func:`wait_readable`), which takes descriptors of any
+number; ``select`` refuses those from 1024 on.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from typing import Any, cast
 
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.fsm import TRANSITION_TABLE
-from pynetdicom.pdu import A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
+from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
 from pynetdicom.pdu_items import (
     AbstractSyntaxSubItem,
     ApplicationContextItem,
@@ -43,7 +48,7 @@ from pynetdicom.pdu_items import (
     UserIdentitySubItemRQ,
     UserInformationItem,
 )
-from pynetdicom.pdu_primitives import A_ASSOCIATE
+from pynetdicom.pdu_primitives import A_ASSOCIATE, A_P_ABORT
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +77,12 @@ PDU_NAMES = {
 }
 #: States in which the ARTIM timer runs (PS3.8 9.1.5, 9.2).
 _ARTIM_STATES = ("Sta2", "Sta13")
+
+# The reason/diag. of an A-ABORT from the service provider (PS3.8 9.3.8, Table 9-26).
+ABORT_REASON_NOT_SPECIFIED = 0x00
+ABORT_UNRECOGNIZED_PDU = 0x01
+ABORT_UNEXPECTED_PDU = 0x02
+ABORT_INVALID_PARAMETER_VALUE = 0x06
 
 
 class PeerLog:
@@ -187,8 +198,7 @@ def _receive(
                     if left <= 0:
                         raise _Stalled()
                     wait = min(wait, left)
-                ready, _, _ = select.select([sock], [], [], wait)
-                if not ready:
+                if not wait_readable(sock, wait):
                     continue
                 data = sock.recv(want)
         except (BlockingIOError, InterruptedError):
@@ -203,9 +213,19 @@ def _receive(
             deadline = time.monotonic() + timeout  # the network timeout counts idle time
 
 
-def _invalid(dul: DULServiceProvider, problem: str) -> None:
-    """An unrecognised or invalid PDU (PS3.8 9.2, Evt19): the rest of the stream is dropped."""
+def wait_readable(sock: socket.socket, timeout: float | None) -> bool:
+    """Whether ``sock`` has something to read (or has ended) within ``timeout`` seconds (None:
+    however long it takes)."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(None if timeout is None else timeout * 1000))
+
+
+def invalid_pdu(dul: DULServiceProvider, problem: str, reason: int) -> None:
+    """An unrecognised or invalid PDU (PS3.8 9.2, Evt19): the rest of the stream is dropped.
+    ``reason``: that of the A-ABORT, should the state machine answer with one (AA-8)."""
     dul._pb_unframed = True  # type: ignore[attr-defined]
+    dul._pb_abort_reason = reason  # type: ignore[attr-defined]
     state = dul.state_machine.current_state
     _warn(dul, "invalid PDU from a DICOM peer", reason=problem, state=state)
     dul.event_queue.put("Evt19")
@@ -223,22 +243,47 @@ def _discard(dul: DULServiceProvider, sock: socket.socket) -> None:
         dul.event_queue.put("Evt17")
 
 
-def _length_problem(dul: DULServiceProvider, pdu_type: int, length: int) -> str | None:
-    name = PDU_NAMES[pdu_type]
+def _max_length(dul: DULServiceProvider, pdu_type: int) -> int:
+    """The longest body (after the 6-byte header) a PDU of a known type may have from the
+    peer."""
     if pdu_type in (0x01, 0x02):
-        if length > MAX_ASSOCIATION_PDU_LENGTH:
-            return f"{name} of {length} bytes (at most {MAX_ASSOCIATION_PDU_LENGTH} are read)"
-        return None
+        return MAX_ASSOCIATION_PDU_LENGTH
     if pdu_type == 0x04:
         assoc = dul.assoc
         # What we told the peer we receive as the acceptor (0: no limit; PS3.8 D.1).
         limit = assoc.acceptor.maximum_length if assoc.is_acceptor else 0
-        if limit and length > limit:
-            return f"{name} of {length} bytes, longer than the negotiated {limit} (PS3.8 D.1)"
+        return limit or 0xFFFFFFFF
+    return MAX_SHORT_PDU_LENGTH
+
+
+def pdu_length_limits(dul: DULServiceProvider) -> list[int]:
+    """The longest PDU body the peer may send, indexed by the PDU type byte; -1 for types no
+    PDU has. For readers that check each PDU header with one comparison."""
+    limits = [-1] * 256
+    for pdu_type in PDU_NAMES:
+        limits[pdu_type] = _max_length(dul, pdu_type)
+    return limits
+
+
+def _length_problem(dul: DULServiceProvider, pdu_type: int, length: int) -> str | None:
+    name = PDU_NAMES[pdu_type]
+    limit = _max_length(dul, pdu_type)
+    if length <= limit:
         return None
-    if length > MAX_SHORT_PDU_LENGTH:
-        return f"{name} of {length} bytes (PS3.8 9.3: 4)"
-    return None
+    if pdu_type in (0x01, 0x02):
+        return f"{name} of {length} bytes (at most {MAX_ASSOCIATION_PDU_LENGTH} are read)"
+    if pdu_type == 0x04:
+        return f"{name} of {length} bytes, longer than the negotiated {limit} (PS3.8 D.1)"
+    return f"{name} of {length} bytes (PS3.8 9.3: 4)"
+
+
+def header_problem(dul: DULServiceProvider, pdu_type: int, length: int) -> tuple[str, int] | None:
+    """What is wrong with a PDU header of ``pdu_type`` and ``length`` (PS3.8 9.3.1), and the
+    A-ABORT reason for it; None when nothing is."""
+    if pdu_type not in PDU_NAMES:
+        return f"unrecognised PDU type 0x{pdu_type:02X} (PS3.8 9.3.1)", ABORT_UNRECOGNIZED_PDU
+    problem = _length_problem(dul, pdu_type, length)
+    return None if problem is None else (problem, ABORT_INVALID_PARAMETER_VALUE)
 
 
 def read_pdu_data(self: DULServiceProvider) -> None:
@@ -274,22 +319,19 @@ def _read_pdu(self: DULServiceProvider, sock: socket.socket) -> None:
         stalled(self, state, "PDU header")
         return
     pdu_type, _, length = struct.unpack_from(">BBL", data)
-    name = PDU_NAMES.get(pdu_type)
-    if name is None:
-        _invalid(self, f"unrecognised PDU type 0x{pdu_type:02X} (PS3.8 9.3.1)")
-        return
-    problem = _length_problem(self, pdu_type, length)
-    if problem is not None:
-        _invalid(self, problem)
-        return
     if pdu_type == 0x04 and state in _ARTIM_STATES:
         # Data before an association is established (AA-1) or after it has ended (AA-6):
-        # of no use, and not read.
+        # of no use, and not read, whatever its length.
         self._pb_unframed = True  # type: ignore[attr-defined]
         if state == "Sta2":
             _warn(self, "P-DATA-TF before an association from a DICOM peer", state=state)
             self.event_queue.put("Evt10")
         return
+    wrong = header_problem(self, pdu_type, length)
+    if wrong is not None:
+        invalid_pdu(self, *wrong)
+        return
+    name = PDU_NAMES[pdu_type]
     try:
         _receive(self, sock, length, state, data)
     except _Closed:
@@ -314,13 +356,19 @@ def take_pdu(dul: DULServiceProvider, data: bytearray) -> bool:
     does not decode, is an invalid PDU (Evt19; the rest of the stream is dropped): False."""
     name = PDU_NAMES.get(data[0])
     if name is None:
-        _invalid(dul, f"unrecognised PDU type 0x{data[0]:02X} (PS3.8 9.3.1)")
+        invalid_pdu(
+            dul, f"unrecognised PDU type 0x{data[0]:02X} (PS3.8 9.3.1)", ABORT_UNRECOGNIZED_PDU
+        )
         return False
     try:
         with _quiet_decoding():
             pdu, event = dul._decode_pdu(data)
     except Exception as exc:
-        _invalid(dul, f"{name} cannot be decoded: {type(exc).__name__}: {exc}"[:300])
+        invalid_pdu(
+            dul,
+            f"{name} cannot be decoded: {type(exc).__name__}: {exc}"[:300],
+            ABORT_INVALID_PARAMETER_VALUE,
+        )
         return False
     state = dul.state_machine.current_state
     if TRANSITION_TABLE.get((event, state)) in ("AA-1", "AA-8"):
@@ -341,6 +389,7 @@ def stalled(dul: DULServiceProvider, state: str, what: str) -> None:
         _warn(dul, f"{what} incomplete when the ARTIM timer expired", state=state)
         return
     _warn(dul, f"{what} incomplete after the network timeout", state=state)
+    dul._pb_abort_reason = ABORT_REASON_NOT_SPECIFIED  # type: ignore[attr-defined]
     dul.event_queue.put("Evt19")
 
 
@@ -483,3 +532,26 @@ def ae_6(dul: DULServiceProvider) -> str:
         return "Sta13"
     dul.to_user_queue.put(primitive)
     return "Sta3"
+
+
+def aa_8(dul: DULServiceProvider) -> str:
+    """pynetdicom's ``fsm.AA_8`` (PS3.8 9.2: send an A-ABORT PDU from the service provider,
+    issue an A-P-ABORT indication, start the ARTIM timer; Sta13), with the reason PS3.8 9.3.8
+    gives (Table 9-26): AA-8 follows an invalid PDU (Evt19), whose reader recorded why
+    (:func:`invalid_pdu`: unrecognised PDU, invalid PDU parameter value; a PDU cut short by
+    the network timeout has none to give), or a PDU this state has no place for
+    (unexpected PDU). Evt19 with no record comes from pynetdicom's DIMSE layer, for P-DATA
+    whose PDVs do not make a message: an invalid parameter value."""
+    if getattr(dul, "_pb_event", None) == "Evt19":
+        reason = dul.__dict__.pop("_pb_abort_reason", ABORT_INVALID_PARAMETER_VALUE)
+    else:
+        reason = ABORT_UNEXPECTED_PDU
+    pdu = A_ABORT_RQ()
+    pdu.source = 0x02  # DICOM UL service-provider
+    pdu.reason_diagnostic = reason
+    dul._send(pdu)
+    primitive = A_P_ABORT()
+    primitive.provider_reason = reason
+    dul.to_user_queue.put(primitive)
+    dul.artim_timer.start()
+    return "Sta13"

@@ -83,7 +83,7 @@ def serve(
     from pacsbridge.routing_jobs import install_arrival_routes
 
     settings = _settings(data_dir=data_dir, dimse_port=dimse_port, http_port=http_port)
-    patches.install()  # pynetdicom, for the DIMSE node and the forwarding jobs
+    patches.install(settings.log_level)  # pynetdicom, for the DIMSE node and the forwarding jobs
     archive = _archive(settings)
     install_arrival_routes(archive, settings)
     if settings.reconcile_on_start:
@@ -215,6 +215,11 @@ def import_(
             console.print(f"  {count} x {reason}", markup=False)
         for path, reason in report.rejected[:show_rejected]:
             console.print(f"  {path}: {reason}", markup=False)
+    if report.warnings:
+        # Stored as sent (counted above), but the data set does not quite match its SOP Class.
+        console.print(f"[yellow]stored with a warning:[/yellow] {len(report.warnings)}")
+        for path, warning in report.warnings[:show_rejected]:
+            console.print(f"  {path}: warning: {warning}", markup=False)
     print(json.dumps(summary))
     raise typer.Exit(1 if report.rejected else 0)
 
@@ -290,8 +295,8 @@ def send(
     from pacsbridge.jobs import build_registry
     from pacsbridge.routing_jobs import FORWARD, forward_items
 
-    patches.install()  # pynetdicom, for a send over DIMSE
     settings = _settings(data_dir=data_dir)
+    patches.install(settings.log_level)  # pynetdicom, for a send over DIMSE
     archive = _archive(settings)
     if not forward_items(archive, {"study_instance_uid": study}):
         console.print(f"[red]no study {study} in the archive[/red]")
@@ -379,7 +384,7 @@ def _job_runtime(archive: Any, settings: Settings) -> Any:
     from dicom_node import patches
     from pacsbridge.jobs import JobRuntime, build_registry
 
-    patches.install()  # pynetdicom, for the jobs that forward over DIMSE
+    patches.install(settings.log_level)  # pynetdicom, for the jobs that forward over DIMSE
     try:
         return JobRuntime(archive, settings, build_registry(settings))
     except Exception as exc:

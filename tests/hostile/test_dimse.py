@@ -6,15 +6,24 @@ C-ECHO and C-STORE afterwards and the instances stored before are byte-identical
 
 One `pacsbridge serve` for the module, with two DIMSE processes (the main one accepts every
 connection and counts it per address, then hands about half to the other), the ARTIM timer at
-1.5 s and an ACSE timeout far longer than the socket waits here: a connection the server only
-closed at the ACSE timeout fails these tests. Peers are told apart by source address: the
-loopback network is 127.0.0.0/8, so a client can bind 127.0.0.2, 127.0.0.3...
+1.5 s, a maximum PDU size of 64 KiB and an ACSE timeout far longer than the socket waits here:
+a connection the server only closed at the ACSE timeout fails these tests. Peers are told apart
+by source address: the loopback network is 127.0.0.0/8, so a client can bind 127.0.0.2,
+127.0.0.3... The acceptor's parts that no peer can reach on purpose (an error inside the
+association thread, descriptors above 1024, the refusing thread, the hand-over to the other
+process) are driven in-process at the end.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import logging
+import multiprocessing
+import os
 import re
+import resource
+import signal
 import socket
 import struct
 import subprocess
@@ -22,15 +31,23 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from multiprocessing.reduction import send_handle
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pydicom
 import pytest
-from pynetdicom import AE, build_context
+from pynetdicom import AE, build_context, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
+from archive import Archive
+from config import Settings
+from dicom_node import DimseServer
+from dicom_node.acceptor import AddressLimiter, ConnectionRefuser
 from dicom_node.pdata import c_store_request_command, pdata_pdus, plain_store_response_status
+from pacsbridge.dimse_pool import receive_connections
 from tests.conftest import RunningServer, _backend, require_tool, start_server
 from tests.dicom_factory import write_series
 
@@ -39,6 +56,9 @@ ARTIM = 1.5
 NETWORK_TIMEOUT = 6
 #: Open associations one address may have.
 LIMIT = 4
+#: The largest PDU the server announces (PS3.8 D.1), and its listen backlog.
+MAX_PDU = 65536
+BACKLOG = 300
 #: Long enough that a server that never closes fails the test rather than hanging it, and
 #: shorter than the ACSE timeout (pynetdicom's wait for an A-ASSOCIATE-RQ).
 SOCKET_WAIT = 20.0
@@ -56,7 +76,12 @@ REJECT_VERSION = bytes.fromhex("03 00 00000004 00 01 02 02")  # protocol version
 REJECT_CONTEXT_NAME = bytes.fromhex("03 00 00000004 00 01 01 02")  # application context name
 REJECT_LOCAL_LIMIT = bytes.fromhex("03 00 00000004 00 02 03 02")  # transient, local limit
 ABORT = bytes.fromhex("07 00 00000004 00 00 00 00")  # AA-1: service-user, not significant
-PROVIDER_ABORT = bytes.fromhex("07 00 00000004 00 00 02 00")  # AA-8: service-provider
+
+
+def provider_abort(reason: int) -> bytes:
+    """AA-8: an A-ABORT from the service provider with its reason (PS3.8 9.3.8, Table 9-26):
+    0 not specified, 1 unrecognized PDU, 2 unexpected PDU, 6 invalid PDU parameter value."""
+    return bytes.fromhex("07 00 00000004 00 00 02") + bytes([reason])
 
 
 # --- PDUs, built byte for byte (PS3.8 9.3) ---------------------------------------------------
@@ -133,6 +158,8 @@ def server(
         PACSBRIDGE_ACSE_TIMEOUT=str(ACSE_TIMEOUT),
         PACSBRIDGE_NETWORK_TIMEOUT=str(NETWORK_TIMEOUT),
         PACSBRIDGE_MAX_ASSOCIATIONS_PER_ADDRESS=str(LIMIT),
+        PACSBRIDGE_MAXIMUM_PDU_SIZE=str(MAX_PDU),
+        PACSBRIDGE_DIMSE_BACKLOG=str(BACKLOG),
         PACSBRIDGE_DIMSE_PROCESSES="2",
         PACSBRIDGE_WORKER_IN_SERVE="false",
     )
@@ -196,11 +223,13 @@ class Exchange:
 
 
 def exchange(
-    server: RunningServer, source: str, data: bytes, *, wait: float = SOCKET_WAIT
+    server: RunningServer | int, source: str, data: bytes, *, wait: float = SOCKET_WAIT
 ) -> Exchange:
-    """Send ``data`` from ``source`` and read until the server closes the connection."""
+    """Send ``data`` from ``source`` to the server (or a port) and read until the server closes
+    the connection."""
+    port = server if isinstance(server, int) else server.dimse_port
     with socket.create_connection(
-        ("127.0.0.1", server.dimse_port), timeout=wait, source_address=(source, 0)
+        ("127.0.0.1", port), timeout=wait, source_address=(source, 0)
     ) as sock:
         if data:
             sock.sendall(data)
@@ -243,17 +272,29 @@ def release(sock: socket.socket) -> None:
         assert sock.recv(10) == b""
 
 
-def raw_store(sock: socket.socket, path: Path) -> int | None:
-    """C-STORE of a Part-10 file on presentation context 1 (PS3.7 9.3.1, PS3.8 9.3.5): the
-    status of the response."""
+def store_request(path: Path, max_pdu_length: int = 16384) -> bytes:
+    """The P-DATA-TF PDUs of a C-STORE-RQ of a Part-10 file on presentation context 1
+    (PS3.7 9.3.1, PS3.8 9.3.5), each at most ``max_pdu_length`` bytes."""
     data = path.read_bytes()
     meta_length = struct.unpack("<L", data[140:144])[0]  # (0002,0000) File Meta Group Length
     ds = pydicom.dcmread(path, stop_before_pixels=True)
     command = c_store_request_command(
         str(ds.SOPClassUID), str(ds.SOPInstanceUID), message_id=7, priority=0
     )
-    sock.sendall(pdata_pdus(1, command, data[144 + meta_length :], 16384))
+    return pdata_pdus(1, command, data[144 + meta_length :], max_pdu_length)
+
+
+def raw_store(sock: socket.socket, path: Path) -> int | None:
+    """C-STORE of a Part-10 file on presentation context 1: the status of the response."""
+    sock.sendall(store_request(path))
     return plain_store_response_status(recv_pdu(sock), 7)
+
+
+def reader_holds_the_socket() -> None:
+    """After a C-STORE the server's C-STORE reader takes the connection's socket from the DUL
+    (dicom_node/store_receive.py) and keeps it while requests come within half a second: a
+    moment's pause makes sure it has it before the next PDU arrives."""
+    time.sleep(0.1)
 
 
 def read_to_end(sock: socket.socket) -> bytes:
@@ -543,17 +584,23 @@ STORAGE_RQ = associate_rq(
     user_information(),
 )
 P_DATA_CUT = struct.pack(">BBL", 0x04, 0, 1000) + bytes(100)  # 100 of the 1,000 bytes it gives
+#: A P-DATA-TF longer than the maximum PDU length the server announced (PS3.8 D.1); only its
+#: first 100 bytes are sent: the header is enough.
+P_DATA_TOO_LONG = struct.pack(">BBL", 0x04, 0, MAX_PDU + 1) + bytes(100)
 
 
 @pytest.mark.parametrize("after_store", [False, True], ids=["first-message", "after-c-store"])
 @pytest.mark.parametrize(
-    "data, logged",
+    "data, reason, logged",
     [
-        (b"\xff" * 20, "unrecognised PDU type 0xFF"),
-        (VALID_RQ, "A-ASSOCIATE-RQ unexpected"),  # in Sta6: AA-8
-        (P_DATA_CUT, "incomplete after the network timeout"),
+        (b"\xff" * 20, 1, "unrecognised PDU type 0xFF"),
+        (VALID_RQ, 2, "A-ASSOCIATE-RQ unexpected"),  # in Sta6: AA-8
+        (VALID_RQ[:2] + struct.pack(">L", 5) + VALID_RQ[6:11], 6, "A-ASSOCIATE-RQ cannot be"),
+        (P_DATA_TOO_LONG, 6, f"P-DATA-TF of {MAX_PDU + 1} bytes, longer than the negotiated"),
+        (pdu(0x05, bytes(5000)), 6, "A-RELEASE-RQ of 5000 bytes"),
+        (P_DATA_CUT, 0, "incomplete after the network timeout"),
     ],
-    ids=["garbage", "associate-rq", "p-data-cut"],
+    ids=["garbage", "associate-rq", "undecodable", "p-data-too-long", "release-rq-long", "cut"],
 )
 def test_malformed_pdu_during_an_association_aborts_it(
     server: RunningServer,
@@ -561,24 +608,80 @@ def test_malformed_pdu_during_an_association_aborts_it(
     tmp_path: Path,
     after_store: bool,
     data: bytes,
+    reason: int,
     logged: str | None,
 ):
     """During data transfer (Sta6) an invalid PDU gets an A-ABORT from the service provider
-    (AA-8), whether pynetdicom's DUL reads it (first message) or the C-STORE reader that
-    borrows its socket (after a C-STORE); a PDU cut short, once the network timeout passes."""
+    (AA-8) with the reason PS3.8 9.3.8 gives, whether pynetdicom's DUL reads it (first
+    message) or the C-STORE reader that borrows its socket (after a C-STORE), at its header
+    when that is enough to tell; a PDU cut short, once the network timeout passes."""
     source = new_address()
     sock = raw_association(server, source, STORAGE_RQ)
     with sock:
         if after_store:
             (path,) = write_series(tmp_path, 1, size=32)
             assert raw_store(sock, path) == 0x0000
+            reader_holds_the_socket()
+        started = time.monotonic()
         sock.sendall(data)
-        assert read_to_end(sock) == PROVIDER_ABORT
+        assert read_to_end(sock) == provider_abort(reason)
+        elapsed = time.monotonic() - started
+    if reason:  # (a PDU cut short is aborted at the network timeout)
+        assert elapsed < NETWORK_TIMEOUT, f"aborted after {elapsed:.1f} s, not at its header"
     lines = peer_lines(server, source)
     if logged is None:
         assert lines == []
     else:
         assert len(lines) == 1 and logged in lines[0], lines
+
+
+@pytest.mark.parametrize("after_store", [False, True], ids=["first-message", "after-c-store"])
+def test_a_data_set_in_pdus_longer_than_announced_is_not_stored(
+    server: RunningServer, stored: Stored, tmp_path: Path, after_store: bool
+):
+    """A whole C-STORE whose data set comes in one P-DATA-TF of about 130 KB, over the 64 KiB
+    the server announced (PS3.8 D.1): A-ABORT, invalid PDU parameter value; nothing stored."""
+    source = new_address()
+    (big,) = write_series(tmp_path / "big", 1, size=256)
+    big_sop = str(pydicom.dcmread(big, stop_before_pixels=True).SOPInstanceUID)
+    request = store_request(big, max_pdu_length=1 << 20)
+    assert max(len(part) for part in split_pdus(request)) > MAX_PDU
+    sock = raw_association(server, source, STORAGE_RQ)
+    with sock:
+        if after_store:
+            (path,) = write_series(tmp_path / "small", 1, size=32)
+            assert raw_store(sock, path) == 0x0000
+            reader_holds_the_socket()
+        sock.sendall(request)
+        assert read_to_end(sock) == provider_abort(6)
+    assert not any(key.endswith(f"/{big_sop}.dcm") for key in _blobs(server))
+    lines = peer_lines(server, source)
+    assert len(lines) == 1 and "longer than the negotiated 65536" in lines[0], lines
+
+
+def split_pdus(stream: bytes) -> list[bytes]:
+    """The PDUs of a byte stream of whole PDUs."""
+    pdus = []
+    while stream:
+        size = 6 + struct.unpack(">L", stream[2:6])[0]
+        pdus.append(stream[:size])
+        stream = stream[size:]
+    return pdus
+
+
+def test_the_dicom_port_listens_with_the_configured_backlog(server: RunningServer):
+    """PACSBRIDGE_DIMSE_BACKLOG, not socketserver's 5: in a burst of connections a full queue
+    drops SYNs, which the peer sends again only after 1 s, then 3 s. (``ss`` shows a listening
+    socket's backlog as its Send-Q.)"""
+    done = subprocess.run(
+        [require_tool("ss"), "-ltnH", f"sport = :{server.dimse_port}"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    (line,) = done.stdout.splitlines()
+    somaxconn = int(Path("/proc/sys/net/core/somaxconn").read_text())
+    assert int(line.split()[2]) == min(BACKLOG, somaxconn)
 
 
 def test_requests_that_only_look_odd_are_accepted(server: RunningServer, stored: Stored):
@@ -625,6 +728,306 @@ def test_malformed_requests_do_not_disturb_dcmtk(server: RunningServer, stored: 
             timeout=60,
         )
         assert done.returncode == 0, done.stdout + done.stderr
+
+
+# --- the DIMSE processes ------------------------------------------------------------------------
+def _spawned_children(pid: int) -> list[int]:
+    """The acceptor processes ``pid`` started (multiprocessing's spawned children, not its
+    resource tracker)."""
+    children = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+        if parent == pid and b"spawn_main" in cmdline:
+            children.append(int(entry.name))
+    return children
+
+
+def test_a_dimse_process_that_dies_is_replaced(server: RunningServer, stored: Stored):
+    """The other acceptor process is killed: `serve` logs it as an error, hands it no more
+    connections, starts another and hands connections to that one once it is ready."""
+    (child,) = _spawned_children(server.proc.pid)
+    assert httpx.get(f"{server.http}/health", timeout=10).json()["dimse_processes"] == {
+        "configured": 2,
+        "ready": 2,
+    }
+    os.kill(child, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    successor: list[int] = []
+    while time.monotonic() < deadline:
+        successor = [pid for pid in _spawned_children(server.proc.pid) if pid != child]
+        health = httpx.get(f"{server.http}/health", timeout=10).json()["dimse_processes"]
+        if successor and health["ready"] == 2 and f"pid={successor[0]}" in server.log():
+            break
+        # Meanwhile every connection is served (by `serve` itself).
+        assert echo(server, new_address()) == 0x0000
+        time.sleep(0.2)
+    else:
+        pytest.fail(f"no acceptor process took the killed one's place:\n{server.log()[-3000:]}")
+    assert any(
+        "DIMSE acceptor process ended; starting another" in line and f"pid={child}" in line
+        for line in server.log().splitlines()
+    ), server.log()[-3000:]
+    # Connections go to both processes again: each counts under its own address.
+    assert [echo(server, new_address()) for _ in range(6)] == [0x0000] * 6
+
+
+def _store_and_echo(port: int, files: list[Path]) -> list[int]:
+    """The statuses of a C-STORE of each file and a C-ECHO, in one association."""
+    contexts = [build_context(CTImageStorage), build_context(Verification)]
+    assoc = _ae().associate("127.0.0.1", port, contexts=contexts, ae_title="PACSBRIDGE")
+    assert assoc.is_established
+    try:
+        statuses = [int(assoc.send_c_store(path).Status) for path in files]
+        statuses.append(int(assoc.send_c_echo().Status))
+        return statuses
+    finally:
+        assoc.release()
+
+
+# --- in-process: what no peer reaches on purpose -----------------------------------------------
+@dataclass
+class Node:
+    server: DimseServer
+    archive: Archive
+    port: int
+
+
+@pytest.fixture
+def node(tmp_path: Path, pynetdicom_patched: None) -> Iterator[Node]:
+    """A DimseServer in this process (pynetdicom patched as `serve` runs it)."""
+    settings = Settings(
+        data_dir=tmp_path / "node",
+        dimse_host="127.0.0.1",
+        dimse_port=0,
+        artim_timeout=ARTIM,
+        acse_timeout=ACSE_TIMEOUT,
+        network_timeout=NETWORK_TIMEOUT,
+    )
+    archive = Archive(settings)
+    server = DimseServer(archive, settings)
+    _host, port = server.start()
+    try:
+        yield Node(server, archive, port)
+    finally:
+        server.stop()
+        archive.close()
+
+
+def test_an_error_while_the_request_waits_is_answered_before_the_connection_closes(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+):
+    """An error in the association thread after the A-ASSOCIATE-RQ arrived (here: in the
+    notification of the request) gets the A-ASSOCIATE-RJ out before the connection closes
+    (PS3.8 9.3.4: rejected-permanent, service-provider (ACSE), no reason given)."""
+    original = evt.trigger
+
+    def trigger(assoc: Any, event: Any, attrs: Any) -> Any:
+        if event is evt.EVT_REQUESTED:
+            raise RuntimeError("handler state lost")
+        return original(assoc, event, attrs)
+
+    monkeypatch.setattr(evt, "trigger", trigger)
+    for _ in range(3):
+        assert exchange(node.port, "127.0.0.1", VALID_RQ) == Exchange(REJECT_MALFORMED, True)
+    monkeypatch.undo()
+    assert _store_and_echo(node.port, []) == [0x0000]
+
+
+def test_connections_on_descriptors_above_1024_are_served(node: Node, tmp_path: Path):
+    """select() refuses descriptors from 1024 on: the DUL, its reads and the C-STORE reader
+    wait with poll(). Every descriptor below 1100 is taken first, so that the connection, its
+    wake-up pipe and the client's socket all come above."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2048:
+        pytest.skip(f"at most {hard} open files allowed here")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2048), hard))
+    files = write_series(tmp_path / "ct", 4, size=256)  # 128 KiB data sets: read in parts
+    fillers: list[int] = []
+    try:
+        while not fillers or fillers[-1] < 1100:
+            fillers.append(os.open(os.devnull, os.O_RDONLY))
+        probe = socket.socket()
+        assert probe.fileno() > 1024
+        probe.close()
+        assert _store_and_echo(node.port, files) == [0x0000] * 5
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert node.archive.stats().instances == 4
+
+
+# --- in-process: the per-address limit and its refusals -----------------------------------------
+def test_a_limit_of_zero_admits_any_number_from_one_address():
+    """Behind a load balancer or NAT every peer has the same address:
+    PACSBRIDGE_MAX_ASSOCIATIONS_PER_ADDRESS=0 turns the limit off."""
+    assert Settings(max_associations_per_address=0).max_associations_per_address == 0
+    limiter = AddressLimiter(0)
+    assert all(limiter.admit("192.0.2.1") for _ in range(500))
+    assert limiter.open_connections("192.0.2.1") == 500
+
+
+def test_a_connection_released_twice_is_logged(caplog: pytest.LogCaptureFixture):
+    limiter = AddressLimiter(2)
+    assert limiter.admit("192.0.2.2")
+    limiter.release("192.0.2.2")
+    with caplog.at_level(logging.ERROR, logger="dicom_node.acceptor"):
+        limiter.release("192.0.2.2")
+    (record,) = caplog.records
+    assert record.getMessage() == "DICOM connection count: a connection ended that was not counted"
+    assert record.peer == "192.0.2.2"  # type: ignore[attr-defined]
+    assert limiter.open_connections("192.0.2.2") == 0
+    assert limiter.admit("192.0.2.2") and limiter.admit("192.0.2.2")
+    assert not limiter.admit("192.0.2.2")
+
+
+def _refused(refuser: ConnectionRefuser) -> socket.socket:
+    """A connection handed to the refuser; the peer's end."""
+    ours, peer = socket.socketpair()
+    peer.settimeout(5)
+    refuser.refuse(ours)
+    return peer
+
+
+def _closed(peer: socket.socket) -> bool:
+    """Whether the refuser closed its end, with nothing sent (a reset when it had not read
+    all that was sent)."""
+    try:
+        return peer.recv(100) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_the_refusing_thread_survives_an_error_with_one_connection(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
+    refuser = ConnectionRefuser(artim_timeout=5)
+    original = ConnectionRefuser._readable
+    failures = iter([True])
+
+    def readable(self: ConnectionRefuser, *args: Any) -> None:
+        if next(failures, False):
+            raise RuntimeError("bad state")
+        original(self, *args)
+
+    monkeypatch.setattr(ConnectionRefuser, "_readable", readable)
+    try:
+        first = _refused(refuser)
+        first.sendall(VALID_RQ)
+        assert _closed(first)  # after the error
+        second = _refused(refuser)
+        second.sendall(VALID_RQ)
+        assert second.recv(100) == REJECT_LOCAL_LIMIT
+        assert "refused DICOM connection closed after an error" in caplog.text
+    finally:
+        refuser.stop()
+
+
+def test_a_refusing_thread_that_ended_is_started_again(monkeypatch: pytest.MonkeyPatch):
+    refuser = ConnectionRefuser(artim_timeout=5)
+    original = ConnectionRefuser._take_incoming
+    failures = iter([True])
+
+    def take_incoming(self: ConnectionRefuser, *args: Any) -> None:
+        if next(failures, False):
+            raise RuntimeError("selector gone")
+        original(self, *args)
+
+    monkeypatch.setattr(ConnectionRefuser, "_take_incoming", take_incoming)
+    try:
+        first = _refused(refuser)
+        assert refuser._thread is not None
+        refuser._thread.join(5)  # ended by the error
+        second = _refused(refuser)
+        for peer in (first, second):
+            peer.sendall(VALID_RQ)
+            assert peer.recv(100) == REJECT_LOCAL_LIMIT
+    finally:
+        refuser.stop()
+
+
+def test_stopping_the_refuser_closes_connections_it_has_not_taken_up(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    refuser = ConnectionRefuser(artim_timeout=30)
+    # The thread is busy elsewhere: it never takes these up.
+    monkeypatch.setattr(ConnectionRefuser, "_take_incoming", lambda self, *args: None)
+    peers = [_refused(refuser) for _ in range(3)]
+    refuser.stop()
+    for peer in peers:
+        assert _closed(peer)
+        peer.close()
+    # After stop(), a connection is closed at once.
+    assert _closed(_refused(refuser))
+
+
+# --- in-process: handing connections to another process ------------------------------------------
+def _receiving(child: Any) -> tuple[threading.Thread, list[tuple[socket.socket, str]], list[str]]:
+    served: list[tuple[socket.socket, str]] = []
+    ended: list[str] = []
+
+    def run() -> None:
+        with contextlib.suppress(EOFError, OSError):
+            receive_connections(child, lambda c, a: served.append((c, a)), ended.append)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, served, ended
+
+
+def test_a_connection_handed_over_without_its_descriptor_is_ended_and_the_next_served():
+    """When the descriptor does not come with its message (the kernel drops it when the child
+    has none free), the child reports the connection ended (so that the parent's counts stay
+    true) and serves the next one."""
+    parent, child = multiprocessing.Pipe(duplex=True)
+    thread, served, ended = _receiving(child)
+    ours, peer = socket.socketpair()
+    try:
+        # What send_handle() writes, without the descriptor, then the address.
+        with socket.socket(fileno=os.dup(parent.fileno())) as raw:
+            raw.sendall(b"\x01")
+        parent.send_bytes(b"192.0.2.10")
+        send_handle(parent, ours.fileno(), os.getpid())
+        parent.send_bytes(b"192.0.2.11")
+        ours.close()
+        deadline = time.monotonic() + 5
+        while not served and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert ended == ["192.0.2.10"]
+        ((connection, address),) = served
+        assert address == "192.0.2.11"
+        peer.sendall(b"A")
+        assert connection.recv(1) == b"A"
+        connection.close()
+    finally:
+        parent.close()
+        thread.join(5)
+        peer.close()
+    assert not thread.is_alive()
+
+
+def test_a_descriptor_whose_address_never_comes_is_closed():
+    parent, child = multiprocessing.Pipe(duplex=True)
+    thread, served, ended = _receiving(child)
+    ours, peer = socket.socketpair()
+    peer.settimeout(5)
+    try:
+        send_handle(parent, ours.fileno(), os.getpid())
+        ours.close()
+        parent.close()  # gone before the address
+        thread.join(5)
+        assert not thread.is_alive()
+        assert served == [] and ended == []
+        assert peer.recv(1) == b""  # no copy of the connection is left open
+    finally:
+        peer.close()
 
 
 # --- afterwards -----------------------------------------------------------------------------
