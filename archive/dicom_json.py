@@ -22,6 +22,9 @@ from pydicom.tag import BaseTag
 
 #: Value Representations whose values are bulk data (PS3.18 F.2.7).
 BULK_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
+#: Value Representations whose values are words of 2, 4 or 8 bytes in the data set's byte order
+#: (PS3.5 6.2, 7.3); OB and UN are bytes.
+WORD_SIZES = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
 
 _TEXT_WITH_CHARSET = frozenset({"SH", "LO", "ST", "LT", "UT", "UC", "PN"})
 _SINGLE_VALUED_TEXT = frozenset({"ST", "LT", "UT", "UR"})
@@ -72,9 +75,33 @@ def raw_elements_to_json(
     return out
 
 
+def little_endian_words(value: bytes, vr: str) -> bytes:
+    """A big endian OW, OF, OL, OD or OV value with its words in little endian order, as
+    DICOM JSON's InlineBinary and DICOMweb's bulk data carry them (PS3.18 F.2.7, 8.7.3); any
+    other value as it is."""
+    size = WORD_SIZES.get(vr)
+    if not size or len(value) % size:
+        return value
+    swapped = bytearray(value)
+    for offset in range(size):
+        swapped[offset::size] = value[size - 1 - offset :: size]
+    return bytes(swapped)
+
+
 def dataset_to_json(
-    ds: Dataset, bulk_uri: BulkHandler, threshold: int = 1024, path: str = "bulkdata"
+    ds: Dataset,
+    bulk_uri: BulkHandler,
+    threshold: int = 1024,
+    path: str = "bulkdata",
+    *,
+    big_endian: bool | None = None,
 ) -> dict[str, Any]:
+    """The DICOM JSON of a data set; ``big_endian`` (by default: as the data set was read)
+    says that its OW/OF/OL/OD/OV values hold big endian words, which InlineBinary gives in
+    little endian order."""
+    if big_endian is None:
+        encoding = ds.original_encoding
+        big_endian = encoding is not None and encoding[1] is False
     charset = _charset(ds._dict)
     out: dict[str, Any] = {}
     for tag in sorted(ds._dict):
@@ -86,7 +113,7 @@ def dataset_to_json(
         if isinstance(raw, RawDataElement) and charset is not None:
             converted = _raw_to_json(raw, charset, threshold, bulk_uri, f"{path}/{key}")
         if converted is None:
-            converted = _element_to_json(ds[tag], bulk_uri, threshold, path)
+            converted = _element_to_json(ds[tag], bulk_uri, threshold, path, big_endian)
         out[key] = converted
     return out
 
@@ -186,15 +213,23 @@ def _person_name(text: str) -> dict[str, str] | None:
 
 
 def _element_to_json(
-    elem: DataElement, bulk_uri: BulkHandler, threshold: int, path: str
+    elem: DataElement, bulk_uri: BulkHandler, threshold: int, path: str, big_endian: bool
 ) -> dict[str, Any]:
     key = f"{elem.tag:08X}"
     if elem.VR == "SQ":
         items = [
-            dataset_to_json(item, bulk_uri, threshold, f"{path}/{key}/{index}")
+            dataset_to_json(
+                item, bulk_uri, threshold, f"{path}/{key}/{index}", big_endian=big_endian
+            )
             for index, item in enumerate(elem.value or [])
         ]
         return {"vr": "SQ", "Value": items}
+    vr = str(elem.VR)
+    if big_endian and vr in WORD_SIZES and isinstance(elem.value, bytes) and elem.value:
+        if len(elem.value) > threshold:
+            return {"vr": vr, "BulkDataURI": bulk_uri(int(elem.tag), vr, f"{path}/{key}")}
+        inline = little_endian_words(elem.value, vr)
+        return {"vr": vr, "InlineBinary": base64.b64encode(inline).decode("ascii")}
 
     def handler(e: DataElement) -> str:
         return bulk_uri(int(e.tag), str(e.VR), f"{path}/{key}")

@@ -31,6 +31,7 @@ from archive.instance_io import (
 )
 
 __all__ = [
+    "JPEG_LOSSY_TRANSFER_SYNTAXES",
     "MAX_DECODED_FRAME_BYTES",
     "NATIVE_TRANSFER_SYNTAXES",
     "DecodeError",
@@ -48,6 +49,9 @@ NATIVE_TRANSFER_SYNTAXES = frozenset(
         DeflatedExplicitVRLittleEndian,
     }
 )
+#: JPEG lossy processes: their YBR_FULL_422 colour is RGB once decompressed (PS3.5 8.2.1). The
+#: colour of every other syntax (RLE, JPEG-LS, lossless JPEG with YBR_FULL) is kept as stored.
+JPEG_LOSSY_TRANSFER_SYNTAXES = frozenset({"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51"})
 #: The largest frame decoded, in bytes of decoded samples (16-bit 16384 x 16384): a header
 #: that declares a bigger frame is refused before anything is allocated for it.
 MAX_DECODED_FRAME_BYTES = 512 * 2**20
@@ -157,7 +161,8 @@ def decode_frame(
 def frame_bytes(fh: BinaryIO, layout: PixelLayout, number: int) -> bytes:
     """Frame ``number`` (1-based) as native little-endian pixel bytes (PS3.5 8.1.1): the
     stored bytes when they are that already, byte-swapped when stored big endian, decoded when
-    stored compressed (YBR JPEG as RGB), bit-packed for 1-bit data."""
+    stored compressed (the YBR colour of lossy JPEG as RGB, PS3.5 8.2.1; other colour as it
+    is), bit-packed for 1-bit data."""
     if not layout.encapsulated and layout.bits_allocated % 8 == 0:
         if layout.little_endian or (layout.bits_allocated == 8 and layout.vr == "OB"):
             return native_frame(fh, layout, number)
@@ -168,7 +173,8 @@ def frame_bytes(fh: BinaryIO, layout: PixelLayout, number: int) -> bytes:
             return np.frombuffer(data, dtype=dtype).astype(dtype.newbyteorder("<")).tobytes()
     # Encapsulated, bit-packed, or 8-bit samples in big endian OW words: decode. Native
     # samples are returned as stored (no colour conversion), in their planar configuration.
-    array = decode_frame(fh, layout, number, as_rgb=layout.encapsulated)
+    as_rgb = layout.transfer_syntax_uid in JPEG_LOSSY_TRANSFER_SYNTAXES
+    array = decode_frame(fh, layout, number, as_rgb=as_rgb)
     if layout.bits_allocated == 1:
         return bytes(pack_bits(array))
     if (

@@ -23,10 +23,11 @@ from pydicom.dataset import Dataset
 from pydicom.encaps import get_frame
 from pydicom.filebase import DicomFileLike
 from pydicom.filewriter import write_file_meta_info
-from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian
 
 from archive.blobstore import BlobNotFound, BlobStore
-from archive.dicom import PIXEL_TAGS
+from archive.dicom import HALF_CHROMA, PIXEL_TAGS, FileMeta, read_file_meta
+from archive.dicom_json import little_endian_words
 from config import Settings
 
 __all__ = [
@@ -170,47 +171,33 @@ def open_stored(blobs: BlobStore, key: str) -> Iterator[BinaryIO]:
         yield spool  # type: ignore[misc]
 
 
-#: Preamble, "DICM" and the File Meta Information Group Length element (PS3.10 7.1).
-_META_START = 128 + 4 + 12
-_GROUP_LENGTH = b"\x02\x00\x00\x00UL\x04\x00"
-_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN"})
-_LONG_VRS |= {b"UR", b"UT", b"UV"}
+#: Bytes read first to find the File Meta Information (it is rarely over 1 KiB), and the most
+#: read for it in all.
+_META_HEAD = 4096
+_META_MAX = 16 * 2**20
 
 
-def _meta_end(fh: BinaryIO) -> int | None:
-    """Where the file meta information of a Part-10 file ends; None when it does not start
-    with its group length."""
-    fh.seek(0)
-    head = fh.read(_META_START)
-    if len(head) < _META_START or head[128:140] != b"DICM" + _GROUP_LENGTH:
-        return None
-    (length,) = struct.unpack("<L", head[140:144])
-    return _META_START + length
+def _file_meta(fh: BinaryIO) -> FileMeta | None:
+    """The stored file's File Meta Information, read as ingest read it
+    (:func:`archive.dicom.read_file_meta`: with or without its Group Length); None when the
+    file holds no whole one."""
+    size = _META_HEAD
+    while True:
+        fh.seek(0)
+        head = fh.read(size)
+        meta = read_file_meta(head)
+        if len(head) < size or size >= _META_MAX:
+            return meta  # the whole file was read, or the group is absurdly long
+        if meta is not None and meta.data_set_offset + 8 <= len(head):
+            return meta  # the group ended inside what was read
+        size *= 8
 
 
 def is_deflated(fh: BinaryIO) -> bool:
-    """Whether the file meta information names Deflated Explicit VR Little Endian: its
-    elements are read one by one (Explicit VR Little Endian, PS3.10 7.1)."""
-    end = _meta_end(fh)
-    if end is None:
-        return False
-    fh.seek(0)
-    meta = fh.read(end)
-    offset = _META_START
-    while offset + 12 <= len(meta):  # a header, and the 4 bytes a long one takes
-        group, element = struct.unpack("<HH", meta[offset : offset + 4])
-        vr = meta[offset + 4 : offset + 6]
-        if vr in _LONG_VRS:
-            (length,) = struct.unpack("<L", meta[offset + 8 : offset + 12])
-            value = offset + 12
-        else:
-            (length,) = struct.unpack("<H", meta[offset + 6 : offset + 8])
-            value = offset + 8
-        if (group, element) == (0x0002, 0x0010):
-            uid = meta[value : value + length].rstrip(b"\x00 ").decode("ascii", "replace")
-            return uid == DeflatedExplicitVRLittleEndian
-        offset = value + length
-    return False
+    """Whether the file's data set is deflated (PS3.5 A.5): its File Meta Information names
+    a deflated transfer syntax."""
+    meta = _file_meta(fh)
+    return meta is not None and meta.deflated
 
 
 @contextlib.contextmanager
@@ -221,11 +208,11 @@ def inflated(fh: BinaryIO, max_inflated: int) -> Iterator[BinaryIO]:
     At most :data:`_INFLATE_CHUNK` bytes are inflated at a time and no more than
     ``max_inflated`` in all (:class:`InflateLimitExceeded`), so that a small file that would
     inflate to gigabytes costs neither the memory nor the time."""
-    end = _meta_end(fh)
-    if end is None:
+    found = _file_meta(fh)
+    if found is None:
         raise UnreadableInstance("the file meta information cannot be read")
     fh.seek(0)
-    head = fh.read(end)
+    head = fh.read(found.data_set_offset)
     try:
         meta = pydicom.dcmread(io.BytesIO(head), stop_before_pixels=True).file_meta
     except Exception as exc:
@@ -307,9 +294,22 @@ class PixelLayout:
         return self.length is None
 
     @property
+    def stored_samples(self) -> int:
+        """Samples per pixel as native pixel data holds them: two for YBR_FULL_422 and
+        YBR_PARTIAL_422, whose two pixels share one Cb and one Cr (PS3.3 C.7.6.3.1.2), else
+        Samples per Pixel."""
+        if (
+            not self.encapsulated
+            and self.samples_per_pixel == 3
+            and self.photometric_interpretation in HALF_CHROMA
+        ):
+            return 2
+        return self.samples_per_pixel
+
+    @property
     def frame_bits(self) -> int:
-        """Bits of one uncompressed frame."""
-        return self.rows * self.columns * self.samples_per_pixel * self.bits_allocated
+        """Bits of one uncompressed frame (as native pixel data holds it)."""
+        return self.rows * self.columns * self.stored_samples * self.bits_allocated
 
     @property
     def frame_length(self) -> int:
@@ -425,7 +425,7 @@ def check_native_extent(layout: PixelLayout, number: int) -> None:
     if (number * layout.frame_bits + 7) // 8 > layout.length:
         raise UnreadableInstance(
             f"the stored pixel data ({layout.length} bytes) is shorter than frame {number} "
-            f"of {layout.rows}x{layout.columns}x{layout.samples_per_pixel} samples of "
+            f"of {layout.rows}x{layout.columns}x{layout.stored_samples} samples of "
             f"{layout.bits_allocated} bits needs"
         )
 
@@ -475,7 +475,11 @@ def element_value(fh: BinaryIO, path: Sequence[str]) -> tuple[bytes, str]:
         if depth == len(tags) - 1:
             value = elem.value
             if isinstance(value, bytes):
-                return value, str(elem.VR)
+                vr = str(elem.VR)
+                if ds.original_encoding[1] is False:
+                    # Bulk data is sent in little endian byte order (PS3.18 8.7.3).
+                    value = little_endian_words(value, vr)
+                return value, vr
             raise NoSuchElement(text)
         if elem.VR != "SQ" or items[depth] >= len(elem.value or []):
             raise NoSuchElement(text)

@@ -99,9 +99,10 @@ _INT_RANGES: dict[str, tuple[int, int]] = {
 }
 _FLOAT_VRS = frozenset({"DS", "FL", "FD"})
 #: The most characters a value of each text VR holds (PS3.5 Table 6.2-1; PN: per component
-#: group, UI: per UID of a list, CS: per code of a list). Matching values are held to these,
-#: ``*`` wildcards aside. UC, UR and UT are unbounded in the standard: matching values of those
-#: (and of any other VR) are held to :data:`_MAX_OTHER_LENGTH`.
+#: group, UI: per UID of a list, CS: per code of a list). Matching values are held to these, or
+#: to :data:`MATCHING_LENGTH_FLOOR` where that is more, ``*`` wildcards aside. UC, UR and UT are
+#: unbounded in the standard: matching values of those (and of any other VR) are held to
+#: :data:`_MAX_OTHER_LENGTH`.
 _MAX_LENGTH: dict[str, int] = {
     "AE": 16,
     "AS": 4,
@@ -114,6 +115,12 @@ _MAX_LENGTH: dict[str, int] = {
     "UI": 64,
 }
 _MAX_OTHER_LENGTH = 10240
+#: Matching values of the short text VRs may be longer than the VR allows, up to this many
+#: characters (wildcards aside): an SCU whose accession numbers, say, are longer than SH
+#: allows gets what such a value matches (ingest keeps values within their VR, so nothing),
+#: not a failure; what is refused is the value no client sends, which would only load the
+#: index (a pattern of 30,000 characters). UIDs are held to their 64 characters.
+MATCHING_LENGTH_FLOOR = 1024
 #: The most ``*`` wildcards one matching value may hold (runs of ``*`` count once: they mean
 #: the same). Enough for every component of a three-group person name.
 MAX_WILDCARDS = 32
@@ -410,6 +417,8 @@ def _check_text(key: Key, value: str) -> str:
     :data:`MAX_WILDCARDS`; runs of ``*`` become one ``*``."""
     vr = key.vr
     limit = _MAX_LENGTH.get(vr, _MAX_OTHER_LENGTH)
+    if vr != "UI":
+        limit = max(limit, MATCHING_LENGTH_FLOOR)
     if len(value) <= limit and "*" not in value and (vr != "PN" or value.count("=") < 3):
         return value  # no longer than one value may be, and no wildcard: within every bound
     wildcards = vr in _WILDCARD_VRS
@@ -436,9 +445,14 @@ def _check_text(key: Key, value: str) -> str:
     for part in parts:
         length = len(part) - part.count("*") if wildcards else len(part)
         if length > limit:
+            if vr == "UI":
+                raise QueryError(
+                    f"{key.keyword}: a UI value holds at most {limit} characters per value "
+                    f"(PS3.5 6.2); this one has {length}"
+                )
             raise QueryError(
-                f"{key.keyword}: a {vr} value holds at most {limit} characters"
-                f"{' ' + what if what else ''} (PS3.5 6.2), wildcards aside; this one has {length}"
+                f"{key.keyword}: a matching value holds at most {limit} characters"
+                f"{' ' + what if what else ''}, wildcards aside; this one has {length}"
             )
     if wildcards and value.count("*") > MAX_WILDCARDS:
         raise QueryError(

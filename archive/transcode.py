@@ -8,9 +8,10 @@ this is the exception path. What it does to the data set:
 
 - compressed pixel data is decoded (pydicom's plugins: pylibjpeg with openjpeg / libjpeg, GDCM,
   RLE), the SOP Instance UID kept (PS3.5 8.2, 10: the pixels are those the compressed stream
-  holds), YBR colour of JPEG converted to RGB with Photometric Interpretation RGB as PS3.5 8.2.1
-  says of a decompressed YBR_FULL_422 image, Planar Configuration and Number of Frames set to
-  match the decoded pixels;
+  holds), the YBR colour of lossy JPEG converted to RGB with Photometric Interpretation RGB as
+  PS3.5 8.2.1 says of a decompressed YBR_FULL_422 image (the colour of other syntaxes kept as it
+  is), Lossy Image Compression kept "01" after a lossy syntax, Planar Configuration and Number of
+  Frames set to match the decoded pixels;
 - big endian values of OW, OF, OL, OD and OV (pixel data, palette lookup tables (0028,1201-1203),
   LUT data, overlay data, waveform data, …) are word-swapped into little endian (PS3.5 7.3,
   Annex D); OB and UN values are byte strings and stay as they are; every other value is
@@ -34,7 +35,8 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
-from archive.frames import NATIVE_TRANSFER_SYNTAXES, can_decode
+from archive.dicom_json import WORD_SIZES
+from archive.frames import JPEG_LOSSY_TRANSFER_SYNTAXES, NATIVE_TRANSFER_SYNTAXES, can_decode
 from archive.instance_io import StoredFileError, inflated, is_deflated
 
 __all__ = [
@@ -48,9 +50,6 @@ __all__ = [
 
 #: What the converter writes.
 UNCOMPRESSED_TARGETS = (UID(ExplicitVRLittleEndian), UID(ImplicitVRLittleEndian))
-#: Value representations whose values are words of 2, 4 or 8 bytes in the data set's byte order
-#: (PS3.5 6.2); OB and UN are bytes.
-_WORD_SIZE = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
 _IMPLEMENTATION_VERSION = f"PYDICOM {pydicom.__version__}"[:16]
 
 
@@ -101,7 +100,11 @@ def _convert(fh: BinaryIO, target: UID, source_ae_title: str | None) -> bytes:
                     "stored only"
                 )
             if "PixelData" in ds:
-                ds.decompress(generate_instance_uid=False, as_rgb=True)
+                ds.decompress(
+                    generate_instance_uid=False,
+                    as_rgb=stored in JPEG_LOSSY_TRANSFER_SYNTAXES,
+                )
+                _keep_lossy_marks(ds, stored)
         elif not stored.is_little_endian:
             swap_words_to_little_endian(ds)
         meta = DicomBytesIO()
@@ -117,6 +120,27 @@ def _convert(fh: BinaryIO, target: UID, source_ae_title: str | None) -> bytes:
             f"the instance cannot be converted from {stored.name} to {target.name}: {exc}"
         ) from exc
     return b"\x00" * 128 + b"DICM" + meta.getvalue() + body.getvalue()
+
+
+#: Transfer syntaxes whose compression always loses information, and the method each names
+#: in Lossy Image Compression Method (0028,2114), PS3.3 C.7.6.1.1.5.1.
+_LOSSY_METHODS = {
+    "1.2.840.10008.1.2.4.50": "ISO_10918_1",  # JPEG Baseline
+    "1.2.840.10008.1.2.4.51": "ISO_10918_1",  # JPEG Extended
+    "1.2.840.10008.1.2.4.81": "ISO_14495_1",  # JPEG-LS Near-Lossless
+}
+
+
+def _keep_lossy_marks(ds: Dataset, stored: UID) -> None:
+    """Decompressed pixels of a lossy syntax stay lossy: Lossy Image Compression is "01" once
+    lossy compression has been applied, with its method (PS3.3 C.7.6.1.1.5), which a data set
+    sent compressed may leave to its transfer syntax."""
+    method = _LOSSY_METHODS.get(str(stored))
+    if method is None:
+        return
+    ds.LossyImageCompression = "01"
+    if "LossyImageCompressionMethod" not in ds:
+        ds.LossyImageCompressionMethod = method
 
 
 def _file_meta(ds: Dataset, target: UID, source_ae_title: str | None) -> FileMetaDataset:
@@ -139,15 +163,16 @@ def swap_words_to_little_endian(ds: Dataset) -> None:
     writes, but keeps the bytes of OB, OW, OF, OL, OD and OV values as they were read: the
     words of OW/OF/OL/OD/OV values, in every item of every sequence, are swapped here (PS3.5
     7.3). Native Pixel Data of 32 or 64 bits allocated is swapped in units of its samples, as
-    readers of big endian pixel data take it (a 16-bit OW word swap would mix two samples'
-    halves). Every element is decoded first, while the data set still knows it was read big
-    endian."""
+    pydicom reads big endian pixel data (and as its pair of test files ``rtdose_1frame`` and
+    ``rtdose_expb_1frame`` holds it), where DCMTK swaps each 16-bit word of the OW value: the
+    standard's Explicit VR Big Endian is retired and says no more. Every element is decoded
+    first, while the data set still knows it was read big endian."""
     for elem in ds:
         if elem.VR == "SQ":
             for item in elem.value or ():
                 swap_words_to_little_endian(item)
             continue
-        size = _WORD_SIZE.get(str(elem.VR))
+        size = WORD_SIZES.get(str(elem.VR))
         if size == 2 and elem.tag == 0x7FE00010:
             bits = ds.get("BitsAllocated")
             if bits in (32, 64):

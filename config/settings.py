@@ -190,9 +190,13 @@ class Settings(BaseSettings):
     dimse_host: str = "0.0.0.0"
     dimse_port: int = Field(default=11112, ge=0, le=65535)
     max_associations: int = Field(default=64, ge=1)
-    max_associations_per_address: int = Field(default=16, ge=1)
+    max_associations_per_address: int = Field(default=16, ge=0)
     """Open DICOM connections from one IP address, counted over all DIMSE processes; more are
-    refused with A-ASSOCIATE-RJ rejected-transient, local-limit-exceeded (PS3.8 9.3.4)."""
+    refused with A-ASSOCIATE-RJ rejected-transient, local-limit-exceeded (PS3.8 9.3.4). 0: no
+    limit (behind a load balancer or NAT, where every peer has the same address)."""
+    dimse_backlog: int = Field(default=512, ge=1)
+    """Connections the kernel queues on the DICOM port before they are accepted (listen
+    backlog; the kernel caps it at net.core.somaxconn)."""
     require_called_ae_title: bool = False
     """Reject associations whose Called AE Title is not ``ae_title``."""
     allowed_calling_ae_titles: list[str] = Field(default_factory=list)
@@ -216,7 +220,8 @@ class Settings(BaseSettings):
     elsewhere; ``["*"]`` allows any. Empty (default): no CORS headers."""
     http_header_timeout: float = Field(default=10.0, gt=0)
     """Seconds a client has to send a request's line and headers, counted from the connection
-    (or from the first byte of a further request on it); then 408 and the connection closes."""
+    (or from the first byte after a finished request and response on it); then 408 and the
+    connection closes."""
     http_max_header_bytes: int = Field(default=65536, ge=4096)
     """The most bytes of a request line and headers; a larger request gets 431 and is closed."""
     http_keep_alive_timeout: int = Field(default=5, ge=1)

@@ -64,6 +64,11 @@ def valid_host(value: str) -> bool:
     return found is not None and (found.group(1) is None or int(found.group(1)) <= 65535)
 
 
+#: The longest host[:port] (a DNS name of 253 characters, a port): longer Host headers are
+#: refused before the cache of :func:`valid_host`, which must not hold junk of 64 KiB.
+_MAX_HOST_LENGTH = 262
+
+
 def host_error(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
     """Why the Host header of a request cannot make the server's URLs; None when it can (or
     there is none: HTTP/1.0, the server's own address then)."""
@@ -71,7 +76,7 @@ def host_error(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
     if len(hosts) > 1:
         return "the request has several Host headers (RFC 9110 7.2 allows one)"
     host = hosts[0].decode("latin-1") if hosts else ""
-    if host and not valid_host(host):
+    if host and (len(host) > _MAX_HOST_LENGTH or not valid_host(host)):
         return (
             f"the Host header {host[:100]!r} is not a valid host[:port] (RFC 9110 7.2); "
             "the server's URLs are built from it unless PACSBRIDGE_PUBLIC_URL is set"

@@ -34,6 +34,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from archive import Archive
 from archive.instance_io import StoredInstance, inflate_limit, open_instance
+from archive.query import shown
 from archive.render import (
     MEDIA_TYPES,
     THUMBNAIL_SIZE,
@@ -125,7 +126,7 @@ def _parameters(request: Request, *, thumbnail: bool) -> tuple[RenderOptions, li
         if key not in _RENDER_PARAMETERS:
             fail(
                 400,
-                f"unknown query parameter {name!r}: rendered resources take window, viewport, "
+                f"unknown query parameter {shown(name)}: rendered resources take window, viewport, "
                 "quality, accept (and annotation and iccprofile, which are ignored)",
             )
         if key in values:

@@ -4,11 +4,12 @@ uvicorn times out idle keep-alive connections, but not a request whose line and 
 finish: a client that sends half a request line holds its connection (and a file descriptor)
 for ever, and with httptools the headers of one request may grow without bound. Each
 connection here gets ``http_header_timeout`` seconds for a request's line and headers (from
-the connection, or from the first byte of a further request on it), after which it is
-answered 408 and closed (RFC 9110 15.5.9); and at most ``http_max_header_bytes`` of them,
-beyond which it is answered 431 and closed (RFC 6585 5). The other limits are uvicorn's own:
-idle keep-alive connections (``http_keep_alive_timeout``), open connections
-(``http_max_connections``: requests beyond get 503) and the listen backlog (``http_backlog``).
+the connection, or from the first byte after a finished exchange on it, be it only an empty
+line), after which it is answered 408 and closed (RFC 9110 15.5.9); and at most
+``http_max_header_bytes`` of them, beyond which it is answered 431 and closed (RFC 6585 5).
+The other limits are uvicorn's own: idle keep-alive connections (``http_keep_alive_timeout``),
+open connections (``http_max_connections``: requests beyond get 503) and the listen backlog
+(``http_backlog``).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._header_deadline = 0.0
         self._awaiting_headers = True
         self._request_begun = False
+        self._message_complete = False
         self._header_bytes = 0
 
     # --- the header clock -------------------------------------------------------------------
@@ -99,8 +101,17 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         if not self._awaiting_headers:
-            super().data_received(data)
-            return
+            if not self._between_requests():
+                super().data_received(data)
+                return
+            # Bytes after a finished exchange: the next request, or empty lines before it,
+            # which the parser skips without beginning a message (RFC 9112 2.2). Either way
+            # the next request line and headers get ``header_timeout`` from the first of them:
+            # a client that sends only CRLFs holds the connection no longer than that.
+            self._awaiting_headers = True
+            self._request_begun = False
+            self._header_bytes = 0
+            self._header_deadline = self.loop.time() + self.header_timeout
         self._header_bytes += len(data)
         super().data_received(data)
         if (
@@ -113,7 +124,13 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
                 f"the request line and headers exceed {self.max_header_bytes} bytes",
             )
 
+    def _between_requests(self) -> bool:
+        """The last request was read whole and answered whole."""
+        cycle = self.cycle
+        return self._message_complete and (cycle is None or cycle.response_complete)
+
     def on_message_begin(self) -> None:
+        self._message_complete = False
         super().on_message_begin()
         if not self._awaiting_headers:
             # A further request on this connection: its headers get the whole time again.
@@ -125,6 +142,10 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._awaiting_headers = False
         super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._message_complete = True
+        super().on_message_complete()
 
 
 def protocol_class(settings: Settings) -> type[BoundedHttpToolsProtocol]:

@@ -160,6 +160,7 @@ def loaded(
         "corrupt": corrupt_jpeg(),
         "liver": _new_uids(pydicom.dcmread(_testdata("liver_1frame.dcm"))),  # 1-bit
         "palette": _new_uids(pydicom.dcmread(_testdata("examples_palette.dcm"))),
+        "ybr422": _new_uids(pydicom.dcmread(_testdata("SC_ybr_full_422_uncompressed.dcm"))),
     }
     files = {name: part10(ds) for name, ds in datasets.items()}
     files["palette-be"] = big_endian_palette(tmp)
@@ -374,6 +375,22 @@ def test_one_bit_image(loaded: Loaded) -> None:
     assert png.status_code == 200
     shown = np.asarray(Image.open(io.BytesIO(png.content)))
     assert np.array_equal(shown > 127, stored.pixel_array.astype(bool))
+
+
+def test_native_ybr_full_422(loaded: Loaded) -> None:
+    """Native YBR_FULL_422 holds two samples' worth per pixel (PS3.3 C.7.6.3.1.2): its frame
+    is served as stored, and rendered as pydicom decodes it (RGB)."""
+    path = loaded.instance("ybr422")
+    stored = pydicom.dcmread(io.BytesIO(loaded.stored[path.rsplit("/", 1)[1]]))
+    assert len(stored.PixelData) == 100 * 100 * 2
+    frames = loaded.http.get(f"{path}/frames/1")
+    assert frames.status_code == 200, frames.text[:300]
+    ((_, frame),) = parse_multipart(frames.content, frames.headers["content-type"])
+    assert frame == stored.PixelData
+    png = loaded.http.get(f"{path}/rendered", headers={"Accept": "image/png"})
+    assert png.status_code == 200, png.text[:300]
+    shown = np.asarray(Image.open(io.BytesIO(png.content)).convert("RGB"))
+    assert np.array_equal(shown, stored.pixel_array)  # pydicom gives RGB
 
 
 def test_palette_colour_little_and_big_endian(loaded: Loaded) -> None:

@@ -8,6 +8,7 @@ depend on the index's column types), driven with httpx, raw sockets and pynetdic
 from __future__ import annotations
 
 import json
+import re
 import socket
 import urllib.parse
 from collections.abc import Iterator
@@ -285,21 +286,21 @@ def test_every_qido_key_with_metacharacters_and_huge_values(
             "/studies",
             "PatientName",
             "*A" * 30000,
-            "PatientName: a PN value holds at most 64 characters per component group "
-            "(PS3.5 6.2), wildcards aside; this one has 30000",
+            "PatientName: a matching value holds at most 1024 characters per component group, "
+            "wildcards aside; this one has 30000",
         ),
         (
             "/studies",
             "StudyDescription",
             "*A" * 30000,
-            "StudyDescription: a LO value holds at most 64 characters (PS3.5 6.2), wildcards "
+            "StudyDescription: a matching value holds at most 1024 characters, wildcards "
             "aside; this one has 30000",
         ),
         (
             "/studies",
             "AccessionNumber",
-            "A" * 17,
-            "AccessionNumber: a SH value holds at most 16 characters",
+            "A" * 1025,
+            "AccessionNumber: a matching value holds at most 1024 characters",
         ),
         (
             "/studies",
@@ -373,12 +374,31 @@ def test_fuzzy_matching_holds_names_to_the_same_bounds(
     params = {"fuzzymatching": "true", "PatientName": "*A" * 30000}
     response = qido(http, "/studies", params)
     assert response.status_code == 400
-    assert detail(response).startswith("PatientName: a PN value holds at most 64 characters")
+    assert detail(response).startswith(
+        "PatientName: a matching value holds at most 1024 characters"
+    )
     # A word with many wildcards against a name that almost matches: answered at once.
     params = {"fuzzymatching": "true", "PatientName": "D*O*E*J*A*N*E*X"}
     response = http.get("/dicom-web/studies", params=params)
     assert response.status_code == 200
     assert response.json() == []
+    assert_intact(server, http, stored)
+
+
+def test_values_longer_than_their_vr_match_what_they_match(
+    server: RunningServer, http: httpx.Client, stored: Stored
+) -> None:
+    """A RIS whose accession numbers are longer than SH allows is answered, not refused: such
+    a value matches nothing the index holds (ingest keeps values within their VR)."""
+    for path, params in (
+        ("/studies", {"AccessionNumber": "RIS2024000012345678"}),
+        ("/series", {"StationName": "STATION_NAME_LONGER"}),
+        ("/studies", {"StudyDescription": "D" * 70}),
+        ("/studies", {"AccessionNumber": "RIS20240000*12345678"}),
+    ):
+        response = http.get(f"/dicom-web{path}", params=params)
+        assert response.status_code == 200, (params, response.text[:300])
+        assert response.json() == [], params
     assert_intact(server, http, stored)
 
 
@@ -724,6 +744,21 @@ def test_unfinished_request_headers_are_timed_out(
         answer = _read_until_closed(sock)
     assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
     assert b"HTTP/1.1 408 Request Timeout\r\n" in answer
+    # Empty lines after a finished exchange begin no request (RFC 9112 2.2), but they start
+    # the clock all the same: the connection is closed, with nothing to answer.
+    with socket.create_connection(address) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: a\r\n\r\n")
+        sock.settimeout(SOCKET_WAIT)
+        first = b""
+        while b"\r\n\r\n" not in first:
+            first += sock.recv(65536)
+        head, _, body = first.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+        length = int(re.search(rb"content-length: (\d+)", head, re.IGNORECASE)[1])  # type: ignore[index]
+        while len(body) < length:
+            body += sock.recv(65536)
+        sock.sendall(b"\r\n")
+        assert _read_until_closed(sock) == b""
     assert_intact(server, http, stored)
 
 
@@ -848,8 +883,16 @@ def test_c_find_refuses_what_qido_refuses(
 
     try:
         cases: list[tuple[str, dict[str, Any], str]] = [
-            ("STUDY", {"PatientName": ("PN", "*A" * 30000)}, "PatientName: a PN value holds"),
-            ("STUDY", {"StudyDescription": ("LO", "*A" * 30000)}, "StudyDescription: a LO val"),
+            (
+                "STUDY",
+                {"PatientName": ("PN", "*A" * 30000)},
+                "PatientName: a matching value holds at most 1024",
+            ),
+            (
+                "STUDY",
+                {"StudyDescription": ("LO", "*A" * 30000)},
+                "StudyDescription: a matching value holds",
+            ),
             (
                 "SERIES",
                 {"StudyInstanceUID": ("UI", study), "SeriesNumber": ("LO", "2147483648")},

@@ -7,6 +7,7 @@ words of palette lookup tables, overlay and waveform data in little endian order
 
 from __future__ import annotations
 
+import base64
 import io
 import shutil
 import subprocess
@@ -319,6 +320,58 @@ def test_palette_overlay_and_waveform_words(loaded: Loaded) -> None:
                     assert got.WaveformData == want.WaveformData
                 checked += 1
     assert checked == 6
+
+
+def _word_values(json: dict[str, Any], ds: Dataset, get: Any, path: str = "") -> int:
+    """Check every OW/OF/OL/OD/OV value of DICOM JSON ``json`` (pixel data aside) against the
+    little endian data set ``ds``: InlineBinary and bulk data are little endian (PS3.18 F.2.7,
+    8.7.3). Returns how many were checked."""
+    checked = 0
+    for key, element in json.items():
+        tag = int(key, 16)
+        if tag in (0x7FE00010, 0x7FE00008, 0x7FE00009):
+            continue
+        if element["vr"] == "SQ":
+            for index, item in enumerate(element.get("Value", [])):
+                checked += _word_values(item, ds[tag].value[index], get, f"{path}{key}/{index}/")
+        elif element["vr"] in ("OW", "OF", "OL", "OD", "OV"):
+            if "InlineBinary" in element:
+                value = base64.b64decode(element["InlineBinary"])
+            elif "BulkDataURI" in element:
+                value = get(element["BulkDataURI"])
+            else:
+                continue
+            assert value == ds[tag].value, f"{path}{key}"
+            checked += 1
+    return checked
+
+
+def test_big_endian_words_in_metadata_and_bulk_data(loaded: Loaded) -> None:
+    """The words of big endian OW values reach a viewer in little endian order through WADO-RS
+    metadata and bulk data too, as through the converter."""
+
+    def bulk(url: str) -> bytes:
+        response = httpx.get(url, headers={"Accept": "application/octet-stream"}, timeout=60)
+        assert response.status_code == 200, (url, response.text[:300])
+        return response.content
+
+    checked = 0
+    for sop, stored in loaded.stored.items():
+        if stored.expected is None or stored.original.file_meta.TransferSyntaxUID != (
+            ExplicitVRBigEndian
+        ):
+            continue
+        ds = stored.original
+        response = httpx.get(
+            f"{loaded.server.http}/dicom-web/studies/{loaded.study}/series/"
+            f"{ds.SeriesInstanceUID}/instances/{sop}/metadata",
+            timeout=60,
+        )
+        assert response.status_code == 200, response.text[:300]
+        (json,) = response.json()
+        checked += _word_values(json, stored.expected, bulk)
+    # The palette tables, the overlay data and the waveform data at least.
+    assert checked >= 5
 
 
 def _pixels(ds: Dataset) -> np.ndarray:
