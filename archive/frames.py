@@ -132,6 +132,8 @@ def decode_frame(
     ``fh`` is a file opened with :func:`archive.instance_io.open_instance`. Raises
     :class:`~archive.instance_io.FrameOutOfRange` and :class:`DecodeError`."""
     _check_decodable(layout, number)
+    if not layout.encapsulated and layout.bits_allocated == 1:
+        return _bit_packed_frame(fh, layout, number)
     syntax = UID(layout.transfer_syntax_uid)
     try:
         decoder = get_decoder(syntax)
@@ -156,6 +158,24 @@ def decode_frame(
             f"frame {number} cannot be decoded ({_syntax_name(layout.transfer_syntax_uid)}): {exc}"
         ) from exc
     return np.asarray(array)
+
+
+def _bit_packed_frame(fh: BinaryIO, layout: PixelLayout, number: int) -> np.ndarray:
+    """Frame ``number`` of native 1-bit pixel data. Frames follow each other bit by bit
+    (PS3.5 8.1.1: the first pixel in the least significant bit of the first byte), so a frame
+    whose Rows x Columns is not a multiple of 8 starts inside a byte."""
+    bits = layout.rows * layout.columns * layout.samples_per_pixel
+    start = (number - 1) * bits
+    fh.seek(layout.value_offset + start // 8)
+    data = fh.read((start % 8 + bits + 7) // 8)
+    unpacked = np.unpackbits(np.frombuffer(data, dtype=np.uint8), bitorder="little")
+    if len(unpacked) < start % 8 + bits:
+        raise DecodeError(f"frame {number} is cut short in the stored pixel data")
+    frame = unpacked[start % 8 : start % 8 + bits]
+    shape: tuple[int, ...] = (layout.rows, layout.columns)
+    if layout.samples_per_pixel > 1:
+        shape = (*shape, layout.samples_per_pixel)
+    return frame.reshape(shape)
 
 
 def frame_bytes(fh: BinaryIO, layout: PixelLayout, number: int) -> bytes:

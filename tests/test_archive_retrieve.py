@@ -168,3 +168,37 @@ def test_find_instances_in_order(archive: Archive):
         ordered[0],
         ordered[2],
     ]
+
+
+@pytest.mark.parametrize(("rows", "columns"), [(15, 17), (8, 8), (3, 5)])
+def test_frames_of_bit_packed_pixel_data_that_start_inside_a_byte(rows: int, columns: int):
+    """1-bit frames follow each other bit by bit (PS3.5 8.1.1): a frame of 15 x 17 pixels
+    starts at bit 255 of the value. Each frame decodes to its own pixels (a SEG's frames)."""
+    import numpy as np
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.pixels import pack_bits
+    from pydicom.uid import UID, ExplicitVRLittleEndian
+
+    from archive.frames import decode_frame, frame_bytes
+    from archive.instance_io import pixel_layout
+
+    rng = np.random.default_rng(5)
+    frames = rng.integers(0, 2, size=(7, rows, columns), dtype=np.uint8)
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = UID("1.2.840.10008.5.1.4.1.1.66.4")
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+    ds.Rows, ds.Columns, ds.NumberOfFrames = rows, columns, len(frames)
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 1, 1, 0, 0
+    ds.PixelData = pack_bits(frames)
+    buffer = BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    buffer.seek(0)
+    _ds, layout = pixel_layout(buffer)
+    for number, expected in enumerate(frames, start=1):
+        assert np.array_equal(decode_frame(buffer, layout, number), expected)
+        assert frame_bytes(buffer, layout, number) == pack_bits(expected)
