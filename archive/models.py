@@ -238,3 +238,43 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class AIRun(Base):
+    """One run of one AI model on one series (the ``ai`` package writes and reads these rows;
+    the archive only keeps them, beside the instances the run produced).
+
+    ``input_fingerprint`` identifies the series as the model saw it (its SOP Instance UIDs):
+    a study that becomes stable again without a new instance in the series is not run again.
+    A newer run of the same model on a changed series supersedes the older one
+    (``superseded_by``); the older results stay in the archive.
+    """
+
+    __tablename__ = "ai_run"
+    __table_args__ = (
+        CheckConstraint(
+            "status IN ('queued', 'running', 'done', 'failed')", name="ck_ai_run_status"
+        ),
+        Index("ix_ai_run_model_series", "model", "series_instance_uid"),
+        _NEVER_REUSE_IDS,
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    uid: Mapped[str] = mapped_column(UI, nullable=False, unique=True)
+    """A UID of the run: the UIDs of what it produces are derived from it (a repeated run
+    after a crash stores the same instances again, never a second copy)."""
+    model: Mapped[str] = mapped_column(String(64), nullable=False)
+    weights_sha256: Mapped[str | None] = mapped_column(String(64))
+    study_instance_uid: Mapped[str] = mapped_column(UI, nullable=False, index=True)
+    series_instance_uid: Mapped[str] = mapped_column(UI, nullable=False)
+    input_fingerprint: Mapped[str | None] = mapped_column(String(64))
+    trigger: Mapped[str] = mapped_column(String(16), nullable=False)
+    """``stable`` (the stable-study job) or ``manual`` (API, CLI)."""
+    status: Mapped[str] = mapped_column(String(16), nullable=False)
+    error: Mapped[str | None] = mapped_column(Text)
+    result: Mapped[dict] = mapped_column(DicomJson, nullable=False)
+    """Instances produced, per-stage timings, findings (volumes, probabilities)."""
+    superseded_by: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

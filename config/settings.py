@@ -39,12 +39,11 @@ def validate_ae_title(value: str) -> str:
     return value
 
 
-def validate_peer_name(value: str) -> str:
-    """A peer's name: it appears in URLs (``/api/peers/<name>``)."""
+def validate_peer_name(value: str, what: str = "a peer name") -> str:
+    """A peer's (or model's) name: it appears in URLs (``/api/peers/<name>``)."""
     if not _PEER_NAME.fullmatch(value):
         raise ValueError(
-            "a peer name is 1 to 64 letters, digits, '.', '_' or '-', starting with a letter "
-            "or digit"
+            f"{what} is 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit"
         )
     return value
 
@@ -116,6 +115,122 @@ class PeerSettings(BaseModel):
     @classmethod
     def _valid_host(cls, value: str) -> str:
         return validate_host(value)
+
+
+AIModelKind = Literal["segmentation", "classification"]
+AIDevice = Literal["auto", "cpu", "cuda"]
+
+
+class CodeSettings(BaseModel):
+    """A coded concept (PS3.3 8.8): ``scheme`` is a Coding Scheme Designator (``SCT`` for
+    SNOMED CT, ``DCM``, ``LN``…)."""
+
+    value: str = Field(min_length=1, max_length=64)
+    scheme: str = Field(min_length=1, max_length=16)
+    meaning: str = Field(min_length=1, max_length=64)
+
+
+class AILabelSettings(BaseModel):
+    """One output of a model: a segment (its label value in the model's output) or a class."""
+
+    name: str = Field(min_length=1, max_length=64)
+    """Segment Label / finding name as viewers show it."""
+    value: int | None = Field(default=None, ge=1, le=65535)
+    """The label value in a segmentation model's output (default: its position, from 1)."""
+    category: CodeSettings = Field(
+        default_factory=lambda: CodeSettings(
+            value="91723000", scheme="SCT", meaning="Anatomical Structure"
+        )
+    )
+    """Segmented Property Category (CID 7150)."""
+    type: CodeSettings
+    """Segmented Property Type (CID 7151) or, for a classifier, the finding."""
+    color: tuple[int, int, int] | None = None
+    """Recommended display colour (sRGB 0-255)."""
+
+
+class SeriesSelectorSettings(BaseModel):
+    """Which series of a study a model runs on (every criterion given must match), in the
+    spirit of MONAI Deploy's series selector rules. Text criteria match case-insensitively with
+    ``*`` and ``?`` wildcards; a list matches when any element does."""
+
+    modality: list[str] = Field(default_factory=list)
+    body_part: list[str] = Field(default_factory=list)
+    """Body Part Examined (0018,0015); a series without one matches."""
+    image_type: list[str] = Field(default_factory=list)
+    """Values every instance's Image Type (0008,0008) must hold, e.g. ``["ORIGINAL"]``."""
+    orientation: Literal["axial", "sagittal", "coronal"] | None = None
+    """The plane of the slices, from Image Orientation (Patient)."""
+    min_slices: int = Field(default=1, ge=1)
+    """The fewest slices (frames) the series must have."""
+    sop_class_uid: list[str] = Field(default_factory=list)
+    series_description: str | None = None
+    """A regular expression searched in Series Description (case-insensitive)."""
+
+    @field_validator("series_description")
+    @classmethod
+    def _valid_pattern(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"series_description is not a regular expression: {exc}") from exc
+        return value
+
+
+class AIModelSettings(BaseModel):
+    """A model (``[ai.models.<name>]``). For a builtin model every field is optional: what is
+    given overrides the builtin's default (``enabled = false`` switches it off)."""
+
+    enabled: bool = True
+    kind: AIModelKind | None = None
+    source: str | None = None
+    """``builtin:<name>``, a TorchScript file (``.pt``/``.ts``), or a MONAI bundle directory;
+    always read from disk, never downloaded."""
+    version: str | None = None
+    """The algorithm version written into results (default: the weights' hash prefix)."""
+    description: str | None = None
+    selector: SeriesSelectorSettings | None = None
+    labels: list[AILabelSettings] | None = None
+    roi_size: list[int] | None = None
+    """Input patch size: sliding-window size of a 3D TorchScript segmentation model, image size
+    of a classifier."""
+    overlap: float = Field(default=0.25, ge=0, lt=1)
+    sw_batch_size: int = Field(default=1, ge=1)
+    device: AIDevice = "auto"
+    """``auto``: CUDA when a GPU is there, else CPU."""
+    amp: bool = True
+    """Automatic mixed precision on CUDA."""
+    intensity_range: tuple[float, float] | None = None
+    """TorchScript models: input values clipped to this range and scaled to 0..1."""
+    spacing: tuple[float, float, float] | None = None
+    """TorchScript segmentation: resample to this voxel size (mm) before inference."""
+    segmentation_type: Literal["BINARY", "LABELMAP"] = "BINARY"
+    """Segmentation Type of the DICOM SEG written (PS3.3 C.8.20.2; LABELMAP: one frame per
+    slice holding every label)."""
+    threshold: float = Field(default=0.5, gt=0, lt=1)
+    """Classification: a class is reported present at this probability or more."""
+    multi_label: bool = False
+    """Classification: one sigmoid per class instead of a softmax over them."""
+
+
+class AISettings(BaseModel):
+    """AI on stable studies (``[ai]``)."""
+
+    enabled: bool = True
+    """Run the matching models on every stable study."""
+    models: dict[str, AIModelSettings] = Field(default_factory=dict)
+    spacing_tolerance: float = Field(default=0.1, ge=0)
+    """The largest allowed deviation of a slice gap from the median gap, as a fraction."""
+    max_voxels: int = Field(default=600 * 512 * 512, ge=1)
+    """The largest volume (slices x rows x columns) a model is run on."""
+
+    @field_validator("models")
+    @classmethod
+    def _valid_names(cls, value: dict[str, AIModelSettings]) -> dict[str, AIModelSettings]:
+        for name in value:
+            validate_peer_name(name, f"the model name {name!r}")
+        return value
 
 
 class Settings(BaseSettings):
@@ -277,6 +392,8 @@ class Settings(BaseSettings):
     ``[peers.*]`` or the ``/api/peers`` API) directly; names are resolved when a job runs."""
     routes: dict[str, RouteSettings] = Field(default_factory=dict)
     """Routing rules: ``[routes.<name>]``."""
+    ai: AISettings = Field(default_factory=AISettings)
+    """Models and their series selectors: ``[ai]`` and ``[ai.models.<name>]``."""
 
     @field_validator("ae_title")
     @classmethod

@@ -21,6 +21,7 @@ from dicomweb.direct import DirectApp
 from dicomweb.router import PREFIX as DICOMWEB_PREFIX
 from dicomweb.router import SERVICES as DICOMWEB_SERVICES
 from pacsbridge import __version__
+from pacsbridge.ai_api import router as ai_router
 from pacsbridge.api_peers import router as peers_router
 from pacsbridge.jobs_api import router as jobs_router
 
@@ -41,6 +42,7 @@ def create_app(
     app.state.settings = settings
     app.include_router(peers_router)
     app.include_router(jobs_router)
+    app.include_router(ai_router)
     app.include_router(dicomweb_router)
     # DICOMweb GETs past FastAPI's per-request machinery (dicomweb/direct.py)
     app.serve_directly(DICOMWEB_PREFIX, [service.router for service in DICOMWEB_SERVICES])

@@ -34,6 +34,8 @@ db_app = typer.Typer(help="Index database maintenance.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 jobs_app = typer.Typer(help="The durable job queue.", no_args_is_help=True)
 app.add_typer(jobs_app, name="jobs")
+ai_app = typer.Typer(help="AI models and their runs.", no_args_is_help=True)
+app.add_typer(ai_app, name="ai")
 
 console = Console(stderr=True)
 log = logging.getLogger("pacsbridge")
@@ -406,8 +408,11 @@ def worker(data_dir: DataDir = None) -> None:
     claimed again when its lease expires)."""
     import signal
 
+    from pacsbridge.routing_jobs import install_arrival_routes
+
     settings = _settings(data_dir=data_dir)
     archive = _archive(settings)
+    install_arrival_routes(archive, settings)  # AI results a worker stores are routed too
     runtime = _job_runtime(archive, settings)
     stop = threading.Event()
 
@@ -519,6 +524,98 @@ def jobs_requeue(
     finally:
         archive.close()
     print(json.dumps({"requeued": count}))
+
+
+@ai_app.command("models")
+def ai_models(
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False,
+    data_dir: DataDir = None,
+) -> None:
+    """Models: source, weights SHA-256, what each selects, whether it is on."""
+    from ai.registry import ModelRegistry
+
+    settings = _settings(data_dir=data_dir)
+    specs = [spec.to_json() for spec in ModelRegistry(settings.ai).specs.values()]
+    if as_json:
+        print(json.dumps(specs))
+        return
+    for spec in specs:
+        state = "on" if spec["enabled"] else "off"
+        print(f"{spec['name']} ({spec['kind']}, {state}): {spec['description'] or spec['source']}")
+        print(f"  source   {spec['source']}")
+        print(f"  weights  {spec['weights_sha256'] or '-'}  {' '.join(spec['weights']) or ''}")
+        print(f"  version  {spec['version']}")
+        selects = ", ".join(f"{k}={v}" for k, v in spec["selector"].items()) or "every series"
+        print(f"  selects  {selects}")
+        print(f"  labels   {', '.join(spec['labels'])}")
+        if spec["error"]:
+            print(f"  [cannot run: {spec['error']}]")
+
+
+@ai_app.command("run")
+def ai_run(
+    study: Annotated[str, typer.Argument(help="Study Instance UID.")],
+    model: Annotated[str | None, typer.Option(help="Only this model.")] = None,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Wait for the runs to end (a worker must run them).")
+    ] = False,
+    timeout: Annotated[float, typer.Option(min=1, help="With --wait: give up after.")] = 600,
+    data_dir: DataDir = None,
+) -> None:
+    """Queue runs of the models (or one) on a study, even on series they have already seen;
+    `serve` or `worker` runs them. Prints the runs as JSON; exit 1 if one failed."""
+    import time
+
+    from ai.runs import RunStore, plan_study
+    from pacsbridge.ai_jobs import enqueue_runs, model_registry
+
+    settings = _settings(data_dir=data_dir)
+    archive = _archive(settings)
+    try:
+        models = model_registry(settings)
+        if model is not None and models.get(model) is None:
+            console.print(f"[red]no model {model!r}[/red] (pacsbridge ai models lists them)")
+            raise typer.Exit(2)
+        planned = plan_study(archive, models, study, model=model, trigger="manual")
+        if not planned:
+            console.print(f"[red]no series of study {study} is selected by a model[/red]")
+            raise typer.Exit(1)
+        enqueue_runs(archive, planned, study)
+        store = RunStore(archive)
+        deadline = time.monotonic() + timeout
+        while True:
+            runs = [store.get(p.run_id) for p in planned]
+            pending = [r for r in runs if r is None or r.status in ("queued", "running")]
+            if not wait or not pending:
+                break
+            if time.monotonic() > deadline:
+                console.print("[red]timed out waiting for the runs[/red] (is a worker running?)")
+                raise typer.Exit(3)
+            time.sleep(0.5)
+    finally:
+        archive.close()
+    print(json.dumps([r.to_json() for r in runs if r is not None]))
+    if wait and any(r is not None and r.status == "failed" for r in runs):
+        raise typer.Exit(1)
+
+
+@ai_app.command("runs")
+def ai_runs(
+    study: Annotated[str | None, typer.Option(help="Study Instance UID.")] = None,
+    model: Annotated[str | None, typer.Option(help="Model name.")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=_MAX_ROWS)] = 50,
+    data_dir: DataDir = None,
+) -> None:
+    """AI runs, newest first, as JSON lines."""
+    from ai.runs import RunStore
+
+    settings = _settings(data_dir=data_dir)
+    archive = _archive(settings)
+    try:
+        for run in RunStore(archive).list(study=study, model=model, limit=limit):
+            print(json.dumps(run.to_json()))
+    finally:
+        archive.close()
 
 
 def main() -> None:

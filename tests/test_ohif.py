@@ -44,6 +44,7 @@ ARTIFACTS = REPO / "test-artifacts"
 CHROMIUM = os.environ.get("PACSBRIDGE_CHROMIUM", "/usr/bin/chromium")
 PATIENT_ID = "PB-OHIF-0001"
 DESCRIPTION = "CT PHANTOM FOR OHIF"
+BRAIN_DESCRIPTION = "BRAIN MRI FOR OHIF"
 SLICES = 20
 SIZE = 256
 
@@ -191,36 +192,27 @@ def pacs(
         assert server.stop() == 0, server.log()[-3000:]
 
 
-def test_ohif_viewer_shows_the_study(
-    pacs: RunningServer,
-    ohif_site: tuple[str, type[_OhifHandler]],
-    tmp_path: Path,
-) -> None:
-    origin, handler = ohif_site
-    dicomweb = f"{pacs.http}/dicom-web"
-    handler.config_js = app_config(dicomweb).encode()
-
-    study_uid, series_uid = new_uid(), new_uid()
-    body, content_type = multipart_body([part10(ds) for ds in ct_phantom(study_uid, series_uid)])
-    stored = httpx.post(
+def stow(dicomweb: str, parts: list[bytes]) -> None:
+    body, content_type = multipart_body(parts)
+    sent = httpx.post(
         f"{dicomweb}/studies",
         content=body,
         headers={"Content-Type": content_type, "Accept": "application/dicom+json"},
-        timeout=60,
+        timeout=120,
     )
-    assert stored.status_code == 200, stored.text
+    assert sent.status_code == 200, sent.text
 
+
+def drive(config: dict, tmp_path: Path, record: str) -> tuple[dict, str]:
+    """Run tests/ohif/drive.mjs; its result (also kept as ``record`` in the artifacts) and a
+    summary of it for assertion messages."""
     ARTIFACTS.mkdir(exist_ok=True)
-    for old in ARTIFACTS.glob("ohif-*"):
-        old.unlink()
     config = {
-        "viewer": origin,
-        "studyUid": study_uid,
-        "marker": DESCRIPTION,
         "chromium": CHROMIUM,
         "userDataDir": str(tmp_path / "chromium-profile"),
         "artifacts": str(ARTIFACTS),
         "timeoutMs": 120_000,
+        **config,
     }
     done = subprocess.run(
         ["node", str(DRIVER), json.dumps(config)],
@@ -232,9 +224,31 @@ def test_ohif_viewer_shows_the_study(
     )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout)
-    requests = result["requests"]
-    (ARTIFACTS / "ohif-requests.json").write_text(json.dumps(result, indent=2))
+    (ARTIFACTS / record).write_text(json.dumps(result, indent=2))
     context = json.dumps({k: v for k, v in result.items() if k != "requests"}, indent=1)[:4000]
+    return result, context
+
+
+def test_ohif_viewer_shows_the_study(
+    pacs: RunningServer,
+    ohif_site: tuple[str, type[_OhifHandler]],
+    tmp_path: Path,
+) -> None:
+    origin, handler = ohif_site
+    dicomweb = f"{pacs.http}/dicom-web"
+    handler.config_js = app_config(dicomweb).encode()
+
+    study_uid, series_uid = new_uid(), new_uid()
+    stow(dicomweb, [part10(ds) for ds in ct_phantom(study_uid, series_uid)])
+    ARTIFACTS.mkdir(exist_ok=True)
+    for old in ARTIFACTS.glob("ohif-*"):
+        old.unlink()
+    result, context = drive(
+        {"viewer": origin, "studyUid": study_uid, "marker": DESCRIPTION},
+        tmp_path,
+        "ohif-requests.json",
+    )
+    requests = result["requests"]
     assert result["error"] is None, context
     assert result["studyListed"], context
 
@@ -256,3 +270,63 @@ def test_ohif_viewer_shows_the_study(
     region = shot[top : top + int(box["height"]), left : left + int(box["width"])]
     lit = float((region > 60).mean())
     assert lit > 0.05, f"only {lit:.1%} of the viewport is lit"
+
+
+def test_ohif_shows_the_brain_seg_over_the_mri(
+    pacs: RunningServer,
+    ohif_site: tuple[str, type[_OhifHandler]],
+    tmp_path: Path,
+) -> None:
+    """The brain-mr SEG of the ch2 MRI (the AI pipeline's own output) over the MRI in OHIF:
+    the viewport holds the overlay's colour, and every DICOMweb request succeeds."""
+    from ai.registry import ModelRegistry
+    from ai.runs import execute_run, plan_study
+    from archive import Archive
+    from tests.ai_data import CH2, SeriesSpec, nifti_as_axial, series_datasets, stored
+
+    if not CH2.exists():
+        _unavailable(f"{CH2} is missing (apt-get install mricron-data)")
+    settings = Settings(data_dir=tmp_path / "ai")
+    archive = Archive(settings)
+    try:
+        volume, affine = nifti_as_axial(CH2, "axial-head-first")
+        source = series_datasets(volume, affine, SeriesSpec(patient_id="PB-OHIF-0002"))
+        for ds in source:
+            ds.StudyDescription = BRAIN_DESCRIPTION
+            archive.ingest(part10(ds))
+        study_uid = source[0].StudyInstanceUID
+        registry = ModelRegistry(settings.ai)
+        [planned] = plan_study(archive, registry, study_uid, model="brain-mr")
+        run = execute_run(archive, registry, planned.run_id)
+        assert run.status == "done", run.error
+        [seg_uid] = [
+            p["sop_instance_uid"] for p in run.result["produced"] if p["modality"] == "SEG"
+        ]
+        seg = stored(archive, seg_uid)
+    finally:
+        archive.close()
+
+    origin, handler = ohif_site
+    dicomweb = f"{pacs.http}/dicom-web"
+    handler.config_js = app_config(dicomweb).encode()
+    stow(dicomweb, [*(part10(ds) for ds in source), seg])
+    result, context = drive(
+        {
+            "viewer": origin,
+            "studyUid": study_uid,
+            "marker": BRAIN_DESCRIPTION,
+            "overlay": "AI brain-mr segmentation",
+            "scroll": 70,  # from the vertex to the middle of the brain
+        },
+        tmp_path,
+        "ohif-seg-requests.json",
+    )
+    assert result["error"] is None, context
+    failed = [r for r in result["requests"] if r["status"] is None or not 200 <= r["status"] < 400]
+    assert not failed, json.dumps(failed, indent=1)
+    paths = [urlsplit(r["url"]).path for r in result["requests"]]
+    assert any(seg_uid in p for p in paths), "OHIF never asked for the SEG"
+    # The overlay's colour is in the viewport (the image alone is grey).
+    overlay = result["overlay"]
+    assert overlay and overlay["coloured"] / overlay["total"] > 0.02, context
+    assert (ARTIFACTS / "ohif-seg.png").is_file()

@@ -191,6 +191,7 @@ def serve_env(**extra: str) -> dict[str, str]:
         "PACSBRIDGE_STABLE_AGE": "1",
         "PACSBRIDGE_STABLE_SCAN_INTERVAL": "0.2",
         "PACSBRIDGE_WORKER_POLL_INTERVAL": "0.1",
+        "PACSBRIDGE_AI": json.dumps({"enabled": False}),  # only the test kinds on stable
         **extra,
     }
 

@@ -2,8 +2,11 @@
 //
 //   node drive.mjs '<json config>'
 //
-// config: { viewer, studyUid, marker, chromium, userDataDir, artifacts, timeoutMs }
-// (marker: text of the study's row, e.g. its Study Description)
+// config: { viewer, studyUid, marker, chromium, userDataDir, artifacts, timeoutMs, overlay,
+//          scroll }
+// (marker: text of the study's row, e.g. its Study Description; overlay: the Series Description
+// of a DICOM SEG of the study to open over the image, optional; scroll: slices to move
+// through the stack before the overlay is measured, optional)
 // Opens the study list, waits for the study's row, opens the study in the basic viewer from
 // that row, waits until the image viewport's canvas shows pixels, and screenshots both pages
 // into `artifacts`. Prints one JSON object on stdout: every request to /dicom-web (method, URL,
@@ -20,6 +23,7 @@ const result = {
   viewerUrl: null,
   viewport: null,
   canvas: null,
+  overlay: null,
   error: null,
 };
 
@@ -49,6 +53,38 @@ async function dismiss(page, text) {
 }
 
 const isDicomweb = (url) => url.includes('/dicom-web/') || url.endsWith('/dicom-web');
+
+async function colourStats(page) {
+  // The largest visible canvas: fraction of coloured (not grey) pixels, i.e. an overlay.
+  return page.evaluate(() => {
+    const canvases = [...document.querySelectorAll('canvas')].filter((c) => {
+      const r = c.getBoundingClientRect();
+      return r.width > 100 && r.height > 100;
+    });
+    canvases.sort((a, b) => b.width * b.height - a.width * a.height);
+    let best = null;
+    for (const canvas of canvases) {
+      const ctx = canvas.getContext('2d', { willReadFrequently: true });
+      if (!ctx) continue;
+      const data = ctx.getImageData(0, 0, canvas.width, canvas.height).data;
+      let coloured = 0;
+      let total = 0;
+      const colours = {};
+      for (let i = 0; i < data.length; i += 16) {
+        total += 1;
+        const [r, g, b] = [data[i], data[i + 1], data[i + 2]];
+        if (Math.max(r, g, b) - Math.min(r, g, b) > 40) {
+          coloured += 1;
+          const key = `${r >> 5},${g >> 5},${b >> 5}`;
+          colours[key] = (colours[key] ?? 0) + 1;
+        }
+      }
+      const top = Object.entries(colours).sort((a, b) => b[1] - a[1]).slice(0, 5);
+      if (!best || coloured > best.coloured) best = { coloured, total, top };
+    }
+    return best;
+  });
+}
 
 async function canvasStats(page) {
   // The largest visible canvas inside an OHIF viewport: fraction of non-black pixels.
@@ -163,6 +199,46 @@ try {
     if (box) result.viewport = box;
   }
   await page.screenshot({ path: `${config.artifacts}/ohif-viewer.png` });
+
+  // 4. Optionally, the SEG over the image: open its series from the study panel, accept the
+  // viewer's offer to load it, wait for coloured pixels in the viewport.
+  if (config.overlay) {
+    const thumbnail = await page.waitForSelector(`xpath///*[contains(text(), "${config.overlay}")]`);
+    await thumbnail.click({ count: 2 });
+    const accept = async () => {
+      for (const text of ['Yes', 'Load', 'Confirm']) await dismiss(page, text);
+    };
+    const deadline = Date.now() + timeout;
+    while (Date.now() < deadline) {
+      await accept();
+      const stats = await colourStats(page);
+      result.overlay = stats;
+      if (stats && stats.coloured > stats.total / 500) break;
+      await new Promise((r) => setTimeout(r, 1000));
+    }
+    await page.waitForNetworkIdle({ idleTime: 1000, timeout }).catch(() => null);
+    // Scroll through the stack to the slice asked for (the viewer opens at one end of it).
+    if (config.scroll) {
+      const canvas = await colourStats(page);
+      const viewport = await page.$('[data-viewportid], .viewport-wrapper, [data-cy="viewport-pane"]');
+      const box = viewport ? await viewport.boundingBox() : null;
+      if (box) await page.mouse.move(box.x + box.width / 2, box.y + box.height / 2);
+      for (let i = 0; i < Math.abs(config.scroll); i += 1) {
+        await page.mouse.wheel({ deltaY: config.scroll > 0 ? 100 : -100 });
+        await new Promise((r) => setTimeout(r, 60));
+      }
+      result.beforeScroll = canvas;
+    }
+    await page.waitForNetworkIdle({ idleTime: 1000, timeout }).catch(() => null);
+    await new Promise((r) => setTimeout(r, 1000));
+    result.overlay = await colourStats(page);
+    const element = await page.$('[data-viewportid], .viewport-wrapper, [data-cy="viewport-pane"]');
+    if (element) {
+      const box = await element.boundingBox();
+      if (box) result.viewport = box;
+    }
+    await page.screenshot({ path: `${config.artifacts}/ohif-seg.png` });
+  }
 } catch (error) {
   result.error = String(error?.stack ?? error).slice(0, 2000);
   try {
