@@ -1,7 +1,8 @@
 """AI results as standard DICOM objects (highdicom): a Segmentation (PS3.3 A.51) and a
 Comprehensive 3D SR holding a TID 1500 Measurement Report (PS3.16), each in a new series of
-the source study. Both name the algorithm in Contributing Equipment, as IHE AI Results (AIR,
-RAD TF-3 6.5) asks, and copy the patient and study attributes from the source images."""
+the source study. Both name the algorithm in Contributing Equipment, as the IHE Radiology AI
+Results (AIR) profile asks, and copy the patient and study attributes from the source
+images."""
 
 from __future__ import annotations
 
