@@ -8,6 +8,7 @@ CPU. Networks are loaded once per process (see :class:`ai.registry.ModelRegistry
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import json
 import threading
@@ -62,7 +63,7 @@ def _load_torchscript(path: Any, device: torch.device) -> torch.jit.ScriptModule
     return module
 
 
-class Runner:
+class Runner(abc.ABC):
     """Base of the loaded models; ``lock`` serialises use of one network between threads."""
 
     def __init__(self, spec: ModelSpec) -> None:
@@ -75,8 +76,9 @@ class Runner:
     def needs_geometry(self) -> bool:
         return self.spec.kind == "segmentation"
 
+    @abc.abstractmethod
     def run(self, volume: Volume, timings: Timings) -> SegmentationOutput | ClassificationOutput:
-        raise NotImplementedError
+        """The model's output for ``volume``, its stages timed in ``timings``."""
 
 
 # --- brain-mr: deepbet's networks in our pipeline -------------------------------------------

@@ -362,7 +362,9 @@ def _execute(
                 max_voxels=ai_settings.max_voxels,
             )
         else:
-            volume = load_images(archive, run.series_instance_uid)
+            volume = load_images(
+                archive, run.series_instance_uid, max_voxels=ai_settings.max_voxels
+            )
     output = runner.run(volume, timings)
     uids = ResultUIDs.for_run(run.uid, spec.name)
     result: dict[str, Any] = {

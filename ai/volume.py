@@ -413,9 +413,16 @@ def load_volume(
     )
 
 
-def load_images(archive: Archive, series_instance_uid: str, *, max_images: int = 64) -> Volume:
+def load_images(
+    archive: Archive,
+    series_instance_uid: str,
+    *,
+    max_images: int = 64,
+    max_voxels: int | None = None,
+) -> Volume:
     """Every frame of a series as a stack of 2D images, without patient geometry (projection
-    radiographs for classifiers). All frames must have one size."""
+    radiographs for classifiers). All frames must have one size; at most ``max_images`` of
+    them and ``max_voxels`` pixels in all."""
     frames, headers, study, modality = _read_headers(archive, series_instance_uid)
     if len(frames) > max_images:
         raise VolumeError(f"the series has {len(frames)} images, more than {max_images}")
@@ -423,6 +430,11 @@ def load_images(archive: Archive, series_instance_uid: str, *, max_images: int =
     if len(sizes) > 1:
         raise VolumeError(f"the series mixes image sizes ({sorted(sizes)})")
     rows, columns = sizes.pop()
+    if max_voxels is not None and len(frames) * rows * columns > max_voxels:
+        raise VolumeError(
+            f"the series has {len(frames)} images of {rows}x{columns}, more than the "
+            f"{max_voxels} pixels a model is run on (ai.max_voxels)"
+        )
     array = np.empty((len(frames), rows, columns), dtype=np.float32)
     _decode_into(archive, frames, array)
     return Volume(

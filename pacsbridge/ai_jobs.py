@@ -28,17 +28,18 @@ log = logging.getLogger(__name__)
 AI = "ai"
 AI_RUN = "ai-run"
 
-_registries: dict[int, ModelRegistry] = {}
+#: Registries by settings object; the settings are kept with them, so an id is never reused.
+_registries: dict[int, tuple[Settings, ModelRegistry]] = {}
 _lock = threading.Lock()
 
 
 def model_registry(settings: Settings) -> ModelRegistry:
     """The process's model registry for these settings (weights loaded once, on first use)."""
     with _lock:
-        registry = _registries.get(id(settings))
-        if registry is None:
-            registry = _registries[id(settings)] = ModelRegistry(settings.ai)
-        return registry
+        held = _registries.get(id(settings))
+        if held is None or held[0] is not settings:
+            held = _registries[id(settings)] = (settings, ModelRegistry(settings.ai))
+        return held[1]
 
 
 def register(registry: HandlerRegistry, settings: Settings) -> None:

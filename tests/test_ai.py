@@ -1032,3 +1032,34 @@ def test_the_faster_overlap_check_answers_as_highdicom_does(overlapping: bool) -
         hd.seg.SegmentsOverlapValues.YES if overlapping else hd.seg.SegmentsOverlapValues.NO
     )
     assert np.array_equal(ours[0], np.asarray(theirs[0]))
+
+
+def test_a_radiograph_beyond_max_voxels_is_refused(tmp_path: Path) -> None:
+    classifier = make_classifier(tmp_path / "dense.pt")
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        ai=AISettings.model_validate(
+            {
+                "max_voxels": 1000,
+                "models": {
+                    "chest": {
+                        "kind": "classification",
+                        "source": str(classifier),
+                        "selector": {"modality": ["DX"]},
+                        "labels": [_LABEL, _LABEL],
+                    }
+                },
+            }
+        ),
+    )
+    archive = Archive(settings)
+    try:
+        study = "1.2.826.0.1.3680043.10.1506.9.44"
+        archive.ingest(part10(radiograph(study, 50.0)))
+        before = archive.stats()
+        [run] = run_all(archive, ModelRegistry(settings.ai), study)
+        assert run["status"] == "failed"
+        assert "more than the 1000 pixels" in run["error"]
+        assert archive.stats() == before
+    finally:
+        archive.close()
