@@ -47,6 +47,13 @@ _SIMPLE_CHARSETS = {
     "ISO_IR 192": "utf-8",
 }
 
+
+class _TopLevel:
+    """The charset argument of a top-level data set: it has no parent to inherit from."""
+
+
+_TOP_LEVEL = _TopLevel()
+
 BulkHandler = Callable[[int, str, str], str]
 """Called with (tag, VR, path) for a bulk value; returns its BulkDataURI."""
 
@@ -95,14 +102,19 @@ def dataset_to_json(
     path: str = "bulkdata",
     *,
     big_endian: bool | None = None,
+    inherited_charset: str | _TopLevel | None = _TOP_LEVEL,
 ) -> dict[str, Any]:
     """The DICOM JSON of a data set; ``big_endian`` (by default: as the data set was read)
     says that its OW/OF/OL/OD/OV values hold big endian words, which InlineBinary gives in
-    little endian order."""
+    little endian order. A sequence item without its own Specific Character Set is in its
+    parent's (``inherited_charset``; PS3.5 7.5.1: an item may not change it otherwise)."""
     if big_endian is None:
         encoding = ds.original_encoding
         big_endian = encoding is not None and encoding[1] is False
-    charset = _charset(ds._dict)
+    if isinstance(inherited_charset, _TopLevel) or BaseTag(0x00080005) in ds._dict:
+        charset = _charset(ds._dict)
+    else:
+        charset = inherited_charset
     out: dict[str, Any] = {}
     for tag in sorted(ds._dict):
         raw = ds._dict[tag]
@@ -113,7 +125,7 @@ def dataset_to_json(
         if isinstance(raw, RawDataElement) and charset is not None:
             converted = _raw_to_json(raw, charset, threshold, bulk_uri, f"{path}/{key}")
         if converted is None:
-            converted = _element_to_json(ds[tag], bulk_uri, threshold, path, big_endian)
+            converted = _element_to_json(ds[tag], bulk_uri, threshold, path, big_endian, charset)
         out[key] = converted
     return out
 
@@ -213,13 +225,23 @@ def _person_name(text: str) -> dict[str, str] | None:
 
 
 def _element_to_json(
-    elem: DataElement, bulk_uri: BulkHandler, threshold: int, path: str, big_endian: bool
+    elem: DataElement,
+    bulk_uri: BulkHandler,
+    threshold: int,
+    path: str,
+    big_endian: bool,
+    charset: str | None,
 ) -> dict[str, Any]:
     key = f"{elem.tag:08X}"
     if elem.VR == "SQ":
         items = [
             dataset_to_json(
-                item, bulk_uri, threshold, f"{path}/{key}/{index}", big_endian=big_endian
+                item,
+                bulk_uri,
+                threshold,
+                f"{path}/{key}/{index}",
+                big_endian=big_endian,
+                inherited_charset=charset,
             )
             for index, item in enumerate(elem.value or [])
         ]

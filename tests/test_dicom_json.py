@@ -70,3 +70,34 @@ def test_bulk_data_uris_name_their_place_in_nested_sequences():
     nested = out["00400275"]["Value"][1]["00420011"]
     assert nested == {"vr": "OB", "BulkDataURI": "bulkdata/00400275/1/00420011"}
     assert out["00091010"] == {"vr": "OB", "InlineBinary": "AwMDAwMDAwMDAw=="}
+
+
+@pytest.mark.parametrize("charset", ["ISO_IR 192", "ISO_IR 100"])
+def test_sequence_items_are_decoded_in_the_character_set_of_their_parent(charset: str) -> None:
+    """PS3.5 7.5.1: an item without its own Specific Character Set is in its parent's. A
+    report's text lives in nested Content Sequence items (an SR's narrative, names)."""
+    from io import BytesIO
+
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.sequence import Sequence
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    text = "Keine Blutung, unauffällig" + (" — ok" if charset == "ISO_IR 192" else "")
+    inner = Dataset()
+    inner.TextValue = text
+    inner.PersonName = "Müller^Jürgen"
+    outer = Dataset()
+    outer.ContentSequence = Sequence([inner])
+    ds = Dataset()
+    ds.SpecificCharacterSet = charset
+    ds.ContentSequence = Sequence([outer])
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    buffer = BytesIO()
+    ds.save_as(buffer, enforce_file_format=False)
+    read = pydicom.dcmread(BytesIO(buffer.getvalue()), force=True)
+
+    json = dataset_to_json(read, lambda tag, vr, path: path)
+    item = json["0040A730"]["Value"][0]["0040A730"]["Value"][0]
+    assert item["0040A160"]["Value"] == [text]
+    assert item["0040A123"]["Value"] == [{"Alphabetic": "Müller^Jürgen"}]
