@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
@@ -16,6 +17,7 @@ from archive.ingest import IngestError, IngestOutcome, IngestResult, IngestServi
 from archive.jobs import JobQueue
 from archive.models import Instance, Patient, PendingBlobDeletion, Series, Study
 from archive.peers import PeerRegistry
+from archive.reports import is_report, retire_reports, tombstone
 from config import Settings
 
 log = logging.getLogger(__name__)
@@ -137,11 +139,15 @@ class Archive:
         patient_key: tuple[str, str] | None = None,
     ) -> int:
         """Remove index rows and record their blobs for deletion in one transaction, then
-        delete the blobs. Parents left without children are removed too. Returns the number of
-        instances deleted."""
+        delete the blobs. Parents left without children are removed too (a patient with an EHR
+        record stays). Deleted studies, and reports of which no version is left, leave
+        tombstones. Returns the number of instances deleted."""
+        now = datetime.now(UTC)
         with self.db.write_session() as s:
             rows = s.execute(
-                select(Instance.id, Instance.blob_key, Instance.series_fk).where(
+                select(
+                    Instance.id, Instance.blob_key, Instance.series_fk, Instance.sop_class_uid
+                ).where(
                     Instance.id.in_(instance_ids)  # type: ignore[arg-type]
                 )
             ).all()
@@ -153,6 +159,10 @@ class Archive:
             for r in rows:
                 s.add(PendingBlobDeletion(blob_key=r.blob_key))
             ids = [r.id for r in rows]
+            # Before the instance rows go (their report rows go with them).
+            reports = [r.id for r in rows if is_report(r.sop_class_uid)]
+            if reports:
+                retire_reports(s.connection(), reports, now)
             for start in range(0, len(ids), 500):
                 s.execute(delete(Instance).where(Instance.id.in_(ids[start : start + 500])))
             study_fks = (
@@ -164,7 +174,7 @@ class Archive:
                 study_fks |= set(
                     s.scalars(select(Study.id).where(Study.study_instance_uid.in_(study_uids)))
                 )
-            self._prune(s, series_fks, study_fks, patient_key)
+            self._prune(s, series_fks, study_fks, patient_key, now)
         self.ingestor.forget_cached_parents()
         self.flush_pending_deletions()
         return len(rows)
@@ -175,6 +185,7 @@ class Archive:
         series_fks: set[int],
         study_fks: set[int],
         patient_key: tuple[str, str] | None,
+        now: datetime,
     ) -> None:
         for series_fk in series_fks:
             if s.scalar(select(func.count()).where(Instance.series_fk == series_fk)) == 0:
@@ -182,9 +193,13 @@ class Archive:
         patient_fks: set[int] = set()
         for study_fk in study_fks:
             if s.scalar(select(func.count()).where(Series.study_fk == study_fk)) == 0:
-                patient_fk = s.scalar(select(Study.patient_fk).where(Study.id == study_fk))
-                if patient_fk is not None:
-                    patient_fks.add(patient_fk)
+                study = s.execute(
+                    select(Study.study_instance_uid, Study.patient_fk).where(Study.id == study_fk)
+                ).first()
+                if study is None:
+                    continue
+                patient_fks.add(study.patient_fk)
+                tombstone(s.connection(), "study", study.study_instance_uid, now)
                 s.execute(delete(Study).where(Study.id == study_fk))
         if patient_key is not None:
             patient_fks |= set(
@@ -197,7 +212,12 @@ class Archive:
             )
         for patient_fk in patient_fks:
             if s.scalar(select(func.count()).where(Study.patient_fk == patient_fk)) == 0:
-                s.execute(delete(Patient).where(Patient.id == patient_fk))
+                # A patient an EHR sent a record of outlives its images.
+                s.execute(
+                    delete(Patient).where(
+                        Patient.id == patient_fk, Patient.record_version.is_(None)
+                    )
+                )
 
     def flush_pending_deletions(self) -> int:
         """Delete blobs recorded for deletion, unless an instance uses the key again."""

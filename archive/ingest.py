@@ -28,6 +28,7 @@ from archive.blobstore import BlobNotFound, BlobStore, BlobStoreError, OutOfSpac
 from archive.db import Database, DirectConnection
 from archive.dicom import InvalidInstance, ParsedInstance, parse_header, valid_uid
 from archive.models import Instance, Patient, PendingBlobDeletion, Series, Study
+from archive.reports import index_report, is_report, retire_reports, tombstone
 from config import Settings
 
 log = logging.getLogger(__name__)
@@ -449,13 +450,15 @@ class IngestService:
         """Index the blob under ``key`` (holding ``parsed``) in one transaction: on the driver
         directly when possible, else on a SQLAlchemy connection."""
         outcome = None
-        if not self.listeners:  # listeners are given a SQLAlchemy connection
+        # Listeners and the report index (archive.reports) are given a SQLAlchemy connection.
+        on_connection = bool(self.listeners) or is_report(parsed.sop_class_uid)
+        if not on_connection:
             with self.db.direct() as direct:
                 outcome = self._index_direct(direct, parsed, key, calling_ae_title)
         if outcome is None:
             # After a direct attempt its cached ids may be gone: look everything up again.
             outcome = self._index_on_connection(
-                parsed, key, calling_ae_title, use_cache=bool(self.listeners)
+                parsed, key, calling_ae_title, use_cache=on_connection
             )
         return outcome
 
@@ -607,6 +610,7 @@ class IngestService:
             )
         inserted = self._insert_instance.execute(conn, values)
         outcome = IngestOutcome.STORED
+        instance_id = inserted[0] if inserted is not None else None
         if inserted is None:
             if self.settings.duplicate_policy == "keep":
                 # Another association stored the UID between our check and our insert.
@@ -619,15 +623,29 @@ class IngestService:
             if not isinstance(conn, Connection):
                 raise _NeedsConnection
             where = _INSTANCE.c.sop_instance_uid == parsed.sop_instance_uid
-            old_key, old_series_fk = conn.execute(
-                select(_INSTANCE.c.blob_key, _INSTANCE.c.series_fk).where(where)
+            instance_id, old_key, old_series_fk, old_sop_class = conn.execute(
+                select(
+                    _INSTANCE.c.id,
+                    _INSTANCE.c.blob_key,
+                    _INSTANCE.c.series_fk,
+                    _INSTANCE.c.sop_class_uid,
+                ).where(where)
             ).one()
             conn.execute(update(_INSTANCE).where(where).values(**values))
             if old_key != key:
                 conn.execute(insert(_PENDING_DELETION).values(blob_key=old_key, created_at=now))
+            if is_report(old_sop_class) and not is_report(parsed.sop_class_uid):
+                retire_reports(conn, [instance_id], now)
             if old_series_fk != series_fk:
-                self._prune_series(conn, old_series_fk)
+                self._prune_series(conn, old_series_fk, now)
             outcome = IngestOutcome.OVERWRITTEN
+        if is_report(parsed.sop_class_uid):
+            if not isinstance(conn, Connection):
+                raise _NeedsConnection
+            assert instance_id is not None
+            index_report(
+                conn, instance_id=int(instance_id), study_fk=study_fk, parsed=parsed, now=now
+            )
         # Stable-study detection needs to know when the study last grew; a second is precise
         # enough, so a burst of instances updates the study row once per second, not each time.
         # A study row created in this transaction already says "now" and "not stable".
@@ -642,9 +660,10 @@ class IngestService:
             listener(cast(Connection, conn), parsed, calling_ae_title)
         return outcome
 
-    def _prune_series(self, conn: Connection, series_fk: int) -> None:
+    def _prune_series(self, conn: Connection, series_fk: int, now: datetime) -> None:
         """Remove a series an overwrite left without instances, and its study and patient when
-        they are left empty too (as deletes do)."""
+        they are left empty too (as deletes do: the study leaves a tombstone, and a patient
+        with an EHR record stays)."""
         count = select(func.count()).select_from
         if conn.execute(count(_INSTANCE).where(_INSTANCE.c.series_fk == series_fk)).scalar():
             return
@@ -658,16 +677,21 @@ class IngestService:
             or conn.execute(count(_SERIES).where(_SERIES.c.study_fk == study_fk)).scalar()
         ):
             return
-        patient_fk = conn.execute(
-            select(_STUDY.c.patient_fk).where(_STUDY.c.id == study_fk)
-        ).scalar()
-        conn.execute(delete(_STUDY).where(_STUDY.c.id == study_fk))
-        if (
-            patient_fk is None
-            or conn.execute(count(_STUDY).where(_STUDY.c.patient_fk == patient_fk)).scalar()
-        ):
+        study = conn.execute(
+            select(_STUDY.c.study_instance_uid, _STUDY.c.patient_fk).where(_STUDY.c.id == study_fk)
+        ).first()
+        if study is None:
             return
-        conn.execute(delete(_PATIENT).where(_PATIENT.c.id == patient_fk))
+        # Its reports moved with the overwritten instance (nothing else is left in it).
+        tombstone(conn, "study", study.study_instance_uid, now)
+        conn.execute(delete(_STUDY).where(_STUDY.c.id == study_fk))
+        patient_fk = study.patient_fk
+        if conn.execute(count(_STUDY).where(_STUDY.c.patient_fk == patient_fk)).scalar():
+            return
+        # A patient an EHR sent a record of outlives its images.
+        conn.execute(
+            delete(_PATIENT).where(_PATIENT.c.id == patient_fk, _PATIENT.c.record_version.is_(None))
+        )
 
     def _get_or_create(
         self,

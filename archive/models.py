@@ -13,8 +13,10 @@ from datetime import datetime
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     CheckConstraint,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -72,6 +74,16 @@ class Patient(Base):
     patient_birth_date: Mapped[str | None] = mapped_column(DA, index=True)
     patient_sex: Mapped[str | None] = mapped_column(CS)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    # Demographics an EHR sent (``PatientRecord``): they win over the DICOM header's for the
+    # views that show them; the DICOM files are never rewritten. NULL while no record exists.
+    # The columns hold the latest record's values in the shape of the DICOM ones, for matching.
+    record_version: Mapped[int | None] = mapped_column(Integer)
+    record_updated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    record_name_search: Mapped[str | None] = mapped_column(PN, index=True)
+    """Upper-cased ``FAMILY^GIVEN GIVEN…`` of the record's official (else first) name."""
+    record_birth_date: Mapped[str | None] = mapped_column(DA)
+    record_sex: Mapped[str | None] = mapped_column(CS)
+    """``M``, ``F``, ``O`` (PS3.3 C.7.1.1 Patient's Sex) or ``U`` for unknown."""
 
     studies: Mapped[list[Study]] = relationship(back_populates="patient")
 
@@ -278,3 +290,135 @@ class AIRun(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class PatientRecord(Base):
+    """One version of a patient's demographics as an EHR sent them (the document as received).
+
+    A patient often exists in the EHR before any image: the record then creates the patient row
+    that the images' Patient ID later finds. Every version is kept; the newest one's searchable
+    values are copied onto the patient row (``Patient.record_*``).
+    """
+
+    __tablename__ = "patient_record"
+    __table_args__ = (UniqueConstraint("patient_fk", "version"), _NEVER_REUSE_IDS)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    patient_fk: Mapped[int] = mapped_column(
+        ForeignKey("patient.id", ondelete="CASCADE"), nullable=False, index=True
+    )
+    version: Mapped[int] = mapped_column(Integer, nullable=False)
+    document: Mapped[dict] = mapped_column(DicomJson, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+
+
+class ReportDocument(Base):
+    """A structured report document (PS3.3 C.17) of the archive, indexed at ingest from its
+    DICOM JSON: the header and document-level content the views of reports match on.
+
+    Versions of one report are chained by Predecessor Documents Sequence (PS3.3 C.17.2.3):
+    ``root_uid`` is the SOP Instance UID of the first version, ``version`` counts from 1, and a
+    document with a successor in the archive is ``superseded``.
+    """
+
+    __tablename__ = "report_document"
+    __table_args__ = (Index("ix_report_document_root_uid_version", "root_uid", "version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    instance_fk: Mapped[int] = mapped_column(
+        ForeignKey("instance.id", ondelete="CASCADE"), nullable=False, unique=True
+    )
+    study_fk: Mapped[int] = mapped_column(
+        ForeignKey("study.id", ondelete="CASCADE"), nullable=False, index=True
+    )
+    sop_instance_uid: Mapped[str] = mapped_column(UI, nullable=False, unique=True)
+    sop_class_uid: Mapped[str] = mapped_column(UI, nullable=False)
+    root_uid: Mapped[str] = mapped_column(UI, nullable=False)
+    predecessor_uid: Mapped[str | None] = mapped_column(UI, index=True)
+    """Ingest looks up the versions that name a document as predecessor (out-of-order
+    arrival), and deletes which documents are still followed: indexed."""
+    version: Mapped[int] = mapped_column(Integer, nullable=False, default=1)
+    superseded: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    template_id: Mapped[str | None] = mapped_column(String(16))
+    """Template Identifier of the root container (``1500``, ``2000``…), when given."""
+    title_scheme: Mapped[str | None] = mapped_column(String(16))
+    title_code: Mapped[str | None] = mapped_column(String(64), index=True)
+    title_meaning: Mapped[str | None] = mapped_column(String(128))
+    completion_flag: Mapped[str | None] = mapped_column(CS)
+    verification_flag: Mapped[str | None] = mapped_column(CS, index=True)
+    content_datetime: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), index=True)
+    """Content Date + Time (+ Timezone Offset From UTC; UTC when absent)."""
+    verification_datetime: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    verifying_observer: Mapped[str | None] = mapped_column(PN)
+    author: Mapped[str | None] = mapped_column(PN)
+    """Person Observer Name of the observation context, else Author Observer Sequence."""
+    status: Mapped[str | None] = mapped_column(String(16))
+    """The status the writing edge asked for, where the flags cannot tell it (a correction
+    versus an amendment); NULL for documents received from elsewhere."""
+    conclusion: Mapped[str | None] = mapped_column(Text)
+    """Impressions / conclusions: the text of the items under the concepts that mean it."""
+    narrative: Mapped[str | None] = mapped_column(Text)
+    """The document's text items in order, as plain text."""
+    algorithm_name: Mapped[str | None] = mapped_column(LO)
+    algorithm_version: Mapped[str | None] = mapped_column(LO)
+    manufacturer: Mapped[str | None] = mapped_column(LO)
+    device_key: Mapped[str | None] = mapped_column(String(32), index=True)
+    """A digest of (manufacturer, algorithm name, version): one key per producing device."""
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+
+
+class ReportMeasurement(Base):
+    """One measurement or qualitative evaluation of a report document (TID 300 / TID 1500
+    measurement groups, or any NUM / CODE item with a concept name), in document order."""
+
+    __tablename__ = "report_measurement"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    document_fk: Mapped[int] = mapped_column(
+        ForeignKey("report_document.id", ondelete="CASCADE"), nullable=False, index=True
+    )
+    position: Mapped[int] = mapped_column(Integer, nullable=False)
+    concept_scheme: Mapped[str] = mapped_column(String(16), nullable=False)
+    concept_code: Mapped[str] = mapped_column(String(64), nullable=False, index=True)
+    concept_meaning: Mapped[str | None] = mapped_column(String(128))
+    value_type: Mapped[str] = mapped_column(String(8), nullable=False)
+    """``NUM``, ``CODE`` or ``TEXT`` (PS3.3 C.17.3.2.1)."""
+    numeric_value: Mapped[float | None] = mapped_column(Float, index=True)
+    unit_code: Mapped[str | None] = mapped_column(String(64))
+    """UCUM code of the Measurement Units Code Sequence."""
+    unit_meaning: Mapped[str | None] = mapped_column(String(128))
+    value_scheme: Mapped[str | None] = mapped_column(String(16))
+    value_code: Mapped[str | None] = mapped_column(String(64))
+    value_meaning: Mapped[str | None] = mapped_column(String(128))
+    text_value: Mapped[str | None] = mapped_column(Text)
+    finding_scheme: Mapped[str | None] = mapped_column(String(16))
+    finding_code: Mapped[str | None] = mapped_column(String(64))
+    finding_meaning: Mapped[str | None] = mapped_column(String(128))
+    """The group's Finding (121071, DCM) or Finding Category, when given."""
+    site_scheme: Mapped[str | None] = mapped_column(String(16))
+    site_code: Mapped[str | None] = mapped_column(String(64))
+    site_meaning: Mapped[str | None] = mapped_column(String(128))
+    laterality_code: Mapped[str | None] = mapped_column(String(64))
+    tracking_uid: Mapped[str | None] = mapped_column(UI)
+    tracking_identifier: Mapped[str | None] = mapped_column(LO)
+    method_meaning: Mapped[str | None] = mapped_column(String(128))
+    referenced: Mapped[dict | None] = mapped_column(DicomJson)
+    """Where the measurement was made: ``{"series": uid, "instances": [...],
+    "segments": [...]}`` from its image / segmentation references, when given."""
+
+
+class Tombstone(Base):
+    """What was deleted, so that views can answer "gone" (HTTP 410) instead of "never was".
+
+    ``kind`` is ``study`` (key: Study Instance UID) or ``report`` (key: the report's root
+    SOP Instance UID); written in the transaction that deletes the rows. A study stored again
+    under the same UID is live again: its rows take precedence over its tombstone.
+    """
+
+    __tablename__ = "tombstone"
+    __table_args__ = (UniqueConstraint("kind", "key"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16), nullable=False)
+    key: Mapped[str] = mapped_column(UI, nullable=False)
+    deleted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
