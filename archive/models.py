@@ -79,8 +79,10 @@ class Patient(Base):
     # The columns hold the latest record's values in the shape of the DICOM ones, for matching.
     record_version: Mapped[int | None] = mapped_column(Integer)
     record_updated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    record_name: Mapped[str | None] = mapped_column(PN)
+    """The record's official (else first) name as a DICOM PN, ``Family^Given Given…``."""
     record_name_search: Mapped[str | None] = mapped_column(PN, index=True)
-    """Upper-cased ``FAMILY^GIVEN GIVEN…`` of the record's official (else first) name."""
+    """``record_name`` upper-cased, as ``patient_name_search`` is."""
     record_birth_date: Mapped[str | None] = mapped_column(DA)
     record_sex: Mapped[str | None] = mapped_column(CS)
     """``M``, ``F``, ``O`` (PS3.3 C.7.1.1 Patient's Sex) or ``U`` for unknown."""

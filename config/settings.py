@@ -233,6 +233,40 @@ class AISettings(BaseModel):
         return value
 
 
+class FHIRSettings(BaseModel):
+    """The FHIR R4 bridge under ``/fhir`` (``[fhir]``)."""
+
+    enabled: bool = True
+    base_url: str | None = None
+    """The FHIR base as clients reach it (``https://pacs.example/fhir``). Default:
+    ``public_url`` + ``/fhir``, else from each request's Host header."""
+    patient_identifier_system: str = "urn:pacsbridge:patient-id"
+    """The identifier system of DICOM Patient IDs without an Issuer of Patient ID (and of the
+    issuers ``issuer_systems`` does not name: ``<system>:<issuer>``, or ``urn:oid:<issuer>``
+    for an issuer that is an OID)."""
+    issuer_systems: dict[str, str] = Field(default_factory=dict)
+    """Issuer of Patient ID (0010,0021) -> identifier system (``{"HOSP-A": "urn:oid:1.2.3"}``)."""
+    default_count: int = Field(default=20, ge=1)
+    """Entries in a search page when the request gives no ``_count``."""
+    max_count: int = Field(default=500, ge=1)
+    """The most entries one search page holds; a larger ``_count`` is reduced to it."""
+    dicom_timezone: str | None = None
+    """IANA zone of DICOM dates and times without Timezone Offset From UTC (FHIR dateTime
+    values with a time need a zone). Default: the server's local zone."""
+    report_manufacturer: str = "pacsbridge"
+    """Manufacturer (0008,0070) of the SR documents written for reports received over FHIR."""
+    verifying_organization: str = "pacsbridge"
+    """Verifying Organization (0040,A027) of reports finalised over FHIR when the request names
+    none (the ``performer`` Organization's display)."""
+
+    @field_validator("base_url")
+    @classmethod
+    def _valid_base_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("fhir.base_url must be an absolute http(s) URL")
+        return value.rstrip("/") if value else value
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="PACSBRIDGE_",
@@ -394,6 +428,8 @@ class Settings(BaseSettings):
     """Routing rules: ``[routes.<name>]``."""
     ai: AISettings = Field(default_factory=AISettings)
     """Models and their series selectors: ``[ai]`` and ``[ai.models.<name>]``."""
+    fhir: FHIRSettings = Field(default_factory=FHIRSettings)
+    """The FHIR R4 bridge: ``[fhir]`` (``PACSBRIDGE_FHIR='{"default_count": 50}'``)."""
 
     @field_validator("ae_title")
     @classmethod

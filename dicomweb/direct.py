@@ -8,7 +8,8 @@ routes of the DICOMweb router take only the request and their path parameters, s
 runs the endpoint in a thread of its own pool, with the same middleware the application
 declares (CORS) and the same error responses (``{"detail": ...}`` for an ``HTTPException``).
 Every other request, and a path that matches no route, goes through FastAPI as before; the
-routes stay in the OpenAPI document as they are.
+routes stay in the OpenAPI document as they are. The FHIR edge's GET routes, which answer their
+own errors, are served the same way under their own prefix.
 """
 
 from __future__ import annotations
@@ -82,16 +83,16 @@ class DirectApp(FastAPI):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._direct_prefix = ""
+        self._direct_prefixes: tuple[str, ...] = ()
         self._direct_routes: list[DirectRoute] = []
         self._direct_stack: ASGIApp | None = None
         self._executor: ThreadPoolExecutor | None = None
 
     def serve_directly(self, prefix: str, routers: Iterable[APIRouter]) -> None:
         """Serve the plain GET routes of ``routers``, included in this app under ``prefix``,
-        directly."""
-        self._direct_prefix = prefix
-        self._direct_routes = [
+        directly (in addition to those of earlier calls, under their prefixes)."""
+        self._direct_prefixes = (*self._direct_prefixes, prefix)
+        self._direct_routes += [
             direct
             for router in routers
             for route in router.routes
@@ -136,8 +137,8 @@ class DirectApp(FastAPI):
         if (
             scope["type"] == "http"
             and scope["method"] == "GET"
-            and scope["path"].startswith(self._direct_prefix)
             and self._direct_routes
+            and scope["path"].startswith(self._direct_prefixes)
         ):
             path = scope["path"]
             for route in self._direct_routes:

@@ -8,10 +8,12 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from sqlalchemy import text
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from archive import Archive
 from config import Settings
@@ -20,6 +22,9 @@ from dicomweb.common import RequestCheck
 from dicomweb.direct import DirectApp
 from dicomweb.router import PREFIX as DICOMWEB_PREFIX
 from dicomweb.router import SERVICES as DICOMWEB_SERVICES
+from fhir_bridge import PREFIX as FHIR_PREFIX
+from fhir_bridge import FHIRError, outcome_response
+from fhir_bridge import router as fhir_router
 from pacsbridge import __version__
 from pacsbridge.ai_api import router as ai_router
 from pacsbridge.api_peers import router as peers_router
@@ -44,9 +49,13 @@ def create_app(
     app.include_router(jobs_router)
     app.include_router(ai_router)
     app.include_router(dicomweb_router)
+    if settings.fhir.enabled:
+        app.include_router(fhir_router)
+        app.serve_directly(FHIR_PREFIX, [fhir_router])
     # DICOMweb GETs past FastAPI's per-request machinery (dicomweb/direct.py)
     app.serve_directly(DICOMWEB_PREFIX, [service.router for service in DICOMWEB_SERVICES])
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
     # Path UIDs (and the Host header URLs are built from) are checked once for every DICOMweb
     # route, direct or not: the direct routes run inside the same middleware stack.
     app.add_middleware(
@@ -99,11 +108,33 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+def _fhir_path(request: Request) -> bool:
+    path = request.url.path
+    return path == FHIR_PREFIX or path.startswith(FHIR_PREFIX + "/")
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own 404 / 405 (no such route, method not allowed): an OperationOutcome
+    under ``/fhir`` (FHIR R4 http.html: every error is one), the default answer elsewhere."""
+    assert isinstance(exc, StarletteHTTPException)
+    if _fhir_path(request):
+        error = FHIRError(exc.status_code, str(exc.detail), headers=dict(exc.headers or {}))
+        return outcome_response(request, error)
+    return await http_exception_handler(request, exc)
+
+
+async def _validation_error(request: Request, exc: Exception) -> Response:
     """FastAPI's 422 for a request that fails validation, with a body that is always JSON:
     the rejected input is echoed, and a body may hold NaN or Infinity (Python's JSON reader
-    takes them; JSON itself has no such numbers)."""
+    takes them; JSON itself has no such numbers). Under ``/fhir``: a 400 OperationOutcome."""
     assert isinstance(exc, RequestValidationError)
+    if _fhir_path(request):
+        errors = exc.errors()
+        where = [".".join(str(p) for p in e.get("loc", ())) for e in errors[:10]]
+        return outcome_response(
+            request,
+            FHIRError(400, "; ".join(str(e.get("msg")) for e in errors[:10]), expression=where),
+        )
     return JSONResponse(
         status_code=422, content={"detail": _json_safe(jsonable_encoder(exc.errors()))}
     )

@@ -758,6 +758,69 @@ def test_real_mri_gets_a_brain_seg_and_sr_that_match_the_reference(
     assert len(httpx.get(f"{ai_server.http}/api/ai/runs", params={"study": study}).json()) == 1
 
 
+def test_fhir_shows_the_ai_report_with_the_sr_volume_and_the_algorithm(
+    ai_server: RunningServer, brain_study: tuple[str, dict]
+) -> None:
+    """The AI's TID 1500 SR as FHIR: a DiagnosticReport whose Observation carries the SR's
+    brain volume in UCUM ml, derived from the ImagingStudy, made by a Device that names the
+    algorithm (HL7 DICOM SR to FHIR IG; IHE AIR algorithm identification)."""
+    from fhir.resources.R4B import get_fhir_model_class
+
+    def fhir(path: str, **params: str) -> dict:
+        answer = httpx.get(f"{ai_server.http}/fhir/{path}", params=params, timeout=30)
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        get_fhir_model_class(body["resourceType"]).model_validate(body)
+        return body
+
+    study, run = brain_study
+    sr_item = produced(run, "SR")
+    client = DICOMwebClient(f"{ai_server.http}/dicom-web")
+    sr = client.retrieve_instance(
+        study, sr_item["series_instance_uid"], sr_item["sop_instance_uid"]
+    )
+    bundle = fhir(
+        "DiagnosticReport",
+        identifier=f"urn:dicom:uid|urn:oid:{sr_item['sop_instance_uid']}",
+        _include="DiagnosticReport:result",
+    )
+    [report] = [e["resource"] for e in bundle["entry"] if e["search"]["mode"] == "match"]
+    observations = [e["resource"] for e in bundle["entry"] if e["search"]["mode"] == "include"]
+    assert report["id"] == sr_item["sop_instance_uid"]
+    assert report["status"] == "preliminary"  # the AI's SR is UNVERIFIED
+    assert report["imagingStudy"] == [{"reference": f"ImagingStudy/{study}"}]
+    assert {o["id"] for o in observations} == {
+        r["reference"].split("/")[1] for r in report["result"]
+    }
+    [volume] = [o for o in observations if o["code"]["coding"][0].get("display") == "Volume"]
+    assert volume["valueQuantity"]["value"] == pytest.approx(sr_volumes(sr)["Brain"])
+    assert volume["valueQuantity"]["system"] == "http://unitsofmeasure.org"
+    assert volume["valueQuantity"]["code"] == "ml"
+    assert volume["derivedFrom"] == [{"reference": f"ImagingStudy/{study}"}]
+    assert volume["subject"] == report["subject"]
+    [finding] = volume["component"]  # the measurement group's Finding: the brain (SNOMED CT)
+    assert finding["code"]["coding"][0]["code"] == "121071"
+    assert finding["valueCodeableConcept"]["coding"][0]["code"] == "12738006"
+    tracking_uids = [i["value"] for i in volume["identifier"] if i.get("system")]
+    assert tracking_uids and tracking_uids[0].startswith("urn:oid:")
+    device = fhir(volume["device"]["reference"])
+    assert device["deviceName"][0]["name"] == "brain-mr"
+    assert device["version"][0]["value"]
+    assert device["manufacturer"] == "pacsbridge"
+    # Search by what was measured, and by the value.
+    found = fhir(
+        "Observation",
+        code=volume["code"]["coding"][0]["code"],
+        **{"derived-from": f"ImagingStudy/{study}"},
+    )
+    assert volume["id"] in {e["resource"]["id"] for e in found["entry"]}
+    value = volume["valueQuantity"]["value"]
+    found = fhir("Observation", **{"value-quantity": f"ge{value - 1}|http://unitsofmeasure.org|ml"})
+    assert volume["id"] in {e["resource"]["id"] for e in found["entry"]}
+    found = fhir("Observation", **{"value-quantity": f"gt{value + 1}"})
+    assert volume["id"] not in {e["resource"]["id"] for e in found.get("entry", [])}
+
+
 def test_runs_over_http(ai_server: RunningServer, brain_study: tuple[str, dict]) -> None:
     study, run = brain_study
     api = f"{ai_server.http}/api/ai"

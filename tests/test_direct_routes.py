@@ -12,6 +12,7 @@ from fastapi.testclient import TestClient
 from archive import Archive
 from config import Settings
 from dicomweb.router import SERVICES
+from fhir_bridge import router as fhir_router
 from pacsbridge.app import create_app
 
 
@@ -23,14 +24,52 @@ def app(tmp_path) -> Iterator:
     archive.close()
 
 
-def _get_routes() -> int:
+def _get_routes(routers: list[APIRouter]) -> int:
     return sum(
-        1 for s in SERVICES for r in s.router.routes if getattr(r, "methods", None) == {"GET"}
+        1 for router in routers for r in router.routes if getattr(r, "methods", None) == {"GET"}
     )
 
 
-def test_every_dicomweb_get_route_is_served_directly(app) -> None:
-    assert len(app._direct_routes) == _get_routes() > 20
+def test_every_dicomweb_and_fhir_get_route_is_served_directly(app) -> None:
+    dicomweb = _get_routes([s.router for s in SERVICES])
+    assert dicomweb > 20
+    assert len(app._direct_routes) == dicomweb + _get_routes([fhir_router]) > dicomweb + 5
+    assert set(app._direct_prefixes) == {"/dicom-web", "/fhir"}
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/fhir/metadata",
+        "/fhir/Patient?name=nobody&unknown=1",
+        "/fhir/Patient/12345",
+        "/fhir/Nothing/1",
+        "/fhir/Patient?birthdate=notadate",
+        "/fhir/metadata?_format=xml",
+        "/fhir/ImagingStudy/1.2.3/_history/1",
+    ],
+)
+def test_direct_fhir_answers_equal_fastapi_answers(app, path: str) -> None:
+    """The FHIR GET endpoints answer their own errors (OperationOutcome), past FastAPI too."""
+    with TestClient(app) as client:
+        direct = client.get(path, headers={"Origin": "http://viewer.example"})
+        routes, app._direct_routes = app._direct_routes, []
+        try:
+            routed = client.get(path, headers={"Origin": "http://viewer.example"})
+        finally:
+            app._direct_routes = routes
+    assert direct.status_code == routed.status_code
+    strip = ("id", "date")
+    body_direct, body_routed = direct.json(), routed.json()
+    for body in (body_direct, body_routed):
+        for key in strip:
+            body.pop(key, None)
+        body.pop("meta", None)
+        for entry in body.get("entry", []):
+            entry.pop("fullUrl")  # a fresh urn:uuid for the outcome entry
+    assert body_direct == body_routed
+    assert direct.headers["content-type"] == routed.headers["content-type"]
+    assert direct.headers.get("access-control-allow-origin") == "http://viewer.example"
 
 
 @pytest.mark.parametrize(

@@ -180,6 +180,7 @@ def upgrade() -> None:
         batch_op.add_column(
             sa.Column("record_updated_at", sa.DateTime(timezone=True), nullable=True)
         )
+        batch_op.add_column(sa.Column("record_name", sa.String(length=324), nullable=True))
         batch_op.add_column(sa.Column("record_name_search", sa.String(length=324), nullable=True))
         batch_op.add_column(sa.Column("record_birth_date", sa.String(length=8), nullable=True))
         batch_op.add_column(sa.Column("record_sex", sa.String(length=16), nullable=True))
@@ -196,6 +197,7 @@ def downgrade() -> None:
         batch_op.drop_column("record_sex")
         batch_op.drop_column("record_birth_date")
         batch_op.drop_column("record_name_search")
+        batch_op.drop_column("record_name")
         batch_op.drop_column("record_updated_at")
         batch_op.drop_column("record_version")
 

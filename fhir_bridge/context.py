@@ -1,0 +1,26 @@
+"""What a request's handlers share: the archive, the settings and the URLs of this server."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from archive import Archive
+from config import Settings
+
+if TYPE_CHECKING:
+    from fhir_bridge.provider import Provider
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    archive: Archive
+    settings: Settings
+    base: str
+    """The FHIR base URL (absolute)."""
+    dicomweb: str
+    """The DICOMweb root (absolute), for Endpoint.address."""
+    providers: dict[str, Provider]
+
+    def url(self, resource_type: str, resource_id: str) -> str:
+        return f"{self.base}/{resource_type}/{resource_id}"

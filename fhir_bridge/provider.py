@@ -1,0 +1,162 @@
+"""What a resource type offers (read, search, history, writes) and the search machinery they
+share: one SQL query for the page, one for the total, one per ``_include`` (DESIGN.md)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import ColumnElement, Select, func, select
+from sqlalchemy.orm import Session
+
+from fhir_bridge import search
+from fhir_bridge.errors import FHIRError
+from fhir_bridge.search import SearchParam
+
+if TYPE_CHECKING:
+    from fhir_bridge.context import Context
+
+
+@dataclass(frozen=True, slots=True)
+class Include:
+    """``_include`` (``Source:param``) or ``_revinclude`` of another type."""
+
+    source: str
+    param: str
+    target: str
+
+
+@dataclass(slots=True)
+class Page:
+    total: int | None
+    resources: list[dict[str, Any]]
+    included: list[dict[str, Any]] = field(default_factory=list)
+    offset: int = 0
+    count: int = 0
+    snapshot: int | None = None
+    more: bool = False
+    """Whether matches follow this page."""
+
+
+class Provider:
+    """A resource type: its search parameters, sorts, includes and interactions."""
+
+    type: str = ""
+    profile: str = ""
+    interactions: tuple[str, ...] = ("read", "search-type")
+    versioned: bool = True
+    updatable: bool = False
+    creatable: bool = False
+    conditional_create: bool = False
+    documentation: str = ""
+    summary_elements: frozenset[str] = frozenset()
+
+    def __init__(self) -> None:
+        self.params: dict[str, SearchParam] = {}
+        self.sorts: dict[str, Any] = {}
+        self.includes: dict[str, Include] = {}
+        self.revincludes: dict[str, Include] = {}
+
+    # --- to be provided --------------------------------------------------------------------
+    def id_column(self) -> Any:
+        raise NotImplementedError
+
+    def base_select(self) -> Select[Any]:
+        """``SELECT <row id>`` from the tables the conditions and sorts use."""
+        raise NotImplementedError
+
+    def load(self, ctx: Context, session: Session, row_ids: Sequence[Any]) -> list[dict[str, Any]]:
+        """The resources of ``row_ids``, in that order."""
+        raise NotImplementedError
+
+    def read(self, ctx: Context, session: Session, resource_id: str) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def row_ids_for(self, session: Session, resource_ids: Sequence[str]) -> list[Any]:
+        """Row ids of resources named by their logical ids (for ``_include``)."""
+        raise NotImplementedError
+
+    def vread(
+        self, ctx: Context, session: Session, resource_id: str, version: str
+    ) -> dict[str, Any]:
+        current = self.read(ctx, session, resource_id)
+        if current["meta"]["versionId"] != version:
+            raise FHIRError(
+                404,
+                f"{self.type}/{resource_id} version {version} is not kept: the current version "
+                f"is {current['meta']['versionId']}",
+            )
+        return current
+
+    def history(
+        self, ctx: Context, session: Session, resource_id: str | None
+    ) -> list[dict[str, Any]]:
+        raise FHIRError(405, f"{self.type} has no history")
+
+    # --- search -----------------------------------------------------------------------------
+    def search(
+        self,
+        ctx: Context,
+        session: Session,
+        parsed: search.ParsedSearch,
+        *,
+        offset: int,
+        count: int,
+        snapshot: int | None,
+        want_total: bool,
+        extra: Sequence[ColumnElement[bool]] = (),
+    ) -> Page:
+        where = [*search.conditions(parsed, self.params), *extra]
+        stmt = self.base_select().where(*where)
+        if snapshot is not None:
+            stmt = stmt.where(self.id_column() <= snapshot)
+        order = []
+        for key in _sort_keys(parsed):
+            descending = key.startswith("-")
+            name = key.lstrip("-")
+            column = self.sorts.get(name)
+            if column is None:
+                raise FHIRError(
+                    400,
+                    f"_sort={name!r}: {self.type} sorts by {', '.join(sorted(self.sorts))}",
+                    expression=["_sort"],
+                )
+            order.append(column.desc() if descending else column.asc())
+        order.append(self.id_column().asc())
+        row_ids: list[Any] = []
+        if count > 0:
+            # One row more than the page: a first page that holds every match needs no
+            # count and no snapshot.
+            row_ids = list(session.scalars(stmt.order_by(*order).offset(offset).limit(count + 1)))
+        more = len(row_ids) > count
+        row_ids = row_ids[:count]
+        total = None
+        if offset == 0 and count > 0 and not more:
+            total = len(row_ids) if want_total else None
+        elif want_total or snapshot is None:
+            # One statement for the total and the snapshot: the newest matching row; the next
+            # pages leave out rows added since (stable paging). The read transaction of the
+            # session saw the page and sees this as of the same moment (SQLite WAL).
+            counted = stmt.subquery()
+            found, newest = session.execute(
+                select(func.count(), func.max(counted.c[0])).select_from(counted)
+            ).one()
+            total = int(found) if want_total else None
+            if snapshot is None:
+                snapshot = newest
+        resources = self.load(ctx, session, row_ids) if row_ids else []
+        return Page(total, resources, offset=offset, count=count, snapshot=snapshot, more=more)
+
+
+def _sort_keys(parsed: search.ParsedSearch) -> list[str]:
+    keys: list[str] = []
+    for value in parsed.result.get("_sort", []):
+        keys += [part.strip() for part in value.split(",") if part.strip()]
+    return keys
+
+
+def meta(version: str | int, updated: Any) -> dict[str, Any]:
+    from fhir_bridge.rest import instant
+
+    return {"versionId": str(version), "lastUpdated": instant(updated)}

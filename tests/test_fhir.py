@@ -1,0 +1,1465 @@
+"""The FHIR R4 bridge with real clients (fhirclient, fhirpy sync and async, httpx) against a real
+`pacsbridge serve`: images go in over DCMTK storescu (and archive ingest for bulk), come out as
+Patient / ImagingStudy / Endpoint resources; reports written over FHIR are stored as DICOM SR and
+seen over C-FIND, QIDO-RS and WADO-RS. Every FHIR response body of the module is validated with
+``fhir.resources.R4B`` (tests/fhir_support.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+from collections.abc import Iterator
+from contextlib import closing
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from dicomweb_client.api import DICOMwebClient
+from fhirclient.models.imagingstudy import ImagingStudy as SmartImagingStudy
+from fhirclient.models.patient import Patient as SmartPatient
+from pydicom.dataset import Dataset
+from pydicom.uid import CTImageStorage, MRImageStorage
+
+from tests.conftest import RunningServer
+from tests.dicom_factory import ct_slice
+from tests.fhir_support import (
+    FHIRValidator,
+    findscu,
+    new_uid,
+    part10,
+    start_fhir_server,
+    storescu,
+)
+
+pytestmark = pytest.mark.dcmtk
+
+PATIENT_SYSTEM = "urn:pacsbridge:patient-id"
+DICOM_UID = "urn:dicom:uid"
+DCM = "http://dicom.nema.org/resources/ontology/DCM"
+SUBSETTED = "SUBSETTED"
+ENHANCED_SR = "1.2.840.10008.5.1.4.1.1.88.22"
+REPORT_CODE = {
+    "coding": [
+        {"system": "http://loinc.org", "code": "18748-4", "display": "Diagnostic imaging study"}
+    ]
+}
+
+
+# --- the server, the clients and the validation of every body ----------------------------------
+
+
+@pytest.fixture(scope="module")
+def validator() -> Iterator[FHIRValidator]:
+    checker = FHIRValidator()
+    yield checker
+    # The hook provably ran, for every client library the module used.
+    assert checker.total > 0 or not checker.clients, "no FHIR response body was validated"
+    for client in checker.clients:
+        assert checker.validated[client] > 0, f"no {client} response was validated"
+
+
+@pytest.fixture(autouse=True)
+def _bodies_valid(validator: FHIRValidator, request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail the test whose responses did not validate, even where a client swallowed the
+    hook's AssertionError (where the test failed already, it was not swallowed)."""
+    before, failed = len(validator.failures), request.session.testsfailed
+    yield
+    if request.session.testsfailed == failed:
+        assert validator.failures[before:] == []
+
+
+@pytest.fixture(scope="module")
+def fhir_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    server = start_fhir_server(tmp_path_factory.mktemp("fhir"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def base(fhir_server: RunningServer) -> str:
+    return f"{fhir_server.http}/fhir"
+
+
+@pytest.fixture(scope="module")
+def http(validator: FHIRValidator, base: str) -> Iterator[httpx.Client]:
+    with validator.httpx_client(base) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def smart(validator: FHIRValidator, base: str) -> Any:
+    client = validator.fhirclient(base)
+    assert client.prepare() is True  # reads the CapabilityStatement
+    return client
+
+
+@pytest.fixture(scope="module")
+def fhirpy_sync(validator: FHIRValidator, base: str) -> Any:
+    return validator.fhirpy_sync(base)
+
+
+@pytest.fixture(scope="module")
+def dicomweb(fhir_server: RunningServer) -> DICOMwebClient:
+    return DICOMwebClient(url=f"{fhir_server.http}/dicom-web")
+
+
+def entries(bundle: dict[str, Any], mode: str = "match") -> list[dict[str, Any]]:
+    return [
+        e["resource"] for e in bundle.get("entry", []) if e.get("search", {}).get("mode") == mode
+    ]
+
+
+def ids(bundle: dict[str, Any], mode: str = "match") -> list[str]:
+    return [r["id"] for r in entries(bundle, mode)]
+
+
+def search(http: httpx.Client, resource_type: str, params: Any = None, **kw: Any) -> dict:
+    response = http.get(f"/{resource_type}", params=params, **kw)
+    assert response.status_code == 200, response.text
+    bundle = response.json()
+    assert bundle["resourceType"] == "Bundle" and bundle["type"] == "searchset"
+    return bundle
+
+
+def outcome(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
+    """The OperationOutcome of an error: its status, issue code and a diagnostics text."""
+    assert response.status_code == status, (response.status_code, response.text)
+    body = response.json()
+    assert body["resourceType"] == "OperationOutcome", body
+    first = body["issue"][0]
+    assert first["severity"] in ("error", "fatal"), body
+    assert first["code"] == code, body
+    assert first.get("diagnostics", "").strip(), body
+    return body
+
+
+def patient_id_of(http: httpx.Client, value: str) -> str:
+    bundle = search(http, "Patient", {"identifier": f"{PATIENT_SYSTEM}|{value}"})
+    assert bundle["total"] == 1, bundle
+    return ids(bundle)[0]
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+# --- data -------------------------------------------------------------------------------------
+
+
+@dataclass
+class StudyData:
+    study_uid: str
+    series_uid: str
+    sop_uids: list[str]
+    patient_id: str
+    accession: str
+    datasets: list[Dataset] = field(default_factory=list)
+
+
+def make_study(
+    count: int,
+    *,
+    patient_id: str,
+    patient_name: str = "DOE^JANE",
+    study_date: str = "20240115",
+    modality: str = "CT",
+) -> StudyData:
+    study_uid, series_uid = new_uid(), new_uid()
+    datasets = []
+    for index in range(count):
+        ds = ct_slice(
+            study_uid=study_uid,
+            series_uid=series_uid,
+            index=index,
+            size=8,
+            patient_id=patient_id,
+            patient_name=patient_name,
+            study_date=study_date,
+        )
+        if modality == "MR":
+            ds.Modality = "MR"
+            ds.SOPClassUID = MRImageStorage
+            ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
+            ds.SeriesDescription = "T1"
+        datasets.append(ds)
+    return StudyData(
+        study_uid,
+        series_uid,
+        [str(ds.SOPInstanceUID) for ds in datasets],
+        patient_id,
+        str(datasets[0].AccessionNumber),
+        datasets,
+    )
+
+
+def send(server: RunningServer, study: StudyData, directory: Path) -> StudyData:
+    """Store the study with DCMTK storescu."""
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for n, ds in enumerate(study.datasets):
+        path = directory / f"{n:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    storescu(server, paths)
+    return study
+
+
+def ingest(server: RunningServer, studies: list[StudyData]) -> None:
+    """Store studies through the archive's ingest (the path C-STORE and STOW-RS take)."""
+    with closing(server.archive()) as archive:
+        for study in studies:
+            for ds in study.datasets:
+                archive.ingest(part10(ds))
+
+
+@pytest.fixture(scope="module")
+def ct_study(fhir_server: RunningServer, tmp_path_factory: pytest.TempPathFactory) -> StudyData:
+    study = make_study(5, patient_id="FHIR-CT-0001", patient_name="CTPATIENT^ANNA")
+    return send(fhir_server, study, tmp_path_factory.mktemp("ct"))
+
+
+def test_the_validator_rejects_what_is_not_r4() -> None:
+    """The hook of every request below fails on bodies that are not valid R4 (and so can)."""
+    checker = FHIRValidator()
+    url = "http://127.0.0.1:1/fhir/Patient"
+
+    def check(body: Any, content_type: str = "application/fhir+json; charset=utf-8") -> None:
+        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+        checker.check(
+            client="self-test",
+            method="GET",
+            url=url,
+            status=200,
+            content_type=content_type,
+            accept=None,
+            body=raw,
+        )
+
+    check({"resourceType": "Patient", "gender": "female"})
+    check(b"", "application/fhir+json")  # nothing to validate
+    assert checker.validated["self-test"] == 1
+    study = {"resourceType": "ImagingStudy", "id": "1.2.3", "status": "available"}
+    bad: list[tuple[Any, str]] = [
+        ({"resourceType": "Patient", "gender": "woman"}, "application/fhir+json"),
+        ({"resourceType": "Patient", "birthDate": "12/08/1964"}, "application/fhir+json"),
+        ({"resourceType": "Patient", "colour": "blue"}, "application/fhir+json"),
+        (
+            {"resourceType": "OperationOutcome", "issue": [{"severity": "bad", "code": "x"}]},
+            "application/fhir+json",
+        ),
+        ({"resourceType": "Patient"}, "application/json"),  # not asked for plain JSON
+        ({"resourceType": "Patient"}, "application/fhir+json; charset=latin-1"),
+        ({"resourceType": "NoSuchThing"}, "application/fhir+json"),
+        (b"{not json", "application/fhir+json"),
+        (  # an entry without its mandatory subject
+            {
+                "resourceType": "Bundle",
+                "type": "searchset",
+                "entry": [
+                    {
+                        "fullUrl": "http://127.0.0.1:1/fhir/ImagingStudy/1.2.3",
+                        "resource": study,
+                        "search": {"mode": "match"},
+                    }
+                ],
+            },
+            "application/fhir+json",
+        ),
+        (  # a relative fullUrl
+            {
+                "resourceType": "Bundle",
+                "type": "searchset",
+                "entry": [
+                    {
+                        "fullUrl": "Patient/1",
+                        "resource": {"resourceType": "Patient", "id": "1"},
+                        "search": {"mode": "match"},
+                    }
+                ],
+            },
+            "application/fhir+json",
+        ),
+    ]
+    for body, content_type in bad:
+        with pytest.raises(AssertionError):
+            check(body, content_type)
+    assert len(checker.failures) == len(bad)
+    assert checker.validated["self-test"] == 1
+
+
+# --- 1, 2: the CapabilityStatement with fhirclient and fhirpy ----------------------------------
+
+
+def check_capability(statement: dict[str, Any]) -> None:
+    assert statement["fhirVersion"] == "4.0.1"
+    assert statement["kind"] == "instance"
+    assert "application/fhir+json" in statement["format"]
+    rest = statement["rest"][0]
+    assert rest["mode"] == "server"
+    by_type = {r["type"]: r for r in rest["resource"]}
+    assert set(by_type) >= {
+        "Patient",
+        "ImagingStudy",
+        "Endpoint",
+        "DiagnosticReport",
+        "Observation",
+        "Device",
+    }
+    study = by_type["ImagingStudy"]
+    assert "ImagingStudy:subject" in study["searchInclude"]
+    assert "DiagnosticReport:imaging-study" in study["searchRevInclude"]
+    study_params = {p["name"]: p["type"] for p in study["searchParam"]}
+    assert study_params["started"] == "date"
+    assert study_params["identifier"] == "token"
+    assert study_params["patient"] == "reference"
+    report = by_type["DiagnosticReport"]
+    report_params = {p["name"]: p for p in report["searchParam"]}
+    assert report_params["imaging-study"]["type"] == "reference"
+    assert "DiagnosticReport:result" in report["searchInclude"]
+    interactions = {i["code"] for i in report["interaction"]}
+    assert {"read", "vread", "search-type", "create", "update", "history-instance"} <= interactions
+    patient = by_type["Patient"]
+    assert {i["code"] for i in patient["interaction"]} >= {"create", "update", "history-type"}
+    assert patient["conditionalCreate"] is True
+    assert patient["versioning"] == "versioned"
+    assert {"create", "update", "delete"}.isdisjoint({i["code"] for i in study["interaction"]}), (
+        "ImagingStudy is a view of the archive"
+    )
+
+
+def test_capability_statement_with_fhirclient_and_fhirpy(
+    smart: Any, validator: FHIRValidator, base: str
+) -> None:
+    # fhirclient read it in prepare() and parsed it with its R4 models.
+    statement = smart.server.capabilityStatement
+    assert statement.fhirVersion == "4.0.1"
+    check_capability(statement.as_json())
+
+    sync = validator.fhirpy_sync(base)
+    check_capability(dict(sync.execute("metadata", method="get")))
+
+    async def read_async() -> dict[str, Any]:
+        client = validator.fhirpy_async(base)
+        return dict(await client.execute("metadata", method="get"))
+
+    check_capability(asyncio.run(read_async()))
+
+
+# --- 3: a study stored with storescu as ImagingStudy ------------------------------------------
+
+
+def test_imaging_study_of_a_storescu_study(
+    http: httpx.Client,
+    ct_study: StudyData,
+    fhir_server: RunningServer,
+    fhirpy_sync: Any,
+) -> None:
+    patient = patient_id_of(http, ct_study.patient_id)
+    by_patient = search(http, "ImagingStudy", {"patient": f"Patient/{patient}"})
+    assert by_patient["total"] == 1 and ids(by_patient) == [ct_study.study_uid]
+    by_uid = search(
+        http, "ImagingStudy", {"identifier": f"{DICOM_UID}|urn:oid:{ct_study.study_uid}"}
+    )
+    assert ids(by_uid) == [ct_study.study_uid]
+    by_accession = search(http, "ImagingStudy", {"identifier": f"|{ct_study.accession}"})
+    assert ct_study.study_uid in ids(by_accession)
+
+    study = entries(by_uid)[0]
+    assert study["status"] == "available"
+    assert {"use": "official", "system": DICOM_UID, "value": f"urn:oid:{ct_study.study_uid}"} in (
+        study["identifier"]
+    )
+    accession = [i for i in study["identifier"] if i.get("type")]
+    assert accession[0]["value"] == ct_study.accession
+    assert accession[0]["type"]["coding"][0]["code"] == "ACSN"
+    assert study["subject"]["reference"] == f"Patient/{patient}"
+    assert study["started"] == "2024-01-15T10:15:00+01:00"  # StudyDate/Time in Europe/Berlin
+    assert study["numberOfSeries"] == 1 and study["numberOfInstances"] == 5
+    assert study["modality"] == [{"system": DCM, "code": "CT"}]
+    assert study["description"] == "CT HEAD"
+    (series,) = study["series"]
+    assert series["uid"] == ct_study.series_uid
+    assert series["number"] == 1
+    assert series["modality"] == {"system": DCM, "code": "CT"}
+    assert series["numberOfInstances"] == 5
+    assert series["bodySite"]["code"] == "69536005"  # HEAD
+    assert [i["uid"] for i in series["instance"]] == ct_study.sop_uids  # by Instance Number
+    assert [i["number"] for i in series["instance"]] == [1, 2, 3, 4, 5]
+    for instance in series["instance"]:
+        assert instance["sopClass"] == {
+            "system": "urn:ietf:rfc:3986",
+            "code": f"urn:oid:{CTImageStorage}",
+        }
+
+    # The endpoint resolves to the DICOMweb root, and that root serves the study.
+    (reference,) = study["endpoint"]
+    response = http.get(f"/{reference['reference']}")
+    assert response.status_code == 200
+    endpoint = response.json()
+    assert endpoint["resourceType"] == "Endpoint" and endpoint["status"] == "active"
+    assert endpoint["address"] == f"{fhir_server.http}/dicom-web"
+    assert endpoint["connectionType"]["code"] == "dicom-wado-rs"
+    qido = httpx.get(f"{endpoint['address']}/studies/{ct_study.study_uid}/series", timeout=30)
+    assert qido.status_code == 200
+    assert [s["0020000E"]["Value"][0] for s in qido.json()] == [ct_study.series_uid]
+
+    # _include=ImagingStudy:subject brings the Patient along.
+    included = search(
+        http,
+        "ImagingStudy",
+        {"_id": ct_study.study_uid, "_include": "ImagingStudy:subject"},
+    )
+    assert ids(included) == [ct_study.study_uid]
+    (subject,) = entries(included, "include")
+    assert subject["resourceType"] == "Patient" and subject["id"] == patient
+    assert subject["identifier"][0]["value"] == ct_study.patient_id
+
+    # Chained search on the patient's identifier and name.
+    chained = search(
+        http,
+        "ImagingStudy",
+        {"subject:Patient.identifier": f"{PATIENT_SYSTEM}|{ct_study.patient_id}"},
+    )
+    assert ids(chained) == [ct_study.study_uid]
+    by_name = search(http, "ImagingStudy", {"patient.name": "ctpatient"})
+    assert ids(by_name) == [ct_study.study_uid]
+    assert search(http, "ImagingStudy", {"patient.name": "nobody-like-this"})["total"] == 0
+
+    # The Patient as the DICOM header has it.
+    dicom_patient = http.get(f"/Patient/{patient}").json()
+    assert dicom_patient["name"][0]["family"] == "CTPATIENT"
+    assert dicom_patient["name"][0]["given"] == ["ANNA"]
+    assert dicom_patient["gender"] == "female" and dicom_patient["birthDate"] == "1970-01-01"
+
+    # read with fhirpy; conditional read with the version as ETag.
+    resource = fhirpy_sync.reference("ImagingStudy", ct_study.study_uid).to_resource()
+    assert resource["numberOfInstances"] == 5
+    read = http.get(f"/ImagingStudy/{ct_study.study_uid}")
+    assert read.headers["etag"] == f'W/"{read.json()["meta"]["versionId"]}"'
+    assert read.headers["last-modified"].endswith("GMT")
+    again = http.get(
+        f"/ImagingStudy/{ct_study.study_uid}", headers={"If-None-Match": read.headers["etag"]}
+    )
+    assert again.status_code == 304 and again.content == b""
+    since = http.get(
+        f"/ImagingStudy/{ct_study.study_uid}",
+        headers={"If-Modified-Since": read.headers["last-modified"]},
+    )
+    assert since.status_code == 304
+    changed = http.get(f"/ImagingStudy/{ct_study.study_uid}", headers={"If-None-Match": 'W/"0"'})
+    assert changed.status_code == 200 and changed.json() == read.json()
+    vread = http.get(
+        f"/ImagingStudy/{ct_study.study_uid}/_history/{read.json()['meta']['versionId']}"
+    )
+    assert vread.status_code == 200 and vread.json() == read.json()
+
+
+# --- 4: paging with both client libraries -----------------------------------------------------
+
+PAGING_PATIENT = "FHIR-PAGE-0001"
+
+
+@dataclass
+class Paging:
+    patient: str
+    study_uids: set[str]
+
+
+@pytest.fixture(scope="module")
+def paging(fhir_server: RunningServer, http: httpx.Client) -> Paging:
+    studies = [
+        make_study(1, patient_id=PAGING_PATIENT, patient_name="PAGER^PAUL", study_date="20230301")
+        for _ in range(250)
+    ]
+    ingest(fhir_server, studies)
+    return Paging(patient_id_of(http, PAGING_PATIENT), {s.study_uid for s in studies})
+
+
+def page_sizes(total: int, count: int) -> list[int]:
+    return [count] * (total // count) + ([total % count] if total % count else [])
+
+
+def test_paging_with_fhirclient(smart: Any, paging: Paging) -> None:
+    query = SmartImagingStudy.where({"patient": f"Patient/{paging.patient}", "_count": "50"})
+    seen: list[str] = []
+    sizes = []
+    for bundle in query.perform_iter(smart.server):  # follows Bundle.link "next"
+        assert bundle.total == len(paging.study_uids)
+        page = [e.resource.id for e in bundle.entry or []]
+        sizes.append(len(page))
+        seen += page
+    assert sizes == page_sizes(len(paging.study_uids), 50)
+    assert len(seen) == len(set(seen)) and set(seen) == paging.study_uids
+
+
+def test_paging_with_fhirpy_sync_and_async(
+    validator: FHIRValidator, base: str, fhirpy_sync: Any, paging: Paging
+) -> None:
+    searchset = fhirpy_sync.resources("ImagingStudy").search(patient=f"Patient/{paging.patient}")
+    assert searchset.count() == len(paging.study_uids)
+    first = searchset.limit(50).fetch_raw()
+    assert len(first["entry"]) == 50
+    assert any(link["relation"] == "next" for link in first["link"])
+    before = validator.validated["fhirpy-sync"]
+    seen = [r.id for r in searchset.limit(50)]
+    pages = len(page_sizes(len(paging.study_uids), 50))
+    assert validator.validated["fhirpy-sync"] - before == pages  # one request per page of 50
+    assert len(seen) == len(set(seen)) and set(seen) == paging.study_uids
+
+    async def fetch_all() -> list[str]:
+        client = validator.fhirpy_async(base)
+        found = await (
+            client.resources("ImagingStudy")
+            .search(patient=f"Patient/{paging.patient}")
+            .limit(50)
+            .fetch_all()
+        )
+        return [r.id for r in found]
+
+    seen_async = asyncio.run(fetch_all())
+    assert len(seen_async) == len(set(seen_async)) and set(seen_async) == paging.study_uids
+
+
+def test_paging_is_stable_while_studies_arrive(
+    http: httpx.Client, fhir_server: RunningServer, paging: Paging
+) -> None:
+    expected = set(paging.study_uids)
+    query = {"patient": f"Patient/{paging.patient}", "_count": "50", "_sort": "started"}
+    bundle = search(http, "ImagingStudy", query)
+    seen = ids(bundle)
+    # Earlier studies: without the snapshot they would sort first and shift every later page.
+    added = [
+        make_study(1, patient_id=PAGING_PATIENT, patient_name="PAGER^PAUL", study_date="20230201")
+        for _ in range(5)
+    ]
+    ingest(fhir_server, added)
+    paging.study_uids |= {s.study_uid for s in added}
+    sizes = [len(seen)]
+    while True:
+        links = {link["relation"]: link["url"] for link in bundle["link"]}
+        if "next" not in links:
+            break
+        assert "_snapshot=" in links["next"] and "_offset=" in links["next"]
+        response = http.get(links["next"])
+        assert response.status_code == 200
+        bundle = response.json()
+        assert bundle["total"] == len(expected)  # the snapshot's total
+        seen += ids(bundle)
+        sizes.append(len(ids(bundle)))
+    assert sizes == page_sizes(len(expected), 50)
+    assert len(seen) == len(set(seen)) and set(seen) == expected  # exactly the snapshot
+    fresh = search(http, "ImagingStudy", {**query, "_count": "5"})
+    assert fresh["total"] == len(expected) + 5
+    assert set(ids(fresh)) == {s.study_uid for s in added}
+
+
+# --- 5: an EHR's Patient, then images for it ---------------------------------------------------
+
+
+def test_ehr_patient_then_images(
+    smart: Any, http: httpx.Client, fhir_server: RunningServer, tmp_path: Path
+) -> None:
+    body = {
+        "resourceType": "Patient",
+        "identifier": [{"system": PATIENT_SYSTEM, "value": "FHIR-EHR-0001"}],
+        "name": [{"use": "official", "family": "Schmidt", "given": ["Erika"]}],
+        "gender": "female",
+        "birthDate": "1964-08-12",
+    }
+    created = SmartPatient(body).create(smart.server)
+    assert created["resourceType"] == "Patient"
+    patient = created["id"]
+    assert created["meta"]["versionId"] == "1"
+
+    study = make_study(3, patient_id="FHIR-EHR-0001", patient_name="SCHMIDT-DICOM^E")
+    send(fhir_server, study, tmp_path / "ehr")
+    found = search(http, "ImagingStudy", {"patient": f"Patient/{patient}"})
+    assert ids(found) == [study.study_uid]
+    assert entries(found)[0]["subject"]["reference"] == f"Patient/{patient}"
+
+    # The EHR's demographics, not the DICOM header's.
+    view = SmartPatient.read(patient, smart.server)
+    assert view.name[0].family == "Schmidt" and view.name[0].given == ["Erika"]
+    assert view.birthDate.isostring == "1964-08-12"
+    assert view.meta.versionId == "1"
+    assert ids(search(http, "Patient", {"family": "Schmidt", "gender": "female"})) == [patient]
+    assert search(http, "Patient", {"name": "SCHMIDT-DICOM"})["total"] == 0
+
+    # Update with If-Match: the current version goes through, a stale one is refused.
+    changed = {**body, "id": patient, "telecom": [{"system": "phone", "value": "+49 30 1234"}]}
+    updated = http.put(
+        f"/Patient/{patient}",
+        json=changed,
+        headers={"If-Match": 'W/"1"', "Content-Type": "application/fhir+json"},
+    )
+    assert updated.status_code == 200, updated.text
+    assert updated.json()["meta"]["versionId"] == "2"
+    assert updated.headers["etag"] == 'W/"2"'
+    assert updated.headers["location"].endswith(f"/Patient/{patient}/_history/2")
+    stale = http.put(
+        f"/Patient/{patient}",
+        json={**changed, "gender": "other"},
+        headers={"If-Match": 'W/"1"', "Content-Type": "application/fhir+json"},
+    )
+    outcome(stale, 412, "conflict")
+    assert http.get(f"/Patient/{patient}").json()["gender"] == "female"
+
+    history = http.get(f"/Patient/{patient}/_history").json()
+    assert history["type"] == "history" and history["total"] == 2
+    assert [e["resource"]["meta"]["versionId"] for e in history["entry"]] == ["2", "1"]
+    assert [e["request"]["method"] for e in history["entry"]] == ["PUT", "POST"]
+    first = http.get(f"/Patient/{patient}/_history/1")
+    second = http.get(f"/Patient/{patient}/_history/2")
+    assert first.headers["etag"] == 'W/"1"' and "telecom" not in first.json()
+    assert second.json()["telecom"] == [{"system": "phone", "value": "+49 30 1234"}]
+    outcome(http.get(f"/Patient/{patient}/_history/3"), 404, "not-found")
+    everyone = http.get("/Patient/_history", params={"_count": "500"}).json()
+    mine = [e for e in everyone["entry"] if e["resource"]["id"] == patient]
+    assert [e["resource"]["meta"]["versionId"] for e in mine] == ["2", "1"]
+
+
+def test_create_for_a_dicom_patient_becomes_its_record(
+    http: httpx.Client, fhir_server: RunningServer
+) -> None:
+    study = make_study(1, patient_id="FHIR-DICOM-FIRST", patient_name="FIRST^DICOM")
+    ingest(fhir_server, [study])
+    patient = patient_id_of(http, "FHIR-DICOM-FIRST")
+    created = http.post(
+        "/Patient",
+        json={
+            "resourceType": "Patient",
+            "identifier": [{"system": PATIENT_SYSTEM, "value": "FHIR-DICOM-FIRST"}],
+            "name": [{"family": "Record", "given": ["Ehr"]}],
+        },
+        headers={"Content-Type": "application/fhir+json"},
+    )
+    assert created.status_code == 201, created.text
+    assert created.json()["id"] == patient and created.json()["meta"]["versionId"] == "2"
+    history = http.get(f"/Patient/{patient}/_history").json()
+    assert [e["resource"]["name"][0]["family"] for e in history["entry"]] == ["Record", "FIRST"]
+    # A second create of the same identifier is a conflict: update it instead.
+    again = http.post(
+        "/Patient",
+        json={
+            "resourceType": "Patient",
+            "identifier": [{"system": PATIENT_SYSTEM, "value": "FHIR-DICOM-FIRST"}],
+        },
+        headers={"Content-Type": "application/fhir+json"},
+    )
+    outcome(again, 409, "duplicate")
+
+
+# --- 6: a DiagnosticReport's life: preliminary, final, amended ------------------------------------
+
+
+def text_values(ds: Dataset) -> list[str]:
+    found = []
+    for item in ds.get("ContentSequence", []):
+        if "TextValue" in item:
+            found.append(str(item.TextValue))
+        found += text_values(item)
+    return found
+
+
+def sop_uid_of(report: dict[str, Any]) -> str:
+    (identifier,) = [i for i in report["identifier"] if i["system"] == DICOM_UID]
+    value = str(identifier["value"])
+    assert value.startswith("urn:oid:")
+    return value[8:]
+
+
+def test_diagnostic_report_versions_as_dicom_sr(
+    http: httpx.Client,
+    fhirpy_sync: Any,
+    validator: FHIRValidator,
+    base: str,
+    fhir_server: RunningServer,
+    dicomweb: DICOMwebClient,
+    tmp_path: Path,
+) -> None:
+    study = send(
+        fhir_server,
+        make_study(2, patient_id="FHIR-DR-0001", patient_name="REPORT^RITA"),
+        tmp_path / "images",
+    )
+    patient = patient_id_of(http, study.patient_id)
+    conclusion = "Keine Blutung — unauffällig"
+    findings = "Befund: Hirnparenchym altersentsprechend, keine Raumforderung."
+    draft = fhirpy_sync.resource(
+        "DiagnosticReport",
+        status="preliminary",
+        code=REPORT_CODE,
+        subject={"reference": f"Patient/{patient}"},
+        imagingStudy=[{"reference": f"ImagingStudy/{study.study_uid}"}],
+        conclusion=conclusion,
+        presentedForm=[
+            {"contentType": "text/plain", "data": base64.b64encode(findings.encode()).decode()}
+        ],
+    )
+    draft.save()
+    report_id = draft.id
+    assert report_id and draft["meta"]["versionId"] == "1"
+    assert draft["status"] == "preliminary"
+    first = http.get(f"/DiagnosticReport/{report_id}").json()
+    assert first["conclusion"] == conclusion
+    assert first["subject"] == {"reference": f"Patient/{patient}"}
+    assert first["imagingStudy"] == [{"reference": f"ImagingStudy/{study.study_uid}"}]
+    text = base64.b64decode(first["presentedForm"][0]["data"]).decode()
+    assert text.startswith(findings) and conclusion in text  # the whole report as issued
+    assert first["presentedForm"][0]["contentType"].startswith("text/plain")
+    assert sop_uid_of(first) == report_id  # the id is the first version's SOP Instance UID
+
+    # The SR is in the study: C-FIND (DCMTK findscu) and QIDO-RS see it.
+    series = findscu(
+        fhir_server,
+        tmp_path / "find-series",
+        [
+            "QueryRetrieveLevel=SERIES",
+            f"StudyInstanceUID={study.study_uid}",
+            "Modality=SR",
+            "SeriesInstanceUID",
+            "SeriesNumber",
+        ],
+    )
+    assert len(series) == 1 and int(series[0].SeriesNumber) == 9000
+    sr_series = str(series[0].SeriesInstanceUID)
+    images = findscu(
+        fhir_server,
+        tmp_path / "find-images",
+        [
+            "QueryRetrieveLevel=IMAGE",
+            f"StudyInstanceUID={study.study_uid}",
+            f"SeriesInstanceUID={sr_series}",
+            "SOPInstanceUID",
+            "SOPClassUID",
+        ],
+    )
+    assert [(str(i.SOPInstanceUID), str(i.SOPClassUID)) for i in images] == [
+        (report_id, ENHANCED_SR)
+    ]
+    qido = dicomweb.search_for_series(study.study_uid, search_filters={"Modality": "SR"})
+    assert [s["0020000E"]["Value"][0] for s in qido] == [sr_series]
+    sr1 = dicomweb.retrieve_instance(study.study_uid, sr_series, report_id)
+    assert sr1.VerificationFlag == "UNVERIFIED" and sr1.CompletionFlag == "COMPLETE"
+    assert str(sr1.PatientID) == study.patient_id
+    assert conclusion in text_values(sr1)
+    assert "PredecessorDocumentsSequence" not in sr1
+
+    # Final, with If-Match: a VERIFIED SR document, version 2.
+    final_body = {
+        **first,
+        "status": "final",
+        "resultsInterpreter": [{"display": "Jane Smith"}],
+    }
+    final_body.pop("meta")
+    stale = http.put(
+        f"/DiagnosticReport/{report_id}",
+        json=final_body,
+        headers={"If-Match": 'W/"7"', "Content-Type": "application/fhir+json"},
+    )
+    outcome(stale, 412, "conflict")
+    final = http.put(
+        f"/DiagnosticReport/{report_id}",
+        json=final_body,
+        headers={"If-Match": 'W/"1"', "Content-Type": "application/fhir+json"},
+    )
+    assert final.status_code == 200, final.text
+    assert final.json()["meta"]["versionId"] == "2" and final.json()["status"] == "final"
+    assert final.json()["resultsInterpreter"] == [{"display": "Jane Smith"}]
+    assert final.json()["id"] == report_id
+    sop2 = sop_uid_of(final.json())
+    assert sop2 != report_id
+    sr2 = dicomweb.retrieve_instance(study.study_uid, sr_series, sop2)
+    assert sr2.VerificationFlag == "VERIFIED"
+    assert str(sr2.VerifyingObserverSequence[0].VerifyingObserverName) == "Smith^Jane"
+    predecessor = sr2.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0]
+    assert predecessor.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == report_id
+    # A final report is changed by amending it, not by another "final".
+    refused = http.put(
+        f"/DiagnosticReport/{report_id}",
+        json={**final_body, "conclusion": "changed"},
+        headers={"Content-Type": "application/fhir+json"},
+    )
+    outcome(refused, 422, "business-rule")
+
+    # Amended: version 3, whose predecessor is version 2.
+    amended_text = "Keine Blutung. Nachtrag: kleine Zyste links frontal (8 mm)."
+    amended = http.put(
+        f"/DiagnosticReport/{report_id}",
+        json={**final_body, "status": "amended", "conclusion": amended_text},
+        headers={"If-Match": 'W/"2"', "Content-Type": "application/fhir+json"},
+    )
+    assert amended.status_code == 200, amended.text
+    assert amended.json()["meta"]["versionId"] == "3" and amended.json()["status"] == "amended"
+    assert amended.json()["conclusion"] == amended_text
+    sop3 = sop_uid_of(amended.json())
+    sr3 = dicomweb.retrieve_instance(study.study_uid, sr_series, sop3)
+    assert sr3.VerificationFlag == "VERIFIED"
+    (prior,) = sr3.PredecessorDocumentsSequence
+    assert prior.StudyInstanceUID == study.study_uid
+    (prior_series,) = prior.ReferencedSeriesSequence
+    assert prior_series.SeriesInstanceUID == sr_series
+    (prior_sop,) = prior_series.ReferencedSOPSequence
+    assert prior_sop.ReferencedSOPInstanceUID == sop2
+    assert prior_sop.ReferencedSOPClassUID == ENHANCED_SR
+    assert amended_text in text_values(sr3)
+    every = findscu(
+        fhir_server,
+        tmp_path / "find-versions",
+        [
+            "QueryRetrieveLevel=IMAGE",
+            f"StudyInstanceUID={study.study_uid}",
+            f"SeriesInstanceUID={sr_series}",
+            "SOPInstanceUID",
+        ],
+    )
+    assert {str(i.SOPInstanceUID) for i in every} == {report_id, sop2, sop3}  # every version kept
+
+    # _history lists the three versions, newest first; vread of each.
+    history = http.get(f"/DiagnosticReport/{report_id}/_history").json()
+    assert history["total"] == 3
+    assert [e["resource"]["meta"]["versionId"] for e in history["entry"]] == ["3", "2", "1"]
+    assert [e["resource"]["status"] for e in history["entry"]] == [
+        "amended",
+        "final",
+        "preliminary",
+    ]
+    assert [sop_uid_of(e["resource"]) for e in history["entry"]] == [sop3, sop2, report_id]
+    for version, status in (("1", "preliminary"), ("2", "final"), ("3", "amended")):
+        old = http.get(f"/DiagnosticReport/{report_id}/_history/{version}")
+        assert old.status_code == 200 and old.json()["status"] == status
+        assert old.headers["etag"] == f'W/"{version}"'
+    assert http.get(f"/DiagnosticReport/{report_id}").json()["meta"]["versionId"] == "3"
+
+    # Searches see the current version only.
+    def report_ids(**params: str) -> list[str]:
+        return ids(search(http, "DiagnosticReport", params))
+
+    assert report_ids(patient=f"Patient/{patient}") == [report_id]
+    assert report_ids(subject=f"Patient/{patient}", status="amended") == [report_id]
+    assert report_ids(subject=f"Patient/{patient}", status="preliminary") == []
+    assert report_ids(**{"imaging-study": f"ImagingStudy/{study.study_uid}"}) == [report_id]
+    assert report_ids(identifier=f"{DICOM_UID}|urn:oid:{sop2}") == [report_id]
+    assert report_ids(
+        patient=f"Patient/{patient}", category="RAD", code="http://loinc.org|18748-4"
+    ) == [report_id]
+    with_results = search(
+        http,
+        "DiagnosticReport",
+        {"_id": report_id, "_include": "DiagnosticReport:result"},
+    )
+    assert ids(with_results) == [report_id]
+    assert entries(with_results, "include") == []  # a text report has no Observations
+    assert "result" not in entries(with_results)[0]
+    with_reports = search(
+        http,
+        "ImagingStudy",
+        {"_id": study.study_uid, "_revinclude": "DiagnosticReport:imaging-study"},
+    )
+    assert ids(with_reports) == [study.study_uid]
+    (included,) = entries(with_reports, "include")
+    assert included["resourceType"] == "DiagnosticReport" and included["id"] == report_id
+    assert included["meta"]["versionId"] == "3"
+    # The study lists the report series, its documents titled.
+    imaging = entries(with_reports)[0]
+    assert imaging["numberOfSeries"] == 2 and imaging["numberOfInstances"] == 5
+    assert {"CT", "SR"} == {m["code"] for m in imaging["modality"]}
+
+    async def async_reports() -> list[str]:
+        client = validator.fhirpy_async(base)
+        found = await (
+            client.resources("DiagnosticReport").search(patient=f"Patient/{patient}").fetch_all()
+        )
+        return [r.id for r in found]
+
+    assert asyncio.run(async_reports()) == [report_id]
+
+
+def test_report_read_and_written_back_keeps_its_text(
+    http: httpx.Client, fhir_server: RunningServer
+) -> None:
+    """An EHR reads a report, changes its status and PUTs it back: the text stays as it was
+    (``presentedForm`` as read already holds the conclusion; it must not be added again)."""
+    study = make_study(1, patient_id="FHIR-RT-0001", patient_name="ROUND^TRIP")
+    ingest(fhir_server, [study])
+    created = http.post(
+        "/DiagnosticReport",
+        json={
+            "resourceType": "DiagnosticReport",
+            "status": "preliminary",
+            "code": REPORT_CODE,
+            "imagingStudy": [{"reference": f"ImagingStudy/{study.study_uid}"}],
+            "conclusion": "Kein Nachweis einer Fraktur.",
+            "presentedForm": [
+                {"contentType": "text/plain", "data": base64.b64encode(b"Befund.").decode()}
+            ],
+        },
+        headers=JSON,
+    )
+    assert created.status_code == 201, created.text
+    read = created.json()
+    text = base64.b64decode(read["presentedForm"][0]["data"]).decode()
+    written = {k: v for k, v in read.items() if k != "meta"}
+    written |= {"status": "final", "resultsInterpreter": [{"display": "Jane Smith"}]}
+    final = http.put(
+        f"/DiagnosticReport/{read['id']}", json=written, headers={**JSON, "If-Match": 'W/"1"'}
+    )
+    assert final.status_code == 200, final.text
+    assert final.json()["conclusion"] == read["conclusion"]
+    assert base64.b64decode(final.json()["presentedForm"][0]["data"]).decode() == text
+
+
+def test_deleted_study_answers_gone(http: httpx.Client, fhir_server: RunningServer) -> None:
+    study = make_study(1, patient_id="FHIR-DEL-0001", patient_name="GONE^GUS")
+    ingest(fhir_server, [study])
+    created = http.post(
+        "/DiagnosticReport",
+        json={
+            "resourceType": "DiagnosticReport",
+            "status": "final",
+            "code": REPORT_CODE,
+            "imagingStudy": [{"reference": f"ImagingStudy/{study.study_uid}"}],
+            "conclusion": "Normal.",
+            "resultsInterpreter": [{"display": "Smith, Jane"}],
+        },
+        headers={"Content-Type": "application/fhir+json"},
+    )
+    assert created.status_code == 201, created.text
+    report = created.json()["id"]
+    assert created.json()["status"] == "final"
+    assert http.get(f"/ImagingStudy/{study.study_uid}").status_code == 200
+    with closing(fhir_server.archive()) as archive:
+        assert archive.delete_study(study.study_uid) == 2  # the image and the report
+    outcome(http.get(f"/ImagingStudy/{study.study_uid}"), 410, "deleted")
+    outcome(http.get(f"/DiagnosticReport/{report}"), 410, "deleted")
+    assert search(http, "ImagingStudy", {"_id": study.study_uid})["total"] == 0
+    assert search(http, "DiagnosticReport", {"_id": report})["total"] == 0
+
+
+# --- 7: errors speak OperationOutcome -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def some_patient(http: httpx.Client) -> str:
+    created = http.post(
+        "/Patient",
+        json={
+            "resourceType": "Patient",
+            "identifier": [{"system": PATIENT_SYSTEM, "value": "FHIR-ERR-0001"}],
+            "name": [{"family": "Errorson", "given": ["Eve"]}],
+        },
+        headers={"Content-Type": "application/fhir+json"},
+    )
+    assert created.status_code == 201, created.text
+    return str(created.json()["id"])
+
+
+JSON = {"Content-Type": "application/fhir+json"}
+
+
+def test_malformed_and_wrong_bodies(http: httpx.Client, ct_study: StudyData) -> None:
+    outcome(
+        http.post("/Patient", content=b'{"resourceType": "Patient",', headers=JSON),
+        400,
+        "structure",
+    )
+    outcome(http.post("/Patient", content=b"[1, 2]", headers=JSON), 400, "structure")
+    wrong_type = http.post(
+        "/DiagnosticReport",
+        json={"resourceType": "Patient", "identifier": [{"system": PATIENT_SYSTEM, "value": "X"}]},
+        headers=JSON,
+    )
+    body = outcome(wrong_type, 400, "invalid")
+    assert body["issue"][0]["expression"] == ["resourceType"]
+    invalid = http.post(
+        "/Patient",
+        json={"resourceType": "Patient", "gender": 12, "birthDate": "not a date"},
+        headers=JSON,
+    )
+    body = outcome(invalid, 400, "structure")
+    assert any("birthDate" in e or "gender" in e for e in body["issue"][0].get("expression", []))
+    outcome(
+        http.post("/Patient", content=b"<Patient/>", headers={"Content-Type": "application/xml"}),
+        415,
+        "not-supported",
+    )
+    outcome(
+        http.post("/Patient", content=b"{}", headers={"Content-Type": "text/plain"}),
+        415,
+        "not-supported",
+    )
+    no_study = http.post(
+        "/DiagnosticReport",
+        json={
+            "resourceType": "DiagnosticReport",
+            "status": "preliminary",
+            "code": REPORT_CODE,
+            "conclusion": "x",
+        },
+        headers=JSON,
+    )
+    outcome(no_study, 422, "required")
+    unsigned = http.post(
+        "/DiagnosticReport",
+        json={
+            "resourceType": "DiagnosticReport",
+            "status": "final",
+            "code": REPORT_CODE,
+            "imagingStudy": [{"reference": f"ImagingStudy/{ct_study.study_uid}"}],
+            "conclusion": "x",
+        },
+        headers=JSON,
+    )
+    outcome(unsigned, 422, "required")  # final needs who verified it
+
+
+def test_search_parameter_handling(http: httpx.Client) -> None:
+    lenient = search(http, "ImagingStudy", {"frobnicate": "1", "_count": "1"})
+    (report,) = entries(lenient, "outcome")
+    assert report["resourceType"] == "OperationOutcome"
+    assert report["issue"][0]["code"] == "not-supported"
+    assert report["issue"][0]["severity"] == "warning"
+    assert "frobnicate" in report["issue"][0]["diagnostics"]
+    strict = http.get(
+        "/ImagingStudy", params={"frobnicate": "1"}, headers={"Prefer": "handling=strict"}
+    )
+    body = outcome(strict, 400, "not-supported")
+    assert "frobnicate" in body["issue"][0]["diagnostics"]
+    outcome(http.get("/ImagingStudy", params={"started": "yesterday"}), 400, "invalid")
+    outcome(http.get("/ImagingStudy", params={"_count": "-1"}), 400, "invalid")
+    outcome(http.get("/ImagingStudy", params={"_sort": "color"}), 400, "invalid")
+    outcome(http.get("/ImagingStudy", params={"_include": "ImagingStudy:basedOn"}), 400, "invalid")
+    outcome(http.get("/ImagingStudy", params={"_summary": "maybe"}), 400, "invalid")
+
+
+def test_not_found_not_allowed_and_formats(
+    http: httpx.Client, some_patient: str, base: str
+) -> None:
+    outcome(http.get("/Patient/999999999"), 404, "not-found")
+    outcome(http.get("/Patient/not-a-number"), 404, "not-found")
+    outcome(http.get("/ImagingStudy/1.2.3.4.5.6.7.8.9"), 404, "not-found")
+    outcome(http.get("/DiagnosticReport/1.2.3.4.5.6.7.8.9"), 404, "not-found")
+    outcome(http.get("/Endpoint/other"), 404, "not-found")
+    outcome(http.get("/Device/no-such-model"), 404, "not-found")
+    outcome(http.get("/Observation/424242"), 404, "not-found")
+    outcome(http.get("/Medication/1"), 404, "not-supported")
+    outcome(http.get("/Medication"), 404, "not-supported")
+    outcome(http.delete(f"/Patient/{some_patient}"), 405, "not-supported")
+    patch = http.patch(
+        f"/Patient/{some_patient}",
+        content=b"[]",
+        headers={"Content-Type": "application/json-patch+json"},
+    )
+    assert patch.status_code == 405, patch.text
+    assert patch.headers["content-type"].startswith("application/fhir+json"), patch.headers
+    assert patch.json()["resourceType"] == "OperationOutcome", patch.text
+    outcome(
+        http.post("/ImagingStudy", json={"resourceType": "ImagingStudy"}, headers=JSON),
+        405,
+        "not-supported",
+    )
+    outcome(
+        http.put("/Patient/999999999", json={"resourceType": "Patient"}, headers=JSON),
+        405,
+        "not-supported",
+    )
+    mismatch = http.put(
+        f"/Patient/{some_patient}",
+        json={"resourceType": "Patient", "id": "1" + some_patient},
+        headers=JSON,
+    )
+    outcome(mismatch, 400, "invalid")
+
+    # Formats: JSON as asked.
+    plain = http.get(f"/Patient/{some_patient}", params={"_format": "application/json"})
+    assert plain.status_code == 200
+    assert plain.headers["content-type"].startswith("application/json")
+    accepted = http.get(f"/Patient/{some_patient}", headers={"Accept": "application/json"})
+    assert accepted.headers["content-type"].startswith("application/json")
+    fhir = http.get(f"/Patient/{some_patient}", params={"_format": "json"})
+    assert fhir.headers["content-type"].startswith("application/fhir+json")
+    pretty = http.get(f"/Patient/{some_patient}", params={"_pretty": "true"})
+    assert pretty.text.startswith("{\n  ") and pretty.json() == fhir.json()
+    assert "\n" not in fhir.text
+    assert http.get("/metadata").json()["implementation"]["url"] == base
+
+
+def test_xml_is_not_acceptable(http: httpx.Client, some_patient: str) -> None:
+    """This server writes JSON only: ``_format=xml`` and an XML-only Accept are 406 (in JSON)."""
+    outcome(http.get("/metadata", params={"_format": "xml"}), 406, "not-supported")
+    outcome(http.get(f"/Patient/{some_patient}", params={"_format": "xml"}), 406, "not-supported")
+    outcome(http.get("/Patient", params={"_format": "application/fhir+xml"}), 406, "not-supported")
+    outcome(http.get("/metadata", headers={"Accept": "application/fhir+xml"}), 406, "not-supported")
+
+
+def test_conditional_create_and_prefer(http: httpx.Client, some_patient: str) -> None:
+    body = {
+        "resourceType": "Patient",
+        "identifier": [{"system": PATIENT_SYSTEM, "value": "FHIR-ERR-0001"}],
+        "name": [{"family": "Other"}],
+    }
+    existing = http.post(
+        "/Patient",
+        json=body,
+        headers={**JSON, "If-None-Exist": f"identifier={PATIENT_SYSTEM}|FHIR-ERR-0001"},
+    )
+    assert existing.status_code == 200, existing.text
+    assert existing.json()["id"] == some_patient
+    assert existing.json()["name"][0]["family"] == "Errorson"  # untouched
+    fresh_body = {**body, "identifier": [{"system": PATIENT_SYSTEM, "value": "FHIR-COND-0001"}]}
+    fresh = http.post(
+        "/Patient",
+        json=fresh_body,
+        headers={**JSON, "If-None-Exist": f"identifier={PATIENT_SYSTEM}|FHIR-COND-0001"},
+    )
+    assert fresh.status_code == 201, fresh.text
+    assert fresh.json()["id"] != some_patient
+    repeated = http.post(
+        "/Patient",
+        json=fresh_body,
+        headers={**JSON, "If-None-Exist": f"identifier={PATIENT_SYSTEM}|FHIR-COND-0001"},
+    )
+    assert repeated.status_code == 200 and repeated.json()["id"] == fresh.json()["id"]
+
+    minimal = http.post(
+        "/Patient",
+        json={**body, "identifier": [{"system": PATIENT_SYSTEM, "value": "FHIR-MIN-0001"}]},
+        headers={**JSON, "Prefer": "return=minimal"},
+    )
+    assert minimal.status_code == 201 and minimal.content == b""
+    assert minimal.headers["etag"] == 'W/"1"'
+    location = minimal.headers["location"]
+    assert location.startswith("http") and location.endswith("/_history/1")
+    stored = http.get(location)
+    assert stored.status_code == 200
+    assert stored.json()["identifier"][0]["value"] == "FHIR-MIN-0001"
+    informed = http.put(
+        location.rsplit("/_history/", 1)[0],
+        json={**stored.json(), "gender": "male"},
+        headers={**JSON, "Prefer": "return=OperationOutcome", "If-Match": 'W/"1"'},
+    )
+    assert informed.status_code == 200
+    assert informed.json()["resourceType"] == "OperationOutcome"
+    assert informed.json()["issue"][0]["severity"] == "information"
+    assert informed.headers["etag"] == 'W/"2"'
+
+
+# --- 8: Patient search ----------------------------------------------------------------------------
+
+
+@dataclass
+class Patients:
+    ids: dict[str, str]  # key -> id
+    before: str
+
+
+@pytest.fixture(scope="module")
+def patients(http: httpx.Client) -> Patients:
+    before = utc_now()
+    time.sleep(0.01)
+    people = {
+        "erika": ("Quaxley", ["Erika", "Maria"], "female", "1981-03-04"),
+        "otto": ("Quaxley", ["Otto"], "male", "1981-03-05"),
+        "ida": ("Quaxleyson", ["Ida"], "female", "1990-12-31"),
+        "kim": ("Vanquaxley", ["Kim"], "other", "2001-07-15"),
+    }
+    created = {}
+    for key, (family, given, gender, birth) in people.items():
+        response = http.post(
+            "/Patient",
+            json={
+                "resourceType": "Patient",
+                "identifier": [{"system": PATIENT_SYSTEM, "value": f"FHIR-SEARCH-{key}"}],
+                "name": [{"use": "official", "family": family, "given": given}],
+                "gender": gender,
+                "birthDate": birth,
+            },
+            headers=JSON,
+        )
+        assert response.status_code == 201, response.text
+        created[key] = str(response.json()["id"])
+    return Patients(created, before)
+
+
+def test_patient_search(http: httpx.Client, patients: Patients) -> None:
+    p = patients.ids
+
+    def found(params: dict[str, str]) -> set[str]:
+        bundle = search(http, "Patient", {**params, "_count": "100"})
+        assert bundle["total"] == len(ids(bundle))
+        return set(ids(bundle)) & set(p.values())
+
+    def named(*keys: str) -> set[str]:
+        return {p[k] for k in keys}
+
+    assert found({"identifier": f"{PATIENT_SYSTEM}|FHIR-SEARCH-otto"}) == named("otto")
+    assert found({"identifier": "FHIR-SEARCH-ida"}) == named("ida")
+    assert found({"identifier": "urn:other:system|FHIR-SEARCH-ida"}) == set()
+    assert found({"name": "quax"}) == named("erika", "otto", "ida")
+    assert found({"family": "Quaxley"}) == named("erika", "otto", "ida")
+    assert found({"family:exact": "Quaxley"}) == named("erika", "otto")
+    assert found({"family:contains": "quaxley"}) == named("erika", "otto", "ida", "kim")
+    assert found({"name:contains": "axleys"}) == named("ida")
+    assert found({"given": "Eri"}) == named("erika")
+    assert found({"given": "Maria"}) == named("erika")  # a second given name
+    assert found({"given:exact": "Otto"}) == named("otto")
+    assert found({"given:exact": "Ott"}) == set()
+    assert found({"family": "Quaxley", "given": "Otto"}) == named("otto")
+    assert found({"name": "Otto,Ida"}) == named("otto", "ida")
+    assert found({"family:contains": "quaxley", "birthdate": "ge1981-03-05"}) == named(
+        "otto", "ida", "kim"
+    )
+    assert found({"family:contains": "quaxley", "birthdate": "le1981-03-04"}) == named("erika")
+    assert found({"family:contains": "quaxley", "birthdate": "eb1981-03-05"}) == named("erika")
+    assert found({"family:contains": "quaxley", "birthdate": "sa1990-12-30"}) == named("ida", "kim")
+    assert found({"family:contains": "quaxley", "birthdate": "gt1990-12-31"}) == named("kim")
+    assert found({"family:contains": "quaxley", "gender": "female"}) == named("erika", "ida")
+    assert found({"family:contains": "quaxley", "gender": "male"}) == named("otto")
+    assert found({"family:contains": "quaxley", "gender": "other"}) == named("kim")
+    assert found({"family:contains": "quaxley", "_lastUpdated": f"ge{patients.before}"}) == named(
+        "erika", "otto", "ida", "kim"
+    )
+    assert found({"family:contains": "quaxley", "_lastUpdated": f"lt{patients.before}"}) == set()
+    later = (datetime.now(UTC) + timedelta(hours=1)).isoformat(timespec="seconds")
+    assert found({"family:contains": "quaxley", "_lastUpdated": f"gt{later}"}) == set()
+    ordered = search(
+        http, "Patient", {"family:contains": "quaxley", "_sort": "-birthdate", "_count": "10"}
+    )
+    assert ids(ordered) == [p["kim"], p["ida"], p["otto"], p["erika"]]
+    # POST _search takes the same parameters in a form body.
+    posted = http.post(
+        "/Patient/_search",
+        content=b"family=Quaxleyson",
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert posted.status_code == 200 and ids(posted.json()) == [p["ida"]]
+
+
+def test_patient_birthdate_equals_a_day(http: httpx.Client, patients: Patients) -> None:
+    """A birthDate is the range of its day: ``eq`` of that day (or month) holds it."""
+    p = patients.ids
+
+    def found(value: str) -> set[str]:
+        return set(ids(search(http, "Patient", {"birthdate": value}))) & set(p.values())
+
+    assert found("1981-03-04") == {p["erika"]}
+    assert found("eq1981-03-05") == {p["otto"]}
+    assert found("1981-03") == {p["erika"], p["otto"]}
+    assert found("1981") == {p["erika"], p["otto"]}
+    assert found("ne1981-03-04") == {p["otto"], p["ida"], p["kim"]}
+    assert found("lt1981-03-05") == {p["erika"]}
+    assert found("ge1981-03-05") == {p["otto"], p["ida"], p["kim"]}
+    both = search(http, "Patient", [("birthdate", "lt1981-03-05"), ("birthdate", "gt1981-03-03")])
+    assert set(ids(both)) & set(p.values()) == {p["erika"]}
+
+
+def test_patient_name_exact_is_case_sensitive(http: httpx.Client, patients: Patients) -> None:
+    """search.html#string: ``:exact`` matches the whole string *including casing*."""
+    bundle = search(http, "Patient", {"family:exact": "quaxley"})
+    assert set(ids(bundle)) & set(patients.ids.values()) == set()
+
+
+# --- 9: ImagingStudy search -----------------------------------------------------------------------
+
+
+@dataclass
+class Dated:
+    patient: str
+    uids: dict[str, str]  # date -> study uid
+    studies: dict[str, StudyData]
+
+
+@pytest.fixture(scope="module")
+def dated(fhir_server: RunningServer, http: httpx.Client) -> Dated:
+    plan = {"20190101": "CT", "20210601": "CT", "20210615": "MR", "20210701": "CT"}
+    studies = {
+        date: make_study(2, patient_id="FHIR-DATES-0001", study_date=date, modality=modality)
+        for date, modality in plan.items()
+    }
+    ingest(fhir_server, list(studies.values()))
+    return Dated(
+        patient_id_of(http, "FHIR-DATES-0001"),
+        {date: s.study_uid for date, s in studies.items()},
+        studies,
+    )
+
+
+def test_imaging_study_search(http: httpx.Client, dated: Dated) -> None:
+    u = dated.uids
+
+    def found(**params: str) -> list[str]:
+        bundle = search(http, "ImagingStudy", {"patient": dated.patient, **params})
+        assert bundle["total"] == len(ids(bundle))
+        return ids(bundle)
+
+    def on(*dates: str) -> set[str]:
+        return {u[d] for d in dates}
+
+    assert set(found()) == on("20190101", "20210601", "20210615", "20210701")
+    assert set(found(started="2021-06-15")) == on("20210615")
+    assert set(found(started="eq2021-06")) == on("20210601", "20210615")
+    assert set(found(started="ge2021-06-15")) == on("20210615", "20210701")
+    assert set(found(started="gt2021-06-15")) == on("20210701")
+    assert set(found(started="lt2021-06-15")) == on("20190101", "20210601")
+    assert set(found(started="le2021-06-15")) == on("20190101", "20210601", "20210615")
+    assert set(found(started="sa2021-06-15")) == on("20210701")
+    assert set(found(started="eb2021-06-15")) == on("20190101", "20210601")
+    assert set(found(started="ap2021-06-15")) == on("20210601", "20210615", "20210701")
+    assert set(found(started="ne2021-06-15")) == on("20190101", "20210601", "20210701")
+    assert set(found(started="2021-06-15T11:00:00")) == set()
+    assert set(found(started="gt2021-06-15T10:14:00")) == on("20210615", "20210701")
+    bundle = search(
+        http,
+        "ImagingStudy",
+        [("patient", dated.patient), ("started", "ge2021-01-01"), ("started", "lt2021-07-01")],
+    )
+    assert set(ids(bundle)) == on("20210601", "20210615")
+    assert set(found(modality="MR")) == on("20210615")
+    assert set(found(modality=f"{DCM}|CT")) == on("20190101", "20210601", "20210701")
+    assert set(found(modality="MR,CT")) == set(u.values())
+    assert set(found(modality="urn:other|CT")) == set()
+    series = dated.studies["20210601"].series_uid
+    assert found(series=series) == [u["20210601"]]
+    assert found(series=f"urn:oid:{series}") == [u["20210601"]]
+    assert found(**{"dicom-class": f"urn:oid:{MRImageStorage}"}) == [u["20210615"]]
+    assert found(**{"dicom-class": str(MRImageStorage)}) == [u["20210615"]]
+    assert set(found(**{"dicom-class": f"urn:ietf:rfc:3986|urn:oid:{CTImageStorage}"})) == on(
+        "20190101", "20210601", "20210701"
+    )
+    assert found(bodysite="69536005") == found(_sort="started")  # every study is of the head
+    assert found(_sort="-started") == [u["20210701"], u["20210615"], u["20210601"], u["20190101"]]
+    assert found(_sort="started") == [u["20190101"], u["20210601"], u["20210615"], u["20210701"]]
+    mr = search(http, "ImagingStudy", {"_id": u["20210615"]})
+    assert entries(mr)[0]["series"][0]["modality"]["code"] == "MR"
+    assert entries(mr)[0]["started"] == "2021-06-15T10:15:00+02:00"  # summer time in Berlin
+
+    counted = search(http, "ImagingStudy", {"patient": dated.patient, "_summary": "count"})
+    assert counted["total"] == 4 and "entry" not in counted
+    zero = search(http, "ImagingStudy", {"patient": dated.patient, "_count": "0"})
+    assert zero["total"] == 4 and "entry" not in zero
+    assert [link["relation"] for link in zero["link"]] == ["self"]
+    none = search(http, "ImagingStudy", {"patient": dated.patient, "_total": "none"})
+    assert "total" not in none and len(ids(none)) == 4
+    summary = search(http, "ImagingStudy", {"_id": u["20210701"], "_summary": "true"})
+    (short,) = entries(summary)
+    assert short["meta"]["tag"][0]["code"] == SUBSETTED and short["numberOfInstances"] == 2
+    assert short["subject"]["reference"] == f"Patient/{dated.patient}"
+    assert "description" not in short  # not a summary element
+    data = search(http, "ImagingStudy", {"_id": u["20210701"], "_summary": "data"})
+    assert entries(data)[0]["meta"]["tag"][0]["code"] == SUBSETTED
+    assert (
+        entries(data)[0]["series"]
+        == entries(search(http, "ImagingStudy", {"_id": u["20210701"]}))[0]["series"]
+    )
+
+
+def test_elements_keep_the_mandatory_elements(http: httpx.Client, dated: Dated) -> None:
+    """``_elements`` (search.html#elements): only the elements asked for, plus the mandatory
+    ones (ImagingStudy.status and .subject are 1..1), tagged SUBSETTED."""
+    u = dated.uids
+    subset = search(
+        http,
+        "ImagingStudy",
+        {"patient": dated.patient, "_elements": "id,started", "_sort": "started"},
+    )
+    for resource in entries(subset):
+        assert set(resource) == {"resourceType", "id", "meta", "started", "status", "subject"}
+        assert resource["meta"]["tag"][0]["code"] == SUBSETTED
+    assert [r["started"][:10] for r in entries(subset)] == [
+        "2019-01-01",
+        "2021-06-01",
+        "2021-06-15",
+        "2021-07-01",
+    ]
+    read_subset = http.get(f"/ImagingStudy/{u['20210701']}", params={"_elements": "started"})
+    assert read_subset.status_code == 200
+    assert set(read_subset.json()) == {
+        "resourceType",
+        "id",
+        "meta",
+        "started",
+        "status",
+        "subject",
+    }
+
+
+def test_started_with_a_time_and_a_zone(http: httpx.Client, dated: Dated) -> None:
+    """``started`` at second precision and with a zone (search.html#date): the MR study began
+    2021-06-15 10:15:00 in Europe/Berlin (the server's DICOM zone), 08:15:00 UTC."""
+    mr = dated.uids["20210615"]
+
+    def found(value: str) -> bool:
+        bundle = search(http, "ImagingStudy", {"patient": dated.patient, "started": value})
+        return mr in ids(bundle)
+
+    assert found("2021-06-15T10:15:00")
+    assert found("2021-06-15T10:15")
+    assert found("ge2021-06-15T10:15:00")
+    assert found("2021-06-15T10:15:00+02:00")
+    assert found("2021-06-15T08:15:00Z")
+    assert not found("2021-06-15T10:15:00Z")  # 12:15 in Berlin
+    assert not found("ge2021-06-15T09:00:00Z")  # 11:00 in Berlin
+    assert found("lt2021-06-15T09:00:00Z")
+
+
+# --- a smoke test on PostgreSQL ----------------------------------------------------------------
+
+
+@pytest.mark.postgres
+def test_search_and_create_on_postgresql(
+    postgres_url: str, tmp_path: Path, validator: FHIRValidator
+) -> None:
+    server = start_fhir_server(tmp_path, database_url=postgres_url)
+    try:
+        with validator.httpx_client(f"{server.http}/fhir") as pg:
+            created = pg.post(
+                "/Patient",
+                json={
+                    "resourceType": "Patient",
+                    "identifier": [{"system": PATIENT_SYSTEM, "value": "FHIR-PG-0001"}],
+                    "name": [{"family": "Postgres", "given": ["Paula"]}],
+                    "birthDate": "1977-02-03",
+                },
+                headers=JSON,
+            )
+            assert created.status_code == 201, created.text
+            patient = created.json()["id"]
+            studies = [
+                make_study(1, patient_id="FHIR-PG-0001", study_date=f"2022010{n + 1}")
+                for n in range(3)
+            ]
+            ingest(server, studies)
+            first = search(pg, "ImagingStudy", {"patient": f"Patient/{patient}", "_count": "2"})
+            assert first["total"] == 3 and len(ids(first)) == 2
+            (next_url,) = [link["url"] for link in first["link"] if link["relation"] == "next"]
+            second = pg.get(next_url).json()
+            assert set(ids(first) + ids(second)) == {s.study_uid for s in studies}
+            later = search(pg, "ImagingStudy", {"started": "ge2022-01-02", "patient": patient})
+            assert set(ids(later)) == {studies[1].study_uid, studies[2].study_uid}
+            assert ids(
+                search(pg, "Patient", {"name": "postgres", "birthdate": "ge1977-02-03"})
+            ) == [patient]
+            report = pg.post(
+                "/DiagnosticReport",
+                json={
+                    "resourceType": "DiagnosticReport",
+                    "status": "preliminary",
+                    "code": REPORT_CODE,
+                    "imagingStudy": [{"reference": f"ImagingStudy/{studies[0].study_uid}"}],
+                    "conclusion": "Unauffällig.",
+                },
+                headers=JSON,
+            )
+            assert report.status_code == 201, report.text
+            found = search(pg, "DiagnosticReport", {"patient": f"Patient/{patient}"})
+            assert ids(found) == [report.json()["id"]]
+            assert entries(found)[0]["conclusion"] == "Unauffällig."
+    finally:
+        server.stop()
