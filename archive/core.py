@@ -7,18 +7,31 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
-from archive.blobstore import BlobStore, FileBlobStore, open_blob_store
+from archive.blobstore import BlobNotFound, BlobStore, FileBlobStore, open_blob_store
 from archive.db import Database
-from archive.dicom import configure_pydicom
-from archive.ingest import IngestError, IngestOutcome, IngestResult, IngestService
+from archive.dicom import InvalidInstance, configure_pydicom, parse_header
+from archive.ingest import (
+    IngestError,
+    IngestOutcome,
+    IngestResult,
+    IngestService,
+    raise_study_versions,
+)
 from archive.jobs import JobQueue
-from archive.models import Instance, Patient, PendingBlobDeletion, Series, Study
+from archive.models import Instance, Patient, PendingBlobDeletion, ReportDocument, Series, Study
 from archive.peers import PeerRegistry
-from archive.reports import is_report, retire_reports, tombstone
+from archive.reports import (
+    REPORT_SOP_CLASSES,
+    index_report,
+    is_report,
+    retire_reports,
+    tombstone,
+)
 from config import Settings
+from config.settings import dicom_zone
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +87,7 @@ class Archive:
         expected_sop_class_uid: str | None = None,
         expected_sop_instance_uid: str | None = None,
         expected_study_instance_uid: str | None = None,
+        report_status: str | None = None,
     ) -> IngestResult:
         return self.ingestor.ingest(
             data,
@@ -81,6 +95,7 @@ class Archive:
             expected_sop_class_uid=expected_sop_class_uid,
             expected_sop_instance_uid=expected_sop_instance_uid,
             expected_study_instance_uid=expected_study_instance_uid,
+            report_status=report_status,
         )
 
     # --- statistics --------------------------------------------------------------------
@@ -159,7 +174,14 @@ class Archive:
             for r in rows:
                 s.add(PendingBlobDeletion(blob_key=r.blob_key))
             ids = [r.id for r in rows]
-            # Before the instance rows go (their report rows go with them).
+            # Before the instance rows go: the studies that keep instances change version
+            # (Study.version_floor), and reports' rows go with their instances.
+            if series_fks:
+                raise_study_versions(
+                    s.connection(),
+                    list(s.scalars(select(Series.study_fk).where(Series.id.in_(series_fks)))),
+                    now,
+                )
             reports = [r.id for r in rows if is_report(r.sop_class_uid)]
             if reports:
                 retire_reports(s.connection(), reports, now)
@@ -268,6 +290,46 @@ class Archive:
             if progress:
                 progress(seen)
         return report
+
+    def reindex_reports(self, progress: Callable[[int], None] | None = None) -> int:
+        """Read every structured report again from its stored file: its DICOM JSON and its
+        rows in the report index (``archive.reports``), for reports stored before the index
+        existed or by an older version. The status an edge asked for is kept. Returns how many
+        were indexed."""
+        with self.db.session() as s:
+            rows = s.execute(
+                select(Instance.id, Instance.blob_key, Series.study_fk, ReportDocument.status)
+                .join(Series, Instance.series_fk == Series.id)
+                .outerjoin(ReportDocument, ReportDocument.instance_fk == Instance.id)
+                .where(Instance.sop_class_uid.in_(REPORT_SOP_CLASSES))
+                .order_by(Instance.id)
+            ).all()
+        done = 0
+        for row in rows:
+            try:
+                parsed = parse_header(self.blobs.read(row.blob_key))
+            except (InvalidInstance, BlobNotFound) as exc:
+                log.error("report not re-indexed", extra={"key": row.blob_key, "err": str(exc)})
+                continue
+            parsed.report_status = row.status
+            with self.db.write_connection() as conn:
+                conn.execute(
+                    update(Instance)
+                    .where(Instance.id == row.id)
+                    .values(dicom_json=parsed.dicom_json)
+                )
+                index_report(
+                    conn,
+                    instance_id=row.id,
+                    study_fk=row.study_fk,
+                    parsed=parsed,
+                    now=datetime.now(UTC),
+                    zone=dicom_zone(self.settings.dicom_timezone),
+                )
+            done += 1
+            if progress:
+                progress(done)
+        return done
 
     def close(self) -> None:
         self.db.dispose()

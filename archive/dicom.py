@@ -84,6 +84,9 @@ class ParsedInstance:
     warning: str | None = None
     """Why the data set, stored as it is, does not quite match its SOP Class (DIMSE warning
     0xB007, PS3.4 B.2.3): native pixel data longer than its attributes need."""
+    report_status: str | None = None
+    """For a structured report written by an edge: the status it asked for where the SR's
+    flags cannot tell it (kept in the report index, ``archive.reports``)."""
 
 
 @cache

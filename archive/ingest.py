@@ -15,7 +15,7 @@ import hashlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, cast
@@ -30,6 +30,7 @@ from archive.dicom import InvalidInstance, ParsedInstance, parse_header, valid_u
 from archive.models import Instance, Patient, PendingBlobDeletion, Series, Study
 from archive.reports import index_report, is_report, retire_reports, tombstone
 from config import Settings
+from config.settings import dicom_zone
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,21 @@ _SERIES_STUDY = (
     .where(_SERIES.c.series_instance_uid == bindparam("series"))
 )
 # A study that grows is no longer stable (archive.stable declares it stable again later).
+_FILL_PATIENT = (
+    update(_PATIENT)
+    .where(
+        _PATIENT.c.id == bindparam("patient_fk"),
+        _PATIENT.c.record_version.is_not(None),
+        _PATIENT.c.patient_name.is_(None),
+    )
+    .values(
+        patient_name=bindparam("patient_name"),
+        patient_name_search=bindparam("patient_name_search"),
+        patient_birth_date=bindparam("patient_birth_date"),
+        patient_sex=bindparam("patient_sex"),
+    )
+)
+
 _TOUCH_STUDY = (
     update(_STUDY)
     .where(_STUDY.c.id == bindparam("study_fk"))
@@ -282,6 +298,18 @@ class IngestService:
         self._held = _DirectStatement(_HELD, db.engine, ["sop"])
         self._series_study = _DirectStatement(_SERIES_STUDY, db.engine, ["series"])
         self._max_inflated_size = settings.max_inflated_size_mb * 2**20
+        self._zone = dicom_zone(settings.dicom_timezone)
+        self._fill_patient = _DirectStatement(
+            _FILL_PATIENT,
+            db.engine,
+            [
+                "patient_fk",
+                "patient_name",
+                "patient_name_search",
+                "patient_birth_date",
+                "patient_sex",
+            ],
+        )
 
     def ingest(
         self,
@@ -291,12 +319,14 @@ class IngestService:
         expected_sop_class_uid: str | None = None,
         expected_sop_instance_uid: str | None = None,
         expected_study_instance_uid: str | None = None,
+        report_status: str | None = None,
     ) -> IngestResult:
         """Store one Part-10 byte stream. Raises :class:`IngestError` when it cannot be stored.
 
         The ``expected_*`` UIDs come from the protocol envelope (the C-STORE request's Affected
         SOP Class/Instance UID, the STOW-RS URL's study); a data set that contradicts them is
-        refused (PS3.4 B.2.3 0xA900, PS3.18 10.5.1).
+        refused (PS3.4 B.2.3 0xA900, PS3.18 10.5.1). ``report_status``: for a structured report
+        an edge wrote, the status it asked for, indexed in the same transaction.
         """
         try:
             parsed = parse_header(data, max_inflated_size=self._max_inflated_size)
@@ -312,6 +342,7 @@ class IngestService:
         self._check_envelope(
             parsed, expected_sop_class_uid, expected_sop_instance_uid, expected_study_instance_uid
         )
+        parsed.report_status = report_status
         with self._locks(parsed.sop_instance_uid):
             try:
                 return self._store(parsed, data, calling_ae_title)
@@ -534,7 +565,7 @@ class IngestService:
         and series rows as needed. Raises :class:`_SeriesElsewhere` when the series row exists
         in another study: two first instances of a series may arrive at once with different
         Study Instance UIDs, and the unique constraint lets only one create it."""
-        patient_fk, _ = self._get_or_create(
+        patient_fk, patient_created = self._get_or_create(
             conn,
             _PATIENT,
             {
@@ -543,6 +574,10 @@ class IngestService:
             },
             parsed.patient,
         )
+        if not patient_created and parsed.patient.get("patient_name") is not None:
+            # A patient an EHR created before its images has no DICOM demographics yet: the
+            # first header fills them (C-FIND and QIDO-RS match on them). Once per series.
+            self._fill_patient.execute(conn, {"patient_fk": patient_fk, **parsed.patient})
         study_fk, study_created = self._get_or_create(
             conn,
             _STUDY,
@@ -631,6 +666,7 @@ class IngestService:
                     _INSTANCE.c.sop_class_uid,
                 ).where(where)
             ).one()
+            raise_study_versions(conn, {_series_study_fk(conn, old_series_fk), study_fk}, now)
             conn.execute(update(_INSTANCE).where(where).values(**values))
             if old_key != key:
                 conn.execute(insert(_PENDING_DELETION).values(blob_key=old_key, created_at=now))
@@ -644,7 +680,12 @@ class IngestService:
                 raise _NeedsConnection
             assert instance_id is not None
             index_report(
-                conn, instance_id=int(instance_id), study_fk=study_fk, parsed=parsed, now=now
+                conn,
+                instance_id=int(instance_id),
+                study_fk=study_fk,
+                parsed=parsed,
+                now=now,
+                zone=self._zone,
             )
         # Stable-study detection needs to know when the study last grew; a second is precise
         # enough, so a burst of instances updates the study row once per second, not each time.
@@ -760,6 +801,41 @@ class IngestService:
             .on_conflict_do_nothing(index_elements=list(unique))
         ).rowcount
         return int(conn.execute(select(table.c.id).where(*where)).scalar_one()), inserted == 1
+
+
+def _series_study_fk(conn: Connection, series_fk: int) -> int:
+    return int(
+        conn.execute(select(_SERIES.c.study_fk).where(_SERIES.c.id == series_fk)).scalar_one()
+    )
+
+
+VERSION_STEP = 2**20
+"""A study's version is its newest instance row id * this, or its version floor when higher
+(``Study.version_floor``): up to this many deletes and overwrites of a study between two
+instances stored anywhere in the archive each move it too."""
+
+
+def raise_study_versions(conn: Connection, study_fks: Iterable[int], now: datetime) -> None:
+    """Mark studies whose instances are about to be deleted or overwritten as changed: the
+    version floor goes one above both the version they have and the newest instance row id
+    of the archive * ``VERSION_STEP`` (so that any instance stored later, whose row id is
+    higher, raises the version again). Call it before the instance rows change."""
+    archive_newest = conn.execute(select(func.max(_INSTANCE.c.id))).scalar() or 0
+    for study_fk in set(study_fks):
+        newest = conn.execute(
+            select(func.max(_INSTANCE.c.id))
+            .join(_SERIES, _INSTANCE.c.series_fk == _SERIES.c.id)
+            .where(_SERIES.c.study_fk == study_fk)
+        ).scalar()
+        floor = conn.execute(select(_STUDY.c.version_floor).where(_STUDY.c.id == study_fk)).scalar()
+        if floor is None:
+            continue
+        version = max(int(newest or 0) * VERSION_STEP, int(floor), archive_newest * VERSION_STEP)
+        conn.execute(
+            update(_STUDY)
+            .where(_STUDY.c.id == study_fk)
+            .values(version_floor=version + 1, changed_at=now)
+        )
 
 
 def resolve_sop_classes(values: list[str]) -> frozenset[str]:

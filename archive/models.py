@@ -124,6 +124,14 @@ class Study(Base):
     """When the last instance of the study arrived (stable-study detection)."""
     stable_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     """When the study was declared stable; ingest resets it to NULL when the study grows."""
+    version_floor: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    """With the study's instance row ids, its version: ``max(newest instance row id * 2**20,
+    version_floor)`` (``archive.ingest.VERSION_STEP``). Row ids only grow, so a new instance
+    raises it; a delete or an overwrite sets the floor one above the version it had and above
+    the archive's newest row id * 2**20, so they raise it too, and so does the next instance."""
+    changed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    """When instances of the study were last deleted or overwritten (additions are
+    ``updated_at``, which also drives stable-study detection and so is not moved by these)."""
 
     patient: Mapped[Patient] = relationship(back_populates="studies")
     series: Mapped[list[Series]] = relationship(back_populates="study")
@@ -324,7 +332,10 @@ class ReportDocument(Base):
     """
 
     __tablename__ = "report_document"
-    __table_args__ = (Index("ix_report_document_root_uid_version", "root_uid", "version"),)
+    __table_args__ = (
+        Index("ix_report_document_root_uid_version", "root_uid", "version"),
+        _NEVER_REUSE_IDS,
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     instance_fk: Mapped[int] = mapped_column(
@@ -374,6 +385,7 @@ class ReportMeasurement(Base):
     measurement groups, or any NUM / CODE item with a concept name), in document order."""
 
     __tablename__ = "report_measurement"
+    __table_args__ = (_NEVER_REUSE_IDS,)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     document_fk: Mapped[int] = mapped_column(

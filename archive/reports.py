@@ -27,7 +27,7 @@ import logging
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone, tzinfo
 from typing import Any, Literal, cast
 
 from sqlalchemy import (
@@ -36,6 +36,7 @@ from sqlalchemy import (
     and_,
     delete,
     exists,
+    func,
     insert,
     or_,
     select,
@@ -269,7 +270,7 @@ def _offset(value: str | None) -> timezone | None:
     return timezone(-delta if sign == "-" else delta)
 
 
-def _moment(parts: Sequence[str | None], tz: timezone) -> datetime | None:
+def _moment(parts: Sequence[str | None], tz: tzinfo) -> datetime | None:
     """A datetime in UTC from (year, month, day, hour, minute, second, fraction) strings in
     ``tz``, where absent components take their smallest value; None when they name no moment.
     (UTC because SQLite's DateTime keeps the wall-clock time and drops the offset.)"""
@@ -290,18 +291,18 @@ def _moment(parts: Sequence[str | None], tz: timezone) -> datetime | None:
         return None
 
 
-def _content_datetime(j: dict[str, Any]) -> datetime | None:
+def _content_datetime(j: dict[str, Any], zone: tzinfo) -> datetime | None:
     date = _string(j, _CONTENT_DATE)
     if date is None or not re.fullmatch(r"\d{8}", date):
         return None
     time = (_string(j, _CONTENT_TIME) or "").replace(":", "")
     match = _TM.fullmatch(time) if time else None
     hour, minute, second, fraction = match.groups() if match else (None, None, None, None)
-    tz = _offset(_string(j, _TIMEZONE)) or UTC
+    tz = _offset(_string(j, _TIMEZONE)) or zone
     return _moment((date[:4], date[4:6], date[6:8], hour, minute, second, fraction), tz)
 
 
-def _datetime(value: str | None, default_tz: timezone) -> datetime | None:
+def _datetime(value: str | None, default_tz: tzinfo) -> datetime | None:
     match = _DT.fullmatch(value.strip()) if value else None
     if match is None:
         return None
@@ -599,13 +600,14 @@ def _author(j: dict[str, Any]) -> str | None:
     return None
 
 
-def _document(parsed: ParsedInstance) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def _document(parsed: ParsedInstance, zone: tzinfo) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The ``report_document`` columns read from the data set (not its chain) and its
-    ``report_measurement`` rows."""
+    ``report_measurement`` rows; dates and times without Timezone Offset From UTC are in
+    ``zone`` (the archive's ``dicom_timezone``)."""
     j = parsed.dicom_json
     title = _concept(j)
     template = next(iter(_items(j, _TEMPLATE)), None)
-    tz = _offset(_string(j, _TIMEZONE)) or UTC
+    tz = _offset(_string(j, _TIMEZONE)) or zone
     verifiers = _items(j, _VERIFYING_OBSERVERS)
     verifier = verifiers[-1] if verifiers else None
     walk = _Walk()
@@ -630,7 +632,7 @@ def _document(parsed: ParsedInstance) -> tuple[dict[str, Any], list[dict[str, An
         "title_meaning": title.meaning if title else None,
         "completion_flag": _string(j, _COMPLETION),
         "verification_flag": _string(j, _VERIFICATION),
-        "content_datetime": _content_datetime(j),
+        "content_datetime": _content_datetime(j, zone),
         "verification_datetime": (
             _datetime(_string(verifier, _VERIFICATION_DATETIME), tz) if verifier else None
         ),
@@ -650,14 +652,20 @@ def _document(parsed: ParsedInstance) -> tuple[dict[str, Any], list[dict[str, An
 
 
 def index_report(
-    conn: Connection, *, instance_id: int, study_fk: int, parsed: ParsedInstance, now: datetime
+    conn: Connection,
+    *,
+    instance_id: int,
+    study_fk: int,
+    parsed: ParsedInstance,
+    now: datetime,
+    zone: tzinfo = UTC,
 ) -> None:
     """Index the SR document ``parsed`` (stored as instance row ``instance_id`` of study row
     ``study_fk``), replacing what was indexed of that instance before (overwrite policy).
 
     Runs in the ingest transaction: a document is indexed if and only if it is stored.
     """
-    document, measurements = _document(parsed)
+    document, measurements = _document(parsed, zone)
     uid = parsed.sop_instance_uid
     d = _DOCUMENT.c
     old = conn.execute(
@@ -670,21 +678,33 @@ def index_report(
     predecessor = _predecessor(parsed.dicom_json)
     if predecessor == uid:
         predecessor = None
+    # Versions that arrived before this one name it as predecessor (or, re-indexed, it is
+    # not the newest version of its chain).
+    successors = conn.execute(
+        select(d.sop_instance_uid, d.root_uid).where(d.predecessor_uid == uid)
+    ).all()
     root, version = uid, 1
     if predecessor is not None:
         found = conn.execute(
             select(d.root_uid, d.version).where(d.sop_instance_uid == predecessor)
         ).first()
-        if found is not None:
+        if found is not None and successors:
             root, version = found.root_uid, found.version + 1
+        elif found is not None:
+            # The newest version of its chain. Two documents may name the same predecessor
+            # (two writers amending one version, processes racing): the chain stays one,
+            # numbered on, and the newest is its only current version.
+            newest = conn.execute(
+                select(func.max(d.version)).where(d.root_uid == found.root_uid)
+            ).scalar()
+            root, version = found.root_uid, max(found.version, int(newest or 0)) + 1
             conn.execute(
-                update(_DOCUMENT).where(d.sop_instance_uid == predecessor).values(superseded=True)
+                update(_DOCUMENT)
+                .where(d.root_uid == root, d.superseded.is_(False))
+                .values(superseded=True)
             )
-    # Versions that arrived before this one (they name it as predecessor) began chains of
-    # their own: join them to this one's.
-    successors = conn.execute(
-        select(d.sop_instance_uid, d.root_uid).where(d.predecessor_uid == uid)
-    ).all()
+    # Versions that arrived before this one began chains of their own: join them to this
+    # one's.
     for successor in successors:
         if successor.root_uid == successor.sop_instance_uid and successor.root_uid != root:
             conn.execute(
@@ -705,6 +725,7 @@ def index_report(
                     "predecessor_uid": predecessor,
                     "version": version,
                     "superseded": bool(successors),
+                    "status": parsed.report_status,
                     "created_at": now,
                 },
             )

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import os
 import re
+from datetime import UTC, datetime, tzinfo
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import (
@@ -233,6 +235,27 @@ class AISettings(BaseModel):
         return value
 
 
+def dicom_zone(name: str | None) -> tzinfo:
+    """The zone of ``dicom_timezone``: an IANA name, or the server's local zone with its
+    daylight-saving rules (``TZ``, ``/etc/localtime``), else its current UTC offset."""
+    return _zone(name or os.environ.get("TZ") or None)
+
+
+@lru_cache(maxsize=8)
+def _zone(name: str | None) -> tzinfo:
+    if name:
+        try:
+            return ZoneInfo(name.lstrip(":"))
+        except (ZoneInfoNotFoundError, ValueError):
+            pass
+    try:
+        with open("/etc/localtime", "rb") as local:
+            return ZoneInfo.from_file(local, key="localtime")
+    except (OSError, ValueError):
+        offset = datetime.now().astimezone().tzinfo
+        return offset if offset is not None else UTC
+
+
 class FHIRSettings(BaseModel):
     """The FHIR R4 bridge under ``/fhir`` (``[fhir]``)."""
 
@@ -250,9 +273,6 @@ class FHIRSettings(BaseModel):
     """Entries in a search page when the request gives no ``_count``."""
     max_count: int = Field(default=500, ge=1)
     """The most entries one search page holds; a larger ``_count`` is reduced to it."""
-    dicom_timezone: str | None = None
-    """IANA zone of DICOM dates and times without Timezone Offset From UTC (FHIR dateTime
-    values with a time need a zone). Default: the server's local zone."""
     report_manufacturer: str = "pacsbridge"
     """Manufacturer (0008,0070) of the SR documents written for reports received over FHIR."""
     verifying_organization: str = "pacsbridge"
@@ -309,6 +329,11 @@ class Settings(BaseSettings):
     max_inflated_size_mb: int = Field(default=128, ge=1)
     """The largest data set a deflated instance (PS3.5 A.5) may inflate to: ingest refuses a
     larger one (inflating it only up to this limit), and retrieval never inflates beyond it."""
+
+    dicom_timezone: str | None = None
+    """IANA zone (``Europe/Berlin``) of DICOM dates and times that carry no Timezone Offset
+    From UTC (PS3.3 C.12.1.1.8): where they are read as instants (report dates, FHIR dateTime
+    values). Default: the server's local zone (``TZ``, else ``/etc/localtime``)."""
 
     # --- query -------------------------------------------------------------------------
     query_case_insensitive_pn: bool = True
@@ -430,6 +455,18 @@ class Settings(BaseSettings):
     """Models and their series selectors: ``[ai]`` and ``[ai.models.<name>]``."""
     fhir: FHIRSettings = Field(default_factory=FHIRSettings)
     """The FHIR R4 bridge: ``[fhir]`` (``PACSBRIDGE_FHIR='{"default_count": 50}'``)."""
+
+    @field_validator("dicom_timezone")
+    @classmethod
+    def _valid_zone(cls, value: str | None) -> str | None:
+        if value:
+            try:
+                ZoneInfo(value)
+            except (ZoneInfoNotFoundError, ValueError) as exc:
+                raise ValueError(
+                    f"unknown time zone {value!r} (an IANA name such as Europe/Berlin)"
+                ) from exc
+        return value
 
     @field_validator("ae_title")
     @classmethod

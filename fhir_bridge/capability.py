@@ -43,7 +43,7 @@ def _statement(ctx: Context, software_version: str) -> dict[str, Any]:
             "documentation": provider.documentation or provider.type,
             "interaction": [{"code": code} for code in provider.interactions],
             "versioning": "versioned" if "vread" in provider.interactions else "no-version",
-            "readHistory": "vread" in provider.interactions,
+            "readHistory": "history-instance" in provider.interactions,
             "updateCreate": False,
             "conditionalCreate": provider.conditional_create,
             "conditionalRead": "not-supported",
@@ -93,7 +93,6 @@ def _statement(ctx: Context, software_version: str) -> dict[str, Any]:
                     "entry, or refused under 'Prefer: handling=strict'."
                 ),
                 "resource": resources,
-                "interaction": [],
                 "searchParam": [
                     {"name": name, "type": kind, "documentation": doc}
                     for name, kind, doc in _COMMON

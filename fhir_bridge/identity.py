@@ -11,7 +11,6 @@ import re
 from datetime import date, datetime, time, tzinfo
 from functools import lru_cache
 from typing import Any
-from zoneinfo import ZoneInfo
 
 from config.settings import FHIRSettings
 
@@ -164,15 +163,6 @@ SEX_OF_GENDER = {gender: sex for sex, gender in GENDER_OF_SEX.items()}
 
 
 # --- dates ----------------------------------------------------------------------------------
-
-
-@lru_cache(maxsize=8)
-def zone(name: str | None) -> tzinfo:
-    if name:
-        return ZoneInfo(name)
-    local = datetime.now().astimezone().tzinfo
-    assert local is not None
-    return local
 
 
 def fhir_date(da: str | None) -> str | None:

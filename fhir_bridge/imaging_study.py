@@ -17,8 +17,10 @@ from typing import Any
 from sqlalchemy import Select, and_, exists, func, literal, literal_column, select
 from sqlalchemy.orm import Session
 
+from archive.ingest import VERSION_STEP
 from archive.models import Instance, Patient, ReportDocument, Series, Study, Tombstone
 from archive.query import tm_sql
+from config.settings import dicom_zone
 from fhir_bridge import identity, search
 from fhir_bridge.body_parts import SNOMED_CT, body_parts_for, body_site
 from fhir_bridge.context import Context
@@ -71,7 +73,8 @@ class ImagingStudyProvider(Provider):
         super().__init__()
         self.fhir = settings.fhir
         self.patients = patients
-        self._bound = search.dicom_bound_in(identity.zone(self.fhir.dicom_timezone))
+        self._zone = dicom_zone(settings.dicom_timezone)
+        self._bound = search.dicom_bound_in(self._zone)
         p = self.params
         p["_id"] = SearchParam(
             "_id",
@@ -138,8 +141,10 @@ class ImagingStudyProvider(Provider):
             "Body site of a series (SNOMED CT, PS3.16 Annex L)",
             lambda v, m: search.token_condition(
                 v,
-                lambda code: self._series_has(
-                    Series.body_part_examined.in_(body_parts_for(code) or ["\x00"])
+                lambda code: (
+                    self._series_has(Series.body_part_examined.in_(body_parts_for(code)))
+                    if body_parts_for(code)
+                    else literal(False)
                 ),
                 system_ok=lambda s: s in (None, "", SNOMED_CT),
             ),
@@ -196,12 +201,17 @@ class ImagingStudyProvider(Provider):
 
     def _patient(self, value: str, modifier: str | None) -> Any:
         patient_id = search.reference_id(value, "Patient")
-        if patient_id is None or not patient_id.isdigit() or len(patient_id) > 18:
-            return literal(False)
-        return Study.patient_fk == int(patient_id)
+        row = search.row_id(patient_id)
+        return literal(False) if row is None else Study.patient_fk == row
 
     def _patient_chain(self, param: str, modifier: str | None, value: str) -> Any:
         target = self.patients.params.get(param)
+        if target is not None and modifier is not None and modifier not in target.modifiers:
+            raise FHIRError(
+                400,
+                f"Patient.{param} takes no modifier {modifier!r}",
+                expression=[f"subject:Patient.{param}:{modifier}"],
+            )
         if target is None or (param.startswith("_") and param != "_id"):
             raise FHIRError(
                 400,
@@ -252,7 +262,7 @@ class ImagingStudyProvider(Provider):
         and patient), on columns, not ORM objects: a page of 100 studies is built here."""
         if not row_ids:
             return []
-        tz = identity.zone(self.fhir.dicom_timezone)
+        tz = self._zone
         rows_of: dict[int, list[Any]] = defaultdict(list)
         for row in session.execute(
             select(
@@ -265,6 +275,8 @@ class ImagingStudyProvider(Provider):
                 Study.study_description,
                 Study.referring_physician_name,
                 Study.updated_at,
+                Study.changed_at,
+                Study.version_floor,
                 Patient.patient_name,
                 Patient.record_version,
                 Series.id.label("series_id"),
@@ -328,8 +340,8 @@ class ImagingStudyProvider(Provider):
                 if row.modality and row.modality not in modalities:
                     modalities.append(row.modality)
                 current = {"uid": row.series_instance_uid}
-                if row.series_number is not None:
-                    current["number"] = row.series_number
+                if row.series_number is not None and row.series_number >= 0:
+                    current["number"] = row.series_number  # unsignedInt
                 current["modality"] = {"system": identity.DCM, "code": row.modality or "OT"}
                 if row.series_description:
                     current["description"] = row.series_description
@@ -360,7 +372,13 @@ class ImagingStudyProvider(Provider):
         resource: dict[str, Any] = {
             "resourceType": "ImagingStudy",
             "id": uid,
-            "meta": meta(version or study.study_id, updated),
+            # Study.version_floor: a delete or overwrite moves the version too.
+            "meta": meta(
+                max(version * VERSION_STEP, study.version_floor),
+                updated
+                if study.changed_at is None or _aware(study.changed_at) <= _aware(updated)
+                else study.changed_at,
+            ),
             "identifier": identifiers,
             "status": "available",
         }

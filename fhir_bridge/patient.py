@@ -12,10 +12,11 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Select, func, literal, or_, select
+from sqlalchemy import Select, case, exists, func, literal, literal_column, or_, select
 from sqlalchemy.orm import Session
 
 from archive.models import Patient, PatientRecord, Study
+from config.settings import dicom_zone
 from fhir_bridge import identity, search
 from fhir_bridge.context import Context
 from fhir_bridge.errors import FHIRError, not_found
@@ -24,18 +25,23 @@ from fhir_bridge.search import SearchParam
 
 SEARCH_PARAMETER = "http://hl7.org/fhir/SearchParameter/"
 
-_NAME = func.coalesce(Patient.record_name_search, Patient.patient_name_search)
-_NAME_AS_GIVEN = func.coalesce(Patient.record_name, Patient.patient_name)
+
+def _effective(record: Any, dicom: Any) -> Any:
+    """The value the Patient shows: the EHR record's once there is one (even when it leaves
+    the element out), else the DICOM header's."""
+    return case((Patient.record_version.is_not(None), record), else_=dicom)
+
+
+_NAME = _effective(Patient.record_name_search, Patient.patient_name_search)
+_NAME_AS_GIVEN = _effective(Patient.record_name, Patient.patient_name)
 """The name as written, for ``:exact`` (which includes case: search.html#string)."""
-_BIRTH = func.coalesce(Patient.record_birth_date, Patient.patient_birth_date)
-_SEX = func.coalesce(Patient.record_sex, Patient.patient_sex)
+_BIRTH = _effective(Patient.record_birth_date, Patient.patient_birth_date)
+_SEX = _effective(Patient.record_sex, Patient.patient_sex)
 _UPDATED = func.coalesce(Patient.record_updated_at, Patient.created_at)
 
 
 def _row_id(resource_id: str) -> int | None:
-    if not resource_id.isdigit() or len(resource_id) > 18:
-        return None
-    return int(resource_id)
+    return search.row_id(resource_id)
 
 
 class PatientProvider(Provider):
@@ -101,7 +107,7 @@ class PatientProvider(Provider):
                 definition=SEARCH_PARAMETER
                 + f"{'individual' if name != 'name' else 'Patient'}-{name}",
             )
-        bound = search.dicom_bound_in(identity.zone(self.fhir.dicom_timezone))
+        bound = search.dicom_bound_in(dicom_zone(settings.dicom_timezone))
         p["birthdate"] = SearchParam(
             "birthdate",
             "date",
@@ -191,7 +197,7 @@ class PatientProvider(Provider):
         if sex is None:
             return literal(False)
         if sex == "U":
-            return (_SEX == "U") | _SEX.is_(None) | (_SEX == "")
+            return _SEX == "U"  # what shows as unknown: a Patient without gender has none
         return sex == _SEX
 
     # --- rows ----------------------------------------------------------------------------------
@@ -299,42 +305,68 @@ class PatientProvider(Provider):
             f"{current['meta']['versionId']})",
         )
 
-    def history(
-        self, ctx: Context, session: Session, resource_id: str | None
-    ) -> list[dict[str, Any]]:
-        """Every version, newest first: the EHR's records, and the DICOM view as version 1 of a
-        patient whose first record came later."""
-        stmt = select(Patient)
-        if resource_id is not None:
-            row_id = _row_id(resource_id)
-            stmt = stmt.where(Patient.id == (row_id if row_id is not None else -1))
-        patients = {p.id: p for p in session.scalars(stmt)}
-        if resource_id is not None and not patients:
+    def history(self, ctx: Context, session: Session, resource_id: str) -> list[dict[str, Any]]:
+        """Every version of one patient, newest first."""
+        row_id = _row_id(resource_id)
+        if row_id is None or session.get(Patient, row_id) is None:
             raise not_found("Patient", resource_id)
-        records = (
-            session.scalars(
-                select(PatientRecord).where(PatientRecord.patient_fk.in_(list(patients)))
-            ).all()
-            if resource_id is not None
-            else session.scalars(select(PatientRecord)).all()
+        return self._versions(
+            session, self._version_rows().where(literal_column("patient") == row_id)
+        )[1]
+
+    def history_type(
+        self, ctx: Context, session: Session, since: datetime | None, offset: int, count: int
+    ) -> tuple[int, list[dict[str, Any]]]:
+        rows = self._version_rows()
+        if since is not None:
+            rows = rows.where(literal_column("at") >= since)
+        return self._versions(session, rows, offset, count)
+
+    @staticmethod
+    def _version_rows() -> Select[Any]:
+        """(patient, version, at) of every version: the EHR's records, and the DICOM view as
+        version 1 of a patient whose first record came later (or that has none)."""
+        records = select(
+            PatientRecord.patient_fk.label("patient"),
+            PatientRecord.version.label("version"),
+            PatientRecord.created_at.label("at"),
         )
-        versions: list[tuple[datetime, int, dict[str, Any]]] = []
-        first_record: dict[int, int] = {}
-        for record in records:
-            patient = patients.get(record.patient_fk)
+        dicom = select(
+            Patient.id.label("patient"), literal(1).label("version"), Patient.created_at.label("at")
+        ).where(~exists().where(PatientRecord.patient_fk == Patient.id, PatientRecord.version == 1))
+        union = records.union_all(dicom).subquery()
+        return select(union.c.patient, union.c.version, union.c.at)
+
+    def _versions(
+        self, session: Session, rows: Select[Any], offset: int = 0, count: int | None = None
+    ) -> tuple[int, list[dict[str, Any]]]:
+        total = session.scalar(select(func.count()).select_from(rows.subquery())) or 0
+        page = rows.order_by(literal_column("at").desc(), literal_column("version").desc())
+        page = page.offset(offset)
+        if count is not None:
+            page = page.limit(count)
+        found = session.execute(page).all()
+        patients = {
+            p.id: p
+            for p in session.scalars(select(Patient).where(Patient.id.in_({r[0] for r in found})))
+        }
+        records = {
+            (r.patient_fk, r.version): r
+            for r in session.scalars(
+                select(PatientRecord).where(
+                    PatientRecord.patient_fk.in_(list(patients)),
+                    PatientRecord.version.in_({r[1] for r in found}),
+                )
+            )
+        }
+        out = []
+        for patient_id, version, _ in found:
+            patient = patients.get(patient_id)
             if patient is None:
                 continue
-            first_record[patient.id] = min(
-                first_record.get(patient.id, record.version), record.version
-            )
-            versions.append(
-                (_aware(record.created_at), record.version, self._from_record(patient, record))
-            )
-        for patient in patients.values():
-            if first_record.get(patient.id, 2) != 1:
-                versions.append((_aware(patient.created_at), 1, self._from_dicom(patient)))
-        versions.sort(key=lambda v: (v[0], v[1]), reverse=True)
-        return [v[2] for v in versions]
+            record = records.get((patient_id, version))
+            out.append(self._from_record(patient, record) if record else self._from_dicom(patient))
+        return int(total), out
 
     # --- writes ------------------------------------------------------------------------------
     def dicom_key(self, body: dict[str, Any]) -> tuple[str, str]:
@@ -391,7 +423,3 @@ def _has_dicom(session: Session, patient: Patient) -> bool:
     if patient.patient_name is not None or patient.patient_birth_date or patient.patient_sex:
         return True
     return bool(session.scalar(select(func.count()).where(Study.patient_fk == patient.id)))
-
-
-def _aware(value: datetime) -> datetime:
-    return value if value.tzinfo else value.replace(tzinfo=UTC)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import ColumnElement, Select, func, select
@@ -89,10 +90,16 @@ class Provider:
             )
         return current
 
-    def history(
-        self, ctx: Context, session: Session, resource_id: str | None
-    ) -> list[dict[str, Any]]:
+    def history(self, ctx: Context, session: Session, resource_id: str) -> list[dict[str, Any]]:
+        """Every version of one resource, newest first."""
         raise FHIRError(405, f"{self.type} has no history")
+
+    def history_type(
+        self, ctx: Context, session: Session, since: datetime | None, offset: int, count: int
+    ) -> tuple[int, list[dict[str, Any]]]:
+        """(how many, one page of) the versions of every resource of the type, newest first,
+        as SQL: the page alone is loaded."""
+        raise FHIRError(405, f"{self.type} has no type-level history")
 
     # --- search -----------------------------------------------------------------------------
     def search(

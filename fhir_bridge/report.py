@@ -11,11 +11,13 @@ Sequence) is a version of the same DiagnosticReport.
 from __future__ import annotations
 
 import base64
+import math
 from collections import defaultdict
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, case, exists, literal, select
+from sqlalchemy import Select, case, exists, func, literal, select
 from sqlalchemy.orm import Session, aliased
 
 from archive.models import Patient, ReportDocument, ReportMeasurement, Study, Tombstone
@@ -32,7 +34,6 @@ SEARCH_PARAMETER = "http://hl7.org/fhir/SearchParameter/"
 # the status its writer asked for, else from the SR's flags (PS3.3 C.17.2.1).
 STATUS = case(
     (ReportDocument.status.is_not(None), ReportDocument.status),
-    ((ReportDocument.verification_flag == "VERIFIED") & (ReportDocument.version > 1), "amended"),
     (ReportDocument.verification_flag == "VERIFIED", "final"),
     (ReportDocument.completion_flag == "PARTIAL", "partial"),
     else_="preliminary",
@@ -48,12 +49,14 @@ def fhir_status(document: ReportDocument) -> str:
     if document.status:
         return document.status
     if document.verification_flag == "VERIFIED":
-        return "amended" if document.version > 1 else "final"
+        # Without a stated status, a later version may be a preliminary report made final as
+        # well as an amendment: final is what the flags say.
+        return "final"
     return "partial" if document.completion_flag == "PARTIAL" else "preliminary"
 
 
 def _int_id(value: str | None) -> int | None:
-    return int(value) if value and value.isdigit() and len(value) <= 18 else None
+    return search.row_id(value)
 
 
 def _code_condition(scheme_column: Any, code_column: Any, value: str) -> Any:
@@ -100,7 +103,15 @@ def _date_param(name: str, column: Any, documentation: str, definition: str) -> 
 class DiagnosticReportProvider(Provider):
     type = "DiagnosticReport"
     profile = "http://hl7.org/fhir/StructureDefinition/DiagnosticReport"
-    interactions = ("read", "vread", "search-type", "create", "update", "history-instance")
+    interactions = (
+        "read",
+        "vread",
+        "search-type",
+        "create",
+        "update",
+        "history-instance",
+        "history-type",
+    )
     creatable = True
     updatable = True
     documentation = (
@@ -202,6 +213,12 @@ class DiagnosticReportProvider(Provider):
 
     def _patient_chain(self, param: str, modifier: str | None, value: str) -> Any:
         target = self.patients.params.get(param)
+        if target is not None and modifier is not None and modifier not in target.modifiers:
+            raise FHIRError(
+                400,
+                f"Patient.{param} takes no modifier {modifier!r}",
+                expression=[f"subject:Patient.{param}:{modifier}"],
+            )
         if target is None:
             raise FHIRError(400, f"Patient has no search parameter {param!r} to chain")
         return ReportDocument.study_fk.in_(
@@ -327,7 +344,6 @@ class DiagnosticReportProvider(Provider):
             resource["presentedForm"] = [
                 {
                     "contentType": "text/plain; charset=utf-8",
-                    "language": "en-US",
                     "data": base64.b64encode(document.narrative.encode()).decode(),
                     "title": document.title_meaning or "Report",
                 }
@@ -370,15 +386,28 @@ class DiagnosticReportProvider(Provider):
                 return resource
         raise FHIRError(404, f"DiagnosticReport/{resource_id} has no version {version!r}")
 
-    def history(
-        self, ctx: Context, session: Session, resource_id: str | None
-    ) -> list[dict[str, Any]]:
-        if resource_id is None:
-            raise FHIRError(405, "DiagnosticReport has no type-level history")
+    def history(self, ctx: Context, session: Session, resource_id: str) -> list[dict[str, Any]]:
         documents = self._documents(session, resource_id)
         if not documents:
             raise self._missing(session, resource_id)
         return self.load(ctx, session, [d.ReportDocument.id for d in documents])
+
+    def history_type(
+        self, ctx: Context, session: Session, since: datetime | None, offset: int, count: int
+    ) -> tuple[int, list[dict[str, Any]]]:
+        """Every version of every report (each an SR document), newest first."""
+        rows = select(ReportDocument.id)
+        if since is not None:
+            rows = rows.where(ReportDocument.created_at >= since)
+        total = session.scalar(select(func.count()).select_from(rows.subquery())) or 0
+        ids = list(
+            session.scalars(
+                rows.order_by(ReportDocument.created_at.desc(), ReportDocument.id.desc())
+                .offset(offset)
+                .limit(count)
+            )
+        )
+        return int(total), self.load(ctx, session, ids)
 
 
 class ObservationProvider(Provider):
@@ -541,7 +570,7 @@ class ObservationProvider(Provider):
             resource["effectiveDateTime"] = identity.fhir_instant_or_datetime(
                 document.content_datetime
             )
-        if m.value_type == "NUM" and m.numeric_value is not None:
+        if m.value_type == "NUM" and m.numeric_value is not None and math.isfinite(m.numeric_value):
             quantity: dict[str, Any] = {"value": m.numeric_value}
             if m.unit_code:
                 quantity.update(

@@ -12,6 +12,7 @@ Documents Sequence (PS3.3 C.17.2, Table C.17-2 "SR Document General Module")."""
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Sequence
 from copy import deepcopy
 from dataclasses import dataclass
@@ -184,7 +185,7 @@ def _offset_text(delta: timedelta) -> str:
 
 def _parse_offset(text: object) -> tzinfo | None:
     value = str(text or "").strip()
-    if len(value) != 5 or value[0] not in "+-" or not value[1:].isdigit():
+    if not re.fullmatch(r"[+-][0-9]{4}", value):
         return None
     delta = timedelta(hours=int(value[1:3]), minutes=int(value[3:5]))
     return timezone(-delta if value[0] == "-" else delta)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import math
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from email.utils import format_datetime, parsedate_to_datetime
@@ -61,6 +60,15 @@ def dicomweb_url(request: Request) -> str:
 # --- media types ------------------------------------------------------------------------------
 
 
+def check_request(request: Request) -> None:
+    """400 for control characters in the path or a parameter (a NUL cannot reach the index:
+    PostgreSQL refuses it in text), and 406 for a format this server cannot write."""
+    texts = [request.url.path, *(k + v for k, v in request.query_params.multi_items())]
+    if any(ch < " " or ch == "\x7f" for text in texts for ch in text):
+        raise FHIRError(400, "control characters in the URL", code="invalid")
+    response_media_type(request)
+
+
 def _media(value: str) -> str:
     return value.split(";", 1)[0].strip().lower()
 
@@ -89,12 +97,6 @@ def response_media_type(request: Request) -> str:
     if any(m in _XML_TYPES for m in media_types):
         raise FHIRError(406, "this server writes JSON only (application/fhir+json), not XML")
     return FHIR_JSON
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def fhir_response(
@@ -138,10 +140,14 @@ async def read_resource_body(request: Request, resource_type: str) -> dict[str, 
             f"Content-Type {content_type or '(none)'!r}: send application/fhir+json",
         )
     raw = await request.body()
+    if b"\x00" in raw or b"\\u0000" in raw:
+        raise FHIRError(400, "the body holds a NUL character", code="invalid")
     try:
         body = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise FHIRError(400, f"the body is not JSON: {exc}", code="structure") from exc
+    except RecursionError as exc:
+        raise FHIRError(400, "the body is nested too deeply", code="structure") from exc
     return validate_resource(body, resource_type)
 
 
@@ -168,7 +174,7 @@ def validate_resource(body: Any, resource_type: str) -> dict[str, Any]:
             expression=first.get("expression"),
             issues=issues[1:],
         ) from exc
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RecursionError) as exc:
         raise FHIRError(400, f"the {resource_type} is not valid FHIR R4: {exc}") from exc
     return body
 
@@ -285,7 +291,7 @@ def answers_errors(endpoint: Callable[..., Response]) -> Callable[..., Response]
     @functools.wraps(endpoint)
     def answer(request: Request, **path: Any) -> Response:
         try:
-            response_media_type(request)  # 406 before any work for XML (_format, Accept)
+            check_request(request)
             return endpoint(request, **path)
         except FHIRError as error:
             return outcome_response(request, error)
@@ -307,7 +313,7 @@ class FHIRRoute(APIRoute):
 
         async def route(request: Request) -> Response:
             try:
-                response_media_type(request)  # 406 before any work for XML (_format, Accept)
+                check_request(request)
                 return await handler(request)
             except FHIRError as error:
                 return outcome_response(request, error)

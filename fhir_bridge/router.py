@@ -146,19 +146,14 @@ def _count(parsed: search.ParsedSearch, ctx: Context) -> int:
     if not values:
         return fhir.default_count
     value = values[-1]
-    if not value.isdigit() or len(value) > 9:
-        raise FHIRError(400, f"_count={value!r}: not a non-negative integer", expression=["_count"])
-    return min(int(value), fhir.max_count)
+    return min(search.count_value(value, "_count"), fhir.max_count)
 
 
 def _offset(parsed: search.ParsedSearch, name: str) -> int | None:
     values = parsed.result.get(name)
     if not values:
         return None
-    value = values[-1]
-    if not value.isdigit() or len(value) > 18:
-        raise FHIRError(400, f"{name}={value!r}: not a non-negative integer", expression=[name])
-    return int(value)
+    return search.count_value(values[-1], name, limit=18)
 
 
 def _search(
@@ -203,10 +198,14 @@ def _includes(
     for kind, known in (("_include", provider.includes), ("_revinclude", None)):
         for value in parsed.result.get(kind, []):
             name = value.split(":iterate", 1)[0]
+            source, _, rest = name.partition(":")
+            param, _, target = rest.partition(":")  # Source:param[:Target] (search.html#include)
             if kind == "_include":
-                spec = known.get(name) if known else None
+                spec = known.get(f"{source}:{param}") if known else None
             else:
-                spec = provider.revincludes.get(name)
+                spec = provider.revincludes.get(f"{source}:{param}")
+            if spec is not None and target and target != spec.target:
+                spec = None
             if spec is None:
                 choices = sorted(provider.includes if kind == "_include" else provider.revincludes)
                 raise FHIRError(
@@ -443,22 +442,20 @@ def _bundle(
     return bundle
 
 
+def _since(request: Request) -> datetime | None:
+    since = request.query_params.get("_since")
+    return search.utc_bound(search.parse_date(since, "_since").low) if since else None
+
+
 def _history_bundle(
-    request: Request, ctx: Context, resources: list[dict[str, Any]], count: int
+    request: Request,
+    ctx: Context,
+    total: int,
+    shown: list[dict[str, Any]],
+    offset: int,
+    count: int,
 ) -> dict[str, Any]:
     """A history Bundle (http.html#history): newest first, each entry with its request."""
-    since = request.query_params.get("_since")
-    if since:
-        bound = search.utc_bound(search.parse_date(since, "_since").low)
-        resources = [
-            r
-            for r in resources
-            if datetime.fromisoformat(r["meta"]["lastUpdated"].replace("Z", "+00:00")) >= bound
-        ]
-    total = len(resources)
-    offset_text = request.query_params.get("_offset", "0")
-    offset = int(offset_text) if offset_text.isdigit() and len(offset_text) < 10 else 0
-    shown = resources[offset : offset + count]
     items = list(request.query_params.multi_items())
     path = request.url.path[len(PREFIX) + 1 :]
     url = f"{ctx.base}/{path}"
@@ -508,13 +505,15 @@ def _history_bundle(
 # --- history ------------------------------------------------------------------------------
 
 
+def _history_offset(request: Request) -> int:
+    return search.count_value(request.query_params.get("_offset", "0"), "_offset")
+
+
 def _history_count(request: Request, ctx: Context, default: int) -> int:
     text = request.query_params.get("_count")
     if text is None:
         return default
-    if not text.isdigit() or len(text) > 9:
-        raise FHIRError(400, f"_count={text!r}: not a non-negative integer", expression=["_count"])
-    return min(int(text), ctx.settings.fhir.max_count)
+    return min(search.count_value(text, "_count"), ctx.settings.fhir.max_count)
 
 
 @router.get("/{resource_type}/_history")
@@ -523,9 +522,11 @@ def history_type(request: Request, resource_type: str) -> Response:
     ctx = context(request)
     provider = _provider(ctx, resource_type)
     _interaction(provider, "history-type", "GET")
-    resources = _read_session(ctx, lambda s: provider.history(ctx, s, None))
     count = _history_count(request, ctx, ctx.settings.fhir.default_count)
-    return fhir_response(request, _history_bundle(request, ctx, resources, count))
+    offset = _history_offset(request)
+    since = _since(request)
+    total, shown = _read_session(ctx, lambda s: provider.history_type(ctx, s, since, offset, count))
+    return fhir_response(request, _history_bundle(request, ctx, total, shown, offset, count))
 
 
 @router.get("/{resource_type}/{resource_id}/_history")
@@ -534,9 +535,20 @@ def history_instance(request: Request, resource_type: str, resource_id: str) -> 
     ctx = context(request)
     provider = _provider(ctx, resource_type)
     _interaction(provider, "history-instance", "GET")
-    resources = _read_session(ctx, lambda s: provider.history(ctx, s, resource_id))
     count = _history_count(request, ctx, ctx.settings.fhir.max_count)
-    return fhir_response(request, _history_bundle(request, ctx, resources, count))
+    offset = _history_offset(request)
+    since = _since(request)
+    versions = _read_session(ctx, lambda s: provider.history(ctx, s, resource_id))
+    if since is not None:
+        versions = [
+            r
+            for r in versions
+            if datetime.fromisoformat(r["meta"]["lastUpdated"].replace("Z", "+00:00")) >= since
+        ]
+    shown = versions[offset : offset + count]
+    return fhir_response(
+        request, _history_bundle(request, ctx, len(versions), shown, offset, count)
+    )
 
 
 @router.get("/{resource_type}/{resource_id}/_history/{version}")

@@ -7,16 +7,33 @@ comma-separated alternatives); each resource declares its :class:`SearchParam` v
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, tzinfo
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal, DecimalException, InvalidOperation
 from typing import Any
 
 from sqlalchemy import ColumnElement, and_, false, not_, or_, true
 
 from fhir_bridge.errors import FHIRError
+
+_DIGITS = re.compile(r"[0-9]{1,18}")
+
+
+def row_id(value: str | None) -> int | None:
+    """The integer of an id made of ASCII digits (at most 18: a 64-bit row id), else None
+    (``str.isdigit`` also takes other scripts' digits)."""
+    return int(value) if value and _DIGITS.fullmatch(value) else None
+
+
+def count_value(value: str, name: str, limit: int = 9) -> int:
+    """A non-negative integer parameter (``_count``, ``_offset``); 400 otherwise."""
+    if not re.fullmatch(rf"[0-9]{{1,{limit}}}", value):
+        raise FHIRError(400, f"{name}={value!r}: not a non-negative integer", expression=[name])
+    return int(value)
+
 
 # Parameters every search takes (search.html#all, #count, #sort, #include, #elements…).
 RESULT_PARAMETERS = {
@@ -125,8 +142,15 @@ def conditions(parsed: ParsedSearch, params: dict[str, SearchParam]) -> list[Con
                 alternatives.append(param.condition(value, "missing"))
             elif criterion.chain is not None:
                 assert param.chain is not None
-                chained, _, _ = criterion.chain.partition(".")
-                alternatives.append(param.chain(chained, None, value))
+                chained, _, chained_modifier = criterion.chain.partition(":")
+                if "." in chained:
+                    raise FHIRError(
+                        400,
+                        f"{criterion.raw_name}: chains of more than one step are not supported",
+                        code="not-supported",
+                        expression=[criterion.raw_name],
+                    )
+                alternatives.append(param.chain(chained, chained_modifier or None, value))
             else:
                 modifier = criterion.modifier
                 if param.type == "reference" and modifier in param.targets:
@@ -188,8 +212,8 @@ def string_pattern(value: str, modifier: str | None) -> tuple[str, bool]:
 
 DATE_PREFIXES = ("eq", "ne", "gt", "lt", "ge", "le", "sa", "eb", "ap")
 _DATE = re.compile(
-    r"^(\d{4})(?:-(\d{2})(?:-(\d{2})(?:T(\d{2}):(\d{2})(?::(\d{2})(\.\d+)?)?"
-    r"(Z|[+-]\d{2}:\d{2})?)?)?)?$"
+    r"^([0-9]{4})(?:-([0-9]{2})(?:-([0-9]{2})(?:T([0-9]{2}):([0-9]{2})(?::([0-9]{2})"
+    r"(\.[0-9]{1,9})?)?(Z|[+-][0-9]{2}:[0-9]{2})?)?)?)?$"
 )
 
 
@@ -214,6 +238,10 @@ def parse_date(value: str, name: str) -> DateRange:
             expression=[name],
         )
     year, month, day, hour, minute, second, fraction, zone = match.groups()
+    if not 1 < int(year) < 9999:
+        raise FHIRError(400, f"{name}={value!r}: years 0002 to 9998 only", expression=[name])
+    if zone and zone != "Z" and (int(zone[1:3]) > 14 or int(zone[4:6]) > 59):
+        raise FHIRError(400, f"{name}={value!r}: no such time zone offset", expression=[name])
     try:
         low = datetime(
             int(year),
@@ -222,7 +250,7 @@ def parse_date(value: str, name: str) -> DateRange:
             int(hour or 0),
             int(minute or 0),
             int(second or 0),
-            round(float(fraction) * 1e6) if fraction else 0,
+            min(round(float(fraction) * 1e6), 999999) if fraction else 0,
         )
     except ValueError as exc:
         raise FHIRError(400, f"{name}={value!r}: {exc}", expression=[name]) from exc
@@ -281,7 +309,20 @@ def date_condition(
         case _:  # ap: within 10 % of the distance from now (search.html#prefix)
             now = datetime.now(rng.low.tzinfo)
             slack = max(abs(now - rng.low) * 0.1, rng.high - rng.low, timedelta(seconds=1))
-            return and_(high >= convert(rng.low - slack), low <= convert(rng.high + slack))
+            return and_(
+                high >= convert(_shift(rng.low, -slack)), low <= convert(_shift(rng.high, slack))
+            )
+
+
+def _shift(value: datetime, delta: timedelta) -> datetime:
+    """``value + delta``, held within the years a search takes (0002 to 9998)."""
+    try:
+        shifted = value + delta
+    except OverflowError:
+        shifted = value.replace(year=2 if delta < timedelta(0) else 9998)
+    if shifted.year < 2:
+        return shifted.replace(year=2)
+    return shifted if shifted.year < 9999 else shifted.replace(year=9998)
 
 
 def dicom_bound_in(zone: tzinfo) -> Callable[[datetime], str]:
@@ -333,8 +374,8 @@ def parse_number(value: str, name: str) -> tuple[str, Decimal]:
         number = Decimal(value)
     except InvalidOperation as exc:
         raise FHIRError(400, f"{name}: {value!r} is not a number", expression=[name]) from exc
-    if not number.is_finite():
-        raise FHIRError(400, f"{name}: {value!r} is not a finite number", expression=[name])
+    if not number.is_finite() or not math.isfinite(float(number)) or abs(float(number)) > 1e300:
+        raise FHIRError(400, f"{name}: {value!r} is out of range", expression=[name])
     return prefix, number
 
 
@@ -342,8 +383,14 @@ def number_condition(prefix: str, number: Decimal, column: Any) -> Condition:
     """search.html#number: ``eq`` matches the range of the value's precision (100 matches
     [99.5, 100.5)), the other prefixes compare with the value."""
     exponent = number.as_tuple().exponent
-    half = Decimal(5).scaleb(int(exponent) - 1) if isinstance(exponent, int) else Decimal(0)
-    low, high, value = float(number - half), float(number + half), float(number)
+    try:
+        half = Decimal(5).scaleb(int(exponent) - 1) if isinstance(exponent, int) else Decimal(0)
+    except DecimalException:
+        half = Decimal(0)
+    try:
+        low, high, value = float(number - half), float(number + half), float(number)
+    except DecimalException:
+        low = high = value = float(number)
     match prefix:
         case "eq":
             return and_(column >= low, column < high)

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from pydicom import Dataset
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from archive.ingest import IngestError
@@ -109,9 +109,10 @@ def update_patient(
     check: Callable[[str], None],
 ) -> dict[str, Any]:
     assert isinstance(provider, PatientProvider)
-    row_id = int(resource_id) if resource_id.isdigit() and len(resource_id) <= 18 else None
+    row_id = search.row_id(resource_id)
     with ctx.archive.db.write_session() as session:
-        patient = session.get(Patient, row_id) if row_id is not None else None
+        # Locked until the new version is written: concurrent updates take turns (If-Match).
+        patient = session.get(Patient, row_id, with_for_update=True) if row_id is not None else None
         if patient is None:
             raise FHIRError(
                 405,
@@ -142,10 +143,18 @@ _UPDATE_STATUSES = _CREATE_STATUSES | {"amended", "corrected", "appended"}
 _VERIFIED = {"final", "amended", "corrected", "appended"}
 
 
-def _study_reference(body: dict[str, Any]) -> str:
+def _study_reference(ctx: Context, body: dict[str, Any]) -> str:
     for position, item in enumerate(body.get("imagingStudy") or []):
         reference = item.get("reference") or ""
-        uid = search.reference_id(reference, "ImagingStudy")
+        if "://" in reference and not reference.startswith(ctx.base + "/"):
+            raise FHIRError(
+                422,
+                f"imagingStudy {reference!r} is on another server: a report is stored in a "
+                "study of this archive",
+                code="business-rule",
+                expression=[f"DiagnosticReport.imagingStudy[{position}]"],
+            )
+        uid = search.reference_id(reference, "ImagingStudy", ctx.base)
         if uid:
             return study_uid_of(uid)
         raise FHIRError(
@@ -168,9 +177,19 @@ def _text(body: dict[str, Any]) -> str | None:
     for position, form in enumerate(body.get("presentedForm") or []):
         content_type = (form.get("contentType") or "").split(";")[0].strip().lower()
         if content_type != "text/plain" or not form.get("data"):
-            continue
+            # Accepted and then lost would be worse than refused: only text is kept (in the
+            # SR's Findings); a PDF or a link is not stored here.
+            raise FHIRError(
+                422,
+                "presentedForm: only text/plain with inline data is stored (as the SR's "
+                f"text), not {content_type or 'an attachment without contentType'}"
+                + ("" if form.get("data") else " without data"),
+                code="not-supported",
+                expression=[f"DiagnosticReport.presentedForm[{position}]"],
+            )
         try:
-            texts.append(base64.b64decode(form["data"], validate=True).decode("utf-8"))
+            data = "".join(str(form["data"]).split())  # base64Binary may hold whitespace
+            texts.append(base64.b64decode(data, validate=True).decode("utf-8"))
         except (binascii.Error, UnicodeDecodeError) as exc:
             raise FHIRError(
                 400,
@@ -184,7 +203,7 @@ def _title(body: dict[str, Any]) -> Code:
     for item in (body.get("code") or {}).get("coding") or []:
         scheme = identity.coding_scheme(item.get("system"))
         if scheme and item.get("code"):
-            return Code(scheme, item["code"][:16], (item.get("display") or item["code"])[:64])
+            return Code(scheme, item["code"], (item.get("display") or item["code"])[:64])
     return DIAGNOSTIC_IMAGING_REPORT
 
 
@@ -261,9 +280,15 @@ def _study_header(session: Any, study_uid: str) -> tuple[Dataset, list[Dataset],
             code="not-found",
             expression=["DiagnosticReport.imagingStudy[0]"],
         )
+    first = session.scalar(
+        select(Instance.dicom_json)
+        .join(Series, Instance.series_fk == Series.id)
+        .where(Series.study_fk == study.id)
+        .order_by(Instance.id)
+        .limit(1)
+    )
     rows = session.execute(
         select(
-            Instance.dicom_json,
             Instance.sop_class_uid,
             Instance.sop_instance_uid,
             Series.series_instance_uid,
@@ -273,9 +298,8 @@ def _study_header(session: Any, study_uid: str) -> tuple[Dataset, list[Dataset],
         .where(Series.study_fk == study.id)
         .order_by(Instance.id)
     ).all()
-    if not rows:
+    if not rows or first is None:
         raise FHIRError(422, f"ImagingStudy/{study_uid} holds no instances")
-    first = rows[0].dicom_json
     header = Dataset.from_json({tag: first[tag] for tag in first if tag in _STUDY_TAGS})
     header.SeriesInstanceUID = rows[0].series_instance_uid
     header.SOPClassUID = rows[0].sop_class_uid
@@ -362,19 +386,14 @@ def _store(
         manufacturer=ctx.settings.fhir.report_manufacturer,
     )
     try:
-        ctx.archive.ingest(encode(dataset))
+        # The status the EHR asked for, where the SR's flags cannot tell it (amended or
+        # corrected), is indexed in the transaction that stores the document.
+        ctx.archive.ingest(encode(dataset), report_status=status)
     except IngestError as exc:
         raise FHIRError(
             422 if exc.kind != "out-of-resources" else 503,
             f"the archive refused the report's SR document: {exc.reason}",
         ) from exc
-    # The status the EHR asked for where the SR's flags cannot tell it (amended vs corrected).
-    with ctx.archive.db.write_session() as session:
-        session.execute(
-            update(ReportDocument)
-            .where(ReportDocument.sop_instance_uid == sop_uid)
-            .values(status=status)
-        )
     return sop_uid
 
 
@@ -405,7 +424,7 @@ def create_report(
             code="business-rule",
             expression=["DiagnosticReport.status"],
         )
-    study_uid = _study_reference(body)
+    study_uid = _study_reference(ctx, body)
     with ctx.archive.db.session() as session:
         header, evidence, study_row = _study_header(session, study_uid)
         _check_subject(session, body, study_row)
@@ -451,7 +470,7 @@ def update_report(
                     expression=["DiagnosticReport.status"],
                 )
             study_uid = (
-                _study_reference(body) if body.get("imagingStudy") else row.study_instance_uid
+                _study_reference(ctx, body) if body.get("imagingStudy") else row.study_instance_uid
             )
             if study_uid != row.study_instance_uid:
                 raise FHIRError(

@@ -372,6 +372,21 @@ def db_reconcile(data_dir: DataDir = None) -> None:
     )
 
 
+@db_app.command("reindex-reports")
+def db_reindex_reports(data_dir: DataDir = None) -> None:
+    """Read every structured report again from its file: its DICOM JSON and the report index
+    that FHIR DiagnosticReports and Observations are views of (after an upgrade)."""
+    settings = _settings(data_dir=data_dir)
+    archive = _archive(settings)
+    with Progress(
+        SpinnerColumn(), TextColumn("indexed {task.completed} reports"), console=console
+    ) as p:
+        task = p.add_task("reindex", total=None)
+        done = archive.reindex_reports(progress=lambda n: p.update(task, completed=n))
+    archive.close()
+    print(json.dumps({"reindexed": done}))
+
+
 def _exit_on_sigterm() -> None:
     import signal
 

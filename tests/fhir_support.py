@@ -342,7 +342,7 @@ class FHIRValidator:
 SERVER_ENV = {
     "PACSBRIDGE_AI": json.dumps({"enabled": False}),
     # DICOM dates and times are read in a fixed zone, so that ImagingStudy.started is known.
-    "PACSBRIDGE_FHIR": json.dumps({"dicom_timezone": "Europe/Berlin"}),
+    "PACSBRIDGE_DICOM_TIMEZONE": "Europe/Berlin",
 }
 
 

@@ -18,7 +18,7 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.sr.codedict import codes
 from pydicom.uid import SegmentationStorage, generate_uid
 from pydicom.valuerep import DA, TM
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 
 from archive import Archive, IngestOutcome
 from archive.models import (
@@ -512,6 +512,27 @@ def test_text_report_versions(open_archive: Callable[..., Archive]) -> None:
     assert new.conclusion == "Hepatomegaly, no focal lesion."
 
 
+def test_two_amendments_of_one_version_keep_one_current_version(
+    open_archive: Callable[..., Archive],
+) -> None:
+    """Two documents that both name the same predecessor (two writers amending one version)
+    stay one chain, numbered on, and only the newest is current: a report never has two."""
+    arc = open_archive()
+    study = ImagedStudy()
+    study.store_images(arc)
+    first_uid, a_uid, b_uid = generate_uid(), generate_uid(), generate_uid()
+    first = _text_report(study, first_uid, "Hepatomegaly.")
+    arc.ingest(_encode(first))
+    arc.ingest(_encode(_text_report(study, a_uid, "A.", previous=first, verified=True)))
+    arc.ingest(_encode(_text_report(study, b_uid, "B.", previous=first, verified=True)))
+    docs = _documents(arc)
+    assert {(d.sop_instance_uid, d.root_uid, d.version, d.superseded) for d in docs.values()} == {
+        (first_uid, first_uid, 1, True),
+        (a_uid, first_uid, 2, True),
+        (b_uid, first_uid, 3, False),
+    }
+
+
 def test_versions_arriving_out_of_order_join_one_chain(
     open_archive: Callable[..., Archive],
 ) -> None:
@@ -571,6 +592,35 @@ def test_a_duplicate_kept_leaves_the_index_as_it_was(
         "Draft.",
         before.created_at,
     )
+
+
+def test_reindex_reports_rebuilds_the_index_and_keeps_the_asked_status(
+    open_archive: Callable[..., Archive],
+) -> None:
+    """Reports stored before the index existed (or by an older version) are indexed from
+    their files, each version in its place; a status an edge asked for survives."""
+    arc = open_archive()
+    study = ImagedStudy()
+    study.store_images(arc)
+    uids = [generate_uid() for _ in range(3)]
+    first = _text_report(study, uids[0], "One.")
+    second = _text_report(study, uids[1], "Two.", previous=first, verified=True)
+    third = _text_report(study, uids[2], "Three.", previous=second, verified=True)
+    for ds in (first, second):
+        arc.ingest(_encode(ds))
+    arc.ingest(_encode(third), report_status="corrected")
+    before = {
+        uid: (d.root_uid, d.version, d.superseded, d.status) for uid, d in _documents(arc).items()
+    }
+    assert before[uids[2]] == (uids[0], 3, False, "corrected")
+    with arc.db.write_session() as s:
+        s.execute(delete(ReportDocument).where(ReportDocument.sop_instance_uid == uids[0]))
+    assert arc.reindex_reports() == 3
+    after = {
+        uid: (d.root_uid, d.version, d.superseded, d.status) for uid, d in _documents(arc).items()
+    }
+    assert after == before
+    assert _documents(arc)[uids[0]].conclusion == "One."
 
 
 def test_deleting_a_study_leaves_tombstones(open_archive: Callable[..., Archive]) -> None:

@@ -103,6 +103,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name=op.f("pk_report_document")),
         sa.UniqueConstraint("instance_fk", name=op.f("uq_report_document_instance_fk")),
         sa.UniqueConstraint("sop_instance_uid", name=op.f("uq_report_document_sop_instance_uid")),
+        sqlite_autoincrement=True,
     )
     with op.batch_alter_table("report_document", schema=None) as batch_op:
         batch_op.create_index(
@@ -163,6 +164,7 @@ def upgrade() -> None:
             ondelete="CASCADE",
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_report_measurement")),
+        sqlite_autoincrement=True,
     )
     with op.batch_alter_table("report_measurement", schema=None) as batch_op:
         batch_op.create_index(
@@ -187,10 +189,18 @@ def upgrade() -> None:
         batch_op.create_index(
             batch_op.f("ix_patient_record_name_search"), ["record_name_search"], unique=False
         )
+    with op.batch_alter_table("study", schema=None) as batch_op:
+        batch_op.add_column(
+            sa.Column("version_floor", sa.Integer(), server_default="0", nullable=False)
+        )
+        batch_op.add_column(sa.Column("changed_at", sa.DateTime(timezone=True), nullable=True))
 
 
 def downgrade() -> None:
     """Downgrade schema."""
+    with op.batch_alter_table("study", schema=None) as batch_op:
+        batch_op.drop_column("changed_at")
+        batch_op.drop_column("version_floor")
 
     with op.batch_alter_table("patient", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_patient_record_name_search"))
