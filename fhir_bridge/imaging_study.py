@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import Select, and_, exists, func, literal, literal_column, select
@@ -315,7 +316,7 @@ class ImagingStudyProvider(Provider):
         """One study from its instances' rows (a study row without instances is not kept: the
         archive removes a study with its last instance)."""
         study = rows[0]
-        endpoint = {"reference": f"Endpoint/{ENDPOINT_ID}"}
+        endpoint = _ENDPOINT_REFERENCE
         uid = study.study_instance_uid
         identifiers: list[dict[str, Any]] = [
             {"use": "official", "system": identity.DICOM_UID_SYSTEM, "value": f"urn:oid:{uid}"}
@@ -330,8 +331,11 @@ class ImagingStudyProvider(Provider):
             )
         modalities: list[str] = []
         series_out: list[dict[str, Any]] = []
-        version = 0
+        version = max(row.id for row in rows)
+        received = [row.received_at for row in rows if row.received_at is not None]
         updated = study.updated_at
+        if received and _aware(max(received)) > _aware(updated):
+            updated = max(received)
         current: dict[str, Any] | None = None
         current_id = None
         for row in rows:
@@ -346,7 +350,7 @@ class ImagingStudyProvider(Provider):
                 if row.series_description:
                     current["description"] = row.series_description
                 current["numberOfInstances"] = 0
-                current["endpoint"] = [endpoint]
+                current["endpoint"] = endpoint
                 site = body_site(row.body_part_examined)
                 if site:
                     current["bodySite"] = {"system": SNOMED_CT, "code": site[0], "display": site[1]}
@@ -356,12 +360,9 @@ class ImagingStudyProvider(Provider):
                 current["instance"] = []
                 series_out.append(current)
             assert current is not None
-            version = max(version, row.id)
-            if row.received_at is not None and _aware(row.received_at) > _aware(updated):
-                updated = row.received_at
             entry: dict[str, Any] = {
                 "uid": row.sop_instance_uid,
-                "sopClass": {"system": identity.RFC3986, "code": f"urn:oid:{row.sop_class_uid}"},
+                "sopClass": _sop_class(row.sop_class_uid),
             }
             if row.instance_number is not None and row.instance_number >= 0:
                 entry["number"] = row.instance_number
@@ -397,7 +398,7 @@ class ImagingStudyProvider(Provider):
         referrer = identity.person_display(study.referring_physician_name)
         if referrer:
             resource["referrer"] = {"display": referrer}
-        resource["endpoint"] = [endpoint]
+        resource["endpoint"] = endpoint
         resource["numberOfSeries"] = len(series_out)
         resource["numberOfInstances"] = sum(s["numberOfInstances"] for s in series_out)
         if study.study_description:
@@ -405,6 +406,15 @@ class ImagingStudyProvider(Provider):
         if series_out:
             resource["series"] = series_out
         return resource
+
+
+_ENDPOINT_REFERENCE = [{"reference": f"Endpoint/{ENDPOINT_ID}"}]
+"""Shared by every resource built here (they are serialised, never changed in place)."""
+
+
+@lru_cache(maxsize=512)
+def _sop_class(uid: str) -> dict[str, str]:
+    return {"system": identity.RFC3986, "code": f"urn:oid:{uid}"}
 
 
 def _aware(value: datetime) -> datetime:

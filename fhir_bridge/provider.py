@@ -112,8 +112,13 @@ class Provider:
         count: int,
         snapshot: int | None,
         want_total: bool,
+        counted: int | None = None,
         extra: Sequence[ColumnElement[bool]] = (),
     ) -> Page:
+        """One page of matches. ``snapshot`` (the newest row id the first page saw) and
+        ``counted`` (the total the first page counted) come back in the links of later
+        pages: the matches of a snapshot do not change while data is added, so a later page
+        needs no count of its own."""
         where = [*search.conditions(parsed, self.params), *extra]
         stmt = self.base_select().where(*where)
         if snapshot is not None:
@@ -139,15 +144,17 @@ class Provider:
         more = len(row_ids) > count
         row_ids = row_ids[:count]
         total = None
-        if offset == 0 and count > 0 and not more:
-            total = len(row_ids) if want_total else None
+        if count > 0 and not more and (offset == 0 or snapshot is not None):
+            total = offset + len(row_ids) if want_total else None
+        elif snapshot is not None and counted is not None:
+            total = counted if want_total else None
         elif want_total or snapshot is None:
             # One statement for the total and the snapshot: the newest matching row; the next
             # pages leave out rows added since (stable paging). The read transaction of the
             # session saw the page and sees this as of the same moment (SQLite WAL).
-            counted = stmt.subquery()
+            matches = stmt.subquery()
             found, newest = session.execute(
-                select(func.count(), func.max(counted.c[0])).select_from(counted)
+                select(func.count(), func.max(matches.c[0])).select_from(matches)
             ).one()
             total = int(found) if want_total else None
             if snapshot is None:

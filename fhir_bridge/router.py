@@ -171,6 +171,7 @@ def _search(
     total_mode = (parsed.result.get("_total") or ["accurate"])[-1]
     offset = _offset(parsed, "_offset") or 0
     snapshot = _offset(parsed, "_snapshot")
+    counted = _offset(parsed, "_counted")
     includes = _includes(parsed, provider, ctx)
 
     def work(session: Session) -> tuple[Page, list[dict[str, Any]]]:
@@ -182,6 +183,7 @@ def _search(
             count=count,
             snapshot=snapshot,
             want_total=total_mode != "none",
+            counted=counted,
         )
         included = _load_includes(ctx, session, provider, page.resources, includes)
         return page, included
@@ -297,7 +299,7 @@ def _references(resource: dict[str, Any], param: str) -> list[str]:
 
 
 def _page_url(ctx: Context, resource_type: str, items: list[tuple[str, str]], **extra: Any) -> str:
-    kept = [(k, v) for k, v in items if k not in ("_offset", "_snapshot")]
+    kept = [(k, v) for k, v in items if k not in ("_offset", "_snapshot", "_counted")]
     kept += [(k, str(v)) for k, v in extra.items() if v is not None]
     query = urlencode(kept)
     return f"{ctx.base}/{resource_type}" + (f"?{query}" if query else "")
@@ -369,6 +371,7 @@ def _bundle(
                 items,
                 _offset=page.offset or None,
                 _snapshot=snapshot if page.offset else None,
+                _counted=page.total if page.offset else None,
             ),
         }
     ]
@@ -378,7 +381,12 @@ def _bundle(
             {
                 "relation": "next",
                 "url": _page_url(
-                    ctx, provider.type, items, _offset=page.offset + page.count, _snapshot=snapshot
+                    ctx,
+                    provider.type,
+                    items,
+                    _offset=page.offset + page.count,
+                    _snapshot=snapshot,
+                    _counted=page.total,
                 ),
             }
         )
@@ -388,7 +396,12 @@ def _bundle(
             {
                 "relation": "previous",
                 "url": _page_url(
-                    ctx, provider.type, items, _offset=previous or None, _snapshot=snapshot
+                    ctx,
+                    provider.type,
+                    items,
+                    _offset=previous or None,
+                    _snapshot=snapshot,
+                    _counted=page.total,
                 ),
             }
         )

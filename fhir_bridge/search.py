@@ -48,6 +48,7 @@ RESULT_PARAMETERS = {
     "_pretty",
     "_offset",
     "_snapshot",
+    "_counted",
 }
 
 Condition = ColumnElement[bool]
