@@ -42,23 +42,27 @@ from fhir_bridge.writes import create_patient, create_report, update_patient, up
 
 router = APIRouter(prefix=PREFIX, tags=["fhir"], route_class=FHIRRoute)
 
-_PROVIDERS: dict[int, dict[str, Provider]] = {}
+
+def build_providers(settings: Any) -> dict[str, Provider]:
+    """The resource types served."""
+    patients = PatientProvider(settings)
+    return {
+        "Patient": patients,
+        "ImagingStudy": ImagingStudyProvider(settings, patients),
+        "Endpoint": EndpointProvider(),
+        "DiagnosticReport": DiagnosticReportProvider(settings, patients),
+        "Observation": ObservationProvider(settings, patients),
+        "Device": DeviceProvider(),
+    }
 
 
-def providers(settings: Any) -> dict[str, Provider]:
-    """The resource types served, built once per settings object."""
-    found = _PROVIDERS.get(id(settings))
-    if found is None or found["Patient"].fhir is not settings.fhir:  # type: ignore[attr-defined]
-        patients = PatientProvider(settings)
-        found = {
-            "Patient": patients,
-            "ImagingStudy": ImagingStudyProvider(settings, patients),
-            "Endpoint": EndpointProvider(),
-            "DiagnosticReport": DiagnosticReportProvider(settings, patients),
-            "Observation": ObservationProvider(settings, patients),
-            "Device": DeviceProvider(),
-        }
-        _PROVIDERS[id(settings)] = found
+def _providers_of(request: Request) -> dict[str, Provider]:
+    """The providers of this application, built once (with its settings) and kept in its
+    state."""
+    state = request.app.state
+    found: dict[str, Provider] | None = getattr(state, "fhir_providers", None)
+    if found is None:
+        found = state.fhir_providers = build_providers(settings_of(request))
     return found
 
 
@@ -69,7 +73,7 @@ def context(request: Request) -> Context:
         settings=settings,
         base=base_url(request),
         dicomweb=dicomweb_url(request),
-        providers=providers(settings),
+        providers=_providers_of(request),
     )
 
 

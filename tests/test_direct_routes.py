@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import pytest
 from fastapi import APIRouter, Query, Request
 from fastapi.testclient import TestClient
+from fhir.resources.R4B import get_fhir_model_class
 
 from archive import Archive
 from config import Settings
@@ -59,6 +60,9 @@ def test_direct_fhir_answers_equal_fastapi_answers(app, path: str) -> None:
         finally:
             app._direct_routes = routes
     assert direct.status_code == routed.status_code
+    for answer in (direct, routed):  # every FHIR body the suite receives is valid R4
+        body = answer.json()
+        get_fhir_model_class(body["resourceType"]).model_validate(body)
     strip = ("id", "date")
     body_direct, body_routed = direct.json(), routed.json()
     for body in (body_direct, body_routed):
