@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
 from pydicom import Dataset
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.exc import IntegrityError
 
 from archive.ingest import IngestError
@@ -34,6 +36,34 @@ from fhir_bridge.report_sr import (
 )
 
 _REPORT_LOCKS = [threading.Lock() for _ in range(64)]
+
+
+def report_lock_key(resource_id: str) -> int:
+    """The PostgreSQL advisory lock key of a report (a signed 64-bit digest of its id)."""
+    digest = hashlib.blake2b(f"DiagnosticReport/{resource_id}".encode(), digest_size=8)
+    return int.from_bytes(digest.digest(), "big", signed=True)
+
+
+@contextmanager
+def _report_update(ctx: Context, resource_id: str) -> Iterator[None]:
+    """Updates of one report take turns, from the If-Match check to the new version stored:
+    within the process (a lock), and across the processes of a PostgreSQL deployment (an
+    advisory lock on a connection of its own, held while ingest writes on others)."""
+    with _REPORT_LOCKS[hash(resource_id) % len(_REPORT_LOCKS)]:
+        engine = ctx.archive.db.engine
+        if engine.dialect.name != "postgresql":
+            yield
+            return
+        key = report_lock_key(resource_id)
+        with engine.connect() as conn:
+            conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": key})
+            try:
+                yield
+            finally:
+                conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+                conn.commit()
+
+
 _SERIES_NUMBER = 9000
 """Series Number of the report series written here (apart from the modality's series)."""
 
@@ -455,7 +485,7 @@ def update_report(
             code="business-rule",
             expression=["DiagnosticReport.status"],
         )
-    with _REPORT_LOCKS[hash(resource_id) % len(_REPORT_LOCKS)]:
+    with _report_update(ctx, resource_id):
         with ctx.archive.db.session() as session:
             row = provider.current(session, resource_id)
             current: ReportDocument = row.ReportDocument

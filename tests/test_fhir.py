@@ -25,6 +25,7 @@ from fhirclient.models.imagingstudy import ImagingStudy as SmartImagingStudy
 from fhirclient.models.patient import Patient as SmartPatient
 from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, MRImageStorage
+from sqlalchemy import create_engine, text
 
 from tests.conftest import RunningServer
 from tests.dicom_factory import ct_slice
@@ -2287,6 +2288,52 @@ def test_capability_statement_is_exact(http: httpx.Client, measured: Measured) -
 
 
 @pytest.mark.postgres
+def assert_report_updates_take_turns_across_processes(
+    pg: httpx.Client, postgres_url: str, report: dict[str, Any]
+) -> None:
+    """An update of a report waits for the PostgreSQL advisory lock that another process
+    (here: the test) holds on it, and sees the version that process wrote: two processes that
+    both send If-Match of one version cannot both write."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fhir_bridge.writes import report_lock_key
+
+    final = {
+        **report,
+        "status": "final",
+        "resultsInterpreter": [{"display": "Jane Smith"}],
+    }
+    final.pop("meta", None)
+    engine = create_engine(postgres_url)
+    try:
+        with engine.connect() as holder, ThreadPoolExecutor(1) as pool:
+            key = report_lock_key(report["id"])
+            holder.execute(text("SELECT pg_advisory_lock(:key)"), {"key": key})
+            try:
+                pending = pool.submit(
+                    pg.put,
+                    f"/DiagnosticReport/{report['id']}",
+                    json=final,
+                    headers={**JSON, "If-Match": 'W/"1"'},
+                )
+                time.sleep(1.5)
+                assert not pending.done(), "the update did not wait for the lock"
+            finally:
+                holder.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+                holder.commit()
+            answer = pending.result(timeout=60)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["meta"]["versionId"] == "2"
+        stale = pg.put(
+            f"/DiagnosticReport/{report['id']}",
+            json={**final, "status": "amended"},
+            headers={**JSON, "If-Match": 'W/"1"'},
+        )
+        assert stale.status_code == 412, stale.text
+    finally:
+        engine.dispose()
+
+
 def test_search_and_create_on_postgresql(
     postgres_url: str, tmp_path: Path, validator: FHIRValidator
 ) -> None:
@@ -2335,6 +2382,7 @@ def test_search_and_create_on_postgresql(
             found = search(pg, "DiagnosticReport", {"patient": f"Patient/{patient}"})
             assert ids(found) == [report.json()["id"]]
             assert entries(found)[0]["conclusion"] == "Unauffällig."
+            assert_report_updates_take_turns_across_processes(pg, postgres_url, report.json())
             # The hostile input and every declared search parameter on PostgreSQL too (a NUL
             # in a bound text, say, fails there where SQLite takes it).
             check_hostile_input(pg)
