@@ -287,6 +287,23 @@ class FHIRSettings(BaseModel):
         return value.rstrip("/") if value else value
 
 
+_CURRENCY = re.compile(r"[A-Z]{3}")
+
+
+class BillingSettings(BaseModel):
+    """Billing (``[billing]``): the price list so far."""
+
+    currency: str = "EUR"
+    """The site's one currency (ISO 4217 alphabetic code): every price and charge is in it."""
+
+    @field_validator("currency")
+    @classmethod
+    def _valid_currency(cls, value: str) -> str:
+        if not _CURRENCY.fullmatch(value):
+            raise ValueError("billing.currency must be an ISO 4217 code: 3 upper-case letters")
+        return value
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="PACSBRIDGE_",
@@ -455,6 +472,8 @@ class Settings(BaseSettings):
     """Models and their series selectors: ``[ai]`` and ``[ai.models.<name>]``."""
     fhir: FHIRSettings = Field(default_factory=FHIRSettings)
     """The FHIR R4 bridge: ``[fhir]`` (``PACSBRIDGE_FHIR='{"default_count": 50}'``)."""
+    billing: BillingSettings = Field(default_factory=BillingSettings)
+    """Billing: ``[billing]`` (``PACSBRIDGE_BILLING='{"currency": "CHF"}'``)."""
 
     @field_validator("dicom_timezone")
     @classmethod

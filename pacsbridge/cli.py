@@ -36,6 +36,10 @@ jobs_app = typer.Typer(help="The durable job queue.", no_args_is_help=True)
 app.add_typer(jobs_app, name="jobs")
 ai_app = typer.Typer(help="AI models and their runs.", no_args_is_help=True)
 app.add_typer(ai_app, name="ai")
+billing_app = typer.Typer(help="Billing: the price list.", no_args_is_help=True)
+app.add_typer(billing_app, name="billing")
+prices_app = typer.Typer(help="The price list (ChargeItemDefinitions).", no_args_is_help=True)
+billing_app.add_typer(prices_app, name="prices")
 
 console = Console(stderr=True)
 log = logging.getLogger("pacsbridge")
@@ -631,6 +635,79 @@ def ai_runs(
             print(json.dumps(run.to_json()))
     finally:
         archive.close()
+
+
+@prices_app.command("load")
+def prices_load(
+    file: Annotated[Path, typer.Argument(help="The price list: CSV, or TOML (*.toml).")],
+    name: Annotated[
+        str | None, typer.Option(help="Name of this version (default: the file's name).")
+    ] = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Load a price list as a new version: every definition of the earlier versions becomes
+    inactive (kept for the charges made with them). Prints {"price_list", "definitions"}; a bad
+    file is reported line by line on stderr (exit 1) and nothing is stored."""
+    from billing.prices import PriceListError, load_price_list, os_user, store_price_list
+
+    settings = _settings(data_dir=data_dir)
+    try:
+        parsed = load_price_list(file)
+    except PriceListError as exc:
+        console.print(f"[red]{exc.source}: the price list is not loaded[/red]", highlight=False)
+        for error in exc.errors:
+            print(error, file=sys.stderr)
+        raise typer.Exit(1) from exc
+    archive = _archive(settings)
+    try:
+        price_list = store_price_list(
+            archive,
+            parsed,
+            name or file.name,
+            parsed.sha256,
+            currency=settings.billing.currency,
+            loaded_by=os_user(),
+        )
+    finally:
+        archive.close()
+    print(json.dumps({"price_list": price_list, "definitions": len(parsed.definitions)}))
+
+
+@prices_app.command("list")
+def prices_list(
+    all_versions: Annotated[
+        bool, typer.Option("--all", help="Every definition of every loaded version.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False,
+    data_dir: DataDir = None,
+) -> None:
+    """The definitions in force today (or, with --all, of every version, inactive ones too)."""
+    from billing.prices import definition_json, definitions
+
+    settings = _settings(data_dir=data_dir)
+    archive = _archive(settings)
+    try:
+        with archive.db.session() as session:
+            rows = [definition_json(d) for d in definitions(session, all_versions=all_versions)]
+    finally:
+        archive.close()
+    if as_json:
+        print(json.dumps(rows))
+        return
+    for row in rows:
+        code = f"{row['code_system']}:{row['code']}" if row["code"] else "-"
+        key = "/".join(
+            str(v)
+            for v in (row["modality"], row["body_part"], row["laterality"], row["contrast"])
+            if v is not None
+        )
+        until = row["effective_to"] or "open"
+        state = "" if row["active"] else "  (inactive)"
+        print(
+            f"{row['id']:>6}  v{row['price_list']:<4} {row['kind']:<12} {code:<24} {key:<20} "
+            f"{row['base_amount']:>10} {row['currency']}  {row['effective_from']}..{until}  "
+            f"{row['display']}{state}"
+        )
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import inspect
 
+import billing.models  # noqa: F401  (the billing tables are part of the metadata compared)
 from archive import Archive
 from archive.db import alembic_config
 from archive.models import Base
