@@ -1,5 +1,9 @@
 """Billing tables on the archive's declarative ``Base`` (one schema, one Alembic history).
 
+``billing_account`` is one account per patient (Patient ID + issuer); ``charge_item`` holds the
+captured charges (``billing.capture``) and ``charge_event`` every state change of a charge (who,
+when, why), written in the transaction of the change.
+
 ``price_list`` is one loaded version of the site's price list file; ``charge_item_definition``
 holds its rows. Loading a new version marks the earlier definitions inactive (no new charge is
 priced by them) but keeps them: charges made earlier reference their definition's id.
@@ -21,10 +25,12 @@ from sqlalchemy import (
     Integer,
     Numeric,
     String,
+    Text,
+    UniqueConstraint,
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
-from archive.models import Base
+from archive.models import LO, PN, UI, Base
 
 # As the archive's tables (``archive.models._NEVER_REUSE_IDS``): SQLite never hands a deleted
 # row's id to a new row, as PostgreSQL sequences never do; charges will reference these ids.
@@ -88,3 +94,102 @@ class ChargeItemDefinition(Base):
     numbers as decimal strings (see ``billing.prices``)."""
     active: Mapped[bool] = mapped_column(Boolean, nullable=False, default=True)
     """Whether new charges may be priced by it (only the latest loaded version's are)."""
+
+
+class BillingAccount(Base):
+    """The account charges of one patient go to (Patient ID + Issuer of Patient ID).
+
+    The patient's row may be deleted by the archive: the account keeps the identifiers it
+    copied (``patient_fk`` becomes NULL)."""
+
+    __tablename__ = "billing_account"
+    __table_args__ = (
+        UniqueConstraint("patient_id", "issuer_of_patient_id"),
+        _NEVER_REUSE_IDS,
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    patient_fk: Mapped[int | None] = mapped_column(
+        ForeignKey("patient.id", ondelete="SET NULL"), index=True
+    )
+    patient_id: Mapped[str] = mapped_column(LO, nullable=False)
+    issuer_of_patient_id: Mapped[str] = mapped_column(LO, nullable=False, default="")
+    status: Mapped[str] = mapped_column(String(16), nullable=False, default="active")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+
+
+class ChargeItem(Base):
+    """One captured charge: ``technical`` (a performed procedure of a study) or
+    ``professional`` (the reading of a study: a signed report).
+
+    ``status``: ``planned`` (no price: waiting for review, ``review_reason`` says why),
+    ``billable`` (priced) or ``entered-in-error`` (voided: the study was deleted).
+    ``idempotency_key`` (``technical|<study uid>|<procedure key>``,
+    ``professional|<report root uid>``) is unique: capturing again never charges twice.
+    ``version`` starts at 1 and grows with every change (``charge_event`` keeps each)."""
+
+    __tablename__ = "charge_item"
+    __table_args__ = (Index(None, "status"), _NEVER_REUSE_IDS)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    account_fk: Mapped[int] = mapped_column(
+        ForeignKey("billing_account.id", ondelete="RESTRICT"), nullable=False, index=True
+    )
+    patient_id: Mapped[str] = mapped_column(LO, nullable=False, index=True)
+    issuer_of_patient_id: Mapped[str] = mapped_column(LO, nullable=False, default="")
+    kind: Mapped[str] = mapped_column(String(16), nullable=False)
+    """``technical`` or ``professional``."""
+    status: Mapped[str] = mapped_column(String(32), nullable=False)
+    idempotency_key: Mapped[str] = mapped_column(String(255), nullable=False, unique=True)
+    study_instance_uid: Mapped[str] = mapped_column(UI, nullable=False, index=True)
+    service_kind: Mapped[str] = mapped_column(String(16), nullable=False)
+    """What was done: ``study`` (technical) or ``report`` (professional)."""
+    service_uid: Mapped[str] = mapped_column(UI, nullable=False)
+    """The Study Instance UID, or the report's root SOP Instance UID (its first version)."""
+    definition_fk: Mapped[int | None] = mapped_column(
+        ForeignKey("charge_item_definition.id", ondelete="RESTRICT"), index=True
+    )
+    code_system: Mapped[str | None] = mapped_column(String(16))
+    code: Mapped[str | None] = mapped_column(String(64))
+    display: Mapped[str] = mapped_column(String(255), nullable=False, default="")
+    modality: Mapped[str | None] = mapped_column(String(16))
+    body_part: Mapped[str | None] = mapped_column(String(16))
+    laterality: Mapped[str | None] = mapped_column(String(1))
+    contrast: Mapped[bool | None] = mapped_column(Boolean)
+    """The procedure's key as found in the study (repricing looks it up again)."""
+    performer: Mapped[str | None] = mapped_column(PN)
+    """The verifying observer of the report (professional charges)."""
+    occurred_on: Mapped[date] = mapped_column(Date, nullable=False)
+    """The study date (technical) or the report's verification date (professional): the day
+    whose price applies."""
+    conditions: Mapped[list[str]] = mapped_column(JSON, nullable=False)
+    lines: Mapped[list[dict[str, Any]]] = mapped_column(JSON, nullable=False)
+    """The priced lines ``{"type", "code", "description", "amount"}``, amounts as strings."""
+    net: Mapped[Decimal | None] = mapped_column(Money)
+    tax: Mapped[Decimal | None] = mapped_column(Money)
+    total: Mapped[Decimal | None] = mapped_column(Money)
+    """NULL while planned."""
+    currency: Mapped[str] = mapped_column(String(3), nullable=False)
+    review_reason: Mapped[str | None] = mapped_column(Text)
+    version: Mapped[int] = mapped_column(Integer, nullable=False, default=1)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+
+
+class ChargeEvent(Base):
+    """One state change of a charge (its creation included): who, when, why."""
+
+    __tablename__ = "charge_event"
+    __table_args__ = (_NEVER_REUSE_IDS,)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    charge_fk: Mapped[int] = mapped_column(
+        ForeignKey("charge_item.id", ondelete="CASCADE"), nullable=False, index=True
+    )
+    version: Mapped[int] = mapped_column(Integer, nullable=False)
+    status: Mapped[str] = mapped_column(String(32), nullable=False)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    actor: Mapped[str] = mapped_column(String(64), nullable=False)
+    reason: Mapped[str | None] = mapped_column(Text)
+    net: Mapped[Decimal | None] = mapped_column(Money)
+    total: Mapped[Decimal | None] = mapped_column(Money)

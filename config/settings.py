@@ -291,8 +291,12 @@ _CURRENCY = re.compile(r"[A-Z]{3}")
 
 
 class BillingSettings(BaseModel):
-    """Billing (``[billing]``): the price list so far."""
+    """Billing (``[billing]``): the price list and charge capture."""
 
+    enabled: bool = False
+    """Charge capture (opt-in): a ``charge-capture`` job on every stable study captures its
+    technical charges and the professional charges of its signed reports. A site that bills
+    turns it on and loads a price list (``pacsbridge billing prices load``)."""
     currency: str = "EUR"
     """The site's one currency (ISO 4217 alphabetic code): every price and charge is in it."""
 

@@ -36,7 +36,9 @@ jobs_app = typer.Typer(help="The durable job queue.", no_args_is_help=True)
 app.add_typer(jobs_app, name="jobs")
 ai_app = typer.Typer(help="AI models and their runs.", no_args_is_help=True)
 app.add_typer(ai_app, name="ai")
-billing_app = typer.Typer(help="Billing: the price list.", no_args_is_help=True)
+billing_app = typer.Typer(
+    help="Billing: the price list and captured charges.", no_args_is_help=True
+)
 app.add_typer(billing_app, name="billing")
 prices_app = typer.Typer(help="The price list (ChargeItemDefinitions).", no_args_is_help=True)
 billing_app.add_typer(prices_app, name="prices")
@@ -268,19 +270,50 @@ def delete(
     if len(chosen) != 1:
         console.print("[red]give exactly one of --study, --series, --instance, --patient[/red]")
         raise typer.Exit(2)
+    from billing.capture import void_study
+    from billing.prices import os_user
+
     settings = _settings(data_dir=data_dir)
     archive = _archive(settings)
-    if study:
-        count = archive.delete_study(study)
-    elif series:
-        count = archive.delete_series(series)
-    elif instance:
-        count = archive.delete_instance(instance)
-    else:
-        count = archive.delete_patient(patient, issuer)
-    archive.close()
-    print(json.dumps({"deleted_instances": count}))
+    try:
+        # Whole studies deleted: their open charges become entered-in-error (a deleted series
+        # or instance leaves the study's charges as they are).
+        studies = [study] if study else []
+        if study:
+            count = archive.delete_study(study)
+        elif series:
+            count = archive.delete_series(series)
+        elif instance:
+            count = archive.delete_instance(instance)
+        else:
+            studies = _patient_studies(archive, patient or "", issuer)
+            count = archive.delete_patient(patient, issuer)
+        voided = 0
+        if count:
+            for uid in studies:
+                voided += void_study(archive, uid, actor=os_user(), reason="study deleted")
+    finally:
+        archive.close()
+    result = {"deleted_instances": count}
+    if voided:
+        result["voided_charges"] = voided  # open charges of the deleted studies
+    print(json.dumps(result))
     raise typer.Exit(0 if count else 1)
+
+
+def _patient_studies(archive: Any, patient_id: str, issuer: str) -> list[str]:
+    from sqlalchemy import select
+
+    from archive.models import Patient, Study
+
+    with archive.db.session() as session:
+        return list(
+            session.scalars(
+                select(Study.study_instance_uid)
+                .join(Patient, Study.patient_fk == Patient.id)
+                .where(Patient.patient_id == patient_id, Patient.issuer_of_patient_id == issuer)
+            ).all()
+        )
 
 
 @app.command()
@@ -646,8 +679,10 @@ def prices_load(
     data_dir: DataDir = None,
 ) -> None:
     """Load a price list as a new version: every definition of the earlier versions becomes
-    inactive (kept for the charges made with them). Prints {"price_list", "definitions"}; a bad
-    file is reported line by line on stderr (exit 1) and nothing is stored."""
+    inactive (kept for the charges made with them). Planned charges are priced again: those it
+    prices become billable. Prints {"price_list", "definitions", "billable"}; a bad file is
+    reported line by line on stderr (exit 1) and nothing is stored."""
+    from billing.capture import reprice_planned
     from billing.prices import PriceListError, load_price_list, os_user, store_price_list
 
     settings = _settings(data_dir=data_dir)
@@ -668,9 +703,18 @@ def prices_load(
             currency=settings.billing.currency,
             loaded_by=os_user(),
         )
+        billable = reprice_planned(archive, settings, actor=os_user())
     finally:
         archive.close()
-    print(json.dumps({"price_list": price_list, "definitions": len(parsed.definitions)}))
+    print(
+        json.dumps(
+            {
+                "price_list": price_list,
+                "definitions": len(parsed.definitions),
+                "billable": billable,
+            }
+        )
+    )
 
 
 @prices_app.command("list")
@@ -708,6 +752,88 @@ def prices_list(
             f"{row['base_amount']:>10} {row['currency']}  {row['effective_from']}..{until}  "
             f"{row['display']}{state}"
         )
+
+
+def _print_charges(rows: list[dict[str, Any]], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(rows))
+        return
+    for row in rows:
+        code = f"{row['code_system']}:{row['code']}" if row["code"] else "-"
+        total = f"{row['total']} {row['currency']}" if row["total"] is not None else "-"
+        why = f"  ({row['review_reason']})" if row["review_reason"] else ""
+        print(
+            f"{row['id']:>6}  {row['status']:<16} {row['kind']:<12} {row['patient_id']:<16} "
+            f"{code:<24} {total:>14}  {row['occurred_on']}  {row['display']}{why}"
+        )
+
+
+@billing_app.command("charges")
+def billing_charges(
+    study: Annotated[str | None, typer.Option(help="Study Instance UID.")] = None,
+    patient: Annotated[str | None, typer.Option(help="Patient ID.")] = None,
+    status: Annotated[
+        str | None, typer.Option(help="planned, billable or entered-in-error.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False,
+    data_dir: DataDir = None,
+) -> None:
+    """The captured charges, oldest first."""
+    from billing.capture import charge_json, list_charges
+
+    settings = _settings(data_dir=data_dir)
+    archive = _archive(settings)
+    try:
+        rows = [
+            charge_json(c)
+            for c in list_charges(archive, study=study, patient=patient, status=status)
+        ]
+    finally:
+        archive.close()
+    _print_charges(rows, as_json)
+
+
+@billing_app.command("review")
+def billing_review(
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False,
+    data_dir: DataDir = None,
+) -> None:
+    """The planned charges waiting for review, with the reason (no price: load a price list
+    that prices them and they become billable)."""
+    from billing.capture import PLANNED, charge_json, list_charges
+
+    settings = _settings(data_dir=data_dir)
+    archive = _archive(settings)
+    try:
+        rows = [charge_json(c) for c in list_charges(archive, status=PLANNED)]
+    finally:
+        archive.close()
+    _print_charges(rows, as_json)
+
+
+@billing_app.command("capture")
+def billing_capture(
+    study: Annotated[str, typer.Argument(help="Study Instance UID.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False,
+    data_dir: DataDir = None,
+) -> None:
+    """Capture a study's charges now (technical, and professional for its signed reports);
+    prints them. Idempotent: charges captured before are printed, never made again."""
+    from billing.capture import capture_professional, capture_technical, charge_json, list_charges
+    from billing.prices import os_user
+
+    settings = _settings(data_dir=data_dir)
+    archive = _archive(settings)
+    try:
+        ids = capture_technical(archive, settings, study, actor=os_user())
+        ids += capture_professional(archive, settings, study, actor=os_user())
+        rows = [charge_json(c) for c in list_charges(archive, study=study) if c.id in set(ids)]
+    finally:
+        archive.close()
+    _print_charges(rows, as_json)
+    if not rows:
+        console.print(f"[yellow]no charge: no such study or no procedure in {study}[/yellow]")
+        raise typer.Exit(1)
 
 
 def main() -> None:

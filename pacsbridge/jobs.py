@@ -90,10 +90,11 @@ registry = HandlerRegistry()
 
 def build_registry(settings: Settings) -> HandlerRegistry:
     """The registry with built-in kinds and the ``extra_handlers`` setting loaded."""
-    from pacsbridge import ai_jobs, routing_jobs
+    from pacsbridge import ai_jobs, billing_jobs, routing_jobs
 
     routing_jobs.register(registry, settings)
     ai_jobs.register(registry, settings)
+    billing_jobs.register(registry, settings)
     registry.load_extra(settings.extra_handlers)
     return registry
 

@@ -307,6 +307,7 @@ def test_cli_load_and_list(index_backend: Backend, tmp_path: Path):
     assert json.loads(loaded.stdout.strip().splitlines()[-1]) == {
         "price_list": 1,
         "definitions": 20,
+        "billable": 0,
     }
     bad = write(
         tmp_path,

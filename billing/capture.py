@@ -1,0 +1,630 @@
+"""Charge capture: technical charges from the procedures performed in a study, professional
+charges from its signed (VERIFIED) reports.
+
+A **procedure** is what one image series of a study shows was done: the codes of its
+Procedure Code Sequence (0008,1032), else Requested Procedure Code Sequence (0032,1064), else
+Performed Protocol Code Sequence (0040,0260) — the first of those with items, each item one
+procedure — else its Modality + Body Part Examined (+ Laterality / Image Laterality, + contrast:
+Contrast/Bolus Agent (0018,0010) not empty). Series that are not images (SR, SEG, KO, PR, DOC,
+REG, RTSTRUCT, or only SR instances) are skipped. A study has one procedure per distinct code (or
+modality + body part + laterality + contrast key), however many series show it.
+
+**Conditions** a price component may name: ``contrast`` (a series of the procedure had a
+contrast agent), ``after_hours`` (Study Time before 07:00 or from 19:00, the study's local time)
+and ``weekend`` (Study Date a Saturday or Sunday).
+
+**Idempotency**: every charge has a unique key — ``technical|<study uid>|<procedure key>`` and
+``professional|<report root uid>`` — inserted with "on conflict do nothing", so capturing a study
+again (re-sent, stable again, a report amended or signed again), even from two processes at once,
+never charges twice. A charge voided because its study was deleted comes back (a new version)
+when the study is stored and captured again.
+
+**Never a silent zero**: a procedure without a definition in force becomes a ``planned`` charge
+with a ``review_reason``; :func:`reprice_planned` (run after a price list is loaded) makes it
+``billable`` once a definition prices it. Every change of a charge writes a ``charge_event`` in
+the same transaction.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from archive import Archive
+from archive.models import Instance, Patient, ReportDocument, Series, Study
+from billing.models import BillingAccount, ChargeEvent, ChargeItem, ChargeItemDefinition
+from billing.prices import find_definition, price
+from config import Settings
+
+PLANNED = "planned"
+BILLABLE = "billable"
+ENTERED_IN_ERROR = "entered-in-error"
+OPEN_STATUSES = (PLANNED, BILLABLE)
+
+#: Series of these modalities are no performed imaging procedure.
+NON_IMAGE_MODALITIES = frozenset({"SR", "SEG", "KO", "PR", "DOC", "REG", "RTSTRUCT"})
+_SR_CLASS_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
+#: The code sequences read, in order of preference.
+PROCEDURE_SEQUENCES = ("00081032", "00321064", "00400260")
+_SCHEMES = {"LN": "loinc", "RADLEX": "radlex"}
+#: ``after_hours``: a study that started before 07:00 or from 19:00.
+DAY_STARTS, DAY_ENDS = 7, 19
+
+
+@dataclass
+class Procedure:
+    """One performed procedure of a study (see the module's docstring)."""
+
+    key: str
+    display: str
+    code_system: str | None
+    code: str | None
+    modality: str | None
+    body_part: str | None
+    laterality: str | None
+    contrast: bool
+    conditions: list[str] = field(default_factory=list)
+    series: list[str] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        if self.code is not None:
+            return f"{self.code_system} {self.code}"
+        return _fallback_label(self.modality, self.body_part, self.laterality, self.contrast)
+
+
+def _fallback_label(
+    modality: str | None, body_part: str | None, laterality: str | None, contrast: bool | None
+) -> str:
+    words = [modality or "(no modality)", body_part or "(no body part)"]
+    if laterality:
+        words.append(laterality)
+    if contrast:
+        words.append("with contrast")
+    return " ".join(words)
+
+
+def _value(dataset: dict[str, Any], tag: str) -> Any:
+    values = (dataset.get(tag) or {}).get("Value") or []
+    return values[0] if values else None
+
+
+def _text(dataset: dict[str, Any], tag: str) -> str | None:
+    value = _value(dataset, tag)
+    if isinstance(value, dict):  # a person name
+        value = value.get("Alphabetic")
+    text = str(value).strip() if value is not None else ""
+    return text or None
+
+
+def _codes(dataset: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(system, code, meaning) of the first procedure code sequence that has items."""
+    for tag in PROCEDURE_SEQUENCES:
+        items = (dataset.get(tag) or {}).get("Value") or []
+        codes = []
+        for item in items:
+            if not isinstance(item, dict):
+                continue
+            code = _text(item, "00080100")
+            if code is None:
+                continue
+            scheme = (_text(item, "00080102") or "").upper()
+            codes.append((_SCHEMES.get(scheme, "local"), code, _text(item, "00080104") or ""))
+        if codes:
+            return codes
+    return []
+
+
+def study_day(study: Study) -> date:
+    """The study date, else the day it was first received (UTC)."""
+    text = (study.study_date or "").strip()
+    if re.fullmatch(r"\d{8}", text):
+        try:
+            return date(int(text[:4]), int(text[4:6]), int(text[6:]))
+        except ValueError:
+            pass
+    created = study.created_at
+    return created.date() if created is not None else datetime.now(UTC).date()
+
+
+def study_conditions(study: Study) -> list[str]:
+    """``after_hours`` and ``weekend`` of the study (see the module's docstring)."""
+    conditions = []
+    time = (study.study_time or "").replace(":", "").strip()
+    if re.match(r"\d{2}", time) and not DAY_STARTS <= int(time[:2]) < DAY_ENDS:
+        conditions.append("after_hours")
+    if study_day(study).weekday() >= 5:
+        conditions.append("weekend")
+    return conditions
+
+
+def study_procedures(session: Session, study_uid: str) -> list[Procedure]:
+    """The procedures performed in a study, in series order; empty for an unknown study."""
+    study = session.scalars(select(Study).where(Study.study_instance_uid == study_uid)).first()
+    if study is None:
+        return []
+    base_conditions = study_conditions(study)
+    found: dict[str, Procedure] = {}
+    series_rows = session.execute(
+        select(Series.id, Series.series_instance_uid, Series.modality, Series.body_part_examined)
+        .where(Series.study_fk == study.id)
+        .order_by(Series.series_number, Series.id)
+    ).all()
+    for series_id, series_uid, series_modality, series_body_part in series_rows:
+        if (series_modality or "").upper() in NON_IMAGE_MODALITIES:
+            continue
+        instance = session.execute(
+            select(Instance.dicom_json)
+            .where(
+                Instance.series_fk == series_id,
+                Instance.sop_class_uid.not_like(_SR_CLASS_PREFIX + "%"),
+            )
+            .order_by(Instance.id)
+            .limit(1)
+        ).first()
+        if instance is None:  # no instance, or only SR documents
+            continue
+        dataset: dict[str, Any] = instance[0] or {}
+        modality = (series_modality or _text(dataset, "00080060") or "").upper() or None
+        body_part = (series_body_part or _text(dataset, "00180015") or "").upper() or None
+        laterality = (_text(dataset, "00200060") or _text(dataset, "00200062") or "").upper()
+        contrast = _text(dataset, "00180010") is not None
+        codes = _codes(dataset)
+        keys: list[tuple[str, str, str | None, str | None]] = []
+        if codes:
+            keys = [(f"{system}:{code}", meaning, system, code) for system, code, meaning in codes]
+        else:
+            key = f"{modality or '-'}/{body_part or '-'}/{laterality or '-'}/" + (
+                "contrast" if contrast else "plain"
+            )
+            label = _fallback_label(modality, body_part, laterality or None, contrast)
+            keys = [(key, label, None, None)]
+        for key, display, system, code in keys:
+            procedure = found.get(key)
+            if procedure is None:
+                procedure = found[key] = Procedure(
+                    key=key,
+                    display=display,
+                    code_system=system,
+                    code=code,
+                    modality=modality,
+                    body_part=body_part,
+                    laterality=laterality or None,
+                    contrast=contrast,
+                )
+            procedure.contrast = procedure.contrast or contrast
+            procedure.series.append(series_uid)
+    for procedure in found.values():
+        procedure.conditions = sorted(
+            {*base_conditions, *(["contrast"] if procedure.contrast else [])}
+        )
+    return list(found.values())
+
+
+# --- writing charges -----------------------------------------------------------------------
+
+
+def _insert(session: Session, table: Any, values: dict[str, Any], unique: list[str]) -> Any:
+    """INSERT ... ON CONFLICT DO NOTHING RETURNING id: the new id, or None if it existed."""
+    dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+    statement = (
+        dialect.insert(table)
+        .values(**values)
+        .on_conflict_do_nothing(index_elements=unique)
+        .returning(table.id)
+    )
+    return session.execute(statement).scalar_one_or_none()
+
+
+def _account(session: Session, patient: Patient) -> int:
+    """The patient's account (created on its first charge)."""
+    _insert(
+        session,
+        BillingAccount,
+        {
+            "patient_fk": patient.id,
+            "patient_id": patient.patient_id,
+            "issuer_of_patient_id": patient.issuer_of_patient_id,
+            "status": "active",
+            "created_at": datetime.now(UTC),
+        },
+        ["patient_id", "issuer_of_patient_id"],
+    )
+    return session.execute(
+        select(BillingAccount.id).where(
+            BillingAccount.patient_id == patient.patient_id,
+            BillingAccount.issuer_of_patient_id == patient.issuer_of_patient_id,
+        )
+    ).scalar_one()
+
+
+def _priced(definition: ChargeItemDefinition | None, conditions: Iterable[str]) -> dict[str, Any]:
+    if definition is None:
+        return {"definition_fk": None, "lines": [], "net": None, "tax": None, "total": None}
+    priced = price(definition, conditions)
+    return {
+        "definition_fk": definition.id,
+        "lines": [
+            {
+                "type": line.type,
+                "code": line.code,
+                "description": line.description,
+                "amount": str(line.amount),
+            }
+            for line in priced.lines
+        ],
+        "net": priced.net,
+        "tax": priced.tax,
+        "total": priced.total,
+        "currency": definition.currency,
+    }
+
+
+def _event(
+    session: Session, charge_id: int, values: dict[str, Any], actor: str, reason: str
+) -> None:
+    session.add(
+        ChargeEvent(
+            charge_fk=charge_id,
+            version=values["version"],
+            status=values["status"],
+            at=datetime.now(UTC),
+            actor=actor[:64],
+            reason=reason,
+            net=values.get("net"),
+            total=values.get("total"),
+        )
+    )
+
+
+def _capture(
+    session: Session,
+    settings: Settings,
+    *,
+    key: str,
+    base: dict[str, Any],
+    definition: ChargeItemDefinition | None,
+    missing: str,
+    actor: str,
+) -> int:
+    """Insert one charge unless its key exists; its id either way. A charge voided because
+    its study was deleted is captured again (a new version) when the study is stored again."""
+    existing = session.scalars(
+        select(ChargeItem).where(ChargeItem.idempotency_key == key).with_for_update()
+    ).first()
+    if existing is not None:
+        if existing.status == ENTERED_IN_ERROR:
+            _change(
+                session,
+                existing,
+                {
+                    **base,
+                    "currency": settings.billing.currency,
+                    **_priced(definition, base["conditions"]),
+                    "status": BILLABLE if definition is not None else PLANNED,
+                    "review_reason": None if definition is not None else missing,
+                },
+                actor,
+                "captured again" if definition is not None else missing,
+            )
+        return existing.id
+    now = datetime.now(UTC)
+    values = {
+        **base,
+        "idempotency_key": key,
+        "currency": settings.billing.currency,
+        **_priced(definition, base["conditions"]),
+        "status": BILLABLE if definition is not None else PLANNED,
+        "review_reason": None if definition is not None else missing,
+        "version": 1,
+        "created_at": now,
+        "updated_at": now,
+    }
+    new_id = _insert(session, ChargeItem, values, ["idempotency_key"])
+    if new_id is None:  # captured at the same moment by another worker
+        return int(
+            session.execute(
+                select(ChargeItem.id).where(ChargeItem.idempotency_key == key)
+            ).scalar_one()
+        )
+    _event(session, new_id, values, actor, "captured" if definition is not None else missing)
+    return int(new_id)
+
+
+def _study_and_patient(session: Session, study_uid: str) -> tuple[Study, Patient] | None:
+    row = session.execute(
+        select(Study, Patient)
+        .join(Patient, Study.patient_fk == Patient.id)
+        .where(Study.study_instance_uid == study_uid)
+    ).first()
+    return None if row is None else (row[0], row[1])
+
+
+def _find(
+    session: Session, kind: str, on: date, procedure: Procedure
+) -> ChargeItemDefinition | None:
+    return find_definition(
+        session,
+        kind=kind,
+        on=on,
+        procedure_codes=(
+            [(procedure.code_system or "local", procedure.code)] if procedure.code else []
+        ),
+        modality=procedure.modality,
+        body_part=procedure.body_part,
+        laterality=procedure.laterality,
+        contrast=procedure.contrast,
+    )
+
+
+def _procedure_columns(procedure: Procedure) -> dict[str, Any]:
+    return {
+        "code_system": procedure.code_system,
+        "code": procedure.code,
+        "display": procedure.display[:255],
+        "modality": procedure.modality,
+        "body_part": procedure.body_part,
+        "laterality": procedure.laterality,
+        "contrast": procedure.contrast,
+        "conditions": procedure.conditions,
+    }
+
+
+def capture_technical(
+    archive: Archive, settings: Settings, study_uid: str, actor: str = "stable-study"
+) -> list[int]:
+    """One technical charge per procedure of the study, priced by the definition in force on
+    the study date (else planned for review). Returns the ids of the study's technical
+    charges (new or captured before); empty for an unknown study."""
+    with archive.db.write_session() as session:
+        found = _study_and_patient(session, study_uid)
+        if found is None:
+            return []
+        study, patient = found
+        procedures = study_procedures(session, study_uid)
+        if not procedures:
+            return []
+        account = _account(session, patient)
+        on = study_day(study)
+        ids = []
+        for procedure in procedures:
+            definition = _find(session, "technical", on, procedure)
+            base = {
+                "account_fk": account,
+                "patient_id": patient.patient_id,
+                "issuer_of_patient_id": patient.issuer_of_patient_id,
+                "kind": "technical",
+                "study_instance_uid": study_uid,
+                "service_kind": "study",
+                "service_uid": study_uid,
+                "performer": None,
+                "occurred_on": on,
+                **_procedure_columns(procedure),
+            }
+            ids.append(
+                _capture(
+                    session,
+                    settings,
+                    key=f"technical|{study_uid}|{procedure.key}",
+                    base=base,
+                    definition=definition,
+                    missing=f"no technical price for {procedure.label} on {on.isoformat()}",
+                    actor=actor,
+                )
+            )
+        return ids
+
+
+def capture_professional(
+    archive: Archive, settings: Settings, study_uid: str, actor: str = "stable-study"
+) -> list[int]:
+    """One professional charge per signed report of the study: every current (not superseded)
+    VERIFIED report document, keyed by its root UID (amending or signing it again never
+    charges twice), performed by its verifying observer on its verification date, priced
+    as the study's first procedure (else planned for review)."""
+    with archive.db.write_session() as session:
+        found = _study_and_patient(session, study_uid)
+        if found is None:
+            return []
+        study, patient = found
+        reports = session.scalars(
+            select(ReportDocument)
+            .where(
+                ReportDocument.study_fk == study.id,
+                ReportDocument.superseded.is_(False),
+                ReportDocument.verification_flag == "VERIFIED",
+            )
+            .order_by(ReportDocument.id)
+        ).all()
+        if not reports:
+            return []
+        procedures = study_procedures(session, study_uid)
+        first = procedures[0] if procedures else None
+        account = _account(session, patient)
+        ids = []
+        for report in reports:
+            signed = report.verification_datetime or report.content_datetime
+            on = signed.date() if signed is not None else study_day(study)
+            definition = _find(session, "professional", on, first) if first else None
+            missing = (
+                f"no professional price for {first.label} on {on.isoformat()}"
+                if first
+                else "no performed procedure in the study to price its reading by"
+            )
+            base = {
+                "account_fk": account,
+                "patient_id": patient.patient_id,
+                "issuer_of_patient_id": patient.issuer_of_patient_id,
+                "kind": "professional",
+                "study_instance_uid": study_uid,
+                "service_kind": "report",
+                "service_uid": report.root_uid,
+                "performer": report.verifying_observer,
+                "occurred_on": on,
+                **(
+                    _procedure_columns(first)
+                    if first
+                    else {"display": report.title_meaning or "report", "conditions": []}
+                ),
+            }
+            ids.append(
+                _capture(
+                    session,
+                    settings,
+                    key=f"professional|{report.root_uid}",
+                    base=base,
+                    definition=definition,
+                    missing=missing,
+                    actor=actor,
+                )
+            )
+        return ids
+
+
+def _change(
+    session: Session, charge: ChargeItem, changes: dict[str, Any], actor: str, reason: str
+) -> None:
+    for name, value in changes.items():
+        setattr(charge, name, value)
+    charge.version += 1
+    charge.updated_at = datetime.now(UTC)
+    session.flush()
+    _event(
+        session,
+        charge.id,
+        {
+            "version": charge.version,
+            "status": charge.status,
+            "net": charge.net,
+            "total": charge.total,
+        },
+        actor,
+        reason,
+    )
+
+
+def reprice_planned(archive: Archive, settings: Settings, actor: str = "reprice") -> int:
+    """Price every planned charge again with the definitions now in force on its day; those
+    that find one become billable. Returns how many did."""
+    del settings  # the currency comes with the definition
+    count = 0
+    with archive.db.write_session() as session:
+        planned = session.scalars(
+            select(ChargeItem)
+            .where(ChargeItem.status == PLANNED)
+            .order_by(ChargeItem.id)
+            .with_for_update(skip_locked=True)
+        ).all()
+        for charge in planned:
+            if charge.modality is None and charge.code is None:
+                continue  # nothing to price it by (a reading of a study without images)
+            procedure = Procedure(
+                key="",
+                display=charge.display,
+                code_system=charge.code_system,
+                code=charge.code,
+                modality=charge.modality,
+                body_part=charge.body_part,
+                laterality=charge.laterality,
+                contrast=bool(charge.contrast),
+            )
+            definition = _find(session, charge.kind, charge.occurred_on, procedure)
+            if definition is None:
+                continue
+            priced = _priced(definition, charge.conditions)
+            _change(
+                session,
+                charge,
+                {**priced, "status": BILLABLE, "review_reason": None},
+                actor,
+                f"priced by definition {definition.id}",
+            )
+            count += 1
+    return count
+
+
+def void_study(archive: Archive, study_uid: str, actor: str, reason: str = "study deleted") -> int:
+    """The study's open (planned or billable) charges become entered-in-error, each with a
+    charge event saying why. Returns how many."""
+    with archive.db.write_session() as session:
+        charges = session.scalars(
+            select(ChargeItem)
+            .where(
+                ChargeItem.study_instance_uid == study_uid,
+                ChargeItem.status.in_(OPEN_STATUSES),
+            )
+            .order_by(ChargeItem.id)
+            .with_for_update()
+        ).all()
+        for charge in charges:
+            _change(session, charge, {"status": ENTERED_IN_ERROR}, actor, reason)
+        return len(charges)
+
+
+# --- reading -------------------------------------------------------------------------------
+
+
+def list_charges(
+    archive: Archive,
+    *,
+    study: str | None = None,
+    patient: str | None = None,
+    status: str | None = None,
+) -> list[ChargeItem]:
+    query = select(ChargeItem)
+    if study:
+        query = query.where(ChargeItem.study_instance_uid == study)
+    if patient:
+        query = query.where(ChargeItem.patient_id == patient)
+    if status:
+        query = query.where(ChargeItem.status == status)
+    with archive.db.session() as session:
+        return list(session.scalars(query.order_by(ChargeItem.id)).all())
+
+
+def charge_events(archive: Archive, charge_id: int) -> list[ChargeEvent]:
+    with archive.db.session() as session:
+        return list(
+            session.scalars(
+                select(ChargeEvent)
+                .where(ChargeEvent.charge_fk == charge_id)
+                .order_by(ChargeEvent.version)
+            ).all()
+        )
+
+
+def charge_json(charge: ChargeItem) -> dict[str, Any]:
+    def money(value: Any) -> str | None:
+        return None if value is None else str(value)
+
+    return {
+        "id": charge.id,
+        "account": charge.account_fk,
+        "patient_id": charge.patient_id,
+        "issuer_of_patient_id": charge.issuer_of_patient_id,
+        "kind": charge.kind,
+        "status": charge.status,
+        "study": charge.study_instance_uid,
+        "service": {"kind": charge.service_kind, "uid": charge.service_uid},
+        "definition": charge.definition_fk,
+        "code_system": charge.code_system,
+        "code": charge.code,
+        "display": charge.display,
+        "performer": charge.performer,
+        "occurred_on": charge.occurred_on.isoformat(),
+        "conditions": charge.conditions,
+        "lines": charge.lines,
+        "net": money(charge.net),
+        "tax": money(charge.tax),
+        "total": money(charge.total),
+        "currency": charge.currency,
+        "review_reason": charge.review_reason,
+        "version": charge.version,
+    }
