@@ -552,7 +552,8 @@ def reprice_planned(archive: Archive, settings: Settings, actor: str = "reprice"
 
 def void_study(archive: Archive, study_uid: str, actor: str, reason: str = "study deleted") -> int:
     """The study's open (planned or billable) charges become entered-in-error, each with a
-    charge event saying why. Returns how many."""
+    charge event saying why. Returns how many. A ``billed`` charge (on an issued invoice) is
+    left as it is: it is corrected by a credit (``billing.invoices.credit_charge``)."""
     with archive.db.write_session() as session:
         charges = session.scalars(
             select(ChargeItem)

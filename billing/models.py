@@ -123,7 +123,9 @@ class ChargeItem(Base):
     ``professional`` (the reading of a study: a signed report).
 
     ``status``: ``planned`` (no price: waiting for review, ``review_reason`` says why),
-    ``billable`` (priced) or ``entered-in-error`` (voided: the study was deleted).
+    ``billable`` (priced), ``billed`` (on an issued invoice: never voided; corrected by a
+    credit charge, ``billing.invoices.credit_charge``) or ``entered-in-error`` (voided: the
+    study was deleted).
     ``idempotency_key`` (``technical|<study uid>|<procedure key>``,
     ``professional|<report root uid>``) is unique: capturing again never charges twice.
     ``version`` starts at 1 and grows with every change (``charge_event`` keeps each)."""
@@ -193,3 +195,87 @@ class ChargeEvent(Base):
     reason: Mapped[str | None] = mapped_column(Text)
     net: Mapped[Decimal | None] = mapped_column(Money)
     total: Mapped[Decimal | None] = mapped_column(Money)
+
+
+class Invoice(Base):
+    """An invoice of one account: ``draft`` → ``issued`` (immutable from then on) →
+    ``balanced`` (paid in full); ``cancelled`` (with a reason) or ``entered-in-error``.
+    ``version`` grows with every change (``invoice_event`` keeps each)."""
+
+    __tablename__ = "invoice"
+    __table_args__ = (Index(None, "status"), _NEVER_REUSE_IDS)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    account_fk: Mapped[int] = mapped_column(
+        ForeignKey("billing_account.id", ondelete="RESTRICT"), nullable=False, index=True
+    )
+    status: Mapped[str] = mapped_column(String(32), nullable=False)
+    currency: Mapped[str] = mapped_column(String(3), nullable=False)
+    net: Mapped[Decimal] = mapped_column(Money, nullable=False)
+    tax: Mapped[Decimal] = mapped_column(Money, nullable=False)
+    gross: Mapped[Decimal] = mapped_column(Money, nullable=False)
+    issued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    due_on: Mapped[date | None] = mapped_column(Date)
+    cancelled_reason: Mapped[str | None] = mapped_column(Text)
+    version: Mapped[int] = mapped_column(Integer, nullable=False, default=1)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+
+
+class InvoiceLine(Base):
+    """One charge on an invoice, with the charge's priced lines (``components``)."""
+
+    __tablename__ = "invoice_line"
+    __table_args__ = (UniqueConstraint("invoice_fk", "position"), _NEVER_REUSE_IDS)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    invoice_fk: Mapped[int] = mapped_column(
+        ForeignKey("invoice.id", ondelete="CASCADE"), nullable=False, index=True
+    )
+    position: Mapped[int] = mapped_column(Integer, nullable=False)
+    charge_fk: Mapped[int] = mapped_column(
+        ForeignKey("charge_item.id", ondelete="RESTRICT"), nullable=False, index=True
+    )
+    description: Mapped[str] = mapped_column(String(255), nullable=False, default="")
+    code: Mapped[str | None] = mapped_column(String(64))
+    net: Mapped[Decimal] = mapped_column(Money, nullable=False)
+    tax: Mapped[Decimal] = mapped_column(Money, nullable=False)
+    gross: Mapped[Decimal] = mapped_column(Money, nullable=False)
+    components: Mapped[list[dict[str, Any]]] = mapped_column(JSON, nullable=False)
+
+
+class Payment(Base):
+    """A payment against an invoice; a negative ``amount`` is a refund (``reason`` required)."""
+
+    __tablename__ = "payment"
+    __table_args__ = (_NEVER_REUSE_IDS,)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    invoice_fk: Mapped[int] = mapped_column(
+        ForeignKey("invoice.id", ondelete="RESTRICT"), nullable=False, index=True
+    )
+    amount: Mapped[Decimal] = mapped_column(Money, nullable=False)
+    reason: Mapped[str | None] = mapped_column(Text)
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    actor: Mapped[str] = mapped_column(String(64), nullable=False)
+    reference: Mapped[str | None] = mapped_column(String(255))
+
+
+class InvoiceEvent(Base):
+    """One state change of an invoice (its creation and every payment included): who, when,
+    why, and the gross and amount paid after it."""
+
+    __tablename__ = "invoice_event"
+    __table_args__ = (_NEVER_REUSE_IDS,)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    invoice_fk: Mapped[int] = mapped_column(
+        ForeignKey("invoice.id", ondelete="CASCADE"), nullable=False, index=True
+    )
+    version: Mapped[int] = mapped_column(Integer, nullable=False)
+    status: Mapped[str] = mapped_column(String(32), nullable=False)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    actor: Mapped[str] = mapped_column(String(64), nullable=False)
+    reason: Mapped[str | None] = mapped_column(Text)
+    gross: Mapped[Decimal] = mapped_column(Money, nullable=False)
+    paid: Mapped[Decimal] = mapped_column(Money, nullable=False)

@@ -299,6 +299,8 @@ class BillingSettings(BaseModel):
     turns it on and loads a price list (``pacsbridge billing prices load``)."""
     currency: str = "EUR"
     """The site's one currency (ISO 4217 alphabetic code): every price and charge is in it."""
+    payment_terms_days: int = Field(default=30, ge=0, le=3650)
+    """Days from an invoice's issue date to its due date (overdue after it)."""
 
     @field_validator("currency")
     @classmethod

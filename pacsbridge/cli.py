@@ -37,11 +37,13 @@ app.add_typer(jobs_app, name="jobs")
 ai_app = typer.Typer(help="AI models and their runs.", no_args_is_help=True)
 app.add_typer(ai_app, name="ai")
 billing_app = typer.Typer(
-    help="Billing: the price list and captured charges.", no_args_is_help=True
+    help="Billing: the price list, captured charges, invoices and payments.", no_args_is_help=True
 )
 app.add_typer(billing_app, name="billing")
 prices_app = typer.Typer(help="The price list (ChargeItemDefinitions).", no_args_is_help=True)
 billing_app.add_typer(prices_app, name="prices")
+invoice_app = typer.Typer(help="Invoices: create, issue, cancel, show.", no_args_is_help=True)
+billing_app.add_typer(invoice_app, name="invoice")
 
 console = Console(stderr=True)
 log = logging.getLogger("pacsbridge")
@@ -834,6 +836,168 @@ def billing_capture(
     if not rows:
         console.print(f"[yellow]no charge: no such study or no procedure in {study}[/yellow]")
         raise typer.Exit(1)
+
+
+def _billing_call(settings: Settings, call: Any) -> Any:
+    """Run ``call(archive)``; a ``BillingError`` prints its message and exits 1."""
+    from rich.markup import escape
+
+    from billing.invoices import BillingError
+
+    archive = _archive(settings)
+    try:
+        return call(archive)
+    except BillingError as exc:
+        console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+        raise typer.Exit(1) from exc
+    finally:
+        archive.close()
+
+
+def _print_invoice(row: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(row, indent=2))
+        return
+    due = f"  due {row['due_on']}" if row["due_on"] else ""
+    late = "  OVERDUE" if row["overdue"] else ""
+    print(
+        f"invoice {row['id']}  account {row['account']}  {row['status']}  "
+        f"net {row['net']}  tax {row['tax']}  gross {row['gross']} {row['currency']}  "
+        f"paid {row['paid']}  outstanding {row['outstanding']}{due}{late}"
+    )
+    for line in row["lines"]:
+        print(
+            f"  {line['position']:>3}  charge {line['charge']:<6} {line['code'] or '-':<12} "
+            f"{line['gross']:>12}  {line['description']}"
+        )
+    for payment in row["payments"]:
+        why = f"  ({payment['reason']})" if payment["reason"] else ""
+        print(f"  payment {payment['id']}  {payment['amount']:>12}  {payment['received_at']}{why}")
+
+
+@invoice_app.command("create")
+def billing_invoice_create(
+    account: Annotated[
+        int | None, typer.Option(help="Invoice the account's billable charges.")
+    ] = None,
+    charges: Annotated[
+        str | None, typer.Option(help="Invoice these charges (ids: 1,2,3) of one account.")
+    ] = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Create a draft invoice; prints its id."""
+    from billing.invoices import create_invoice
+    from billing.prices import os_user
+
+    if (account is None) == (charges is None):
+        console.print("[red]error:[/red] give --account or --charges (one of them)")
+        raise typer.Exit(1)
+    charge_ids = None
+    if charges is not None:
+        try:
+            charge_ids = [int(item) for item in charges.split(",") if item.strip()]
+        except ValueError as exc:
+            console.print(f"[red]error:[/red] --charges: not a list of ids: {charges}")
+            raise typer.Exit(1) from exc
+    settings = _settings(data_dir=data_dir)
+    invoice_id = _billing_call(
+        settings,
+        lambda archive: create_invoice(
+            archive, settings, account_id=account, charge_ids=charge_ids, actor=os_user()
+        ),
+    )
+    print(invoice_id)
+
+
+@invoice_app.command("issue")
+def billing_invoice_issue(
+    invoice_id: Annotated[int, typer.Argument(help="The draft invoice.")],
+    data_dir: DataDir = None,
+) -> None:
+    """Issue a draft invoice (immutable from then on; due after billing.payment_terms_days)."""
+    from billing.invoices import issue_invoice
+    from billing.prices import os_user
+
+    settings = _settings(data_dir=data_dir)
+    _billing_call(
+        settings, lambda archive: issue_invoice(archive, settings, invoice_id, actor=os_user())
+    )
+
+
+@invoice_app.command("cancel")
+def billing_invoice_cancel(
+    invoice_id: Annotated[int, typer.Argument(help="A draft, or an issued invoice unpaid.")],
+    reason: Annotated[str, typer.Option(help="Why (required).")],
+    data_dir: DataDir = None,
+) -> None:
+    """Cancel an invoice: its charges become billable again."""
+    from billing.invoices import cancel_invoice
+    from billing.prices import os_user
+
+    settings = _settings(data_dir=data_dir)
+    _billing_call(
+        settings,
+        lambda archive: cancel_invoice(archive, invoice_id, reason=reason, actor=os_user()),
+    )
+
+
+@invoice_app.command("show")
+def billing_invoice_show(
+    invoice_id: Annotated[int, typer.Argument(help="The invoice.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    data_dir: DataDir = None,
+) -> None:
+    """An invoice with its lines, payments and history."""
+    from billing.invoices import invoice_json
+
+    settings = _settings(data_dir=data_dir)
+    row = _billing_call(settings, lambda archive: invoice_json(archive, invoice_id))
+    _print_invoice(row, as_json)
+
+
+@billing_app.command("pay")
+def billing_pay(
+    invoice_id: Annotated[int, typer.Argument(help="The issued invoice.")],
+    amount: Annotated[str, typer.Argument(help="120.00; negative: a refund (--reason).")],
+    reason: Annotated[str | None, typer.Option(help="Why (required for a refund).")] = None,
+    reference: Annotated[str | None, typer.Option(help="The payment's reference.")] = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Record a payment (or a refund) against an invoice; prints the payment's id."""
+    from billing.invoices import record_payment
+    from billing.prices import os_user
+
+    settings = _settings(data_dir=data_dir)
+    payment_id = _billing_call(
+        settings,
+        lambda archive: record_payment(
+            archive, invoice_id, amount, actor=os_user(), reason=reason, reference=reference
+        ),
+    )
+    print(payment_id)
+
+
+@billing_app.command("balance")
+def billing_balance(
+    patient: Annotated[str | None, typer.Option(help="Patient ID.")] = None,
+    issuer: Annotated[str, typer.Option(help="Issuer of Patient ID.")] = "",
+    account: Annotated[int | None, typer.Option(help="Account id.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    data_dir: DataDir = None,
+) -> None:
+    """Billed, paid, outstanding and overdue of a patient or an account."""
+    from billing.invoices import balance
+
+    settings = _settings(data_dir=data_dir)
+    result = _billing_call(
+        settings,
+        lambda archive: balance(archive, account_id=account, patient_id=patient, issuer=issuer),
+    )
+    row = {name: str(value) for name, value in result._asdict().items()}
+    if as_json:
+        print(json.dumps(row, indent=2))
+    else:
+        print("  ".join(f"{name} {value}" for name, value in row.items()))
 
 
 def main() -> None:

@@ -1,0 +1,620 @@
+"""Invoices and payments: an invoice of one account's billable charges, issued (immutable from
+then on), paid (partial payments, refunds), cancelled; balances per account and per patient.
+
+**States**: ``draft`` → ``issued`` → ``balanced`` (paid in full; a refund reopens it to
+``issued``); ``draft`` or ``issued`` without payments → ``cancelled`` (a reason is required).
+A charge is on at most one live (not cancelled) invoice; issuing turns its charges ``billed``,
+cancelling turns them back ``billable``. An issued invoice never changes: a charge billed by
+mistake is corrected by :func:`credit_charge` — a new charge with negative amounts that goes on
+the next invoice.
+
+**Money**: ``Decimal`` only, cents (``NUMERIC(12,2)``). An invoice line is one charge: its net,
+tax (the charge's priced tax lines) and gross (its total) as priced by ``billing.prices`` (each
+priced line rounded on its own, ``ROUND_HALF_EVEN``); the invoice's totals are the sums of its
+lines, so nothing is rounded again.
+
+**Concurrency**: every function is one transaction. Payments and status changes lock the
+invoice row (``SELECT … FOR UPDATE`` on PostgreSQL) before reading what was paid, so two
+processes paying the outstanding amount at once never overpay: the second waits, then sees the
+first payment. Invoicing locks the charges' rows the same way. SQLite writes are serialised by
+the archive's write session.
+
+**Audit**: every change writes an ``invoice_event`` (version, status, who, when, why, gross and
+amount paid after it) and every change of a charge a ``charge_event``, in the transaction of the
+change; :func:`recompute_from_history` recomputes an invoice's totals from its lines, payments
+and events.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal, InvalidOperation
+from typing import Any, NamedTuple
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from archive import Archive
+from billing.capture import BILLABLE, _change, _event
+from billing.models import (
+    BillingAccount,
+    ChargeItem,
+    Invoice,
+    InvoiceEvent,
+    InvoiceLine,
+    Payment,
+)
+from config import Settings
+
+DRAFT = "draft"
+ISSUED = "issued"
+BALANCED = "balanced"
+CANCELLED = "cancelled"
+ENTERED_IN_ERROR = "entered-in-error"
+#: Invoices a charge may be on (at most one of them).
+LIVE_STATUSES = (DRAFT, ISSUED, BALANCED)
+#: The charge status of a charge on an issued invoice.
+BILLED = "billed"
+ZERO = Decimal("0.00")
+
+
+class BillingError(ValueError):
+    """A billing operation refused (the message says why)."""
+
+
+class Balance(NamedTuple):
+    billed: Decimal
+    """The gross of the issued and balanced invoices."""
+    paid: Decimal
+    outstanding: Decimal
+    overdue: Decimal
+    """The outstanding amount of the invoices past their due date."""
+
+
+class Recomputed(NamedTuple):
+    net: Decimal
+    tax: Decimal
+    gross: Decimal
+    """Sums of the invoice's lines."""
+    paid: Decimal
+    """Sum of its payments (refunds negative)."""
+    status: str
+    version: int
+    """Of its last event."""
+
+
+def money(value: Decimal | str | int) -> Decimal:
+    """An amount in cents: a ``Decimal`` (or its string) with at most 2 decimals."""
+    if isinstance(value, float):
+        raise BillingError(f"amount {value!r}: a float, not a decimal amount")
+    try:
+        amount = Decimal(str(value).strip())
+    except InvalidOperation as exc:
+        raise BillingError(f"amount {value!r}: not a decimal amount") from exc
+    if not amount.is_finite():
+        raise BillingError(f"amount {value!r}: not a decimal amount")
+    exponent = amount.as_tuple().exponent
+    if isinstance(exponent, int) and exponent < -2:
+        raise BillingError(f"amount {value!r}: more than 2 decimals")
+    return amount.quantize(Decimal("0.01"))
+
+
+def _lock(session: Session, invoice_id: int) -> Invoice:
+    invoice = session.scalars(
+        select(Invoice).where(Invoice.id == invoice_id).with_for_update()
+    ).first()
+    if invoice is None:
+        raise BillingError(f"no invoice {invoice_id}")
+    return invoice
+
+
+def _paid(session: Session, invoice_id: int) -> Decimal:
+    total = session.scalar(
+        select(func.coalesce(func.sum(Payment.amount), 0)).where(Payment.invoice_fk == invoice_id)
+    )
+    return Decimal(total or 0).quantize(Decimal("0.01"))
+
+
+def _invoice_event(
+    session: Session, invoice: Invoice, paid: Decimal, actor: str, reason: str | None
+) -> None:
+    session.add(
+        InvoiceEvent(
+            invoice_fk=invoice.id,
+            version=invoice.version,
+            status=invoice.status,
+            at=datetime.now(UTC),
+            actor=actor[:64],
+            reason=reason,
+            gross=invoice.gross,
+            paid=paid,
+        )
+    )
+
+
+def _bump(session: Session, invoice: Invoice, status: str, actor: str, reason: str | None) -> None:
+    invoice.status = status
+    invoice.version += 1
+    invoice.updated_at = datetime.now(UTC)
+    session.flush()
+    _invoice_event(session, invoice, _paid(session, invoice.id), actor, reason)
+
+
+def _invoiced(session: Session, charge_ids: Iterable[int]) -> dict[int, int]:
+    """Charge id → the live invoice it is on."""
+    rows = session.execute(
+        select(InvoiceLine.charge_fk, InvoiceLine.invoice_fk)
+        .join(Invoice, Invoice.id == InvoiceLine.invoice_fk)
+        .where(InvoiceLine.charge_fk.in_(list(charge_ids)), Invoice.status.in_(LIVE_STATUSES))
+    ).all()
+    return {int(charge): int(invoice) for charge, invoice in rows}
+
+
+def _checked_charges(session: Session, charges: list[ChargeItem]) -> None:
+    """Refuse charges that are not billable or already on a live invoice, naming them all."""
+    problems = [f"charge {c.id} is {c.status}" for c in charges if c.status != BILLABLE]
+    on = _invoiced(session, [c.id for c in charges])
+    problems += [f"charge {charge} is on invoice {invoice}" for charge, invoice in on.items()]
+    if problems:
+        raise BillingError("not billable: " + "; ".join(sorted(problems)))
+
+
+def _add_lines(session: Session, invoice: Invoice, charges: list[ChargeItem]) -> None:
+    position = int(
+        session.scalar(
+            select(func.coalesce(func.max(InvoiceLine.position), 0)).where(
+                InvoiceLine.invoice_fk == invoice.id
+            )
+        )
+        or 0
+    )
+    for charge in charges:
+        if charge.net is None or charge.tax is None or charge.total is None:
+            raise BillingError(f"charge {charge.id} has no price")
+        if charge.account_fk != invoice.account_fk:
+            raise BillingError(
+                f"charge {charge.id} is of account {charge.account_fk}, "
+                f"the invoice's is {invoice.account_fk}"
+            )
+        position += 1
+        session.add(
+            InvoiceLine(
+                invoice_fk=invoice.id,
+                position=position,
+                charge_fk=charge.id,
+                description=charge.display[:255],
+                code=charge.code,
+                net=charge.net,
+                tax=charge.tax,
+                gross=charge.total,
+                components=list(charge.lines),
+            )
+        )
+        invoice.net += charge.net
+        invoice.tax += charge.tax
+        invoice.gross += charge.total
+
+
+def _locked_charges(session: Session, charge_ids: list[int]) -> list[ChargeItem]:
+    charges = list(
+        session.scalars(
+            select(ChargeItem)
+            .where(ChargeItem.id.in_(charge_ids))
+            .order_by(ChargeItem.id)
+            .with_for_update()
+        ).all()
+    )
+    missing = sorted(set(charge_ids) - {c.id for c in charges})
+    if missing:
+        raise BillingError("no such charge: " + ", ".join(map(str, missing)))
+    return charges
+
+
+def create_invoice(
+    archive: Archive,
+    settings: Settings,
+    *,
+    account_id: int | None = None,
+    charge_ids: list[int] | None = None,
+    actor: str,
+) -> int:
+    """A draft invoice of the billable charges of an account not yet on a live invoice, or of
+    an explicit list of billable charges of one account. Returns its id."""
+    if (account_id is None) == (charge_ids is None):
+        raise BillingError("give an account or a list of charges (one of them)")
+    with archive.db.write_session() as session:
+        if charge_ids is not None:
+            if not charge_ids:
+                raise BillingError("no charges given")
+            charges = _locked_charges(session, sorted(set(charge_ids)))
+            accounts = {c.account_fk for c in charges}
+            if len(accounts) > 1:
+                raise BillingError(
+                    "charges of more than one account: " + ", ".join(map(str, sorted(accounts)))
+                )
+            (account,) = accounts
+        else:
+            assert account_id is not None
+            if session.get(BillingAccount, account_id) is None:
+                raise BillingError(f"no account {account_id}")
+            account = account_id
+            candidates = session.scalars(
+                select(ChargeItem.id).where(
+                    ChargeItem.account_fk == account_id, ChargeItem.status == BILLABLE
+                )
+            ).all()
+            locked = _locked_charges(session, list(candidates))
+            on = _invoiced(session, [c.id for c in locked])
+            charges = [c for c in locked if c.id not in on and c.status == BILLABLE]
+            if not charges:
+                raise BillingError(f"account {account_id} has no billable charge to invoice")
+        _checked_charges(session, charges)
+        now = datetime.now(UTC)
+        invoice = Invoice(
+            account_fk=account,
+            status=DRAFT,
+            currency=settings.billing.currency,
+            net=ZERO,
+            tax=ZERO,
+            gross=ZERO,
+            version=1,
+            created_at=now,
+            updated_at=now,
+        )
+        session.add(invoice)
+        session.flush()
+        currencies = {c.currency for c in charges} - {invoice.currency}
+        if currencies:
+            raise BillingError(f"charges in another currency: {', '.join(sorted(currencies))}")
+        _add_lines(session, invoice, charges)
+        if invoice.gross < 0:
+            raise BillingError(
+                f"the invoice's gross would be negative ({invoice.gross}): credits exceed charges"
+            )
+        session.flush()
+        _invoice_event(session, invoice, ZERO, actor, f"created with {len(charges)} charges")
+        return int(invoice.id)
+
+
+def add_charges(archive: Archive, invoice_id: int, charge_ids: list[int], *, actor: str) -> None:
+    """Add billable charges to a draft invoice (an issued invoice is immutable)."""
+    with archive.db.write_session() as session:
+        invoice = _lock(session, invoice_id)
+        if invoice.status != DRAFT:
+            raise BillingError(f"invoice {invoice_id} is {invoice.status}: only a draft changes")
+        charges = _locked_charges(session, sorted(set(charge_ids)))
+        _checked_charges(session, charges)
+        _add_lines(session, invoice, charges)
+        _bump(session, invoice, DRAFT, actor, f"added charges {', '.join(map(str, charge_ids))}")
+
+
+def issue_invoice(
+    archive: Archive,
+    settings: Settings,
+    invoice_id: int,
+    *,
+    actor: str,
+    now: datetime | None = None,
+) -> None:
+    """draft → issued: its charges become ``billed``; due on the issue date plus
+    ``billing.payment_terms_days``. Immutable from then on."""
+    now = now or datetime.now(UTC)
+    with archive.db.write_session() as session:
+        invoice = _lock(session, invoice_id)
+        if invoice.status != DRAFT:
+            raise BillingError(f"invoice {invoice_id} is {invoice.status}: only a draft is issued")
+        lines = _lines(session, invoice_id)
+        if not lines:
+            raise BillingError(f"invoice {invoice_id} has no lines")
+        charges = _locked_charges(session, [line.charge_fk for line in lines])
+        bad = [f"charge {c.id} is {c.status}" for c in charges if c.status != BILLABLE]
+        if bad:
+            raise BillingError(f"cannot issue invoice {invoice_id}: " + "; ".join(bad))
+        for charge in charges:
+            _change(session, charge, {"status": BILLED}, actor, f"billed on invoice {invoice_id}")
+        invoice.issued_at = now
+        invoice.due_on = now.date() + timedelta(days=settings.billing.payment_terms_days)
+        _bump(session, invoice, ISSUED, actor, "issued")
+
+
+def cancel_invoice(archive: Archive, invoice_id: int, *, reason: str, actor: str) -> None:
+    """A draft, or an issued invoice without payments, becomes cancelled; its charges are
+    billable again (they may go on another invoice)."""
+    if not reason or not reason.strip():
+        raise BillingError("a reason is required to cancel an invoice")
+    with archive.db.write_session() as session:
+        invoice = _lock(session, invoice_id)
+        if invoice.status not in (DRAFT, ISSUED):
+            raise BillingError(f"invoice {invoice_id} is {invoice.status}: it cannot be cancelled")
+        payments = session.scalar(
+            select(func.count()).select_from(Payment).where(Payment.invoice_fk == invoice_id)
+        )
+        if payments:
+            raise BillingError(
+                f"invoice {invoice_id} has payments: refund them first, or credit its charges"
+            )
+        lines = _lines(session, invoice_id)
+        for charge in _locked_charges(session, [line.charge_fk for line in lines]):
+            if charge.status == BILLED:
+                _change(
+                    session,
+                    charge,
+                    {"status": BILLABLE},
+                    actor,
+                    f"invoice {invoice_id} cancelled: {reason}",
+                )
+        invoice.cancelled_reason = reason
+        _bump(session, invoice, CANCELLED, actor, reason)
+
+
+def record_payment(
+    archive: Archive,
+    invoice_id: int,
+    amount: Decimal | str,
+    *,
+    actor: str,
+    reason: str | None = None,
+    reference: str | None = None,
+    received_at: datetime | None = None,
+) -> int:
+    """A payment (positive, up to the outstanding amount) or a refund (negative, a reason
+    required, up to what was paid) on an issued or balanced invoice. The invoice becomes
+    ``balanced`` when paid in full and ``issued`` again when a refund reopens it. Returns
+    the payment's id."""
+    value = money(amount)
+    if value == 0:
+        raise BillingError("a payment of 0.00 records nothing")
+    if value < 0 and not (reason and reason.strip()):
+        raise BillingError("a refund (a negative payment) requires a reason")
+    with archive.db.write_session() as session:
+        invoice = _lock(session, invoice_id)
+        if invoice.status not in (ISSUED, BALANCED):
+            raise BillingError(
+                f"invoice {invoice_id} is {invoice.status}: payments go on issued invoices"
+            )
+        paid = _paid(session, invoice_id)
+        outstanding = invoice.gross - paid
+        if value > 0 and value > outstanding:
+            raise BillingError(f"overpayment: outstanding is {outstanding}, payment {value}")
+        if value < 0 and -value > paid:
+            raise BillingError(f"refund beyond what was paid: paid is {paid}, refund {-value}")
+        payment = Payment(
+            invoice_fk=invoice_id,
+            amount=value,
+            reason=reason,
+            received_at=received_at or datetime.now(UTC),
+            actor=actor[:64],
+            reference=reference,
+        )
+        session.add(payment)
+        session.flush()
+        status = BALANCED if paid + value == invoice.gross else ISSUED
+        what = f"payment {payment.id} of {value}" if value > 0 else f"refund {payment.id}"
+        _bump(session, invoice, status, actor, f"{what}: {reason}" if reason else what)
+        return int(payment.id)
+
+
+def credit_charge(archive: Archive, charge_id: int, *, reason: str, actor: str) -> int:
+    """Correct a charge billed on an issued invoice without changing the invoice: a new
+    billable charge (same kind and service, the amounts negated, key ``credit|<charge id>``)
+    that goes on the next invoice. Returns its id."""
+    if not reason or not reason.strip():
+        raise BillingError("a reason is required to credit a charge")
+    with archive.db.write_session() as session:
+        (charge,) = _locked_charges(session, [charge_id])
+        if charge.status != BILLED:
+            raise BillingError(
+                f"charge {charge_id} is {charge.status}: only a billed charge is credited"
+                " (a charge not yet issued is taken off its draft or voided)"
+            )
+        if charge.idempotency_key.startswith("credit|"):
+            raise BillingError(f"charge {charge_id} is a credit itself")
+        key = f"credit|{charge_id}"
+        if session.scalar(select(ChargeItem.id).where(ChargeItem.idempotency_key == key)):
+            raise BillingError(f"charge {charge_id} is credited already")
+        assert charge.net is not None and charge.tax is not None and charge.total is not None
+        now = datetime.now(UTC)
+        credit = ChargeItem(
+            account_fk=charge.account_fk,
+            patient_id=charge.patient_id,
+            issuer_of_patient_id=charge.issuer_of_patient_id,
+            kind=charge.kind,
+            status=BILLABLE,
+            idempotency_key=key,
+            study_instance_uid=charge.study_instance_uid,
+            service_kind=charge.service_kind,
+            service_uid=charge.service_uid,
+            definition_fk=charge.definition_fk,
+            code_system=charge.code_system,
+            code=charge.code,
+            display=f"credit: {charge.display}"[:255],
+            modality=charge.modality,
+            body_part=charge.body_part,
+            laterality=charge.laterality,
+            contrast=charge.contrast,
+            performer=charge.performer,
+            occurred_on=charge.occurred_on,
+            conditions=list(charge.conditions),
+            lines=[{**line, "amount": str(-Decimal(line["amount"]))} for line in charge.lines],
+            net=-charge.net,
+            tax=-charge.tax,
+            total=-charge.total,
+            currency=charge.currency,
+            review_reason=reason,
+            version=1,
+            created_at=now,
+            updated_at=now,
+        )
+        session.add(credit)
+        session.flush()
+        _event(
+            session,
+            credit.id,
+            {"version": 1, "status": BILLABLE, "net": credit.net, "total": credit.total},
+            actor,
+            f"credit of charge {charge_id}: {reason}",
+        )
+        _change(session, charge, {}, actor, f"credited by charge {credit.id}: {reason}")
+        return int(credit.id)
+
+
+# --- reading -------------------------------------------------------------------------------
+
+
+def _lines(session: Session, invoice_id: int) -> list[InvoiceLine]:
+    return list(
+        session.scalars(
+            select(InvoiceLine)
+            .where(InvoiceLine.invoice_fk == invoice_id)
+            .order_by(InvoiceLine.position)
+        ).all()
+    )
+
+
+def balance(
+    archive: Archive,
+    *,
+    account_id: int | None = None,
+    patient_id: str | None = None,
+    issuer: str = "",
+    today: date | None = None,
+) -> Balance:
+    """Billed, paid, outstanding and overdue (past the due date on ``today``) of an account
+    or of a patient (Patient ID + issuer)."""
+    if (account_id is None) == (patient_id is None):
+        raise BillingError("give an account or a patient (one of them)")
+    today = today or datetime.now(UTC).date()
+    with archive.db.session() as session:
+        if account_id is not None:
+            accounts = [account_id]
+        else:
+            accounts = list(
+                session.scalars(
+                    select(BillingAccount.id).where(
+                        BillingAccount.patient_id == patient_id,
+                        BillingAccount.issuer_of_patient_id == issuer,
+                    )
+                ).all()
+            )
+        invoices = session.scalars(
+            select(Invoice).where(
+                Invoice.account_fk.in_(accounts), Invoice.status.in_((ISSUED, BALANCED))
+            )
+        ).all()
+        billed = paid = overdue = ZERO
+        for invoice in invoices:
+            on = _paid(session, invoice.id)
+            billed += invoice.gross
+            paid += on
+            if invoice.due_on is not None and invoice.due_on < today:
+                overdue += invoice.gross - on
+        return Balance(billed, paid, billed - paid, overdue)
+
+
+def recompute_from_history(archive: Archive, invoice_id: int) -> Recomputed:
+    """The invoice's totals from its lines and payments, its status and version from its last
+    event; refuses (``BillingError``) a history whose events disagree with them."""
+    with archive.db.session() as session:
+        lines = _lines(session, invoice_id)
+        payments = session.scalars(select(Payment).where(Payment.invoice_fk == invoice_id)).all()
+        events = session.scalars(
+            select(InvoiceEvent)
+            .where(InvoiceEvent.invoice_fk == invoice_id)
+            .order_by(InvoiceEvent.version)
+        ).all()
+    if not events:
+        raise BillingError(f"invoice {invoice_id} has no history")
+    if [e.version for e in events] != list(range(1, len(events) + 1)):
+        raise BillingError(f"invoice {invoice_id}: its event versions have gaps")
+    net = sum((line.net for line in lines), ZERO)
+    tax = sum((line.tax for line in lines), ZERO)
+    gross = sum((line.gross for line in lines), ZERO)
+    paid = sum((p.amount for p in payments), ZERO)
+    for line in lines:
+        if line.net + line.tax != line.gross:
+            raise BillingError(f"invoice {invoice_id} line {line.position}: net + tax != gross")
+        priced = sum((Decimal(c["amount"]) for c in line.components), ZERO)
+        if priced != line.gross:
+            raise BillingError(f"invoice {invoice_id} line {line.position}: components disagree")
+    last = events[-1]
+    if (last.gross, last.paid) != (gross, paid):
+        raise BillingError(
+            f"invoice {invoice_id}: last event says gross {last.gross} paid {last.paid}, "
+            f"lines and payments say {gross} and {paid}"
+        )
+    return Recomputed(net, tax, gross, paid, last.status, last.version)
+
+
+def invoice_json(archive: Archive, invoice_id: int, today: date | None = None) -> dict[str, Any]:
+    today = today or datetime.now(UTC).date()
+    with archive.db.session() as session:
+        invoice = session.get(Invoice, invoice_id)
+        if invoice is None:
+            raise BillingError(f"no invoice {invoice_id}")
+        lines = _lines(session, invoice_id)
+        payments = session.scalars(
+            select(Payment).where(Payment.invoice_fk == invoice_id).order_by(Payment.id)
+        ).all()
+        events = session.scalars(
+            select(InvoiceEvent)
+            .where(InvoiceEvent.invoice_fk == invoice_id)
+            .order_by(InvoiceEvent.version)
+        ).all()
+        paid = sum((p.amount for p in payments), ZERO)
+        live = invoice.status in (ISSUED, BALANCED)
+        outstanding = invoice.gross - paid if live else ZERO
+        return {
+            "id": invoice.id,
+            "account": invoice.account_fk,
+            "status": invoice.status,
+            "currency": invoice.currency,
+            "net": str(invoice.net),
+            "tax": str(invoice.tax),
+            "gross": str(invoice.gross),
+            "paid": str(paid),
+            "outstanding": str(outstanding),
+            "overdue": bool(
+                live and outstanding > 0 and invoice.due_on is not None and invoice.due_on < today
+            ),
+            "issued_at": invoice.issued_at.isoformat() if invoice.issued_at else None,
+            "due_on": invoice.due_on.isoformat() if invoice.due_on else None,
+            "cancelled_reason": invoice.cancelled_reason,
+            "version": invoice.version,
+            "lines": [
+                {
+                    "position": line.position,
+                    "charge": line.charge_fk,
+                    "code": line.code,
+                    "description": line.description,
+                    "net": str(line.net),
+                    "tax": str(line.tax),
+                    "gross": str(line.gross),
+                    "components": line.components,
+                }
+                for line in lines
+            ],
+            "payments": [
+                {
+                    "id": p.id,
+                    "amount": str(p.amount),
+                    "reason": p.reason,
+                    "reference": p.reference,
+                    "received_at": p.received_at.isoformat(),
+                    "actor": p.actor,
+                }
+                for p in payments
+            ],
+            "events": [
+                {
+                    "version": e.version,
+                    "status": e.status,
+                    "at": e.at.isoformat(),
+                    "actor": e.actor,
+                    "reason": e.reason,
+                    "gross": str(e.gross),
+                    "paid": str(e.paid),
+                }
+                for e in events
+            ],
+        }
