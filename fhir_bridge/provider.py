@@ -3,6 +3,7 @@ share: one SQL query for the page, one for the total, one per ``_include`` (DESI
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -40,7 +41,7 @@ class Page:
     """Whether matches follow this page."""
 
 
-class Provider:
+class Provider(ABC):
     """A resource type: its search parameters, sorts, includes and interactions."""
 
     type: str = ""
@@ -61,22 +62,25 @@ class Provider:
 
     # --- to be provided --------------------------------------------------------------------
     def id_column(self) -> Any:
-        raise NotImplementedError
+        """The row id the searches order and page by (searchable types only)."""
+        raise FHIRError(405, f"{self.type} cannot be searched")
 
     def base_select(self) -> Select[Any]:
-        """``SELECT <row id>`` from the tables the conditions and sorts use."""
-        raise NotImplementedError
+        """``SELECT <row id>`` from the tables the conditions and sorts use (searchable types
+        only)."""
+        raise FHIRError(405, f"{self.type} cannot be searched")
 
+    @abstractmethod
     def load(self, ctx: Context, session: Session, row_ids: Sequence[Any]) -> list[dict[str, Any]]:
         """The resources of ``row_ids``, in that order."""
-        raise NotImplementedError
 
+    @abstractmethod
     def read(self, ctx: Context, session: Session, resource_id: str) -> dict[str, Any]:
-        raise NotImplementedError
+        """The current version of one resource (404 / 410 when there is none)."""
 
+    @abstractmethod
     def row_ids_for(self, session: Session, resource_ids: Sequence[str]) -> list[Any]:
         """Row ids of resources named by their logical ids (for ``_include``)."""
-        raise NotImplementedError
 
     def vread(
         self, ctx: Context, session: Session, resource_id: str, version: str
