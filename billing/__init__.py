@@ -1,5 +1,6 @@
-"""Billing: the price list (ChargeItemDefinitions) so far.
+"""Billing: the price list (``prices``), charge capture from studies and signed reports
+(``capture``), manual charges and adjustments (``manual``), accounts (``accounts``), invoices
+and payments (``invoices``, ``reconciliation``).
 
-Charge capture, accounts, invoices and payments are not built yet. Money is ``Decimal``
-everywhere; this package knows no FHIR (``fhir_bridge`` maps its records).
+Money is ``Decimal`` everywhere; this package knows no FHIR (``fhir_bridge`` maps its records).
 """

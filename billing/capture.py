@@ -245,10 +245,22 @@ def _account(session: Session, patient: Patient) -> int:
     ).scalar_one()
 
 
-def _priced(definition: ChargeItemDefinition | None, conditions: Iterable[str]) -> dict[str, Any]:
+def _priced(
+    definition: ChargeItemDefinition | None,
+    conditions: Iterable[str],
+    settings: Settings | None = None,
+) -> dict[str, Any]:
+    """A charge's price columns; the site's tax rate (``billing.tax_percent``) taxes a
+    definition without a tax component of its own."""
     if definition is None:
         return {"definition_fk": None, "lines": [], "net": None, "tax": None, "total": None}
-    priced = price(definition, conditions)
+    billing = settings.billing if settings is not None else None
+    priced = price(
+        definition,
+        conditions,
+        site_tax_percent=billing.tax_percent if billing is not None else None,
+        site_tax_code=billing.tax_code if billing is not None else "VAT",
+    )
     return {
         "definition_fk": definition.id,
         "lines": [
@@ -307,7 +319,7 @@ def _capture(
                 {
                     **base,
                     "currency": settings.billing.currency,
-                    **_priced(definition, base["conditions"]),
+                    **_priced(definition, base["conditions"], settings),
                     "status": BILLABLE if definition is not None else PLANNED,
                     "review_reason": None if definition is not None else missing,
                 },
@@ -320,7 +332,7 @@ def _capture(
         **base,
         "idempotency_key": key,
         "currency": settings.billing.currency,
-        **_priced(definition, base["conditions"]),
+        **_priced(definition, base["conditions"], settings),
         "status": BILLABLE if definition is not None else PLANNED,
         "review_reason": None if definition is not None else missing,
         "version": 1,
@@ -512,8 +524,8 @@ def _change(
 
 def reprice_planned(archive: Archive, settings: Settings, actor: str = "reprice") -> int:
     """Price every planned charge again with the definitions now in force on its day; those
-    that find one become billable. Returns how many did."""
-    del settings  # the currency comes with the definition
+    that find one become billable (taxed at ``billing.tax_percent`` where the definition has
+    no tax of its own; the currency comes with the definition). Returns how many did."""
     count = 0
     with archive.db.write_session() as session:
         planned = session.scalars(
@@ -538,7 +550,7 @@ def reprice_planned(archive: Archive, settings: Settings, actor: str = "reprice"
             definition = _find(session, charge.kind, charge.occurred_on, procedure)
             if definition is None:
                 continue
-            priced = _priced(definition, charge.conditions)
+            priced = _priced(definition, charge.conditions, settings)
             _change(
                 session,
                 charge,

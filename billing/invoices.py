@@ -2,11 +2,12 @@
 then on), paid (partial payments, refunds), cancelled; balances per account and per patient.
 
 **States**: ``draft`` → ``issued`` → ``balanced`` (paid in full; a refund reopens it to
-``issued``); ``draft`` or ``issued`` without payments → ``cancelled`` (a reason is required).
-A charge is on at most one live (not cancelled) invoice; issuing turns its charges ``billed``,
-cancelling turns them back ``billable``. An issued invoice never changes: a charge billed by
-mistake is corrected by :func:`credit_charge` — a new charge with negative amounts that goes on
-the next invoice.
+``issued``); ``draft`` or ``issued`` without payments → ``cancelled``, or ``entered-in-error``
+when it was made by mistake (:func:`void_invoice`; a reason is required for either). A charge
+is on at most one live (not cancelled nor entered-in-error) invoice; issuing turns its charges
+``billed``, cancelling or voiding turns them back ``billable``. An issued invoice never
+changes: a charge billed by mistake is corrected by :func:`credit_charge` — a new charge with
+negative amounts that goes on the next invoice.
 
 **Money**: ``Decimal`` only, cents (``NUMERIC(12,2)``). An invoice line is one charge: its net,
 tax (the charge's priced tax lines) and gross (its total) as priced by ``billing.prices`` (each
@@ -27,12 +28,12 @@ and events.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any, NamedTuple
 
-from sqlalchemy import func, select
+from sqlalchemy import func, insert, literal, select
 from sqlalchemy.orm import Session
 
 from archive import Archive
@@ -44,6 +45,7 @@ from billing.models import (
     InvoiceEvent,
     InvoiceLine,
     Payment,
+    PaymentReconciliation,
 )
 from config import Settings
 
@@ -151,7 +153,7 @@ def _invoiced(session: Session, charge_ids: Iterable[int]) -> dict[int, int]:
     return {int(charge): int(invoice) for charge, invoice in rows}
 
 
-def _checked_charges(session: Session, charges: list[ChargeItem]) -> None:
+def _checked_charges(session: Session, charges: Sequence[Any]) -> None:
     """Refuse charges that are not billable or already on a live invoice, naming them all."""
     problems = [f"charge {c.id} is {c.status}" for c in charges if c.status != BILLABLE]
     on = _invoiced(session, [c.id for c in charges])
@@ -160,7 +162,10 @@ def _checked_charges(session: Session, charges: list[ChargeItem]) -> None:
         raise BillingError("not billable: " + "; ".join(sorted(problems)))
 
 
-def _add_lines(session: Session, invoice: Invoice, charges: list[ChargeItem]) -> None:
+def _add_lines(session: Session, invoice: Invoice, charges: Sequence[Any]) -> None:
+    """One line per charge (ORM objects or rows of :func:`_charge_rows`, checked billable and
+    locked), copied from the charges by one ``INSERT … SELECT`` in id order; the invoice's
+    totals grow by their sums."""
     position = int(
         session.scalar(
             select(func.coalesce(func.max(InvoiceLine.position), 0)).where(
@@ -169,6 +174,7 @@ def _add_lines(session: Session, invoice: Invoice, charges: list[ChargeItem]) ->
         )
         or 0
     )
+    net = tax = gross = ZERO
     for charge in charges:
         if charge.net is None or charge.tax is None or charge.total is None:
             raise BillingError(f"charge {charge.id} has no price")
@@ -177,23 +183,57 @@ def _add_lines(session: Session, invoice: Invoice, charges: list[ChargeItem]) ->
                 f"charge {charge.id} is of account {charge.account_fk}, "
                 f"the invoice's is {invoice.account_fk}"
             )
-        position += 1
-        session.add(
-            InvoiceLine(
-                invoice_fk=invoice.id,
-                position=position,
-                charge_fk=charge.id,
-                description=charge.display[:255],
-                code=charge.code,
-                net=charge.net,
-                tax=charge.tax,
-                gross=charge.total,
-                components=list(charge.lines),
+        net += charge.net
+        tax += charge.tax
+        gross += charge.total
+    if charges:
+        copied = select(
+            literal(invoice.id),
+            func.row_number().over(order_by=ChargeItem.id) + position,
+            ChargeItem.id,
+            func.substr(ChargeItem.display, 1, 255),
+            ChargeItem.code,
+            ChargeItem.net,
+            ChargeItem.tax,
+            ChargeItem.total,
+            ChargeItem.lines,
+        ).where(ChargeItem.id.in_([c.id for c in charges]))
+        columns = [
+            "invoice_fk",
+            "position",
+            "charge_fk",
+            "description",
+            "code",
+            "net",
+            "tax",
+            "gross",
+            "components",
+        ]
+        session.execute(insert(InvoiceLine).from_select(columns, copied))
+    invoice.net += net
+    invoice.tax += tax
+    invoice.gross += gross
+
+
+def _charge_rows(session: Session, where: Any) -> list[Any]:
+    """The charges invoicing reads, as rows (not ORM objects: an invoice may have hundreds of
+    lines), locked (``FOR UPDATE`` on PostgreSQL) in id order."""
+    return list(
+        session.execute(
+            select(
+                ChargeItem.id,
+                ChargeItem.account_fk,
+                ChargeItem.status,
+                ChargeItem.net,
+                ChargeItem.tax,
+                ChargeItem.total,
+                ChargeItem.currency,
             )
-        )
-        invoice.net += charge.net
-        invoice.tax += charge.tax
-        invoice.gross += charge.total
+            .where(where)
+            .order_by(ChargeItem.id)
+            .with_for_update()
+        ).all()
+    )
 
 
 def _locked_charges(session: Session, charge_ids: list[int]) -> list[ChargeItem]:
@@ -227,7 +267,12 @@ def create_invoice(
         if charge_ids is not None:
             if not charge_ids:
                 raise BillingError("no charges given")
-            charges = _locked_charges(session, sorted(set(charge_ids)))
+            wanted = sorted(set(charge_ids))
+            charges = _charge_rows(session, ChargeItem.id.in_(wanted))
+            missing = sorted(set(wanted) - {c.id for c in charges})
+            if missing:
+                raise BillingError("no such charge: " + ", ".join(map(str, missing)))
+            _checked_charges(session, charges)
             accounts = {c.account_fk for c in charges}
             if len(accounts) > 1:
                 raise BillingError(
@@ -239,17 +284,16 @@ def create_invoice(
             if session.get(BillingAccount, account_id) is None:
                 raise BillingError(f"no account {account_id}")
             account = account_id
-            candidates = session.scalars(
-                select(ChargeItem.id).where(
-                    ChargeItem.account_fk == account_id, ChargeItem.status == BILLABLE
-                )
-            ).all()
-            locked = _locked_charges(session, list(candidates))
+            locked = _charge_rows(
+                session, (ChargeItem.account_fk == account_id) & (ChargeItem.status == BILLABLE)
+            )
             on = _invoiced(session, [c.id for c in locked])
-            charges = [c for c in locked if c.id not in on and c.status == BILLABLE]
+            charges = [c for c in locked if c.id not in on]
             if not charges:
                 raise BillingError(f"account {account_id} has no billable charge to invoice")
-        _checked_charges(session, charges)
+        holder = session.get(BillingAccount, account)
+        if holder is not None and holder.status != "active":
+            raise BillingError(f"account {account} is {holder.status}: it takes no new invoice")
         now = datetime.now(UTC)
         invoice = Invoice(
             account_fk=account,
@@ -321,12 +365,32 @@ def issue_invoice(
 def cancel_invoice(archive: Archive, invoice_id: int, *, reason: str, actor: str) -> None:
     """A draft, or an issued invoice without payments, becomes cancelled; its charges are
     billable again (they may go on another invoice)."""
+    _withdraw(archive, invoice_id, CANCELLED, reason=reason, actor=actor)
+
+
+def void_invoice(archive: Archive, invoice_id: int, *, reason: str, actor: str) -> None:
+    """A draft, or an issued invoice without payments, made by mistake becomes
+    ``entered-in-error`` (the reason in ``cancelled_reason``); its charges are billable again.
+    A balanced invoice, or one with payments, is refused: refund the payments first."""
+    _withdraw(archive, invoice_id, ENTERED_IN_ERROR, reason=reason, actor=actor)
+
+
+def _withdraw(archive: Archive, invoice_id: int, status: str, *, reason: str, actor: str) -> None:
+    """Cancel (``cancelled``) or void (``entered-in-error``) a draft, or an issued invoice
+    without payments; its billed charges become billable again, each with a charge event."""
+    verb, done = ("cancel", "cancelled") if status == CANCELLED else ("void", "voided")
+    became = "cancelled" if status == CANCELLED else "entered in error"
     if not reason or not reason.strip():
-        raise BillingError("a reason is required to cancel an invoice")
+        raise BillingError(f"a reason is required to {verb} an invoice")
     with archive.db.write_session() as session:
         invoice = _lock(session, invoice_id)
+        if invoice.status == BALANCED:
+            raise BillingError(
+                f"invoice {invoice_id} is balanced (paid in full): it cannot be {done}; "
+                "refund its payments first, or credit its charges"
+            )
         if invoice.status not in (DRAFT, ISSUED):
-            raise BillingError(f"invoice {invoice_id} is {invoice.status}: it cannot be cancelled")
+            raise BillingError(f"invoice {invoice_id} is {invoice.status}: it cannot be {done}")
         payments = session.scalar(
             select(func.count()).select_from(Payment).where(Payment.invoice_fk == invoice_id)
         )
@@ -342,10 +406,10 @@ def cancel_invoice(archive: Archive, invoice_id: int, *, reason: str, actor: str
                     charge,
                     {"status": BILLABLE},
                     actor,
-                    f"invoice {invoice_id} cancelled: {reason}",
+                    f"invoice {invoice_id} {became}: {reason}",
                 )
         invoice.cancelled_reason = reason
-        _bump(session, invoice, CANCELLED, actor, reason)
+        _bump(session, invoice, status, actor, reason)
 
 
 def record_payment(
@@ -362,37 +426,82 @@ def record_payment(
     required, up to what was paid) on an issued or balanced invoice. The invoice becomes
     ``balanced`` when paid in full and ``issued`` again when a refund reopens it. Returns
     the payment's id."""
+    value = checked_payment(amount, reason)
+    received_at = received_at or datetime.now(UTC)
+    with archive.db.write_session() as session:
+        # Every payment is part of a remittance (FHIR PaymentReconciliation): one of its own.
+        reconciliation = PaymentReconciliation(
+            amount=value,
+            payment_date=received_at.date(),
+            reference=reference,
+            disposition=reason,
+            actor=actor[:64],
+            created_at=received_at,
+        )
+        session.add(reconciliation)
+        session.flush()
+        return pay(
+            session,
+            invoice_id,
+            value,
+            actor=actor,
+            reason=reason,
+            reference=reference,
+            received_at=received_at,
+            reconciliation_id=reconciliation.id,
+        )
+
+
+def checked_payment(amount: Decimal | str, reason: str | None) -> Decimal:
+    """The amount of a payment or refund, refused when it records nothing or is a refund
+    without a reason."""
     value = money(amount)
     if value == 0:
         raise BillingError("a payment of 0.00 records nothing")
     if value < 0 and not (reason and reason.strip()):
         raise BillingError("a refund (a negative payment) requires a reason")
-    with archive.db.write_session() as session:
-        invoice = _lock(session, invoice_id)
-        if invoice.status not in (ISSUED, BALANCED):
-            raise BillingError(
-                f"invoice {invoice_id} is {invoice.status}: payments go on issued invoices"
-            )
-        paid = _paid(session, invoice_id)
-        outstanding = invoice.gross - paid
-        if value > 0 and value > outstanding:
-            raise BillingError(f"overpayment: outstanding is {outstanding}, payment {value}")
-        if value < 0 and -value > paid:
-            raise BillingError(f"refund beyond what was paid: paid is {paid}, refund {-value}")
-        payment = Payment(
-            invoice_fk=invoice_id,
-            amount=value,
-            reason=reason,
-            received_at=received_at or datetime.now(UTC),
-            actor=actor[:64],
-            reference=reference,
+    return value
+
+
+def pay(
+    session: Session,
+    invoice_id: int,
+    value: Decimal,
+    *,
+    actor: str,
+    reason: str | None = None,
+    reference: str | None = None,
+    received_at: datetime | None = None,
+    reconciliation_id: int | None = None,
+) -> int:
+    """Record one payment in ``session``'s transaction (see :func:`record_payment`), the
+    invoice row locked first."""
+    invoice = _lock(session, invoice_id)
+    if invoice.status not in (ISSUED, BALANCED):
+        raise BillingError(
+            f"invoice {invoice_id} is {invoice.status}: payments go on issued invoices"
         )
-        session.add(payment)
-        session.flush()
-        status = BALANCED if paid + value == invoice.gross else ISSUED
-        what = f"payment {payment.id} of {value}" if value > 0 else f"refund {payment.id}"
-        _bump(session, invoice, status, actor, f"{what}: {reason}" if reason else what)
-        return int(payment.id)
+    paid = _paid(session, invoice_id)
+    outstanding = invoice.gross - paid
+    if value > 0 and value > outstanding:
+        raise BillingError(f"overpayment: outstanding is {outstanding}, payment {value}")
+    if value < 0 and -value > paid:
+        raise BillingError(f"refund beyond what was paid: paid is {paid}, refund {-value}")
+    payment = Payment(
+        invoice_fk=invoice_id,
+        amount=value,
+        reason=reason,
+        received_at=received_at or datetime.now(UTC),
+        actor=actor[:64],
+        reference=reference,
+        reconciliation_fk=reconciliation_id,
+    )
+    session.add(payment)
+    session.flush()
+    status = BALANCED if paid + value == invoice.gross else ISSUED
+    what = f"payment {payment.id} of {value}" if value > 0 else f"refund {payment.id}"
+    _bump(session, invoice, status, actor, f"{what}: {reason}" if reason else what)
+    return int(payment.id)
 
 
 def credit_charge(archive: Archive, charge_id: int, *, reason: str, actor: str) -> int:

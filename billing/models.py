@@ -116,6 +116,15 @@ class BillingAccount(Base):
     issuer_of_patient_id: Mapped[str] = mapped_column(LO, nullable=False, default="")
     status: Mapped[str] = mapped_column(String(16), nullable=False, default="active")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    name: Mapped[str | None] = mapped_column(String(255))
+    guarantor: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
+    """Who pays: ``[{"party": {"reference" | "display": ...}, "onHold": bool}]`` (FHIR
+    Account.guarantor), as given by the EHR."""
+    coverage: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
+    """Insurance: ``[{"coverage": {"reference" | "display": ...}, "priority": n}]`` (FHIR
+    Account.coverage), as given by the EHR."""
+    version: Mapped[int] = mapped_column(Integer, nullable=False, default=1, server_default="1")
+    updated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class ChargeItem(Base):
@@ -143,10 +152,12 @@ class ChargeItem(Base):
     """``technical`` or ``professional``."""
     status: Mapped[str] = mapped_column(String(32), nullable=False)
     idempotency_key: Mapped[str] = mapped_column(String(255), nullable=False, unique=True)
-    study_instance_uid: Mapped[str] = mapped_column(UI, nullable=False, index=True)
-    service_kind: Mapped[str] = mapped_column(String(16), nullable=False)
-    """What was done: ``study`` (technical) or ``report`` (professional)."""
-    service_uid: Mapped[str] = mapped_column(UI, nullable=False)
+    study_instance_uid: Mapped[str | None] = mapped_column(UI, index=True)
+    """NULL for a manual charge that names no study."""
+    service_kind: Mapped[str | None] = mapped_column(String(16))
+    """What was done: ``study`` (technical) or ``report`` (professional); NULL for a manual
+    charge without a service."""
+    service_uid: Mapped[str | None] = mapped_column(UI)
     """The Study Instance UID, or the report's root SOP Instance UID (its first version)."""
     definition_fk: Mapped[int | None] = mapped_column(
         ForeignKey("charge_item_definition.id", ondelete="RESTRICT"), index=True
@@ -173,6 +184,10 @@ class ChargeItem(Base):
     """NULL while planned."""
     currency: Mapped[str] = mapped_column(String(3), nullable=False)
     review_reason: Mapped[str | None] = mapped_column(Text)
+    quantity: Mapped[int] = mapped_column(Integer, nullable=False, default=1, server_default="1")
+    """How many times the priced lines apply (manual charges; captured charges are 1)."""
+    note: Mapped[str | None] = mapped_column(Text)
+    """Why a manual charge was entered or its price overridden."""
     version: Mapped[int] = mapped_column(Integer, nullable=False, default=1)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
@@ -244,6 +259,23 @@ class InvoiceLine(Base):
     components: Mapped[list[dict[str, Any]]] = mapped_column(JSON, nullable=False)
 
 
+class PaymentReconciliation(Base):
+    """One remittance (FHIR PaymentReconciliation): the payments it made, one per invoice, were
+    recorded in one transaction."""
+
+    __tablename__ = "payment_reconciliation"
+    __table_args__ = (_NEVER_REUSE_IDS,)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    amount: Mapped[Decimal] = mapped_column(Money, nullable=False)
+    payment_date: Mapped[date] = mapped_column(Date, nullable=False)
+    reference: Mapped[str | None] = mapped_column(String(255))
+    """The payer's identifier of the payment (a bank transfer's reference)."""
+    disposition: Mapped[str | None] = mapped_column(Text)
+    actor: Mapped[str] = mapped_column(String(64), nullable=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+
+
 class Payment(Base):
     """A payment against an invoice; a negative ``amount`` is a refund (``reason`` required)."""
 
@@ -259,6 +291,9 @@ class Payment(Base):
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
     actor: Mapped[str] = mapped_column(String(64), nullable=False)
     reference: Mapped[str | None] = mapped_column(String(255))
+    reconciliation_fk: Mapped[int | None] = mapped_column(
+        ForeignKey("payment_reconciliation.id", ondelete="RESTRICT"), index=True
+    )
 
 
 class InvoiceEvent(Base):

@@ -34,6 +34,12 @@ Pricing (:func:`price`): surcharges are computed on the base amount; discounts o
 the surcharges; taxes on the net (base + surcharges - discounts). Each line is rounded to the
 cent on its own with ``ROUND_HALF_EVEN`` (banker's rounding, as IEEE 754 and Python's
 ``decimal`` default), then the rounded lines are summed: the printed lines always add up.
+
+Site tax: a definition with no ``tax`` component at all (conditional ones included) is taxed at
+the site's rate, ``billing.tax_percent`` (none by default): one ``tax`` line coded
+``billing.tax_code`` (``VAT``), described ``"VAT 19%"``, on the net, rounded as the other lines.
+A definition with a tax component of its own is priced by it alone (the site rate is ignored,
+even when that component's condition does not apply to the study).
 """
 
 from __future__ import annotations
@@ -725,11 +731,20 @@ def cents(value: Decimal) -> Decimal:
     return value.quantize(CENT, rounding=ROUND_HALF_EVEN)
 
 
-def price(definition: _Priceable, conditions: Iterable[str] = ()) -> Price:
+def price(
+    definition: _Priceable,
+    conditions: Iterable[str] = (),
+    *,
+    site_tax_percent: Decimal | None = None,
+    site_tax_code: str = "VAT",
+) -> Price:
     """Price a definition for a study with ``conditions`` (``{"contrast", "after_hours"}``).
 
     A component with a condition applies only when the condition is among ``conditions``.
     Surcharges are computed on the base amount, discounts on base + surcharges, taxes on the net.
+    A definition with no tax component at all (whatever their conditions) is taxed at
+    ``site_tax_percent`` when one is given (``billing.tax_percent``): one ``tax`` line coded
+    ``site_tax_code``, described ``"<code> <rate>%"``, on the net.
     Rounding rule: every line is rounded to the cent on its own with ``ROUND_HALF_EVEN``
     (banker's rounding, Python ``decimal``'s default, IEEE 754 roundTiesToEven), and the net
     and tax are the sums of the rounded lines, so a printed price list adds up exactly."""
@@ -766,6 +781,10 @@ def price(definition: _Priceable, conditions: Iterable[str] = ()) -> Price:
     for c in applied:
         if c.type == "tax":
             lines.append(PricedLine(c.type, c.code, c.description or c.code, line_amount(c, net)))
+    if site_tax_percent is not None and not any(c.type == "tax" for c in components):
+        rate = Decimal(site_tax_percent)
+        amount = cents(net * rate / 100)
+        lines.append(PricedLine("tax", site_tax_code, f"{site_tax_code} {rate}%", amount))
     return Price(net, lines)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 from datetime import UTC, datetime, tzinfo
+from decimal import Decimal, InvalidOperation
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
@@ -288,6 +289,7 @@ class FHIRSettings(BaseModel):
 
 
 _CURRENCY = re.compile(r"[A-Z]{3}")
+_TAX_CODE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 class BillingSettings(BaseModel):
@@ -301,12 +303,48 @@ class BillingSettings(BaseModel):
     """The site's one currency (ISO 4217 alphabetic code): every price and charge is in it."""
     payment_terms_days: int = Field(default=30, ge=0, le=3650)
     """Days from an invoice's issue date to its due date (overdue after it)."""
+    tax_percent: Decimal | None = None
+    """The site's tax rate in percent (``19``, ``7.7``; 0 to 100, at most 4 decimals). A price
+    definition with no tax component of its own is taxed at this rate (a ``tax`` line coded
+    ``tax_code`` on the net); None: such a definition is priced without tax."""
+    tax_code: str = "VAT"
+    """The code of the tax line added at ``tax_percent``."""
 
     @field_validator("currency")
     @classmethod
     def _valid_currency(cls, value: str) -> str:
         if not _CURRENCY.fullmatch(value):
             raise ValueError("billing.currency must be an ISO 4217 code: 3 upper-case letters")
+        return value
+
+    @field_validator("tax_percent", mode="before")
+    @classmethod
+    def _valid_tax_percent(cls, value: Any) -> Decimal | None:
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, str | int | float | Decimal):
+            raise ValueError('billing.tax_percent must be a decimal number (19 or "7.7")')
+        try:
+            rate = Decimal(str(value).strip())
+        except InvalidOperation:
+            raise ValueError(f"billing.tax_percent: {value!r} is not a decimal number") from None
+        if not rate.is_finite():
+            raise ValueError(f"billing.tax_percent: {value!r} is not a decimal number")
+        exponent = rate.as_tuple().exponent
+        if isinstance(exponent, int) and exponent < -4:
+            raise ValueError(f"billing.tax_percent: {value} has more than 4 decimals")
+        if not Decimal(0) <= rate <= Decimal(100):
+            raise ValueError(f"billing.tax_percent: {value} is not between 0 and 100")
+        # written plainly in the tax line's description: 19.00 and 1E+1 as 19 and 10, 7.70 as 7.7
+        return rate.quantize(Decimal(1)) if rate == rate.to_integral_value() else rate.normalize()
+
+    @field_validator("tax_code")
+    @classmethod
+    def _valid_tax_code(cls, value: str) -> str:
+        if not _TAX_CODE.fullmatch(value):
+            raise ValueError(
+                f"billing.tax_code: {value!r} is not 1 to 64 letters, digits, '.', '_', '-'"
+            )
         return value
 
 

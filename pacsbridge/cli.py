@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 import threading
+from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -42,7 +43,12 @@ billing_app = typer.Typer(
 app.add_typer(billing_app, name="billing")
 prices_app = typer.Typer(help="The price list (ChargeItemDefinitions).", no_args_is_help=True)
 billing_app.add_typer(prices_app, name="prices")
-invoice_app = typer.Typer(help="Invoices: create, issue, cancel, show.", no_args_is_help=True)
+charge_app = typer.Typer(
+    help="Manual charges: add, price, void (captured charges: billing charges).",
+    no_args_is_help=True,
+)
+billing_app.add_typer(charge_app, name="charge")
+invoice_app = typer.Typer(help="Invoices: create, issue, cancel, void, show.", no_args_is_help=True)
 billing_app.add_typer(invoice_app, name="invoice")
 
 console = Console(stderr=True)
@@ -875,6 +881,145 @@ def _print_invoice(row: dict[str, Any], as_json: bool) -> None:
         print(f"  payment {payment['id']}  {payment['amount']:>12}  {payment['received_at']}{why}")
 
 
+@charge_app.command("add")
+def billing_charge_add(
+    patient: Annotated[str, typer.Option(help="Patient ID (the patient must be in the archive).")],
+    text: Annotated[str, typer.Option(help="What is charged (the display).")],
+    issuer: Annotated[str, typer.Option(help="Issuer of Patient ID.")] = "",
+    code: Annotated[
+        str | None, typer.Option(help="A price list code: SYSTEM:CODE (local:CD-COPY).")
+    ] = None,
+    amount: Annotated[str | None, typer.Option(help="Unit price (12.50).")] = None,
+    definition: Annotated[
+        int | None, typer.Option(help="Price it by this ChargeItemDefinition id.")
+    ] = None,
+    quantity: Annotated[int, typer.Option(min=1, help="How many.")] = 1,
+    day: Annotated[str | None, typer.Option("--date", help="YYYY-MM-DD (default today).")] = None,
+    identifier: Annotated[
+        str | None, typer.Option(help="Your id of the charge: adding it again is a no-op.")
+    ] = None,
+    note: Annotated[str | None, typer.Option(help="Why it is charged.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the charge as JSON.")] = False,
+    data_dir: DataDir = None,
+) -> None:
+    """Enter a manual charge (not everything is imaging); without --amount or --definition it
+    is planned, waiting for a price."""
+    from datetime import date as date_type
+
+    from sqlalchemy import select
+
+    from archive.models import Patient
+    from billing.capture import charge_json, list_charges
+    from billing.invoices import BillingError
+    from billing.manual import ChargeFields, create_manual_charge
+    from billing.prices import os_user
+
+    code_system = code_value = None
+    if code:
+        code_system, _, code_value = code.partition(":")
+        if not code_value:
+            console.print("[red]error:[/red] --code: SYSTEM:CODE (loinc, radlex, local, cpt)")
+            raise typer.Exit(1)
+    try:
+        on = date_type.fromisoformat(day) if day else date_type.today()
+    except ValueError as exc:
+        console.print(f"[red]error:[/red] --date {day!r}: YYYY-MM-DD")
+        raise typer.Exit(1) from exc
+    settings = _settings(data_dir=data_dir)
+
+    def add(archive: Any) -> dict[str, Any]:
+        with archive.db.session() as session:
+            patient_fk = session.scalar(
+                select(Patient.id).where(
+                    Patient.patient_id == patient, Patient.issuer_of_patient_id == issuer
+                )
+            )
+        if patient_fk is None:
+            raise BillingError(f"no patient {patient!r} (issuer {issuer!r}) in the archive")
+        charge_id, _ = create_manual_charge(
+            archive,
+            settings,
+            patient_fk=patient_fk,
+            fields_=ChargeFields(
+                status="billable",
+                code_system=code_system,
+                code=code_value,
+                display=text,
+                occurred_on=on,
+                quantity=quantity,
+                amount=Decimal(amount) if amount is not None else None,
+                definition_id=definition,
+                note=note,
+            ),
+            actor=os_user(),
+            identifier=f"cli|{identifier}" if identifier else None,
+        )
+        (charge,) = [c for c in list_charges(archive, patient=patient) if c.id == charge_id]
+        return charge_json(charge)
+
+    try:
+        row = _billing_call(settings, add)
+    except ArithmeticError as exc:
+        console.print(f"[red]error:[/red] --amount {amount!r}: not a decimal amount")
+        raise typer.Exit(1) from exc
+    _print_charges([row], as_json)
+
+
+def _adjust_charge(
+    settings: Settings, charge_id: int, reason: str | None, change: dict[str, Any]
+) -> None:
+    from dataclasses import replace
+
+    from billing.invoices import BillingError
+    from billing.manual import charge_fields, update_charge
+    from billing.models import ChargeItem
+    from billing.prices import os_user
+
+    def adjust(archive: Any) -> None:
+        with archive.db.session() as session:
+            charge = session.get(ChargeItem, charge_id)
+            if charge is None:
+                raise BillingError(f"no charge {charge_id}")
+            wanted = replace(charge_fields(charge), **change)
+        if not update_charge(archive, settings, charge_id, wanted, actor=os_user(), reason=reason):
+            console.print(f"charge {charge_id} is so already: unchanged")
+
+    _billing_call(settings, adjust)
+
+
+@charge_app.command("price")
+def billing_charge_price(
+    charge_id: Annotated[int, typer.Argument(help="A planned charge, or a manual one.")],
+    amount: Annotated[str, typer.Argument(help="The unit price (80.00).")],
+    reason: Annotated[str | None, typer.Option(help="Why.")] = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Price a charge by hand: a planned charge becomes billable."""
+    try:
+        value = Decimal(amount)
+    except ArithmeticError as exc:
+        console.print(f"[red]error:[/red] {amount!r}: not a decimal amount")
+        raise typer.Exit(1) from exc
+    settings = _settings(data_dir=data_dir)
+    _adjust_charge(
+        settings,
+        charge_id,
+        reason,
+        {"amount": value, "status": "billable", "definition_id": None, "note": reason},
+    )
+
+
+@charge_app.command("void")
+def billing_charge_void(
+    charge_id: Annotated[int, typer.Argument(help="An open (planned or billable) charge.")],
+    reason: Annotated[str, typer.Option(help="Why (required).")],
+    data_dir: DataDir = None,
+) -> None:
+    """Void a charge (entered-in-error): it is never invoiced."""
+    settings = _settings(data_dir=data_dir)
+    _adjust_charge(settings, charge_id, reason, {"status": "entered-in-error"})
+
+
 @invoice_app.command("create")
 def billing_invoice_create(
     account: Annotated[
@@ -938,6 +1083,23 @@ def billing_invoice_cancel(
     _billing_call(
         settings,
         lambda archive: cancel_invoice(archive, invoice_id, reason=reason, actor=os_user()),
+    )
+
+
+@invoice_app.command("void")
+def billing_invoice_void(
+    invoice_id: Annotated[int, typer.Argument(help="A draft, or an issued invoice unpaid.")],
+    reason: Annotated[str, typer.Option(help="Why it was made by mistake (required).")],
+    data_dir: DataDir = None,
+) -> None:
+    """Mark an invoice made by mistake entered-in-error: its charges become billable again."""
+    from billing.invoices import void_invoice
+    from billing.prices import os_user
+
+    settings = _settings(data_dir=data_dir)
+    _billing_call(
+        settings,
+        lambda archive: void_invoice(archive, invoice_id, reason=reason, actor=os_user()),
     )
 
 

@@ -303,6 +303,48 @@ def test_deleting_the_study_voids_its_open_charges(
     assert [c.status for c in list_charges(arc, study=kept)] == ["entered-in-error"]
 
 
+def test_site_tax_rate_prices_captured_and_repriced_charges(arc: Archive, tmp_path: Path):
+    arc.settings.billing.tax_percent = Decimal("7.7")
+    arc.settings.billing.tax_code = "MWST"
+    knee = store(arc, ct_study(1, modality="US", body_part="KNEE"))
+    (planned_id,) = capture_technical(arc, arc.settings, knee)  # no price yet: planned
+    prices = tmp_path / "prices.csv"
+    prices.write_text(
+        SAMPLE.read_text(encoding="utf-8")
+        + ",,US knee,technical,US,KNEE,,,2026-01-01,,60.00,\n"
+        + ",,US hand,technical,US,HAND,,,2026-01-01,,33.33,\n",
+        encoding="utf-8",
+    )
+    parsed = load_price_list(prices)
+    store_price_list(arc, parsed, "site tax", parsed.sha256, loaded_by="test")
+    assert reprice_planned(arc, arc.settings) == 1
+    (knee_charge,) = list_charges(arc, study=knee)
+    assert knee_charge.id == planned_id
+    # 7.7 % of 60.00 = 4.62
+    assert (knee_charge.net, knee_charge.tax, knee_charge.total) == (
+        Decimal("60.00"),
+        Decimal("4.62"),
+        Decimal("64.62"),
+    )
+    assert knee_charge.lines[-1] == {
+        "type": "tax",
+        "code": "MWST",
+        "description": "MWST 7.7%",
+        "amount": "4.62",
+    }
+    hand = store(arc, ct_study(1, modality="US", body_part="HAND"))
+    capture_technical(arc, arc.settings, hand)
+    (hand_charge,) = list_charges(arc, study=hand)
+    # 7.7 % of 33.33 = 2.56641 -> 2.57
+    assert (hand_charge.tax, hand_charge.total) == (Decimal("2.57"), Decimal("35.90"))
+    # the sample's CT head has its own VAT 19 %: the site rate is not added to it
+    head = store(arc, ct_study(1, body_part="HEAD"))
+    capture_technical(arc, arc.settings, head)
+    (head_charge,) = list_charges(arc, study=head)
+    assert [line["code"] for line in head_charge.lines if line["type"] == "tax"] == ["VAT"]
+    assert head_charge.total == Decimal("202.30")
+
+
 def run_cli(backend: Backend, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith("PACSBRIDGE_")}
     env |= backend.env | {"COLUMNS": "250", "NO_COLOR": "1"}

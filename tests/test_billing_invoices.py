@@ -1,17 +1,19 @@
 """Invoices and payments: create → issue → partial and final payment → balanced, overpayment
 refused, refunds, cancelling, immutability of an issued invoice, credits, overdue, totals
-recomputed from the history, Decimal exactness, the CLI, and (PostgreSQL) two concurrent payers
-(two threads, each with its own Archive and so its own connection)."""
+recomputed from the history, Decimal exactness, invoices entered in error (voided), the CLI, and
+(PostgreSQL) two concurrent payers: two processes (spawned), each with its own Archive and so its
+own engine and connection, released together."""
 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import random
-import threading
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -28,9 +30,11 @@ from billing.invoices import (
     issue_invoice,
     recompute_from_history,
     record_payment,
+    void_invoice,
 )
 from billing.models import ChargeItem, Invoice
 from billing.prices import cents, load_price_list, store_price_list
+from config import Settings
 from tests.conftest import Backend
 from tests.test_billing_capture import SAMPLE, code, ct_study, run_cli, store
 
@@ -72,6 +76,12 @@ def charge(arc: Archive, charge_id: int) -> ChargeItem:
         found = session.get(ChargeItem, charge_id)
         assert found is not None
         return found
+
+
+def study_of(arc: Archive, charge_id: int) -> str:
+    uid = charge(arc, charge_id).study_instance_uid
+    assert uid is not None
+    return uid
 
 
 def invoice(arc: Archive, invoice_id: int) -> Invoice:
@@ -194,11 +204,117 @@ def test_cancel_returns_charges_to_billable(arc: Archive):
     assert_history_agrees(arc, invoice_id)
 
 
+def test_void_an_invoice_made_by_mistake(arc: Archive):
+    account, head, chest = two_charges(arc)
+    draft = create_invoice(arc, arc.settings, charge_ids=[head], actor="clerk")
+    with pytest.raises(BillingError, match="a reason is required to void an invoice"):
+        void_invoice(arc, draft, reason=" ", actor="clerk")
+    head_version = charge(arc, head).version
+    void_invoice(arc, draft, reason="made for the wrong account", actor="clerk")
+    voided = invoice(arc, draft)
+    assert (voided.status, voided.cancelled_reason, voided.version) == (
+        "entered-in-error",
+        "made for the wrong account",
+        2,
+    )
+    last = invoice_json(arc, draft)["events"][-1]
+    assert (last["status"], last["actor"], last["reason"]) == (
+        "entered-in-error",
+        "clerk",
+        "made for the wrong account",
+    )
+    # a draft's charges were never billed: they stay billable, unchanged
+    assert (charge(arc, head).status, charge(arc, head).version) == ("billable", head_version)
+    assert_history_agrees(arc, draft)
+    with pytest.raises(BillingError, match="is entered-in-error: it cannot be voided"):
+        void_invoice(arc, draft, reason="twice", actor="clerk")
+    with pytest.raises(BillingError, match="is entered-in-error: it cannot be cancelled"):
+        cancel_invoice(arc, draft, reason="twice", actor="clerk")
+    with pytest.raises(BillingError, match="payments go on issued invoices"):
+        record_payment(arc, draft, "1.00", actor="cashier")
+
+    # an issued invoice without payments: its billed charges are billable again, each with
+    # a charge event giving the reason; they go on the next invoice
+    issued = create_invoice(arc, arc.settings, account_id=account, actor="clerk")
+    issue_invoice(arc, arc.settings, issued, actor="clerk")
+    assert {charge(arc, head).status, charge(arc, chest).status} == {"billed"}
+    void_invoice(arc, issued, reason="duplicate of another invoice", actor="clerk")
+    assert (invoice(arc, issued).status, invoice(arc, issued).cancelled_reason) == (
+        "entered-in-error",
+        "duplicate of another invoice",
+    )
+    for charge_id in (head, chest):
+        assert charge(arc, charge_id).status == "billable"
+        event = charge_events(arc, charge_id)[-1]
+        assert (event.status, event.actor, event.reason) == (
+            "billable",
+            "clerk",
+            f"invoice {issued} entered in error: duplicate of another invoice",
+        )
+    assert balance(arc, account_id=account).billed == 0  # not billed any more
+    assert_history_agrees(arc, issued)
+
+    # with payments, or balanced: refused, naming why
+    again = create_invoice(arc, arc.settings, account_id=account, actor="clerk")
+    assert [line["charge"] for line in invoice_json(arc, again)["lines"]] == [head, chest]
+    issue_invoice(arc, arc.settings, again, actor="clerk")
+    record_payment(arc, again, "100.00", actor="cashier")
+    with pytest.raises(BillingError, match=f"invoice {again} has payments: refund them first"):
+        void_invoice(arc, again, reason="oops", actor="clerk")
+    record_payment(arc, again, "468.22", actor="cashier")
+    with pytest.raises(BillingError) as refused:
+        void_invoice(arc, again, reason="oops", actor="clerk")
+    assert str(refused.value) == (
+        f"invoice {again} is balanced (paid in full): it cannot be voided; "
+        "refund its payments first, or credit its charges"
+    )
+    record_payment(arc, again, "-568.22", actor="cashier", reason="refund all")
+    assert invoice(arc, again).status == "issued"
+    with pytest.raises(BillingError, match="has payments"):
+        void_invoice(arc, again, reason="oops", actor="clerk")  # refunded, still paid once
+    assert {charge(arc, head).status, charge(arc, chest).status} == {"billed"}
+    assert_history_agrees(arc, again)
+
+
+def test_void_cli(arc: Archive, index_backend: Backend, tmp_path: Path):
+    _, head, _ = two_charges(arc)
+    invoice_id = create_invoice(arc, arc.settings, charge_ids=[head], actor="clerk")
+    issue_invoice(arc, arc.settings, invoice_id, actor="clerk")
+    missing = run_cli(index_backend, tmp_path, "billing", "invoice", "void", str(invoice_id))
+    assert missing.returncode == 2 and "--reason" in missing.stderr
+    voided = run_cli(
+        index_backend,
+        tmp_path,
+        "billing",
+        "invoice",
+        "void",
+        str(invoice_id),
+        "--reason",
+        "wrong patient",
+    )
+    assert voided.returncode == 0, voided.stderr
+    shown = run_cli(
+        index_backend, tmp_path, "billing", "invoice", "show", str(invoice_id), "--json"
+    )
+    row = json.loads(shown.stdout)
+    assert (row["status"], row["cancelled_reason"], row["outstanding"]) == (
+        "entered-in-error",
+        "wrong patient",
+        "0.00",
+    )
+    assert charge(arc, head).status == "billable"
+    twice = run_cli(
+        index_backend, tmp_path, "billing", "invoice", "void", str(invoice_id), "--reason", "x"
+    )
+    assert twice.returncode == 1
+    assert f"invoice {invoice_id} is entered-in-error: it cannot be voided" in twice.stderr
+
+
 def test_refuses_planned_and_voided_charges(arc: Archive):
     account, head, _ = two_charges(arc)
     knee = store(arc, ct_study(1, patient_id="PAT-I", modality="US", body_part="KNEE"))
     (planned,) = capture_technical(arc, arc.settings, knee)
-    void_study(arc, charge(arc, head).study_instance_uid, actor="test")
+    void_study(arc, study_of(arc, head), actor="test")
     with pytest.raises(BillingError) as refused:
         create_invoice(arc, arc.settings, charge_ids=[planned, head], actor="clerk")
     assert str(refused.value) == (
@@ -225,7 +341,7 @@ def test_issued_invoice_is_immutable_and_a_credit_goes_on_the_next(arc: Archive)
     with pytest.raises(BillingError, match="only a draft is issued"):
         issue_invoice(arc, arc.settings, first, actor="clerk")
     # voiding the study leaves a billed charge alone: a credit is required
-    assert void_study(arc, charge(arc, chest).study_instance_uid, actor="test") == 0
+    assert void_study(arc, study_of(arc, chest), actor="test") == 0
     assert charge(arc, chest).status == "billed"
 
     with pytest.raises(BillingError, match="only a billed charge"):
@@ -389,32 +505,65 @@ def test_cli(arc: Archive, index_backend: Backend, tmp_path: Path):
     assert missing.returncode == 1 and "no invoice 999999" in missing.stderr
 
 
-def test_concurrent_payments_never_overpay(arc: Archive, index_backend: Backend):
+def _pay_in_child(
+    settings: Settings,
+    invoice_id: int,
+    amount: str,
+    name: str,
+    barrier: Any,
+    results: Any,
+) -> None:
+    """A payer in its own (spawned) process: its own Archive, engine and connection; waits at
+    the barrier for the other payer, then pays; puts ``(name, "paid" | the error)``."""
+    own = Archive(settings)
+    try:
+        barrier.wait(120)
+        record_payment(own, invoice_id, amount, actor=name)
+        results.put((name, "paid"))
+    except BillingError as exc:
+        results.put((name, str(exc)))
+    except BaseException as exc:
+        results.put((name, f"unexpected {type(exc).__name__}: {exc}"))
+        raise
+    finally:
+        own.close()
+
+
+def test_concurrent_payments_from_two_processes_never_overpay(arc: Archive, index_backend: Backend):
     if index_backend.index != "postgresql":
         pytest.skip("two writers at once: PostgreSQL (SQLite writes are serialised)")
     account, _, _ = two_charges(arc)
     invoice_id = create_invoice(arc, arc.settings, account_id=account, actor="clerk")
     issue_invoice(arc, arc.settings, invoice_id, actor="clerk")
-    barrier = threading.Barrier(2)
-    outcomes: list[str] = []
-
-    def pay(name: str) -> None:
-        own = Archive(index_backend.settings)  # its own engine: its own connection
-        try:
-            barrier.wait()
-            record_payment(own, invoice_id, "568.22", actor=name)
-            outcomes.append("paid")
-        except BillingError as exc:
-            outcomes.append(str(exc))
-        finally:
-            own.close()
-
-    threads = [threading.Thread(target=pay, args=(f"payer-{n}",)) for n in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    assert sorted(outcomes) == ["overpayment: outstanding is 0.00, payment 568.22", "paid"]
+    outstanding = invoice_json(arc, invoice_id)["outstanding"]
+    assert outstanding == "568.22"
+    context = multiprocessing.get_context("spawn")
+    barrier = context.Barrier(2)
+    results = context.Queue()
+    payers = [
+        context.Process(
+            target=_pay_in_child,
+            args=(arc.settings, invoice_id, outstanding, f"payer-{n}", barrier, results),
+        )
+        for n in range(2)
+    ]
+    for payer in payers:
+        payer.start()
+    try:
+        outcomes = dict(results.get(timeout=180) for _ in payers)
+    finally:
+        for payer in payers:
+            payer.join(30)
+            if payer.is_alive():
+                payer.kill()
+    assert [payer.exitcode for payer in payers] == [0, 0]
+    assert sorted(outcomes) == ["payer-0", "payer-1"]
+    assert sorted(outcomes.values()) == [
+        "overpayment: outstanding is 0.00, payment 568.22",
+        "paid",
+    ]
+    stored = invoice(arc, invoice_id)
+    assert stored.status == "balanced"
+    assert Decimal(invoice_json(arc, invoice_id)["paid"]) == stored.gross == Decimal("568.22")
     assert balance(arc, account_id=account).paid == Decimal("568.22")
-    assert invoice(arc, invoice_id).status == "balanced"
     assert_history_agrees(arc, invoice_id)

@@ -17,6 +17,7 @@ from sqlalchemy import func, select
 from archive import Archive
 from billing.models import ChargeItemDefinition, PriceList
 from billing.prices import (
+    PricedLine,
     PriceListError,
     find_definition,
     load_price_list,
@@ -220,6 +221,76 @@ def test_decimal_exactness_and_half_even_rounding():
         source="c.csv",
     ).definitions[0]
     assert price(half_even).tax == Decimal("0.12")  # 0.125 -> 0.12, not 0.13
+
+
+def test_site_tax_rate_taxes_a_definition_without_tax():
+    parsed = parse_price_list(
+        (
+            HEADER
+            + "local,A,a,technical,,,,,2026-01-01,,100.25,surcharge:S:10.00;discount:D:5%\n"
+            + "local,B,b,technical,,,,,2026-01-01,,0.50,\n"
+        ).encode(),
+        source="site-tax.csv",
+    )
+    a, b = parsed.definitions
+    untaxed = price(a)
+    assert untaxed.tax == Decimal("0.00") and [line.type for line in untaxed.lines] == [
+        "base",
+        "surcharge",
+        "discount",
+    ]
+    taxed = price(a, site_tax_percent=Decimal("7.7"), site_tax_code="MWST")
+    # 100.25 + 10.00 - 5.51 (5.5125 -> 5.51) = 104.74; 7.7 % of it = 8.06498 -> 8.06
+    assert taxed.net == untaxed.net == Decimal("104.74")
+    assert taxed.lines[:-1] == untaxed.lines
+    assert taxed.lines[-1] == PricedLine("tax", "MWST", "MWST 7.7%", Decimal("8.06"))
+    assert (taxed.tax, taxed.total) == (Decimal("8.06"), Decimal("112.80"))
+    assert sum((line.amount for line in taxed.lines), Decimal(0)) == taxed.total
+    # rounded like every line: 25 % of 0.50 = 0.125 -> 0.12 (half even)
+    half = price(b, site_tax_percent=Decimal("25"))
+    assert half.lines[-1] == PricedLine("tax", "VAT", "VAT 25%", Decimal("0.12"))
+    assert price(b, site_tax_percent=Decimal("0")).tax == Decimal("0.00")
+
+
+def test_a_definition_with_its_own_tax_ignores_the_site_rate():
+    parsed = parse_price_list(
+        (
+            HEADER
+            + "local,A,a,technical,,,,,2026-01-01,,100.00,tax:OWN:10%\n"
+            + "local,B,b,technical,,,,,2026-01-01,,100.00,tax:OWN:10%:contrast\n"
+        ).encode(),
+        source="own-tax.csv",
+    )
+    a, b = parsed.definitions
+    own = price(a, site_tax_percent=Decimal("19"))
+    assert [(line.code, line.amount) for line in own.lines if line.type == "tax"] == [
+        ("OWN", Decimal("10.00"))
+    ]
+    # its tax applies only with contrast; without, it is untaxed: never the site rate
+    assert price(b, {"contrast"}, site_tax_percent=Decimal("19")).tax == Decimal("10.00")
+    assert price(b, set(), site_tax_percent=Decimal("19")).tax == Decimal("0.00")
+    assert [line.type for line in price(b, set(), site_tax_percent=Decimal("19")).lines] == ["base"]
+
+
+def test_site_tax_settings_are_validated():
+    assert Settings().billing.tax_percent is None and Settings().billing.tax_code == "VAT"
+    site = Settings(billing={"tax_percent": "7.7", "tax_code": "MWST"})  # type: ignore[arg-type]
+    assert (site.billing.tax_percent, site.billing.tax_code) == (Decimal("7.7"), "MWST")
+    assert Settings(billing={"tax_percent": 19}).billing.tax_percent == Decimal(19)  # type: ignore[arg-type]
+    assert Settings(billing={"tax_percent": "0"}).billing.tax_percent == Decimal(0)  # type: ignore[arg-type]
+    assert Settings(billing={"tax_percent": "100"}).billing.tax_percent == Decimal(100)  # type: ignore[arg-type]
+    for bad, message in [
+        ("-1", "between 0 and 100"),
+        ("100.01", "between 0 and 100"),
+        ("19.00001", "more than 4 decimals"),
+        ("abc", "not a decimal number"),
+        ("NaN", "not a decimal number"),
+        (True, "must be a decimal number"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            Settings(billing={"tax_percent": bad})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="tax_code"):
+        Settings(billing={"tax_code": "V A T"})  # type: ignore[arg-type]
 
 
 def test_reload_keeps_the_old_definitions_inactive(arc: Archive, tmp_path: Path):
