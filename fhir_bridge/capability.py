@@ -50,6 +50,10 @@ def _statement(ctx: Context, software_version: str) -> dict[str, Any]:
             "conditionalUpdate": False,
             "conditionalDelete": "not-supported",
         }
+        if provider.operations:
+            entry["operation"] = [
+                {"name": name, "definition": definition} for name, definition in provider.operations
+            ]
         if provider.includes:
             entry["searchInclude"] = sorted(provider.includes)
         if provider.revincludes:
@@ -88,7 +92,8 @@ def _statement(ctx: Context, software_version: str) -> dict[str, Any]:
             {
                 "mode": "server",
                 "documentation": (
-                    "Views of the archive: patients, imaging studies, reports and AI findings. "
+                    "Views of the archive: patients, imaging studies, reports and AI findings, "
+                    "and billing: the price list, charges, accounts, invoices and payments. "
                     "Unknown search parameters are ignored and reported in an OperationOutcome "
                     "entry, or refused under 'Prefer: handling=strict'."
                 ),

@@ -21,6 +21,8 @@ class Context:
     dicomweb: str
     """The DICOMweb root (absolute), for Endpoint.address."""
     providers: dict[str, Provider]
+    minimal: bool = False
+    """The request asked ``Prefer: return=minimal``: a write need not load what it wrote."""
 
     def url(self, resource_type: str, resource_id: str) -> str:
         return f"{self.base}/{resource_type}/{resource_id}"

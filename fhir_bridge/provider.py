@@ -53,6 +53,8 @@ class Provider(ABC):
     conditional_create: bool = False
     documentation: str = ""
     summary_elements: frozenset[str] = frozenset()
+    operations: tuple[tuple[str, str], ...] = ()
+    """(name, OperationDefinition canonical) of the type's operations."""
 
     def __init__(self) -> None:
         self.params: dict[str, SearchParam] = {}

@@ -14,6 +14,22 @@ from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session
 
 from fhir_bridge import search
+from fhir_bridge.billing import (
+    AccountProvider,
+    ChargeItemDefinitionProvider,
+    ChargeItemProvider,
+    InvoiceProvider,
+    PaymentReconciliationProvider,
+)
+from fhir_bridge.billing_writes import (
+    apply_definition,
+    create_charge_item,
+    create_invoice_resource,
+    create_payment_reconciliation,
+    update_account_resource,
+    update_charge_item,
+    update_invoice_resource,
+)
 from fhir_bridge.capability import capability_statement
 from fhir_bridge.context import Context
 from fhir_bridge.errors import FHIRError, issue
@@ -53,7 +69,33 @@ def build_providers(settings: Any) -> dict[str, Provider]:
         "DiagnosticReport": DiagnosticReportProvider(settings, patients),
         "Observation": ObservationProvider(settings, patients),
         "Device": DeviceProvider(),
+        "ChargeItemDefinition": ChargeItemDefinitionProvider(),
+        "ChargeItem": ChargeItemProvider(),
+        "Account": AccountProvider(),
+        "Invoice": InvoiceProvider(),
+        "PaymentReconciliation": PaymentReconciliationProvider(),
     }
+
+
+# The writes of each type: create (ctx, provider, body) -> (resource, status) and update
+# (ctx, provider, id, body, If-Match check) -> resource.
+_CREATES: dict[str, Callable[..., tuple[dict[str, Any], int]]] = {
+    "DiagnosticReport": create_report,
+    "ChargeItem": create_charge_item,
+    "Invoice": create_invoice_resource,
+    "PaymentReconciliation": create_payment_reconciliation,
+}
+_UPDATES: dict[str, Callable[..., dict[str, Any]]] = {
+    "Patient": update_patient,
+    "DiagnosticReport": update_report,
+    "ChargeItem": update_charge_item,
+    "Account": update_account_resource,
+    "Invoice": update_invoice_resource,
+}
+# Operations (operations.html): (type, name) -> (ctx, id, Parameters) -> resource.
+_OPERATIONS: dict[tuple[str, str], Callable[..., dict[str, Any]]] = {
+    ("ChargeItemDefinition", "$apply"): apply_definition,
+}
 
 
 def _providers_of(request: Request) -> dict[str, Provider]:
@@ -74,7 +116,16 @@ def context(request: Request) -> Context:
         base=base_url(request),
         dicomweb=dicomweb_url(request),
         providers=_providers_of(request),
+        minimal=_prefers_minimal(request),
     )
+
+
+def _prefers_minimal(request: Request) -> bool:
+    for part in request.headers.get("prefer", "").split(","):
+        name, _, value = part.strip().partition("=")
+        if name.strip().lower() == "return":
+            return value.strip().strip('"').lower() == "minimal"
+    return False
 
 
 def _provider(ctx: Context, resource_type: str) -> Provider:
@@ -316,6 +367,11 @@ _MANDATORY = {
     "DiagnosticReport": {"status", "code"},
     "Observation": {"status", "code"},
     "Endpoint": {"status", "connectionType", "payloadType", "address"},
+    "ChargeItemDefinition": {"url", "status"},
+    "ChargeItem": {"status", "code", "subject"},
+    "Account": {"status"},
+    "Invoice": {"status"},
+    "PaymentReconciliation": {"status", "created", "paymentDate", "paymentAmount"},
 }
 
 
@@ -614,7 +670,7 @@ async def create(request: Request, resource_type: str) -> Response:
             create_patient, ctx, provider, body, request.headers.get("if-none-exist")
         )
     else:
-        resource, status = await run_in_threadpool(create_report, ctx, provider, body)
+        resource, status = await run_in_threadpool(_CREATES[resource_type], ctx, provider, body)
     location = f"{ctx.url(resource_type, resource['id'])}/_history/{resource['meta']['versionId']}"
     return write_response(request, resource, status, location)
 
@@ -632,12 +688,36 @@ async def update(request: Request, resource_type: str, resource_id: str) -> Resp
             expression=[f"{resource_type}.id"],
         )
     check = lambda current: check_if_match(request, current)  # noqa: E731
-    if resource_type == "Patient":
-        resource = await run_in_threadpool(update_patient, ctx, provider, resource_id, body, check)
-    else:
-        resource = await run_in_threadpool(update_report, ctx, provider, resource_id, body, check)
+    resource = await run_in_threadpool(
+        _UPDATES[resource_type], ctx, provider, resource_id, body, check
+    )
     location = f"{ctx.url(resource_type, resource['id'])}/_history/{resource['meta']['versionId']}"
     return write_response(request, resource, 200, location)
+
+
+@router.post("/{resource_type}/{resource_id}/{operation}")
+async def instance_operation(
+    request: Request, resource_type: str, resource_id: str, operation: str
+) -> Response:
+    """An operation on an instance (``POST [base]/Type/id/$name`` with Parameters)."""
+    ctx = context(request)
+    provider = _provider(ctx, resource_type)
+    run = _OPERATIONS.get((resource_type, operation))
+    if run is None:
+        raise FHIRError(
+            404 if operation.startswith("$") else 405,
+            f"{resource_type} has no operation {operation!r} here"
+            + (
+                f" (it has: {', '.join(n for t, n in _OPERATIONS if t == resource_type)})"
+                if any(t == resource_type for t, _ in _OPERATIONS)
+                else ""
+            ),
+            code="not-supported",
+        )
+    del provider
+    body = await read_resource_body(request, "Parameters")
+    resource = await run_in_threadpool(run, ctx, resource_id, body)
+    return fhir_response(request, resource)
 
 
 @router.delete("/{resource_type}/{resource_id}")
