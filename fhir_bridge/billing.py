@@ -727,7 +727,7 @@ class AccountProvider(_RowProvider):
     model = BillingAccount
     type = "Account"
     profile = "http://hl7.org/fhir/StructureDefinition/Account"
-    interactions = ("read", "search-type", "update")
+    interactions = ("read", "vread", "search-type", "update")
     updatable = True
     documentation = (
         "One account per patient, created with its first charge. Its balance, in the "
@@ -903,6 +903,7 @@ class InvoiceProvider(_RowProvider):
         )
         condition = and_(
             Invoice.status == ISSUED,
+            Invoice.due_on.is_not(None),  # a NULL here would make "not overdue" NULL too
             Invoice.due_on < datetime.now(UTC).date(),
             Invoice.gross > paid,
         )

@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import closing
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,8 @@ import httpx
 import pytest
 from pydicom.dataset import Dataset
 
-from billing.invoices import recompute_from_history
+from billing.invoices import issue_invoice, recompute_from_history
+from config.settings import BillingSettings
 from tests.conftest import Backend, RunningServer, _backend, start_server
 from tests.dicom_factory import ct_slice
 from tests.fhir_support import FHIRValidator, new_uid, storescu
@@ -710,7 +712,10 @@ def test_apply_manual_charges_and_adjustments(
 
 
 def test_invoice_status_changes_and_accounts(
-    http: httpx.Client, fhirpy: Any, patient_with_account: tuple[str, str]
+    http: httpx.Client,
+    fhirpy: Any,
+    patient_with_account: tuple[str, str],
+    server: RunningServer,
 ) -> None:
     patient, account = patient_with_account
     entered = post(
@@ -850,6 +855,44 @@ def test_invoice_status_changes_and_accounts(
     )
     reopened = put(http, closed, status="active")
     assert reopened.status_code == 200
+    assert http.get(f"/Account/{account}/_history/4").json()["status"] == "active"
+
+    # Overdue: an invoice issued in January (14 days' terms) and not paid.
+    late_charge = post(
+        http,
+        {
+            "resourceType": "ChargeItem",
+            "status": "billable",
+            "code": {"text": "Late fee"},
+            "subject": {"reference": f"Patient/{patient}"},
+            "priceOverride": {"value": 5, "currency": "EUR"},
+        },
+    ).json()
+    late = post(
+        http,
+        {
+            "resourceType": "Invoice",
+            "status": "draft",
+            "lineItem": [{"chargeItemReference": {"reference": f"ChargeItem/{late_charge['id']}"}}],
+        },
+    ).json()
+    with closing(server.archive()) as arc:
+        terms = arc.settings.model_copy(update={"billing": BillingSettings(payment_terms_days=14)})
+        issue_invoice(
+            arc, terms, int(late["id"]), actor="test", now=datetime(2026, 1, 5, tzinfo=UTC)
+        )
+    overdue = http.get("/Invoice", params={"patient": f"Patient/{patient}", "overdue": "true"})
+    assert [e["resource"]["id"] for e in overdue.json()["entry"]] == [late["id"]]
+    assert balance_of(overdue.json()["entry"][0]["resource"], INVOICE_BALANCE)["dueDate"] == (
+        "2026-01-19"
+    )
+    not_overdue = http.get(
+        "/Invoice", params={"patient": f"Patient/{patient}", "overdue": "false", "_count": "0"}
+    )
+    everything = http.get("/Invoice", params={"patient": f"Patient/{patient}", "_count": "0"})
+    assert not_overdue.json()["total"] == everything.json()["total"] - 1
+    figures = balance_of(http.get(f"/Account/{account}").json(), ACCOUNT_BALANCE)
+    assert figures["overdue"] == Decimal("5.00")
 
 
 def test_payment_reconciliation_of_several_invoices_is_all_or_nothing(
