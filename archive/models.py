@@ -24,6 +24,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
     func,
     text,
 )
@@ -197,7 +198,8 @@ class Instance(Base):
 
 
 class Peer(Base):
-    """A remote DICOM AE (a C-MOVE destination) created over the REST API (``/api/peers``).
+    """A remote DICOM AE (a C-MOVE destination; a calling AE title granted the DIMSE services
+    of ``permissions``) created over the REST API (``/api/peers``).
 
     Peers declared in the TOML file (``[peers.<name>]``) are not stored here: they come from the
     settings of each process and are read-only over the API (see ``archive.peers``).
@@ -210,6 +212,12 @@ class Peer(Base):
     ae_title: Mapped[str] = mapped_column(String(16), nullable=False, unique=True)
     host: Mapped[str] = mapped_column(String(255), nullable=False)
     port: Mapped[int] = mapped_column(Integer, nullable=False)
+    permissions: Mapped[str] = mapped_column(
+        String(64), nullable=False, server_default="echo,store,find,move,get"
+    )
+    """The DIMSE services it may use (``archive.peers.PERMISSIONS``), comma-separated."""
+    check_host: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default=false())
+    """Its associations must come from an address of ``host``."""
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 

@@ -1,4 +1,5 @@
-"""The peer registry: remote DICOM AEs this node sends to (C-MOVE destinations).
+"""The peer registry: remote DICOM AEs this node sends to (C-MOVE destinations), and the calling
+AE titles it grants DIMSE services to (``permissions``; ``dicom_node.access`` applies them).
 
 Two sources, one view:
 
@@ -14,7 +15,7 @@ configuration declares is hidden (the configuration is what the operator deploye
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal
@@ -25,7 +26,14 @@ from sqlalchemy.exc import IntegrityError
 from archive.db import Database
 from archive.models import Peer
 from config import PeerSettings
-from config.settings import validate_ae_title, validate_host, validate_peer_name
+from config.settings import (
+    PEER_PERMISSIONS,
+    PeerPermission,
+    canonical_permissions,
+    validate_ae_title,
+    validate_host,
+    validate_peer_name,
+)
 
 PeerSource = Literal["config", "api"]
 
@@ -59,6 +67,30 @@ class PeerRecord:
     source: PeerSource
     created_at: datetime | None = None
     updated_at: datetime | None = None
+    permissions: tuple[PeerPermission, ...] = PEER_PERMISSIONS
+    """The DIMSE services it may use as a calling AE (``config.settings.PEER_PERMISSIONS``)."""
+    check_host: bool = False
+    """Its associations must come from an address of ``host``."""
+
+
+def validate_permissions(permissions: object) -> tuple[PeerPermission, ...]:
+    """Checked permissions (a list of names), in their canonical order; raises
+    :class:`InvalidPeer`."""
+    if not isinstance(permissions, (list, tuple)) or not all(
+        isinstance(p, str) for p in permissions
+    ):
+        raise InvalidPeer(f"permissions are a list of {', '.join(PEER_PERMISSIONS)}")
+    try:
+        return tuple(canonical_permissions(permissions))
+    except ValueError as exc:
+        raise InvalidPeer(str(exc)) from exc
+
+
+def _stored_permissions(value: str) -> tuple[PeerPermission, ...]:
+    """The ``peer.permissions`` column (comma-separated) as a tuple; a name this version does
+    not know is dropped rather than granted."""
+    names = [p for p in value.split(",") if p]
+    return tuple(p for p in PEER_PERMISSIONS if p in names)
 
 
 def validate_peer(name: str, ae_title: str, host: str, port: int) -> tuple[str, str, int]:
@@ -78,7 +110,15 @@ class PeerRegistry:
     def __init__(self, db: Database, configured: Mapping[str, PeerSettings]) -> None:
         self.db = db
         self.configured = {
-            name: PeerRecord(name, peer.ae_title, peer.host, peer.port, "config")
+            name: PeerRecord(
+                name,
+                peer.ae_title,
+                peer.host,
+                peer.port,
+                "config",
+                permissions=tuple(peer.permissions),
+                check_host=peer.check_host,
+            )
             for name, peer in sorted(configured.items())
         }
         self._config_titles = {p.ae_title: p.name for p in self.configured.values()}
@@ -96,6 +136,8 @@ class PeerRegistry:
             "api",
             _utc(peer.created_at),
             _utc(peer.updated_at),
+            _stored_permissions(peer.permissions),
+            bool(peer.check_host),
         )
 
     def list(self) -> list[PeerRecord]:
@@ -114,8 +156,9 @@ class PeerRegistry:
         return self._record(peer)
 
     def by_ae_title(self, ae_title: str) -> PeerRecord | None:
-        """The peer a C-MOVE names as its Move Destination (AE titles compare exactly, without
-        the non-significant leading/trailing spaces)."""
+        """The peer a C-MOVE names as its Move Destination, or the peer an association's Calling
+        AE Title declares (AE titles compare exactly, without the non-significant
+        leading/trailing spaces)."""
         ae_title = ae_title.strip()
         if ae_title in self._config_titles:
             return self.configured[self._config_titles[ae_title]]
@@ -125,9 +168,20 @@ class PeerRegistry:
             return None
         return self._record(peer)
 
-    def put(self, name: str, ae_title: str, host: str, port: int) -> tuple[PeerRecord, bool]:
+    def put(
+        self,
+        name: str,
+        ae_title: str,
+        host: str,
+        port: int,
+        permissions: Sequence[str] = PEER_PERMISSIONS,
+        check_host: bool = False,
+    ) -> tuple[PeerRecord, bool]:
         """Create or replace the API peer ``name``; returns it and whether it was created."""
         ae_title, host, port = validate_peer(name, ae_title, host, port)
+        granted = validate_permissions(permissions)
+        if not isinstance(check_host, bool):
+            raise InvalidPeer("check_host is true or false")
         if name in self.configured:
             raise PeerConflict(
                 f"peer {name!r} is declared in the configuration file; edit it there"
@@ -149,6 +203,7 @@ class PeerRegistry:
                     peer = Peer(name=name, created_at=now)
                     s.add(peer)
                 peer.ae_title, peer.host, peer.port, peer.updated_at = ae_title, host, port, now
+                peer.permissions, peer.check_host = ",".join(granted), check_host
                 s.flush()
                 record = self._record(peer)
         except IntegrityError as exc:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import platform
 import random
@@ -459,6 +460,11 @@ def run(args: argparse.Namespace, workdir: Path, stack: contextlib.ExitStack) ->
             OrthancTarget(workdir / name, nodelay=nodelay, name=name, config=ORTHANC_QR_CONFIG)
         )
     pacsbridge_env = {"PACSBRIDGE_STABLE_AGE": str(QUICK_STABLE_AGE)} if args.quick else {}
+    # The SCU is a declared peer, as in Orthanc's DicomModalities: pacsbridge serves C-FIND and
+    # C-GET only to declared peers by default, and looks each association's caller up.
+    pacsbridge_env["PACSBRIDGE_PEERS"] = json.dumps(
+        {"bench": {"ae_title": CALLING_AE, "host": LOOPBACK, "port": 104}}
+    )
     pacsbridge = PacsbridgeTarget(
         workdir / "pacsbridge", pacsbridge_executable(), None, extra_env=pacsbridge_env
     )

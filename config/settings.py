@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from datetime import UTC, datetime, tzinfo
 from decimal import Decimal, InvalidOperation
 from functools import lru_cache
@@ -102,12 +103,41 @@ class RouteSettings(BaseModel):
     destinations: list[str] = Field(min_length=1)
 
 
+PeerPermission = Literal["echo", "store", "find", "move", "get"]
+#: Every DIMSE service a peer may be granted, in this order (C-ECHO, C-STORE, C-FIND, C-MOVE,
+#: C-GET): a peer's ``permissions`` default to all of them.
+PEER_PERMISSIONS: tuple[PeerPermission, ...] = ("echo", "store", "find", "move", "get")
+
+
+def canonical_permissions(values: Sequence[str]) -> list[PeerPermission]:
+    """``values`` without repeats, in the order of :data:`PEER_PERMISSIONS`; raises
+    ValueError naming an unknown one."""
+    unknown = [v for v in values if v not in PEER_PERMISSIONS]
+    if unknown:
+        raise ValueError(
+            f"unknown permission {unknown[0]!r}: permissions are {', '.join(PEER_PERMISSIONS)}"
+        )
+    return [p for p in PEER_PERMISSIONS if p in values]
+
+
 class PeerSettings(BaseModel):
     """A remote DICOM application entity (``[peers.<name>]`` in the TOML file)."""
 
     ae_title: str
     host: str
     port: int = Field(ge=1, le=65535)
+    permissions: list[PeerPermission] = Field(default_factory=lambda: list(PEER_PERMISSIONS))
+    """The DIMSE services it may use when it calls us with ``ae_title`` (C-ECHO, C-STORE,
+    C-FIND, C-MOVE, C-GET); the others are refused (0x0124). ``[]``: a C-MOVE destination
+    only."""
+    check_host: bool = False
+    """Its associations must come from an address ``host`` resolves to; from elsewhere its AE
+    title counts as undeclared."""
+
+    @field_validator("permissions")
+    @classmethod
+    def _canonical_permissions(cls, value: list[PeerPermission]) -> list[PeerPermission]:
+        return canonical_permissions(value)
 
     @field_validator("ae_title")
     @classmethod
@@ -446,6 +476,32 @@ class Settings(BaseSettings):
     artim_timeout: float = Field(default=5.0, gt=0)
     """ARTIM timer (PS3.8 9.1.5): how long a new connection has to send its A-ASSOCIATE-RQ, and
     a peer to close the connection after a rejection, an abort or a release."""
+
+    # --- access --------------------------------------------------------------------------
+    auth: Literal["auto", "off", "required"] = "auto"
+    """HTTP authentication (OAuth2 bearer tokens). ``auto``: none while HTTP listens on a
+    loopback address only (a first run on a laptop just works); listening elsewhere without it
+    refuses to start. ``required``: every request but the discovery and token endpoints needs a
+    token, wherever HTTP listens; DICOM associations from calling AE titles that are no
+    declared peer are rejected. ``off``: no authentication anywhere (logged as a warning at
+    every start: for a network that is trusted as a whole)."""
+    auth_issuer: str | None = None
+    """``iss`` of the tokens the built-in issuer signs (default: ``public_url``, else
+    ``urn:pacsbridge``)."""
+    auth_audience: str = "pacsbridge"
+    """``aud`` of those tokens, and the audience a token must name."""
+    auth_token_seconds: int = Field(default=300, ge=30, le=86400)
+    """Lifetime of an access token."""
+    auth_refresh_seconds: int = Field(default=28800, ge=60, le=30 * 86400)
+    """Lifetime of a refresh token (each is used once)."""
+    auth_keys_dir: Path | None = None
+    """Folder of the signing keys (default ``<data_dir>/auth/keys``; created 0700 with the first
+    key on first use). Processes that share tokens (several ``serve`` behind a load balancer)
+    share this folder."""
+    dimse_query_from_any_ae: bool = False
+    """C-FIND, C-MOVE and C-GET (which read PHI out) from any calling AE title, not only from
+    declared peers (ignored when ``auth`` is ``required``). C-ECHO and C-STORE are open to any
+    calling AE either way, as on Orthanc."""
 
     # --- HTTP --------------------------------------------------------------------------
     http_host: str = "127.0.0.1"

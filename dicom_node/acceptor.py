@@ -68,6 +68,8 @@ class AcceptorRequestHandler(RequestHandler):
         """pynetdicom's ``RequestHandler._create_association``, except that:
 
         - the ARTIM timer runs for the server's ``artim_timeout``, not ``acse_timeout``;
+        - the association gets the server's ``request_gate``, which the reactor asks before
+          it serves each request (access control, dicom_node/access.py);
         - the association gets a list of the server's presentation contexts, not a deep copy:
           with every storage SOP class and transfer syntax, copying them was most of the cost
           of accepting an association (tens of milliseconds). Negotiation builds new contexts
@@ -92,6 +94,8 @@ class AcceptorRequestHandler(RequestHandler):
         assoc.acceptor.supported_contexts = list(self.server.contexts)
 
         assoc.requestor.address_info = self.remote
+        # Asked before each request is served (dicom_node.reactor): who may use what.
+        assoc._pb_gate = getattr(self.server, "request_gate", None)  # type: ignore[attr-defined]
 
         for event in self.server._handlers:
             if event.is_intervention and self.server._handlers[event]:

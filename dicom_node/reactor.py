@@ -483,7 +483,9 @@ def _wake_association(assoc: Association) -> None:
 
 def _assoc_run_reactor(self: Association) -> None:
     """pynetdicom's acceptor reactor loop (``Association._run_reactor``), waiting on an event
-    set by the DUL instead of polling every millisecond."""
+    set by the DUL instead of polling every millisecond. Each request is first offered to the
+    association's ``_pb_gate`` (set by dicom_node.acceptor: access control), which may answer
+    it instead."""
     wake: threading.Event = self._pb_wake  # type: ignore[attr-defined]
     self._is_paused = False
     while not self._kill:
@@ -501,6 +503,9 @@ def _assoc_run_reactor(self: Association) -> None:
 
         context_id, msg = self.dimse.get_msg(block=False)
         if msg:
+            gate = getattr(self, "_pb_gate", None)
+            if gate is not None and gate(self, msg, cast(int, context_id)):
+                continue  # refused, and answered (dicom_node/access.py)
             self._serve_request(msg, cast(int, context_id))
             self.dul._pb_lease.release()  # type: ignore[attr-defined]  # if a handler kept it
             if type(msg) is C_STORE:

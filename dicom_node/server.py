@@ -5,6 +5,8 @@ offered with every transfer syntax pydicom knows, and each instance is stored as
 
 Connections are accepted as ``dicom_node/acceptor.py`` describes (the ARTIM timer, a limit of
 open connections per peer address), on pynetdicom as ``dicom_node.patches.install()`` leaves it.
+Every association, in whichever process serves it, is subject to ``dicom_node/access.py``:
+which DIMSE services its Calling AE Title may use.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from archive.ingest import resolve_sop_classes
 from config import Settings
 from dicom_node import patches, store_receive
 from dicom_node.acceptor import AcceptorRequestHandler, AddressLimiter, ConnectionRefuser
+from dicom_node.access import AccessControl
 from dicom_node.part10 import file_meta
 from dicom_node.services import DimseService, default_services
 from dicom_node.sop_classes import storage_sop_classes
@@ -76,6 +79,9 @@ class _NoDelayAssociationServer(ThreadedAssociationServer):
 
     artim_timeout: float = 30.0
     connection_ended: Callable[[str], None] = staticmethod(lambda address: None)
+    #: Called with (association, request, context ID) before each request is served; True
+    #: when it answered the request itself (dicom_node.access.AccessControl.gate).
+    request_gate: Callable[[Association, Any, int], bool] | None = None
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         client, address = super().get_request()
@@ -217,6 +223,8 @@ class DimseServer:
         # those over the limit are rejected with local-limit-exceeded).
         self.limiter = AddressLimiter(settings.max_associations_per_address)
         self._refuser: ConnectionRefuser | None = None
+        # Which DIMSE services each association's Calling AE Title may use.
+        self.access = AccessControl(archive.peers, settings)
         self.ae = self._build_ae()
 
     def _build_ae(self) -> AE:
@@ -245,6 +253,7 @@ class DimseServer:
     @property
     def handlers(self) -> list[Any]:
         handlers: list[Any] = [
+            (evt.EVT_REQUESTED, self.access.on_requested),
             (evt.EVT_C_ECHO, self.handle_echo),
             (evt.EVT_C_STORE, self.handle_store),
         ]
@@ -274,6 +283,7 @@ class DimseServer:
         assert isinstance(server, _NoDelayAssociationServer)
         server.artim_timeout = s.artim_timeout
         server.connection_ended = self._connection_ended
+        server.request_gate = self.access.gate
         if isinstance(server, _DispatchingAssociationServer):
             server.limiter = self.limiter
             server.refuser = self._refuser = ConnectionRefuser(s.artim_timeout)

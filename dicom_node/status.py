@@ -17,6 +17,9 @@ STATUS_PENDING = int(Status.PENDING)  # 0xFF00: matches or sub-operations are co
 STATUS_PROCESSING_FAILURE = 0x0110
 STATUS_DUPLICATE_SOP_INSTANCE = 0x0111
 STATUS_REFUSED_SOP_CLASS_NOT_SUPPORTED = 0x0122
+#: "Refused: Not Authorized" (PS3.7 Annex C.5): the calling AE may not use the service
+#: (dicom_node/access.py).
+STATUS_REFUSED_NOT_AUTHORIZED = 0x0124
 
 # --- Storage (PS3.4 B.2.3) ------------------------------------------------------------------
 STATUS_OUT_OF_RESOURCES = 0xA700
@@ -53,6 +56,11 @@ CATEGORIES: dict[str, tuple[int, str, str]] = {
     "STATUS_REFUSED_SOP_CLASS_NOT_SUPPORTED": (
         STATUS_REFUSED_SOP_CLASS_NOT_SUPPORTED,
         "STORAGE_SERVICE_CLASS_STATUS",
+        "Failure",
+    ),
+    "STATUS_REFUSED_NOT_AUTHORIZED": (
+        STATUS_REFUSED_NOT_AUTHORIZED,
+        "QR_FIND_SERVICE_CLASS_STATUS",
         "Failure",
     ),
     "STATUS_OUT_OF_RESOURCES": (

@@ -1,4 +1,6 @@
-"""``/api/peers``: the remote DICOM AEs this node sends to (C-MOVE destinations).
+"""``/api/peers``: the remote DICOM AEs this node sends to (C-MOVE destinations), and what each
+may do when it calls this node (``permissions``: the DIMSE services it may use; ``check_host``:
+its associations must come from an address of its host).
 
 Peers from the configuration file are listed with ``"source": "config"`` and are read-only
 here; peers created with ``PUT`` are stored in the index (``"source": "api"``).
@@ -14,7 +16,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from archive import Archive
 from archive.peers import InvalidPeer, PeerConflict, PeerNotFound, PeerRecord, PeerSource
-from config.settings import validate_ae_title, validate_host
+from config.settings import (
+    PEER_PERMISSIONS,
+    PeerPermission,
+    canonical_permissions,
+    validate_ae_title,
+    validate_host,
+)
 
 router = APIRouter(prefix="/api/peers", tags=["peers"])
 
@@ -39,6 +47,21 @@ class PeerIn(BaseModel):
     )
     host: str = Field(description="host name or IP address", max_length=255, examples=["10.0.0.7"])
     port: int = Field(ge=1, le=65535, examples=[104])
+    permissions: list[PeerPermission] = Field(
+        default_factory=lambda: list(PEER_PERMISSIONS),
+        description="the DIMSE services it may use when it calls us (default: all five); "
+        "[] for a C-MOVE destination only",
+        examples=[["echo", "store", "find", "move", "get"]],
+    )
+    check_host: bool = Field(
+        default=False,
+        description="its associations must come from an address its host resolves to",
+    )
+
+    @field_validator("permissions")
+    @classmethod
+    def _permissions(cls, value: list[PeerPermission]) -> list[PeerPermission]:
+        return canonical_permissions(value)
 
     @field_validator("ae_title")
     @classmethod
@@ -56,6 +79,8 @@ class PeerOut(BaseModel):
     ae_title: str
     host: str
     port: int
+    permissions: list[PeerPermission]
+    check_host: bool
     source: PeerSource
     created_at: datetime | None = None
     updated_at: datetime | None = None
@@ -67,6 +92,8 @@ class PeerOut(BaseModel):
             ae_title=record.ae_title,
             host=record.host,
             port=record.port,
+            permissions=list(record.permissions),
+            check_host=record.check_host,
             source=record.source,
             created_at=record.created_at,
             updated_at=record.updated_at,
@@ -97,14 +124,17 @@ def get_peer(request: Request, name: PeerName) -> PeerOut:
     responses={
         201: {"description": "created"},
         409: {"description": "a configuration peer, or an AE title another peer has"},
-        422: {"description": "invalid AE title, host or port"},
+        422: {"description": "invalid AE title, host, port, permissions or check_host"},
     },
 )
 def put_peer(request: Request, response: Response, name: PeerName, peer: PeerIn) -> PeerOut:
-    """Create the peer, or replace it. A C-MOVE names its destination by AE title, so AE
-    titles are unique among peers."""
+    """Create the peer, or replace it (fields left out take their defaults). A C-MOVE names its
+    destination by AE title, and an association its caller, so AE titles are unique among
+    peers."""
     try:
-        record, created = _archive(request).peers.put(name, peer.ae_title, peer.host, peer.port)
+        record, created = _archive(request).peers.put(
+            name, peer.ae_title, peer.host, peer.port, peer.permissions, peer.check_host
+        )
     except PeerConflict as exc:
         raise HTTPException(status.HTTP_409_CONFLICT, exc.reason) from exc
     except InvalidPeer as exc:

@@ -141,7 +141,13 @@ def _backend(
     request: pytest.FixtureRequest,
     **overrides: object,
 ) -> Backend:
-    values: dict[str, object] = {"data_dir": str(tmp_path / "data")}
+    # Most tests query and retrieve with DCMTK and pynetdicom under arbitrary calling AE titles:
+    # let any AE use C-FIND/C-MOVE/C-GET here. tests/test_dimse_access.py proves the default
+    # (only declared peers may) with dimse_query_from_any_ae=False.
+    values: dict[str, object] = {
+        "data_dir": str(tmp_path / "data"),
+        "dimse_query_from_any_ae": True,
+    }
     if index == "postgresql":
         values["database_url"] = request.getfixturevalue("postgres_url")
     if storage == "s3":
@@ -254,6 +260,9 @@ def start_server(backend: Backend, tmp_path: Path, **extra_env: str) -> RunningS
     dimse_port, http_port = free_port(), free_port()
     env = {
         **os.environ,
+        # Any calling AE may query and retrieve, as in _backend, unless the backend or
+        # extra_env says otherwise (tests/test_dimse_access.py).
+        "PACSBRIDGE_DIMSE_QUERY_FROM_ANY_AE": "true",
         **backend.env,
         "PACSBRIDGE_DIMSE_HOST": "127.0.0.1",
         "PACSBRIDGE_DIMSE_PORT": str(dimse_port),

@@ -37,6 +37,8 @@ def test_config_peers_are_listed_and_read_only(client: TestClient):
         "ae_title": "ORTHANC",
         "host": "orthanc.example",
         "port": 4242,
+        "permissions": ["echo", "store", "find", "move", "get"],
+        "check_host": False,
         "source": "config",
         "created_at": None,
         "updated_at": None,
@@ -109,6 +111,10 @@ def test_ae_titles_are_unique(client: TestClient):
         ("p", {"ae_title": "AE", "host": "h", "port": 65536}, "less than or equal to 65535"),
         ("p", {"ae_title": "AE", "host": "h", "port": "x"}, "integer"),
         ("p", {"ae_title": "AE", "host": "h"}, "port"),
+        ("p", {"ae_title": "AE", "host": "h", "port": 1, "permissions": ["read"]}, "'find'"),
+        ("p", {"ae_title": "AE", "host": "h", "port": 1, "permissions": "find"}, "list"),
+        ("p", {"ae_title": "AE", "host": "h", "port": 1, "check_host": "yes"}, "boolean"),
+        ("p", {"ae_title": "AE", "host": "h", "port": 1, "permission": ["find"]}, "extra"),
         ("-bad", {"ae_title": "AE", "host": "h", "port": 104}, "pattern"),
         ("x" * 65, {"ae_title": "AE", "host": "h", "port": 104}, "pattern"),
     ],
@@ -118,6 +124,20 @@ def test_validation(client: TestClient, name: str, body: dict, message: str):
     assert response.status_code == 422, response.text
     assert message in response.text
     assert all(p["source"] == "config" for p in client.get("/api/peers").json())
+
+
+def test_permissions_and_check_host(client: TestClient):
+    body = {"ae_title": "WS", "host": "ws.example", "port": 104}
+    record = client.put("/api/peers/ws", json=body).json()
+    assert record["permissions"] == ["echo", "store", "find", "move", "get"]
+    assert record["check_host"] is False
+    body |= {"permissions": ["get", "find", "get"], "check_host": True}
+    record = client.put("/api/peers/ws", json=body).json()
+    assert record["permissions"] == ["find", "get"]  # canonical order, no repeats
+    assert record["check_host"] is True
+    assert client.get("/api/peers/ws").json() == record
+    record = client.put("/api/peers/ws", json={**body, "permissions": []}).json()
+    assert record["permissions"] == []  # a C-MOVE destination only
 
 
 def test_unknown_peer(client: TestClient):

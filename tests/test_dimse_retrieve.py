@@ -879,6 +879,8 @@ def test_peers_api_moves_to_a_created_peer(backend: Backend, tmp_path: Path, sto
                 "ae_title": "CONFIGURED",
                 "host": "127.0.0.1",
                 "port": configured.port,
+                "permissions": ["echo", "store", "find", "move", "get"],
+                "check_host": False,
                 "source": "config",
                 "created_at": None,
                 "updated_at": None,
