@@ -201,6 +201,17 @@ class Database:
                     conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": _MIGRATION_LOCK})
                     conn.commit()
 
+    def schema_revisions(self) -> tuple[str | None, str | None]:
+        """(the index's Alembic revision, the newest this code knows): equal when the
+        migrations are applied."""
+        from alembic.runtime.migration import MigrationContext
+        from alembic.script import ScriptDirectory
+
+        head = ScriptDirectory.from_config(alembic_config(self.engine)).get_current_head()
+        with self.engine.connect() as conn:
+            current = MigrationContext.configure(conn).get_current_revision()
+        return current, head
+
     def dispose(self) -> None:
         self.engine.dispose()
         self._write_lock.close()

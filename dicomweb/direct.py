@@ -26,7 +26,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.exception_handlers import http_exception_handler
-from fastapi.routing import APIRoute, APIRouter
+from fastapi.routing import APIRoute, APIRouter, iter_route_contexts
 from starlette.convertors import Convertor
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -58,22 +58,24 @@ class DirectRoute:
         }
 
 
-def _direct(prefix: str, route: APIRoute) -> DirectRoute | None:
-    """The direct form of a GET endpoint that takes the request and its path parameters only;
-    None for any other route."""
-    if route.methods != {"GET"} or route.dependant.dependencies:
+def _direct(route: Any) -> DirectRoute | None:
+    """The direct form of a GET endpoint (an :class:`APIRoute` or FastAPI's ``RouteContext`` of
+    one as the application holds it, with its full path and every dependency merged in) that
+    takes the request and its path parameters only; None for any other route."""
+    dependant = route.dependant
+    if route.methods != {"GET"} or dependant is None or dependant.dependencies:
         return None
-    if route.dependant.query_params or route.dependant.header_params:
+    if dependant.query_params or dependant.header_params:
         return None
-    if route.dependant.cookie_params or route.dependant.body_params:
+    if dependant.cookie_params or dependant.body_params:
         return None
     parameters = list(inspect.signature(route.endpoint).parameters)
-    path_names = {param.name for param in route.dependant.path_params}
+    path_names = {param.name for param in dependant.path_params}
     if not parameters or parameters[0] != "request" or set(parameters[1:]) != path_names:
         return None
     if inspect.iscoroutinefunction(route.endpoint):
         return None
-    regex, path, convertors = compile_path(prefix + route.path)
+    regex, path, convertors = compile_path(route.path)
     return DirectRoute(route.name, path, regex, convertors, route.endpoint)
 
 
@@ -89,14 +91,26 @@ class DirectApp(FastAPI):
         self._executor: ThreadPoolExecutor | None = None
 
     def serve_directly(self, prefix: str, routers: Iterable[APIRouter]) -> None:
-        """Serve the plain GET routes of ``routers``, included in this app under ``prefix``,
-        directly (in addition to those of earlier calls, under their prefixes)."""
+        """Serve the plain GET routes of ``routers``, already included in this app under
+        ``prefix``, directly (in addition to those of earlier calls, under their prefixes).
+
+        The routes are taken as the application holds them — with the dependencies of the
+        application and of ``include_router`` merged in — so that a route with any dependency
+        goes through FastAPI, which runs it; a dependency is never skipped."""
+        endpoints = {
+            route.endpoint
+            for router in routers
+            for route in router.routes
+            if isinstance(route, APIRoute)
+        }
         self._direct_prefixes = (*self._direct_prefixes, prefix)
         self._direct_routes += [
             direct
-            for router in routers
-            for route in router.routes
-            if isinstance(route, APIRoute) and (direct := _direct(prefix, route)) is not None
+            for route in iter_route_contexts(self.router.routes)
+            if isinstance(route.original_route, APIRoute)
+            and route.endpoint in endpoints
+            and (route.path or "").startswith(prefix)
+            and (direct := _direct(route)) is not None
         ]
         self._direct_stack = None
 
@@ -130,10 +144,18 @@ class DirectApp(FastAPI):
         except HTTPException as exc:
             if started:
                 raise
-            error = await http_exception_handler(request, exc)
+            # The application's handler of HTTPException where it declares one, as FastAPI
+            # would run it.
+            handler: Any = self.exception_handlers.get(HTTPException, http_exception_handler)
+            error = await handler(request, exc)
             await error(scope, receive, sender)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "HEAD":
+            # HEAD wherever GET works (RFC 9110 9.3.2): the GET, its status and headers (its
+            # Content-Length too), without the content.
+            scope = {**scope, "method": "GET"}
+            send = _without_body(send)
         if (
             scope["type"] == "http"
             and scope["method"] == "GET"
@@ -156,3 +178,14 @@ class DirectApp(FastAPI):
                     await self._direct_stack(scope, receive, send)
                     return
         await super().__call__(scope, receive, send)
+
+
+def _without_body(send: Send) -> Send:
+    async def headers_only(message: Message) -> None:
+        if message["type"] == "http.response.body":
+            if not message.get("more_body", False):
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
+        await send(message)
+
+    return headers_only

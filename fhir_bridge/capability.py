@@ -102,6 +102,37 @@ def _statement(ctx: Context, software_version: str) -> dict[str, Any]:
                     {"name": name, "type": kind, "documentation": doc}
                     for name, kind, doc in _COMMON
                 ],
+                **_security(ctx),
             }
         ],
+    }
+
+
+def _security(ctx: Context) -> dict[str, Any]:
+    """``rest.security`` where requests need a token: SMART on FHIR with the ``oauth-uris``
+    extension naming the token endpoint (SMART App Launch 2.0, "Conformance")."""
+    if ctx.settings.auth != "required":
+        return {}
+    root = ctx.base.removesuffix("/fhir")
+    return {
+        "security": {
+            "cors": bool(ctx.settings.cors_origins),
+            "service": [
+                {
+                    "coding": [
+                        {
+                            "system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
+                            "code": "SMART-on-FHIR",
+                        }
+                    ]
+                }
+            ],
+            "extension": [
+                {
+                    "url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
+                    "extension": [{"url": "token", "valueUri": f"{root}/auth/token"}],
+                }
+            ],
+            "description": "OAuth2 bearer tokens of this server's issuer (POST /auth/token)",
+        }
     }

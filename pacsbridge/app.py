@@ -28,7 +28,12 @@ from fhir_bridge import router as fhir_router
 from pacsbridge import __version__
 from pacsbridge.ai_api import router as ai_router
 from pacsbridge.api_peers import router as peers_router
+from pacsbridge.auth_api import router as auth_router
 from pacsbridge.jobs_api import router as jobs_router
+from security.http import AuthMiddleware
+from security.keys import KeyStore
+from security.policy import http_auth_enforced
+from security.tokens import TokenService
 
 
 def create_app(
@@ -45,6 +50,9 @@ def create_app(
     )
     app.state.archive = archive
     app.state.settings = settings
+    keys = KeyStore(settings.auth_keys_dir or settings.data_dir / "auth" / "keys")
+    app.state.tokens = TokenService(archive, settings, keys)
+    app.include_router(auth_router)
     app.include_router(peers_router)
     app.include_router(jobs_router)
     app.include_router(ai_router)
@@ -63,6 +71,10 @@ def create_app(
         prefix=DICOMWEB_PREFIX,
         check_host=not (settings.public_url or settings.dicomweb_base_url),
     )
+    if http_auth_enforced(settings):
+        # Inside CORS (a browser's preflight needs no token), around every route, the direct
+        # GET paths included.
+        app.add_middleware(AuthMiddleware, tokens=app.state.tokens)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -93,6 +105,25 @@ def create_app(
         if dimse_acceptors is not None:
             body["dimse_processes"] = dimse_acceptors()
         return JSONResponse(body, status_code=200 if healthy else 503)
+
+    @app.get("/ready", tags=["operations"])
+    def ready() -> JSONResponse:
+        """Ready to serve: the index answers with every migration applied, the blob store is
+        writable (for a load balancer's or an orchestrator's readiness probe)."""
+        checks: dict[str, Any] = {}
+        try:
+            current, head = archive.db.schema_revisions()
+            checks["database"] = "ok"
+            checks["schema"] = (
+                "ok" if current == head else f"at revision {current}, this code needs {head}"
+            )
+        except Exception as exc:
+            checks["database"] = f"error: {type(exc).__name__}"
+        checks["storage"] = "ok" if archive.blobs.healthy() else "error"
+        ok = all(v == "ok" for v in checks.values())
+        return JSONResponse(
+            {"status": "ready" if ok else "not ready", **checks}, status_code=200 if ok else 503
+        )
 
     return app
 

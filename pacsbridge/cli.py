@@ -43,6 +43,18 @@ billing_app = typer.Typer(
 app.add_typer(billing_app, name="billing")
 prices_app = typer.Typer(help="The price list (ChargeItemDefinitions).", no_args_is_help=True)
 billing_app.add_typer(prices_app, name="prices")
+users_app = typer.Typer(
+    help="Users of the built-in token issuer (people: a name, a role, a password).",
+    no_args_is_help=True,
+)
+app.add_typer(users_app, name="users")
+clients_app = typer.Typer(
+    help="Service clients of the built-in token issuer (a client id, a role, a secret).",
+    no_args_is_help=True,
+)
+app.add_typer(clients_app, name="clients")
+auth_app = typer.Typer(help="The built-in token issuer's signing keys.", no_args_is_help=True)
+app.add_typer(auth_app, name="auth")
 charge_app = typer.Typer(
     help="Manual charges: add, price, void (captured charges: billing charges).",
     no_args_is_help=True,
@@ -97,8 +109,13 @@ def serve(
     from pacsbridge.app import create_app
     from pacsbridge.dimse_pool import DimseProcessPool, available_cpus
     from pacsbridge.routing_jobs import install_arrival_routes
+    from security.policy import exposure_error
 
     settings = _settings(data_dir=data_dir, dimse_port=dimse_port, http_port=http_port)
+    problem = exposure_error(settings)
+    if problem is not None:
+        console.print(f"[red]refusing to start:[/red] {problem}", highlight=False)
+        raise typer.Exit(2)
     patches.install(settings.log_level)  # pynetdicom, for the DIMSE node and the forwarding jobs
     archive = _archive(settings)
     install_arrival_routes(archive, settings)
@@ -1167,3 +1184,149 @@ def main() -> None:
         app()
     except KeyboardInterrupt:
         sys.exit(130)
+
+
+# --- access ------------------------------------------------------------------------------------
+
+
+def _account_call(settings: Settings, call: Any) -> Any:
+    """Run ``call(archive)``; an ``AccountError`` prints its message and exits 1."""
+    from rich.markup import escape
+
+    from security.accounts import AccountError
+
+    archive = _archive(settings)
+    try:
+        return call(archive)
+    except AccountError as exc:
+        console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+        raise typer.Exit(1) from exc
+    finally:
+        archive.close()
+
+
+def _read_password(from_stdin: bool) -> str:
+    if from_stdin:
+        return sys.stdin.readline().rstrip("\r\n")
+    first = typer.prompt("Password", hide_input=True)
+    if typer.prompt("Again", hide_input=True) != first:
+        console.print("[red]error:[/red] the two passwords differ")
+        raise typer.Exit(1)
+    return str(first)
+
+
+@users_app.command("add")
+def users_add(
+    name: Annotated[str, typer.Argument(help="The user's login name.")],
+    role: Annotated[
+        str, typer.Option(help="admin, radiologist, clinician, billing, modality or service.")
+    ],
+    password_stdin: Annotated[
+        bool, typer.Option("--password-stdin", help="Read the password from standard input.")
+    ] = False,
+    data_dir: DataDir = None,
+) -> None:
+    """Add a user (the password is stored as an argon2id hash)."""
+    from security.accounts import add_user
+
+    password = _read_password(password_stdin)
+    settings = _settings(data_dir=data_dir)
+    _account_call(settings, lambda archive: add_user(archive, name, role, password))
+
+
+@users_app.command("list")
+def users_list(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    data_dir: DataDir = None,
+) -> None:
+    """The users, their roles and whether they are disabled."""
+    from security.accounts import list_users
+
+    settings = _settings(data_dir=data_dir)
+    rows = _account_call(settings, list_users)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        print(f"{row['name']:<24} {row['role']:<12} {'disabled' if row['disabled'] else ''}")
+
+
+@users_app.command("disable")
+def users_disable(
+    name: Annotated[str, typer.Argument(help="The user.")], data_dir: DataDir = None
+) -> None:
+    """Disable a user: no new token; its refresh tokens stop working."""
+    from security.accounts import disable_user
+
+    settings = _settings(data_dir=data_dir)
+    _account_call(settings, lambda archive: disable_user(archive, name))
+
+
+@users_app.command("passwd")
+def users_passwd(
+    name: Annotated[str, typer.Argument(help="The user.")],
+    password_stdin: Annotated[
+        bool, typer.Option("--password-stdin", help="Read the password from standard input.")
+    ] = False,
+    data_dir: DataDir = None,
+) -> None:
+    """Set a user's password (its refresh tokens stop working)."""
+    from security.accounts import set_password
+
+    password = _read_password(password_stdin)
+    settings = _settings(data_dir=data_dir)
+    _account_call(settings, lambda archive: set_password(archive, name, password))
+
+
+@clients_app.command("add")
+def clients_add(
+    name: Annotated[str, typer.Argument(help="The client_id.")],
+    role: Annotated[str, typer.Option(help="The role its tokens carry (e.g. service).")],
+    scope: Annotated[str, typer.Option(help="Scopes it may be granted, space separated.")] = "",
+    data_dir: DataDir = None,
+) -> None:
+    """Register a service client; prints its secret once (only a hash is kept)."""
+    from security.accounts import add_client
+
+    settings = _settings(data_dir=data_dir)
+    print(_account_call(settings, lambda archive: add_client(archive, name, role, scope)))
+
+
+@clients_app.command("list")
+def clients_list(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    data_dir: DataDir = None,
+) -> None:
+    """The service clients."""
+    from security.accounts import list_clients
+
+    settings = _settings(data_dir=data_dir)
+    rows = _account_call(settings, list_clients)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        state = "disabled" if row["disabled"] else ""
+        print(f"{row['name']:<24} {row['role']:<12} {row['scope']}  {state}")
+
+
+@clients_app.command("disable")
+def clients_disable(
+    name: Annotated[str, typer.Argument(help="The client_id.")], data_dir: DataDir = None
+) -> None:
+    """Disable a service client: no new token."""
+    from security.accounts import disable_client
+
+    settings = _settings(data_dir=data_dir)
+    _account_call(settings, lambda archive: disable_client(archive, name))
+
+
+@auth_app.command("rotate-key")
+def auth_rotate_key(data_dir: DataDir = None) -> None:
+    """Sign new tokens with a new key; the one before stays published (tokens it signed stay
+    valid until they expire), older ones are deleted. Restart the serve processes."""
+    from security.keys import KeyStore
+
+    settings = _settings(data_dir=data_dir)
+    key = KeyStore(settings.auth_keys_dir or settings.data_dir / "auth" / "keys").rotate()
+    print(key.kid)

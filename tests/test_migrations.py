@@ -10,6 +10,7 @@ from alembic.migration import MigrationContext
 from sqlalchemy import inspect
 
 import billing.models  # noqa: F401  (the billing tables are part of the metadata compared)
+import security.models  # noqa: F401  (and the access tables)
 from archive import Archive
 from archive.db import alembic_config
 from archive.models import Base

@@ -1,0 +1,214 @@
+"""OAuth2 access tokens of the built-in issuer: JWTs (RFC 9068 profile) signed ``ES256``,
+short-lived, checked on every request by signature (the ``kid`` among the published keys),
+issuer, audience, expiry and not-before — and nothing else is accepted: no ``alg: none``, no
+HMAC (an HS256 token keyed with the public key is refused), no unknown ``kid``.
+
+Grants (RFC 6749): ``password`` (a user's name and password; a refresh token comes with the
+access token), ``client_credentials`` (a client's id and secret) and ``refresh_token`` (each
+refresh token is used once and replaced: rotation, RFC 9700 4.14.2)."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import jwt
+from sqlalchemy import delete, select
+
+from archive import Archive
+from config import Settings
+from security.keys import ALGORITHM, KeyStore
+from security.models import AuthClient, AuthRefreshToken, AuthUser
+from security.passwords import verify_secret
+
+LEEWAY = 30
+"""Seconds of clock difference tolerated on ``exp`` and ``nbf``."""
+
+
+class TokenError(Exception):
+    """A token request refused: ``error`` is the RFC 6749 5.2 code."""
+
+    def __init__(self, error: str, description: str, status: int = 400) -> None:
+        super().__init__(description)
+        self.error = error
+        self.description = description
+        self.status = status
+
+
+class InvalidToken(Exception):
+    """A bearer token that does not authenticate (RFC 6750 3.1 ``invalid_token``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who a valid token speaks for."""
+
+    subject: str
+    """``user:<name>`` or ``client:<name>``."""
+    role: str
+    scope: str
+    token_id: str
+    expires_at: float
+    """``exp`` (seconds since the epoch)."""
+
+
+def issuer_of(settings: Settings) -> str:
+    return settings.auth_issuer or (settings.public_url or "urn:pacsbridge").rstrip("/")
+
+
+class TokenService:
+    def __init__(self, archive: Archive, settings: Settings, keys: KeyStore) -> None:
+        self.archive = archive
+        self.settings = settings
+        self.keys = keys
+        self.issuer = issuer_of(settings)
+        self.audience = settings.auth_audience
+
+    # --- issuing ----------------------------------------------------------------------------
+    def _access_token(self, subject: str, role: str, scope: str, client_id: str) -> dict[str, Any]:
+        now = datetime.now(UTC)
+        lifetime = self.settings.auth_token_seconds
+        key = self.keys.signing
+        claims = {
+            "iss": self.issuer,
+            "sub": subject,
+            "aud": self.audience,
+            "iat": int(now.timestamp()),
+            "nbf": int(now.timestamp()),
+            "exp": int((now + timedelta(seconds=lifetime)).timestamp()),
+            "jti": str(uuid.uuid4()),
+            "client_id": client_id,
+            "role": role,
+            "scope": scope,
+        }
+        token = jwt.encode(
+            claims, key.private, algorithm=ALGORITHM, headers={"kid": key.kid, "typ": "at+jwt"}
+        )
+        return {
+            "access_token": token,
+            "token_type": "Bearer",
+            "expires_in": lifetime,
+            "scope": scope,
+        }
+
+    def password_grant(self, name: str, password: str, scope: str = "") -> dict[str, Any]:
+        with self.archive.db.session() as session:
+            user = session.scalars(select(AuthUser).where(AuthUser.name == name)).first()
+        if not verify_secret(user.password_hash if user else None, password) or user is None:
+            raise TokenError("invalid_grant", "unknown user or wrong password")
+        if user.disabled:
+            raise TokenError("invalid_grant", "unknown user or wrong password")
+        answer = self._access_token(f"user:{user.name}", user.role, scope, "pacsbridge")
+        answer["refresh_token"] = self._refresh_token(user.id, scope)
+        return answer
+
+    def client_credentials_grant(
+        self, client_id: str, secret: str, scope: str = ""
+    ) -> dict[str, Any]:
+        with self.archive.db.session() as session:
+            client = session.scalars(select(AuthClient).where(AuthClient.name == client_id)).first()
+        if not verify_secret(client.secret_hash if client else None, secret) or client is None:
+            raise TokenError("invalid_client", "unknown client or wrong secret", 401)
+        if client.disabled:
+            raise TokenError("invalid_client", "unknown client or wrong secret", 401)
+        granted = _granted(client.scope, scope)
+        return self._access_token(f"client:{client.name}", client.role, granted, client.name)
+
+    def _refresh_token(self, user_id: int, scope: str) -> str:
+        token = secrets.token_urlsafe(32)
+        now = datetime.now(UTC)
+        with self.archive.db.write_session() as session:
+            # The user's expired refresh tokens go: the table holds the live ones only.
+            session.execute(
+                delete(AuthRefreshToken).where(
+                    AuthRefreshToken.user_fk == user_id, AuthRefreshToken.expires_at < now
+                )
+            )
+            session.add(
+                AuthRefreshToken(
+                    digest=_digest(token),
+                    user_fk=user_id,
+                    scope=scope,
+                    issued_at=now,
+                    expires_at=now + timedelta(seconds=self.settings.auth_refresh_seconds),
+                    used=False,
+                )
+            )
+        return token
+
+    def refresh_grant(self, token: str) -> dict[str, Any]:
+        now = datetime.now(UTC)
+        with self.archive.db.write_session() as session:
+            row = session.scalars(
+                select(AuthRefreshToken)
+                .where(AuthRefreshToken.digest == _digest(token))
+                .with_for_update()
+            ).first()
+            if row is None or row.used or _aware(row.expires_at) <= now:
+                raise TokenError("invalid_grant", "unknown, used or expired refresh token")
+            user = session.get(AuthUser, row.user_fk)
+            if user is None or user.disabled or _aware(user.changed_at) > _aware(row.issued_at):
+                raise TokenError("invalid_grant", "the user changed or was disabled: log in again")
+            row.used = True
+            user_id, name, role, scope = user.id, user.name, user.role, row.scope
+        answer = self._access_token(f"user:{name}", role, scope, "pacsbridge")
+        answer["refresh_token"] = self._refresh_token(user_id, scope)
+        return answer
+
+    # --- checking ---------------------------------------------------------------------------
+    def validate(self, token: str) -> Principal:
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError as exc:
+            raise InvalidToken(f"not a JWT: {exc}") from exc
+        if header.get("alg") != ALGORITHM:
+            raise InvalidToken(f"alg {header.get('alg')!r} is not accepted ({ALGORITHM} only)")
+        key = self.keys.find(str(header.get("kid") or ""))
+        if key is None:
+            raise InvalidToken(f"unknown kid {header.get('kid')!r}")
+        try:
+            claims = jwt.decode(
+                token,
+                key.private.public_key(),
+                algorithms=[ALGORITHM],
+                audience=self.audience,
+                issuer=self.issuer,
+                leeway=LEEWAY,
+                options={"require": ["exp", "iat", "nbf", "iss", "aud", "sub"]},
+            )
+        except jwt.PyJWTError as exc:
+            raise InvalidToken(str(exc)) from exc
+        role = claims.get("role")
+        if not isinstance(role, str):
+            raise InvalidToken("the token names no role")
+        return Principal(
+            str(claims["sub"]),
+            role,
+            str(claims.get("scope") or ""),
+            str(claims.get("jti")),
+            float(claims["exp"]),
+        )
+
+
+def _granted(allowed: str, asked: str) -> str:
+    """The scopes asked for that the client may have (all of its own when it asks none)."""
+    mine = allowed.split()
+    if not asked.strip():
+        return " ".join(mine)
+    refused = [s for s in asked.split() if s not in mine]
+    if refused:
+        raise TokenError("invalid_scope", f"not granted to this client: {' '.join(refused)}")
+    return " ".join(asked.split())
+
+
+def _digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _aware(value: datetime) -> datetime:
+    """SQLite gives back naive datetimes (stored as UTC)."""
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)

@@ -1,0 +1,436 @@
+"""HTTP access: the built-in token issuer (password, client credentials and refresh grants,
+argon2 hashes, ES256 keys in the data dir, rotation with a JWKS), the tokens refused (expired,
+not yet valid, wrong signature, issuer or audience, ``alg: none``, HS256 keyed with the public
+key, unknown ``kid``), the refusal to listen on a network without authentication, and a walk of
+**every** route of the application against a running `pacsbridge serve` with
+``PACSBRIDGE_AUTH=required``: no token → 401 with ``WWW-Authenticate``, a role that may not →
+403, a role that may → neither (the DICOMweb and FHIR direct GET paths included)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import closing
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from fastapi.routing import iter_route_contexts
+
+from archive import Archive
+from config import Settings
+from fhir_bridge.router import build_providers
+from pacsbridge.app import create_app
+from security.accounts import AccountError, add_client, add_user, disable_user, set_password
+from security.keys import KeyStore
+from security.roles import PUBLIC_PATHS, ROLES, allowed
+from security.tokens import InvalidToken, TokenError, TokenService
+from tests.conftest import Backend, RunningServer, _backend, start_server
+
+PACSBRIDGE = Path(sys.executable).parent / "pacsbridge"
+PASSWORD = "correct horse battery staple"
+
+
+@pytest.fixture
+def issuer(tmp_path: Path) -> Iterator[TokenService]:
+    settings = Settings(data_dir=tmp_path / "data")
+    archive = Archive(settings)
+    add_user(archive, "alice", "clinician", PASSWORD)
+    yield TokenService(archive, settings, KeyStore(tmp_path / "data" / "auth" / "keys"))
+    archive.close()
+
+
+def claims_of(token: str) -> dict[str, Any]:
+    return jwt.decode(token, options={"verify_signature": False})
+
+
+# --- the issuer -------------------------------------------------------------------------------
+
+
+def test_password_grant_refresh_rotation_and_keys(issuer: TokenService, tmp_path: Path) -> None:
+    answer = issuer.password_grant("alice", PASSWORD)
+    assert answer["token_type"] == "Bearer" and answer["expires_in"] == 300
+    claims = claims_of(answer["access_token"])
+    assert (claims["sub"], claims["role"], claims["iss"], claims["aud"]) == (
+        "user:alice",
+        "clinician",
+        "urn:pacsbridge",
+        "pacsbridge",
+    )
+    assert claims["exp"] - claims["iat"] == 300
+    principal = issuer.validate(answer["access_token"])
+    assert (principal.subject, principal.role) == ("user:alice", "clinician")
+    with pytest.raises(TokenError) as wrong:
+        issuer.password_grant("alice", "not the password")
+    assert wrong.value.error == "invalid_grant"
+    with pytest.raises(TokenError):
+        issuer.password_grant("nobody", PASSWORD)
+    # A refresh token is used once; a password change voids those issued before.
+    renewed = issuer.refresh_grant(answer["refresh_token"])
+    assert issuer.validate(renewed["access_token"]).subject == "user:alice"
+    with pytest.raises(TokenError, match="used"):
+        issuer.refresh_grant(answer["refresh_token"])
+    time.sleep(0.01)
+    set_password(issuer.archive, "alice", PASSWORD + "!")
+    with pytest.raises(TokenError, match="log in again"):
+        issuer.refresh_grant(renewed["refresh_token"])
+    disable_user(issuer.archive, "alice")
+    with pytest.raises(TokenError):
+        issuer.password_grant("alice", PASSWORD + "!")
+    # The key: created 0600 in a 0700 folder, published; a rotation keeps the one before.
+    folder = tmp_path / "data" / "auth" / "keys"
+    (pem,) = folder.glob("*.pem")
+    assert stat.S_IMODE(pem.stat().st_mode) == 0o600
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    first_kid = issuer.keys.signing.kid
+    assert [k["kid"] for k in issuer.keys.jwks()["keys"]] == [first_kid]
+    assert jwt.get_unverified_header(renewed["access_token"])["kid"] == first_kid
+    issuer.keys.rotate()
+    assert issuer.keys.jwks()["keys"][0]["kid"] == first_kid
+    assert issuer.validate(renewed["access_token"]).subject == "user:alice"
+    issuer.keys.rotate()  # the first key is gone now: its tokens are refused
+    with pytest.raises(InvalidToken, match="unknown kid"):
+        issuer.validate(renewed["access_token"])
+    with pytest.raises(AccountError, match="at least 12"):
+        add_user(issuer.archive, "bob", "admin", "short")
+    with pytest.raises(AccountError, match="role"):
+        add_user(issuer.archive, "bob", "superuser", PASSWORD)
+
+
+def test_client_credentials_and_scopes(issuer: TokenService) -> None:
+    secret = add_client(issuer.archive, "ehr", "service", "system/*.rs user/Patient.rs")
+    answer = issuer.client_credentials_grant("ehr", secret)
+    claims = claims_of(answer["access_token"])
+    assert (claims["sub"], claims["role"], claims["client_id"]) == ("client:ehr", "service", "ehr")
+    assert claims["scope"] == "system/*.rs user/Patient.rs"
+    assert "refresh_token" not in answer
+    narrower = issuer.client_credentials_grant("ehr", secret, "system/*.rs")
+    assert claims_of(narrower["access_token"])["scope"] == "system/*.rs"
+    with pytest.raises(TokenError) as wider:
+        issuer.client_credentials_grant("ehr", secret, "system/*.cruds")
+    assert wider.value.error == "invalid_scope"
+    with pytest.raises(TokenError) as wrong:
+        issuer.client_credentials_grant("ehr", secret + "x")
+    assert (wrong.value.error, wrong.value.status) == ("invalid_client", 401)
+
+
+def test_tokens_that_are_refused(issuer: TokenService, tmp_path: Path) -> None:
+    key = issuer.keys.signing
+    now = int(datetime.now(UTC).timestamp())
+    good = {
+        "iss": issuer.issuer,
+        "aud": issuer.audience,
+        "sub": "user:alice",
+        "iat": now,
+        "nbf": now,
+        "exp": now + 300,
+        "role": "admin",
+    }
+
+    def signed(claims: dict[str, Any], private: Any = key.private, **header: Any) -> str:
+        return jwt.encode(claims, private, algorithm="ES256", headers={"kid": key.kid, **header})
+
+    assert issuer.validate(signed(good)).role == "admin"
+    other = ec.generate_private_key(ec.SECP256R1())
+    public_pem = key.private.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    unsigned = (
+        base64.urlsafe_b64encode(json.dumps({"alg": "none", "kid": key.kid}).encode())
+        .rstrip(b"=")
+        .decode()
+        + "."
+        + base64.urlsafe_b64encode(json.dumps(good).encode()).rstrip(b"=").decode()
+        + "."
+    )
+    hmac_header = base64.urlsafe_b64encode(
+        json.dumps({"alg": "HS256", "typ": "JWT", "kid": key.kid}).encode()
+    ).rstrip(b"=")
+    import hashlib
+    import hmac
+
+    body = base64.urlsafe_b64encode(json.dumps(good).encode()).rstrip(b"=")
+    mac = hmac.new(public_pem, hmac_header + b"." + body, hashlib.sha256).digest()
+    hs256_with_public_key = (
+        hmac_header + b"." + body + b"." + base64.urlsafe_b64encode(mac).rstrip(b"=")
+    ).decode()
+    refused = {
+        "expired": signed(good | {"exp": now - 120, "iat": now - 600, "nbf": now - 600}),
+        "not yet valid": signed(good | {"nbf": now + 600}),
+        "wrong signature": signed(good, private=other),
+        "wrong issuer": signed(good | {"iss": "https://elsewhere.example"}),
+        "wrong audience": signed(good | {"aud": "another-api"}),
+        "alg none": unsigned,
+        "HS256 keyed with the public key": hs256_with_public_key,
+        "unknown kid": jwt.encode(good, key.private, algorithm="ES256", headers={"kid": "x"}),
+        "no role": signed({k: v for k, v in good.items() if k != "role"}),
+        "not a JWT": "abc.def",
+    }
+    for name, token in refused.items():
+        with pytest.raises(InvalidToken):
+            issuer.validate(token)
+            pytest.fail(f"{name} was accepted")
+
+
+# --- serve: exposure and the route walk -------------------------------------------------------
+
+
+def test_refuses_to_listen_on_a_network_without_authentication(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PACSBRIDGE_")}
+    env |= {
+        "PACSBRIDGE_DATA_DIR": str(tmp_path / "data"),
+        "PACSBRIDGE_HTTP_HOST": "0.0.0.0",
+        "PACSBRIDGE_DIMSE_PORT": "0",
+        "PACSBRIDGE_HTTP_PORT": "0",
+        "COLUMNS": "200",
+    }
+    done = subprocess.run(
+        [str(PACSBRIDGE), "serve"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    said = " ".join((done.stdout + done.stderr).split())
+    assert "refusing to start" in said and "PACSBRIDGE_AUTH=required" in said
+
+
+ROLE_EXAMPLES = [
+    # (role, method, path, allowed): the README's table, named outright.
+    ("clinician", "GET", "/dicom-web/studies", True),
+    ("clinician", "POST", "/dicom-web/studies", False),
+    ("clinician", "GET", "/fhir/Invoice", False),
+    ("billing", "GET", "/fhir/Invoice", True),
+    ("billing", "GET", "/dicom-web/studies", False),
+    ("billing", "GET", "/fhir/Patient", True),
+    ("modality", "POST", "/dicom-web/studies", True),
+    ("modality", "GET", "/dicom-web/studies", False),
+    ("radiologist", "POST", "/fhir/DiagnosticReport", True),
+    ("radiologist", "GET", "/api/jobs", False),
+    ("service", "PUT", "/fhir/Patient/1", True),
+    ("service", "POST", "/fhir/Invoice", False),
+    ("admin", "DELETE", "/api/peers/x", True),
+]
+
+
+@pytest.mark.parametrize(("role", "method", "path", "expected"), ROLE_EXAMPLES)
+def test_role_table(role: str, method: str, path: str, expected: bool) -> None:
+    assert allowed(role, method, path) is expected
+
+
+@pytest.fixture(scope="module")
+def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RunningServer, dict]]:
+    """A `pacsbridge serve` with PACSBRIDGE_AUTH=required and one user per role."""
+    workdir = tmp_path_factory.mktemp("auth")
+
+    class _Request:  # _backend needs a request only for PostgreSQL or S3
+        def getfixturevalue(self, name: str) -> Any:
+            raise AssertionError(name)
+
+    backend: Backend = _backend("sqlite", "file", workdir, _Request())  # type: ignore[arg-type]
+    with closing(Archive(backend.settings)) as archive:
+        for role in ROLES:
+            add_user(archive, f"user-{role}", role, PASSWORD)
+    server = start_server(
+        backend,
+        workdir,
+        PACSBRIDGE_AUTH="required",
+        PACSBRIDGE_AI=json.dumps({"enabled": False}),
+        PACSBRIDGE_WORKER_IN_SERVE="false",
+    )
+    try:
+        tokens = {}
+        for role in ROLES:
+            answer = httpx.post(
+                f"{server.http}/auth/token",
+                data={"grant_type": "password", "username": f"user-{role}", "password": PASSWORD},
+            )
+            assert answer.status_code == 200, answer.text
+            assert answer.headers["cache-control"] == "no-store"
+            tokens[role] = answer.json()["access_token"]
+        yield server, tokens
+    finally:
+        server.stop()
+
+
+def every_route(settings: Settings) -> list[tuple[str, str]]:
+    """(method, path with its parameters filled in) of every route the application holds."""
+    with closing(Archive(settings)) as archive:
+        app = create_app(archive, settings)
+        fhir_types = sorted(build_providers(settings))
+        routes = []
+        for route in iter_route_contexts(app.router.routes):
+            path = route.path or ""
+            # A FHIR route serves every resource type: walk it for each of them.
+            for kind in fhir_types if "{resource_type}" in path else [""]:
+                for method in sorted(route.methods or ()):
+                    filled = path.replace("{resource_type}", kind)
+                    filled = filled.replace("{operation}", "$apply")
+                    while "{" in filled:
+                        start = filled.index("{")
+                        end = filled.index("}", start)
+                        name = filled[start + 1 : end].split(":")[0]
+                        value = "1.2.3" if name in ("study", "series", "instance") else "1"
+                        filled = filled[:start] + value + filled[end + 1 :]
+                    routes.append((method, filled))
+    return routes
+
+
+def test_every_route_needs_the_right_role(
+    secured: tuple[RunningServer, dict], tmp_path: Path
+) -> None:
+    server, tokens = secured
+    routes = every_route(Settings(data_dir=tmp_path / "walk"))
+    assert len(routes) > 50
+    assert {p for _, p in routes} >= {"/dicom-web/studies", "/fhir/Patient", "/api/jobs"}
+    walked = 0
+    with httpx.Client(base_url=server.http, timeout=60) as client:
+        for method, path in routes:
+            if path in PUBLIC_PATHS:
+                assert client.request(method, path).status_code not in (401, 403), path
+                continue
+            walked += 1
+            bare = client.request(method, path)
+            assert bare.status_code == 401, (method, path, bare.status_code, bare.text[:200])
+            assert bare.headers["www-authenticate"].startswith('Bearer realm="pacsbridge"')
+            for role, token in tokens.items():
+                answer = client.request(method, path, headers={"Authorization": f"Bearer {token}"})
+                where = (role, method, path, answer.status_code, answer.text[:200])
+                if allowed(role, method, path):
+                    assert answer.status_code not in (401, 403), where
+                else:
+                    assert answer.status_code == 403, where
+                    assert 'error="insufficient_scope"' in answer.headers["www-authenticate"]
+            if path.startswith("/fhir/"):
+                assert bare.json()["resourceType"] == "OperationOutcome"
+    assert walked > 40
+    # A tampered token, and one signed elsewhere: 401 invalid_token (direct GET path too).
+    head, body, signature = tokens["admin"].split(".")
+    tampered = ".".join(
+        [head, body, signature[:-4] + ("AAAA" if signature[-4:] != "AAAA" else "BBBB")]
+    )
+    for path in ("/dicom-web/studies", "/fhir/Patient", "/api/jobs"):
+        answer = httpx.get(f"{server.http}{path}", headers={"Authorization": f"Bearer {tampered}"})
+        assert answer.status_code == 401
+        assert 'error="invalid_token"' in answer.headers["www-authenticate"]
+    # The discovery documents.
+    smart = httpx.get(f"{server.http}/.well-known/smart-configuration").json()
+    assert smart["token_endpoint"].endswith("/auth/token")
+    keys = httpx.get(f"{server.http}/auth/jwks").json()["keys"]
+    assert [k["kty"] for k in keys] == ["EC"] and "d" not in keys[0]
+    statement = httpx.get(f"{server.http}/fhir/metadata").json()
+    (oauth,) = statement["rest"][0]["security"]["extension"]
+    assert oauth["extension"] == [{"url": "token", "valueUri": f"{server.http}/auth/token"}]
+    from fhir.resources.R4B.capabilitystatement import CapabilityStatement
+
+    CapabilityStatement.model_validate(statement)
+
+
+def test_token_endpoint_over_http(secured: tuple[RunningServer, dict]) -> None:
+    server, _ = secured
+    with closing(Archive(server.backend.settings)) as archive:
+        secret = add_client(archive, "ris", "service", "system/*.rs")
+    basic = base64.b64encode(f"ris:{secret}".encode()).decode()
+    answer = httpx.post(
+        f"{server.http}/auth/token",
+        data={"grant_type": "client_credentials"},
+        headers={"Authorization": f"Basic {basic}"},
+    )
+    assert answer.status_code == 200, answer.text
+    token = answer.json()["access_token"]
+    studies = httpx.get(
+        f"{server.http}/dicom-web/studies", headers={"Authorization": f"Bearer {token}"}
+    )
+    assert studies.status_code in (200, 204)
+    posted = httpx.post(
+        f"{server.http}/auth/token",
+        data={"grant_type": "client_credentials", "client_id": "ris", "client_secret": "wrong"},
+    )
+    assert posted.status_code == 401 and posted.json()["error"] == "invalid_client"
+    assert posted.headers["www-authenticate"].startswith("Basic")
+    unknown = httpx.post(f"{server.http}/auth/token", data={"grant_type": "implicit"})
+    assert (unknown.status_code, unknown.json()["error"]) == (400, "unsupported_grant_type")
+    as_json = httpx.post(f"{server.http}/auth/token", json={"grant_type": "password"})
+    assert (as_json.status_code, as_json.json()["error"]) == (400, "invalid_request")
+    user = httpx.post(
+        f"{server.http}/auth/token",
+        data={"grant_type": "password", "username": "user-admin", "password": PASSWORD},
+    ).json()
+    renewed = httpx.post(
+        f"{server.http}/auth/token",
+        data={"grant_type": "refresh_token", "refresh_token": user["refresh_token"]},
+    )
+    assert renewed.status_code == 200 and renewed.json()["refresh_token"] != user["refresh_token"]
+    again = httpx.post(
+        f"{server.http}/auth/token",
+        data={"grant_type": "refresh_token", "refresh_token": user["refresh_token"]},
+    )
+    assert (again.status_code, again.json()["error"]) == (400, "invalid_grant")
+    # Expiry is short: a token does not outlive its five minutes.
+    claims = claims_of(renewed.json()["access_token"])
+    assert claims["exp"] - claims["iat"] == 300
+    assert datetime.fromtimestamp(claims["exp"], UTC) < datetime.now(UTC) + timedelta(minutes=6)
+
+
+def test_users_and_clients_commands(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PACSBRIDGE_")}
+    env |= {"PACSBRIDGE_DATA_DIR": str(tmp_path / "data"), "COLUMNS": "200"}
+
+    def cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(PACSBRIDGE), *args],
+            env=env,
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    added = cli(
+        "users", "add", "carol", "--role", "radiologist", "--password-stdin", stdin=PASSWORD + "\n"
+    )
+    assert added.returncode == 0, added.stderr
+    assert (
+        cli(
+            "users",
+            "add",
+            "carol",
+            "--role",
+            "radiologist",
+            "--password-stdin",
+            stdin=PASSWORD + "\n",
+        ).returncode
+        == 1
+    )
+    listed = json.loads(cli("users", "list", "--json").stdout)
+    assert [(u["name"], u["role"], u["disabled"]) for u in listed] == [
+        ("carol", "radiologist", False)
+    ]
+    assert cli("users", "disable", "carol").returncode == 0
+    assert json.loads(cli("users", "list", "--json").stdout)[0]["disabled"] is True
+    secret = cli("clients", "add", "pacs-ai", "--role", "service", "--scope", "system/*.rs")
+    assert secret.returncode == 0 and len(secret.stdout.strip()) >= 40
+    clients = json.loads(cli("clients", "list", "--json").stdout)
+    assert clients == [
+        {"name": "pacs-ai", "role": "service", "scope": "system/*.rs", "disabled": False}
+    ]
+    from security.models import AuthClient, AuthUser
+
+    with (
+        closing(Archive(Settings(data_dir=tmp_path / "data"))) as archive,
+        archive.db.session() as session,
+    ):
+        if True:
+            stored = session.query(AuthUser.password_hash).scalar()
+            assert stored.startswith("$argon2id$") and PASSWORD not in stored
+            assert session.query(AuthClient.secret_hash).scalar().startswith("$argon2id$")
+    rotated = cli("auth", "rotate-key")
+    assert rotated.returncode == 0 and len(rotated.stdout.strip()) == 43
