@@ -48,8 +48,6 @@ from fhir_bridge.context import Context
 from fhir_bridge.errors import FHIRError
 from fhir_bridge.imaging_study import study_uid_of
 
-ACTOR = "fhir"
-
 
 @contextmanager
 def _billing_rules(resource_type: str) -> Iterator[None]:
@@ -278,7 +276,7 @@ def create_charge_item(
             ctx.settings,
             patient_fk=patient_fk,
             fields_=fields,
-            actor=ACTOR,
+            actor=ctx.actor,
             identifier=_identifier(body),
             performer=performer,
             study_instance_uid=study_uid,
@@ -330,7 +328,7 @@ def update_charge_item(
             ctx.settings,
             int(resource_id),
             wanted,
-            actor=ACTOR,
+            actor=ctx.actor,
             reason=reason,
             expected_version=version,
         )
@@ -444,10 +442,10 @@ def create_invoice_resource(
             ctx.settings,
             account_id=account if not charges else None,
             charge_ids=charges or None,
-            actor=ACTOR,
+            actor=ctx.actor,
         )
         if status == ISSUED:
-            issue_invoice(ctx.archive, ctx.settings, invoice_id, actor=ACTOR)
+            issue_invoice(ctx.archive, ctx.settings, invoice_id, actor=ctx.actor)
     with ctx.archive.db.session() as session:
         return _written_invoice(ctx, provider, session, str(invoice_id)), 201
 
@@ -484,15 +482,15 @@ def update_invoice_resource(
         if added:
             if current_status != DRAFT:
                 raise BillingError(f"invoice {invoice_id} is {current_status}: it is immutable")
-            add_charges(ctx.archive, invoice_id, added, actor=ACTOR)
+            add_charges(ctx.archive, invoice_id, added, actor=ctx.actor)
         if wanted != current_status:
             reason = body.get("cancelledReason") or ""
             if wanted == ISSUED and current_status == DRAFT:
-                issue_invoice(ctx.archive, ctx.settings, invoice_id, actor=ACTOR)
+                issue_invoice(ctx.archive, ctx.settings, invoice_id, actor=ctx.actor)
             elif wanted == CANCELLED:
-                cancel_invoice(ctx.archive, invoice_id, reason=reason, actor=ACTOR)
+                cancel_invoice(ctx.archive, invoice_id, reason=reason, actor=ctx.actor)
             elif wanted == ENTERED_IN_ERROR:
-                void_invoice(ctx.archive, invoice_id, reason=reason, actor=ACTOR)
+                void_invoice(ctx.archive, invoice_id, reason=reason, actor=ctx.actor)
             else:
                 raise BillingError(
                     f"invoice {invoice_id} is {current_status}: it does not become {wanted} by an "
@@ -556,7 +554,7 @@ def create_payment_reconciliation(
             ctx.archive,
             details,
             payment_date=paid_on,
-            actor=ACTOR,
+            actor=ctx.actor,
             reference=(body.get("paymentIdentifier") or {}).get("value"),
             disposition=body.get("disposition"),
             reason=body.get("disposition"),

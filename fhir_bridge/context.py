@@ -21,6 +21,9 @@ class Context:
     dicomweb: str
     """The DICOMweb root (absolute), for Endpoint.address."""
     providers: dict[str, Provider]
+    actor: str = "fhir"
+    """Who makes the request, for the audit of money: the token's subject (``user:<name>``,
+    ``client:<name>``), else ``fhir``."""
     minimal: bool = False
     """The request asked ``Prefer: return=minimal``: a write need not load what it wrote."""
 

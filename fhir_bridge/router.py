@@ -116,8 +116,16 @@ def context(request: Request) -> Context:
         base=base_url(request),
         dicomweb=dicomweb_url(request),
         providers=_providers_of(request),
+        actor=_actor(request),
         minimal=_prefers_minimal(request),
     )
+
+
+def _actor(request: Request) -> str:
+    """The authenticated subject (left in the scope by the bearer-token middleware)."""
+    principal = request.scope.get("pacsbridge.principal")
+    subject = getattr(principal, "subject", None)
+    return str(subject) if subject else "fhir"
 
 
 def _prefers_minimal(request: Request) -> bool:

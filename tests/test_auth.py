@@ -434,3 +434,51 @@ def test_users_and_clients_commands(tmp_path: Path) -> None:
             assert session.query(AuthClient.secret_hash).scalar().startswith("$argon2id$")
     rotated = cli("auth", "rotate-key")
     assert rotated.returncode == 0 and len(rotated.stdout.strip()) == 43
+
+
+def test_the_audit_of_money_names_the_token_subject(secured: tuple[RunningServer, dict]) -> None:
+    server, tokens = secured
+    fhir = "application/fhir+json"
+
+    def call(role: str, method: str, path: str, body: Any = None) -> httpx.Response:
+        return httpx.request(
+            method,
+            f"{server.http}/fhir/{path}",
+            json=body,
+            headers={"Authorization": f"Bearer {tokens[role]}", "Content-Type": fhir},
+        )
+
+    patient = call(
+        "service",
+        "POST",
+        "Patient",
+        {
+            "resourceType": "Patient",
+            "identifier": [{"system": "urn:pacsbridge:patient-id", "value": "AUTH-1"}],
+            "name": [{"family": "Audit"}],
+        },
+    )
+    assert patient.status_code == 201, patient.text
+    charge = call(
+        "billing",
+        "POST",
+        "ChargeItem",
+        {
+            "resourceType": "ChargeItem",
+            "status": "billable",
+            "code": {"text": "Copy of the images"},
+            "subject": {"reference": f"Patient/{patient.json()['id']}"},
+            "priceOverride": {"value": 10, "currency": "EUR"},
+        },
+    )
+    assert charge.status_code == 201, charge.text
+    history = call("billing", "GET", f"ChargeItem/{charge.json()['id']}/_history").json()
+    (change,) = [
+        e for e in history["entry"][0]["resource"]["extension"] if e["url"].endswith(":change")
+    ]
+    assert {p["url"]: p["valueString"] for p in change["extension"]}["who"] == "user:user-billing"
+    # The clinician may read the patient but not write billing.
+    assert call("clinician", "GET", f"Patient/{patient.json()['id']}").status_code == 200
+    assert (
+        call("clinician", "POST", "ChargeItem", {"resourceType": "ChargeItem"}).status_code == 403
+    )
