@@ -15,6 +15,7 @@ from typing import Any
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from security.roles import PUBLIC_PATHS, allowed
+from security.scopes import permitted
 from security.tokens import InvalidToken, Principal, TokenService
 
 REALM = "pacsbridge"
@@ -48,6 +49,16 @@ class AuthMiddleware:
                 send,
                 403,
                 f"role {principal.role!r} may not {scope['method']} {scope['path']}",
+                "insufficient_scope",
+            )
+            return
+        if permitted(principal.scope, scope["method"], scope["path"]) is False:
+            await _refuse(
+                scope,
+                send,
+                403,
+                f"no scope of the token ({principal.scope}) grants {scope['method']} "
+                f"{scope['path']}",
                 "insufficient_scope",
             )
             return
