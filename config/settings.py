@@ -120,6 +120,44 @@ def canonical_permissions(values: Sequence[str]) -> list[PeerPermission]:
     return [p for p in PEER_PERMISSIONS if p in values]
 
 
+class ExternalIssuerSettings(BaseModel):
+    """An identity provider whose tokens pacsbridge accepts (``[[auth_external]]``): Keycloak or
+    any OpenID Connect provider. Its keys come from its JWKS, found through its discovery
+    document (``<issuer>/.well-known/openid-configuration``) unless ``jwks_uri`` is given."""
+
+    issuer: str
+    """The ``iss`` its tokens carry (and the base of its discovery document)."""
+    audience: str = "pacsbridge"
+    """The ``aud`` its tokens must name."""
+    jwks_uri: str | None = None
+    roles_claim: str = "roles"
+    """Where the token holds the user's roles or groups: a claim, or a dotted path
+    (``realm_access.roles`` for Keycloak)."""
+    role_map: dict[str, str] = Field(default_factory=dict)
+    """The provider's role or group -> a pacsbridge role (``{"pacs-admins": "admin"}``); a
+    token none of whose roles is mapped is refused."""
+    subject_claim: str = "sub"
+    """The claim naming the user in the audit (``preferred_username`` for Keycloak)."""
+    algorithms: list[str] = Field(default_factory=lambda: ["RS256", "ES256", "PS256"])
+
+    @field_validator("issuer", "jwks_uri")
+    @classmethod
+    def _https_or_loopback(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(
+            ("https://", "http://127.0.0.1", "http://localhost")
+        ):
+            raise ValueError("an identity provider is reached over https (or on this machine)")
+        return value
+
+    @field_validator("algorithms")
+    @classmethod
+    def _asymmetric(cls, value: list[str]) -> list[str]:
+        bad = [a for a in value if not re.fullmatch(r"(RS|PS|ES)(256|384|512)", a)]
+        if bad:
+            raise ValueError(f"only asymmetric signatures (RS, PS, ES): not {', '.join(bad)}")
+        return value
+
+
 class PeerSettings(BaseModel):
     """A remote DICOM application entity (``[peers.<name>]`` in the TOML file)."""
 
@@ -498,6 +536,8 @@ class Settings(BaseSettings):
     """Folder of the signing keys (default ``<data_dir>/auth/keys``; created 0700 with the first
     key on first use). Processes that share tokens (several ``serve`` behind a load balancer)
     share this folder."""
+    auth_external: list[ExternalIssuerSettings] = Field(default_factory=list)
+    """Identity providers whose tokens are accepted besides the built-in issuer's."""
     dimse_query_from_any_ae: bool = False
     """C-FIND, C-MOVE and C-GET (which read PHI out) from any calling AE title, not only from
     declared peers (ignored when ``auth`` is ``required``). C-ECHO and C-STORE are open to any

@@ -12,6 +12,7 @@ import time
 from collections import OrderedDict
 from typing import Any
 
+import anyio.to_thread
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from security.roles import PUBLIC_PATHS, allowed
@@ -39,7 +40,7 @@ class AuthMiddleware:
             await _refuse(scope, send, 401, "authentication required: send a bearer token", None)
             return
         try:
-            principal = self._principal(token)
+            principal = await self._principal(token)
         except InvalidToken as exc:
             await _refuse(scope, send, 401, f"invalid token: {exc}", "invalid_token")
             return
@@ -65,13 +66,14 @@ class AuthMiddleware:
         scope["pacsbridge.principal"] = principal
         await self.app(scope, receive, send)
 
-    def _principal(self, token: str) -> Principal:
+    async def _principal(self, token: str) -> Principal:
         now = time.time()
         found = self._checked.get(token)
         if found is not None and found[1] > now:
             self._checked.move_to_end(token)
             return found[0]
-        principal = self.tokens.validate(token)
+        # Off the event loop: an external provider's keys may have to be fetched.
+        principal = await anyio.to_thread.run_sync(self.tokens.validate, token)
         expires = min(now + 60, principal.expires_at)
         self._checked[token] = (principal, expires)
         if len(self._checked) > _CACHE_SIZE:

@@ -549,3 +549,174 @@ def test_scopes_narrow_a_client_over_http(secured: tuple[RunningServer, dict]) -
         content=b"--x--",
     )
     assert stow.status_code == 403
+
+
+class IdentityProvider:
+    """An OpenID provider on 127.0.0.1: a discovery document and a JWKS, served by the standard
+    library; it signs tokens (RS256) with a key it can rotate."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        from cryptography.hazmat.primitives.asymmetric import rsa
+
+        self.fetches = 0
+        self.keys: list[tuple[str, Any]] = []
+        self.rotate()
+        idp = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                body: dict[str, Any]
+                if self.path == "/realms/x/.well-known/openid-configuration":
+                    body = {"issuer": idp.issuer, "jwks_uri": f"{idp.issuer}/certs"}
+                elif self.path == "/realms/x/certs":
+                    idp.fetches += 1
+                    body = {"keys": [idp.jwk(kid, key) for kid, key in idp.keys]}
+                else:
+                    self.send_error(404)
+                    return
+                data = json.dumps(body).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self._rsa = rsa
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.issuer = f"http://127.0.0.1:{self.server.server_address[1]}/realms/x"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def rotate(self) -> None:
+        from cryptography.hazmat.primitives.asymmetric import rsa
+
+        self.keys.append((f"k{len(self.keys)}", rsa.generate_private_key(65537, 2048)))
+
+    @staticmethod
+    def jwk(kid: str, key: Any) -> dict[str, Any]:
+        numbers = key.public_key().public_numbers()
+
+        def b64(value: int) -> str:
+            raw = value.to_bytes((value.bit_length() + 7) // 8, "big")
+            return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+        return {
+            "kty": "RSA",
+            "kid": kid,
+            "use": "sig",
+            "alg": "RS256",
+            "n": b64(numbers.n),
+            "e": b64(numbers.e),
+        }
+
+    def token(self, roles: list[str], audience: str = "pacsbridge", **extra: Any) -> str:
+        kid, key = self.keys[-1]
+        now = int(time.time())
+        claims = {
+            "iss": self.issuer,
+            "aud": audience,
+            "sub": "f81d4fae",
+            "preferred_username": "dora",
+            "iat": now,
+            "exp": now + 300,
+            "realm_access": {"roles": roles},
+            **extra,
+        }
+        return jwt.encode(claims, key, algorithm="RS256", headers={"kid": kid})
+
+
+def test_tokens_of_an_external_identity_provider(tmp_path: Path) -> None:
+    idp = IdentityProvider()
+
+    class _Request:
+        def getfixturevalue(self, name: str) -> Any:
+            raise AssertionError(name)
+
+    backend: Backend = _backend("sqlite", "file", tmp_path, _Request())  # type: ignore[arg-type]
+    provider = {
+        "issuer": idp.issuer,
+        "roles_claim": "realm_access.roles",
+        "role_map": {"pacs-readers": "clinician", "pacs-admins": "admin"},
+        "subject_claim": "preferred_username",
+    }
+    server = start_server(
+        backend,
+        tmp_path,
+        PACSBRIDGE_AUTH="required",
+        PACSBRIDGE_AUTH_EXTERNAL=json.dumps([provider]),
+        PACSBRIDGE_AI=json.dumps({"enabled": False}),
+        PACSBRIDGE_WORKER_IN_SERVE="false",
+    )
+    try:
+
+        def get(path: str, token: str) -> httpx.Response:
+            return httpx.get(f"{server.http}{path}", headers={"Authorization": f"Bearer {token}"})
+
+        reader = idp.token(["offline_access", "pacs-readers"])
+        assert get("/dicom-web/studies", reader).status_code in (200, 204)
+        assert get("/api/jobs", reader).status_code == 403  # mapped to clinician
+        assert get("/api/jobs", idp.token(["pacs-readers", "pacs-admins"])).status_code == 200
+        unmapped = get("/dicom-web/studies", idp.token(["someone-else"]))
+        assert unmapped.status_code == 401 and "no pacsbridge role" in unmapped.text
+        wrong_audience = get("/dicom-web/studies", idp.token(["pacs-readers"], audience="other"))
+        assert wrong_audience.status_code == 401
+        forged = jwt.encode(
+            jwt.decode(reader, options={"verify_signature": False}),
+            ec.generate_private_key(ec.SECP256R1()),
+            algorithm="ES256",
+            headers={"kid": "k0"},
+        )
+        assert get("/dicom-web/studies", forged).status_code == 401
+        fetched = idp.fetches
+        # The provider rotates its key: the new kid makes pacsbridge fetch the JWKS again.
+        time.sleep(0.1)
+        idp.rotate()
+        from security import external
+
+        assert external.REFRESH_SECONDS == 30.0
+        rotated = idp.token(["pacs-readers"])
+        answer = get("/dicom-web/studies", rotated)
+        # Within REFRESH_SECONDS of the first fetch the keys are not fetched again: the new kid
+        # is refused until then (a flood of unknown kids cannot hammer the provider).
+        assert answer.status_code == 401 and idp.fetches == fetched
+    finally:
+        server.stop()
+        idp.server.shutdown()
+
+
+def test_external_keys_are_fetched_again_for_a_new_kid(tmp_path: Path, monkeypatch: Any) -> None:
+    from config.settings import ExternalIssuerSettings
+    from security import external
+
+    idp = IdentityProvider()
+    monkeypatch.setattr(external, "REFRESH_SECONDS", 0.0)
+    issuer = external.ExternalIssuer(
+        ExternalIssuerSettings(
+            issuer=idp.issuer, roles_claim="realm_access.roles", role_map={"r": "radiologist"}
+        ),
+        leeway=30,
+    )
+    try:
+        assert issuer.validate(idp.token(["r"]))[:2] == ("user:f81d4fae", "radiologist")
+        assert idp.fetches == 1
+        assert issuer.validate(idp.token(["r"]))[1] == "radiologist"
+        assert idp.fetches == 1  # cached
+        idp.rotate()
+        assert issuer.validate(idp.token(["r"]))[1] == "radiologist"
+        assert idp.fetches == 2  # an unknown kid: fetched again
+        hs256 = jwt.encode(
+            {"iss": idp.issuer, "aud": "pacsbridge", "sub": "x", "exp": 2**31},
+            "k",
+            algorithm="HS256",
+        )
+        with pytest.raises(external.ExternalError, match="alg"):
+            issuer.validate(hs256)
+    finally:
+        idp.server.shutdown()
+    with pytest.raises(ValueError, match="asymmetric"):
+        ExternalIssuerSettings(issuer=idp.issuer, algorithms=["HS256"])
