@@ -18,6 +18,7 @@ from security.tokens import TokenError, TokenService
 
 router = APIRouter(tags=["auth"])
 _NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}  # RFC 6749 5.1
+_JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"  # RFC 7523 2.2
 
 
 def _tokens(request: Request) -> TokenService:
@@ -71,6 +72,15 @@ async def token(request: Request) -> JSONResponse:
                 form.get("password", ""),
                 form.get("scope", ""),
             )
+        elif grant == "client_credentials" and form.get("client_assertion_type") == _JWT_BEARER:
+            settings = request.app.state.settings
+            base = (settings.public_url or str(request.base_url)).rstrip("/")
+            answer = await run_in_threadpool(
+                service.client_assertion_grant,
+                form.get("client_assertion", ""),
+                form.get("scope", ""),
+                f"{base}/auth/token",
+            )
         elif grant == "client_credentials":
             basic = _basic(request)
             client_id, secret = basic or (form.get("client_id", ""), form.get("client_secret", ""))
@@ -108,9 +118,16 @@ def smart_configuration(request: Request) -> JSONResponse:
             "token_endpoint_auth_methods_supported": [
                 "client_secret_basic",
                 "client_secret_post",
+                "private_key_jwt",
             ],
-            "token_endpoint_auth_signing_alg_values_supported": [],
-            "capabilities": ["client-confidential-symmetric"],
+            "token_endpoint_auth_signing_alg_values_supported": [
+                "RS384",
+                "ES384",
+                "RS256",
+                "ES256",
+            ],
+            "scopes_supported": ["system/*.rs", "system/*.cruds", "user/*.rs", "user/*.cruds"],
+            "capabilities": ["client-confidential-symmetric", "client-confidential-asymmetric"],
             "code_challenge_methods_supported": [],
         }
     )

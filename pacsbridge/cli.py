@@ -1283,13 +1283,33 @@ def clients_add(
     name: Annotated[str, typer.Argument(help="The client_id.")],
     role: Annotated[str, typer.Option(help="The role its tokens carry (e.g. service).")],
     scope: Annotated[str, typer.Option(help="Scopes it may be granted, space separated.")] = "",
+    jwks: Annotated[
+        Path | None,
+        typer.Option(help="Its public JWK Set (JSON file): it authenticates with private_key_jwt."),
+    ] = None,
     data_dir: DataDir = None,
 ) -> None:
-    """Register a service client; prints its secret once (only a hash is kept)."""
-    from security.accounts import add_client
+    """Register a service client; prints its secret once (only a hash is kept), or nothing for
+    a client that authenticates with its keys (--jwks, SMART Backend Services)."""
+    from security.accounts import AccountError, add_client
 
+    keys = None
+    if jwks is not None:
+        try:
+            keys = json.loads(jwks.read_text())
+        except (OSError, ValueError) as exc:
+            console.print(f"[red]error:[/red] --jwks {jwks}: {exc}")
+            raise typer.Exit(1) from exc
     settings = _settings(data_dir=data_dir)
-    print(_account_call(settings, lambda archive: add_client(archive, name, role, scope)))
+
+    def add(archive: Any) -> str:
+        if keys is not None and not isinstance(keys, dict):
+            raise AccountError("--jwks: not a JWK Set (a JSON object with keys)")
+        return add_client(archive, name, role, scope, keys)
+
+    secret = _account_call(settings, add)
+    if secret:
+        print(secret)
 
 
 @clients_app.command("list")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -88,10 +89,26 @@ def list_users(archive: Archive) -> list[dict[str, object]]:
         ]
 
 
-def add_client(archive: Archive, name: str, role: str, scope: str) -> str:
-    """Register a service client; returns its secret (shown once, stored only as a hash)."""
+def add_client(
+    archive: Archive, name: str, role: str, scope: str, jwks: dict[str, Any] | None = None
+) -> str:
+    """Register a service client; returns its secret (shown once, stored only as a hash), or
+    ``""`` for a client that authenticates with its keys (``jwks``: its public JWK Set)."""
     _check(name, role)
-    secret = new_secret()
+    if jwks is not None:
+        keys = jwks.get("keys") if isinstance(jwks, dict) else None
+        if not isinstance(keys, list) or not keys:
+            raise AccountError("the JWK Set has no keys")
+        for key in keys:
+            if (
+                not isinstance(key, dict)
+                or not key.get("kid")
+                or key.get("kty") not in ("RSA", "EC")
+            ):
+                raise AccountError("every key needs a kid and kty RSA or EC")
+            if any(member in key for member in ("d", "p", "q", "dp", "dq", "qi")):
+                raise AccountError(f"key {key['kid']!r} holds private members: give public keys")
+    secret = new_secret() if jwks is None else ""
     with archive.db.write_session() as session:
         if session.scalar(select(AuthClient.id).where(AuthClient.name == name)) is not None:
             raise AccountError(f"client {name!r} exists")
@@ -100,7 +117,8 @@ def add_client(archive: Archive, name: str, role: str, scope: str) -> str:
                 name=name,
                 role=role,
                 scope=" ".join(scope.split()),
-                secret_hash=hash_secret(secret),
+                secret_hash=hash_secret(secret) if secret else "",
+                jwks=jwks,
                 disabled=False,
                 created_at=datetime.now(UTC),
             )

@@ -5,8 +5,9 @@ secret) and ``auth_refresh_token`` (refresh tokens of users, stored as SHA-256 d
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import Boolean, DateTime, ForeignKey, Integer, String, Text
+from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
 from archive.models import Base
@@ -40,7 +41,10 @@ class AuthClient(Base):
     scope: Mapped[str] = mapped_column(Text, nullable=False, default="")
     """The scopes it may be granted (space separated), as it was registered."""
     secret_hash: Mapped[str] = mapped_column(Text, nullable=False)
-    """argon2id of its secret."""
+    """argon2id of its secret; empty for a client that authenticates with its keys only."""
+    jwks: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    """Its public keys (a JWK Set) for ``private_key_jwt`` (RFC 7523, SMART Backend
+    Services)."""
     disabled: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
 
@@ -60,3 +64,20 @@ class AuthRefreshToken(Base):
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
     used: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
     """Refresh tokens rotate: each is used once (RFC 9700 4.14.2)."""
+
+
+class AuthClientAssertion(Base):
+    """The ``jti`` of client assertions accepted, until they expire: one is never accepted
+    twice (RFC 7523 3, SMART Backend Services "replay")."""
+
+    __tablename__ = "auth_client_assertion"
+    __table_args__ = (UniqueConstraint("client_fk", "jti"), _NEVER_REUSE_IDS)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    client_fk: Mapped[int] = mapped_column(
+        ForeignKey("auth_client.id", ondelete="CASCADE"), nullable=False
+    )
+    jti: Mapped[str] = mapped_column(String(255), nullable=False)
+    expires_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, index=True
+    )

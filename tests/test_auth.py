@@ -720,3 +720,97 @@ def test_external_keys_are_fetched_again_for_a_new_kid(tmp_path: Path, monkeypat
         idp.server.shutdown()
     with pytest.raises(ValueError, match="asymmetric"):
         ExternalIssuerSettings(issuer=idp.issuer, algorithms=["HS256"])
+
+
+def test_fhirclient_smart_backend_services(secured: tuple[RunningServer, dict]) -> None:
+    """fhirclient finds the token endpoint in the CapabilityStatement (oauth-uris), signs in
+    with a client assertion (private_key_jwt, RS384) and reads ImagingStudy."""
+    import uuid
+
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from fhirclient import client as smart_client
+    from fhirclient.models.imagingstudy import ImagingStudy
+
+    server, _ = secured
+    key = rsa.generate_private_key(65537, 2048)
+    public = IdentityProvider.jwk("backend-1", key) | {"alg": "RS384"}
+    with closing(Archive(server.backend.settings)) as archive:
+        assert (
+            add_client(
+                archive, "backend-app", "service", "system/ImagingStudy.rs", {"keys": [public]}
+            )
+            == ""
+        )
+
+    def assertion(**changes: Any) -> str:
+        now = int(time.time())
+        claims = {
+            "iss": "backend-app",
+            "sub": "backend-app",
+            "aud": f"{server.http}/auth/token",
+            "exp": now + 240,
+            "jti": str(uuid.uuid4()),
+        } | changes
+        return jwt.encode(claims, key, algorithm="RS384", headers={"kid": "backend-1"})
+
+    signed = assertion()
+    smart = smart_client.FHIRClient(
+        settings={
+            "app_id": "backend-app",
+            "api_base": f"{server.http}/fhir",
+            "jwt_token": signed,
+            "scope": "system/ImagingStudy.rs",
+        }
+    )
+    smart.wants_patient = False
+    assert smart.prepare() is False  # the server wants a token
+    smart.authorize()
+    studies = list(ImagingStudy.where({"_count": "5"}).perform_resources_iter(smart.server))
+    assert isinstance(studies, list)
+    token = smart.server.auth.access_token
+    claims = claims_of(token)
+    assert (claims["sub"], claims["scope"]) == ("client:backend-app", "system/ImagingStudy.rs")
+    # The scope holds: the same token may not read Patient.
+    patient = httpx.get(f"{server.http}/fhir/Patient", headers={"Authorization": f"Bearer {token}"})
+    assert patient.status_code == 403
+
+    def exchange(value: str, **form: str) -> httpx.Response:
+        return httpx.post(
+            f"{server.http}/auth/token",
+            data={
+                "grant_type": "client_credentials",
+                "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+                "client_assertion": value,
+                **form,
+            },
+        )
+
+    replayed = exchange(signed)
+    assert (replayed.status_code, replayed.json()["error"]) == (401, "invalid_client")
+    assert "used before" in replayed.json()["error_description"]
+    for bad in (
+        assertion(aud="https://elsewhere.example/token"),
+        assertion(exp=int(time.time()) + 3600),
+        assertion(exp=int(time.time()) - 3600),
+        assertion(sub="someone-else"),
+        jwt.encode(
+            {
+                "iss": "backend-app",
+                "sub": "backend-app",
+                "aud": f"{server.http}/auth/token",
+                "exp": int(time.time()) + 60,
+                "jti": "x",
+            },
+            rsa.generate_private_key(65537, 2048),
+            algorithm="RS384",
+            headers={"kid": "backend-1"},
+        ),
+    ):
+        answer = exchange(bad)
+        assert (answer.status_code, answer.json()["error"]) == (401, "invalid_client"), answer.text
+    assert exchange(assertion()).status_code == 200
+    no_secret = httpx.post(
+        f"{server.http}/auth/token",
+        data={"grant_type": "client_credentials", "client_id": "backend-app", "client_secret": ""},
+    )
+    assert no_secret.status_code == 401

@@ -40,6 +40,7 @@ def upgrade() -> None:
         sa.Column("role", sa.String(length=32), nullable=False),
         sa.Column("scope", sa.Text(), nullable=False),
         sa.Column("secret_hash", sa.Text(), nullable=False),
+        sa.Column("jwks", sa.JSON(), nullable=True),
         sa.Column("disabled", sa.Boolean(), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_auth_client")),
@@ -69,10 +70,33 @@ def upgrade() -> None:
         batch_op.create_index(
             batch_op.f("ix_auth_refresh_token_user_fk"), ["user_fk"], unique=False
         )
+    op.create_table(
+        "auth_client_assertion",
+        sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("client_fk", sa.Integer(), nullable=False),
+        sa.Column("jti", sa.String(length=255), nullable=False),
+        sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
+        sa.ForeignKeyConstraint(
+            ["client_fk"],
+            ["auth_client.id"],
+            name=op.f("fk_auth_client_assertion_client_fk_auth_client"),
+            ondelete="CASCADE",
+        ),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_auth_client_assertion")),
+        sa.UniqueConstraint(
+            "client_fk", "jti", name=op.f("uq_auth_client_assertion_client_fk_jti")
+        ),
+        sqlite_autoincrement=True,
+    )
+    with op.batch_alter_table("auth_client_assertion", schema=None) as batch_op:
+        batch_op.create_index(
+            batch_op.f("ix_auth_client_assertion_expires_at"), ["expires_at"], unique=False
+        )
 
 
 def downgrade() -> None:
     """Downgrade schema."""
+    op.drop_table("auth_client_assertion")
     op.drop_table("auth_refresh_token")
     op.drop_table("auth_client")
     op.drop_table("auth_user")
