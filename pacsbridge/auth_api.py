@@ -30,6 +30,8 @@ def _error(exc: TokenError) -> JSONResponse:
     headers = dict(_NO_STORE)
     if exc.status == 401:
         headers["WWW-Authenticate"] = 'Basic realm="pacsbridge"'
+    if exc.retry_after is not None:
+        headers["Retry-After"] = str(exc.retry_after)
     return JSONResponse(
         {"error": exc.error, "error_description": exc.description},
         status_code=exc.status,

@@ -10,7 +10,10 @@ refresh token is used once and replaced: rotation, RFC 9700 4.14.2)."""
 from __future__ import annotations
 
 import hashlib
+import math
 import secrets
+import threading
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -33,11 +36,14 @@ LEEWAY = 30
 class TokenError(Exception):
     """A token request refused: ``error`` is the RFC 6749 5.2 code."""
 
-    def __init__(self, error: str, description: str, status: int = 400) -> None:
+    def __init__(
+        self, error: str, description: str, status: int = 400, retry_after: int | None = None
+    ) -> None:
         super().__init__(description)
         self.error = error
         self.description = description
         self.status = status
+        self.retry_after = retry_after
 
 
 class InvalidToken(Exception):
@@ -68,6 +74,7 @@ class TokenService:
         self.keys = keys
         self.issuer = issuer_of(settings)
         self.audience = settings.auth_audience
+        self.failures = FailedLogins()
         self.external = {
             provider.issuer: ExternalIssuer(provider, LEEWAY) for provider in settings.auth_external
         }
@@ -100,12 +107,15 @@ class TokenService:
         }
 
     def password_grant(self, name: str, password: str, scope: str = "") -> dict[str, Any]:
+        self.failures.check(f"user:{name}")
         with self.archive.db.session() as session:
             user = session.scalars(select(AuthUser).where(AuthUser.name == name)).first()
         if not verify_secret(user.password_hash if user else None, password) or user is None:
+            self.failures.failed(f"user:{name}")
             raise TokenError("invalid_grant", "unknown user or wrong password")
         if user.disabled:
             raise TokenError("invalid_grant", "unknown user or wrong password")
+        self.failures.succeeded(f"user:{name}")
         answer = self._access_token(f"user:{user.name}", user.role, scope, "pacsbridge")
         answer["refresh_token"] = self._refresh_token(user.id, scope)
         return answer
@@ -113,10 +123,13 @@ class TokenService:
     def client_credentials_grant(
         self, client_id: str, secret: str, scope: str = ""
     ) -> dict[str, Any]:
+        self.failures.check(f"client:{client_id}")
         with self.archive.db.session() as session:
             client = session.scalars(select(AuthClient).where(AuthClient.name == client_id)).first()
         if not verify_secret(client.secret_hash if client else None, secret) or client is None:
+            self.failures.failed(f"client:{client_id}")
             raise TokenError("invalid_client", "unknown client or wrong secret", 401)
+        self.failures.succeeded(f"client:{client_id}")
         if client.disabled:
             raise TokenError("invalid_client", "unknown client or wrong secret", 401)
         granted = _granted(client.scope, scope)
@@ -280,6 +293,46 @@ def _client_key(jwks: dict[str, Any], kid: str, alg: str) -> jwt.PyJWK | None:
             return None
         return key
     return None
+
+
+class FailedLogins:
+    """Guessing passwords is slowed down: after ``FREE`` failures for one name (a user or a
+    client id), each further attempt for it waits ``2 ** (failures - FREE)`` seconds (at most
+    ``MAX_WAIT``) after the last failure — the right password included — and is refused sooner
+    with ``slow_down``. A success forgets the failures. Kept per process."""
+
+    FREE = 5
+    MAX_WAIT = 900.0
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._failed: dict[str, tuple[int, float]] = {}
+
+    def check(self, name: str) -> None:
+        with self._lock:
+            count, last = self._failed.get(name, (0, 0.0))
+        if count < self.FREE:
+            return
+        wait = min(2.0 ** (count - self.FREE), self.MAX_WAIT) - (time.monotonic() - last)
+        if wait > 0:
+            raise TokenError(
+                "slow_down",
+                f"{count} failed attempts for {name.split(':', 1)[1]!r}: try again in "
+                f"{math.ceil(wait)} s",
+                429,
+                retry_after=math.ceil(wait),
+            )
+
+    def failed(self, name: str) -> None:
+        with self._lock:
+            count, _ = self._failed.get(name, (0, 0.0))
+            self._failed[name] = (count + 1, time.monotonic())
+            if len(self._failed) > 100_000:  # a flood of names: start over
+                self._failed.clear()
+
+    def succeeded(self, name: str) -> None:
+        with self._lock:
+            self._failed.pop(name, None)
 
 
 def _granted(allowed: str, asked: str) -> str:

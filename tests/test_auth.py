@@ -814,3 +814,36 @@ def test_fhirclient_smart_backend_services(secured: tuple[RunningServer, dict]) 
         data={"grant_type": "client_credentials", "client_id": "backend-app", "client_secret": ""},
     )
     assert no_secret.status_code == 401
+
+
+def test_guessing_passwords_is_slowed_down(
+    issuer: TokenService, secured: tuple[RunningServer, dict]
+) -> None:
+    for _ in range(5):
+        with pytest.raises(TokenError) as wrong:
+            issuer.password_grant("alice", "guess")
+        assert wrong.value.error == "invalid_grant"
+    with pytest.raises(TokenError):
+        issuer.password_grant("alice", "guess")  # the 6th attempt waits a second
+    with pytest.raises(TokenError) as slowed:
+        issuer.password_grant("alice", PASSWORD)  # even the right password, for now
+    assert (slowed.value.error, slowed.value.status) == ("slow_down", 429)
+    assert slowed.value.retry_after in (1, 2)
+    count, _ = issuer.failures._failed["user:alice"]
+    issuer.failures._failed["user:alice"] = (count, time.monotonic() - 3)  # the wait is over
+    assert issuer.password_grant("alice", PASSWORD)["access_token"]
+    assert "user:alice" not in issuer.failures._failed  # a success forgets
+    # Over HTTP: 429 with Retry-After.
+    server, _ = secured
+    with closing(Archive(server.backend.settings)) as archive:
+        add_user(archive, "mallory-target", "clinician", PASSWORD)
+    answers = [
+        httpx.post(
+            f"{server.http}/auth/token",
+            data={"grant_type": "password", "username": "mallory-target", "password": "x"},
+        )
+        for _ in range(6)
+    ]
+    assert [a.status_code for a in answers[:5]] == [400] * 5  # FailedLogins.FREE
+    assert answers[5].status_code == 429 and int(answers[5].headers["retry-after"]) >= 1
+    assert answers[5].json()["error"] == "slow_down"
