@@ -89,6 +89,8 @@ class Database:
     def __init__(
         self, url: str, *, sqlite_synchronous: str = "NORMAL", pool_size: int = 10
     ) -> None:
+        self._head: str | None = None
+        """The newest Alembic revision the code knows (read once, by schema_revisions)."""
         self.url = make_url(url)
         self.is_sqlite = self.url.get_backend_name() == "sqlite"
         database = self.url.database if self.is_sqlite else None
@@ -207,7 +209,11 @@ class Database:
         from alembic.runtime.migration import MigrationContext
         from alembic.script import ScriptDirectory
 
-        head = ScriptDirectory.from_config(alembic_config(self.engine)).get_current_head()
+        head = self._head
+        if head is None:  # the migration files do not change while the process runs
+            head = self._head = ScriptDirectory.from_config(
+                alembic_config(self.engine)
+            ).get_current_head()
         with self.engine.connect() as conn:
             current = MigrationContext.configure(conn).get_current_revision()
         return current, head

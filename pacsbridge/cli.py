@@ -861,20 +861,25 @@ def billing_capture(
         raise typer.Exit(1)
 
 
-def _billing_call(settings: Settings, call: Any) -> Any:
-    """Run ``call(archive)``; a ``BillingError`` prints its message and exits 1."""
+def _refusing_call(settings: Settings, call: Any, refusal: type[Exception]) -> Any:
+    """Run ``call(archive)``; a ``refusal`` prints its message and exits 1."""
     from rich.markup import escape
-
-    from billing.invoices import BillingError
 
     archive = _archive(settings)
     try:
         return call(archive)
-    except BillingError as exc:
+    except refusal as exc:
         console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
         raise typer.Exit(1) from exc
     finally:
         archive.close()
+
+
+def _billing_call(settings: Settings, call: Any) -> Any:
+    """Run ``call(archive)``; a ``BillingError`` prints its message and exits 1."""
+    from billing.invoices import BillingError
+
+    return _refusing_call(settings, call, BillingError)
 
 
 def _print_invoice(row: dict[str, Any], as_json: bool) -> None:
@@ -1191,18 +1196,9 @@ def main() -> None:
 
 def _account_call(settings: Settings, call: Any) -> Any:
     """Run ``call(archive)``; an ``AccountError`` prints its message and exits 1."""
-    from rich.markup import escape
-
     from security.accounts import AccountError
 
-    archive = _archive(settings)
-    try:
-        return call(archive)
-    except AccountError as exc:
-        console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
-        raise typer.Exit(1) from exc
-    finally:
-        archive.close()
+    return _refusing_call(settings, call, AccountError)
 
 
 def _read_password(from_stdin: bool) -> str:
