@@ -71,6 +71,8 @@ class PeerRecord:
     """The DIMSE services it may use as a calling AE (``config.settings.PEER_PERMISSIONS``)."""
     check_host: bool = False
     """Its associations must come from an address of ``host``."""
+    tls: bool = False
+    """Associations to it (C-MOVE destination, forwarding) go over TLS (DICOM PS3.15 B.1)."""
 
 
 def validate_permissions(permissions: object) -> tuple[PeerPermission, ...]:
@@ -118,6 +120,7 @@ class PeerRegistry:
                 "config",
                 permissions=tuple(peer.permissions),
                 check_host=peer.check_host,
+                tls=peer.tls,
             )
             for name, peer in sorted(configured.items())
         }
@@ -138,6 +141,7 @@ class PeerRegistry:
             _utc(peer.updated_at),
             _stored_permissions(peer.permissions),
             bool(peer.check_host),
+            bool(peer.tls),
         )
 
     def list(self) -> list[PeerRecord]:
@@ -176,12 +180,15 @@ class PeerRegistry:
         port: int,
         permissions: Sequence[str] = PEER_PERMISSIONS,
         check_host: bool = False,
+        tls: bool = False,
     ) -> tuple[PeerRecord, bool]:
         """Create or replace the API peer ``name``; returns it and whether it was created."""
         ae_title, host, port = validate_peer(name, ae_title, host, port)
         granted = validate_permissions(permissions)
         if not isinstance(check_host, bool):
             raise InvalidPeer("check_host is true or false")
+        if not isinstance(tls, bool):
+            raise InvalidPeer("tls is true or false")
         if name in self.configured:
             raise PeerConflict(
                 f"peer {name!r} is declared in the configuration file; edit it there"
@@ -204,6 +211,7 @@ class PeerRegistry:
                     s.add(peer)
                 peer.ae_title, peer.host, peer.port, peer.updated_at = ae_title, host, port, now
                 peer.permissions, peer.check_host = ",".join(granted), check_host
+                peer.tls = tls
                 s.flush()
                 record = self._record(peer)
         except IntegrityError as exc:

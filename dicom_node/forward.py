@@ -29,6 +29,7 @@ from dicom_node.retrieve import (
     SubOperationSender,
     proposed_contexts,
 )
+from dicom_node.tls import PeerTLS, TLSConfigurationError
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,8 @@ class Forwarder:
     def __init__(self, archive: Archive, settings: Settings) -> None:
         self.archive = archive
         self.settings = settings
+        # Peers flagged ``tls`` are sent to over TLS (PS3.15 B.1).
+        self.peer_tls = PeerTLS(settings)
 
     def destination(self, name: str) -> DestinationSettings:
         """A ``[destinations.<name>]`` entry, or a peer of that name as a DIMSE destination."""
@@ -95,16 +98,25 @@ class Forwarder:
             peer = self.archive.peers.get(destination.peer)
         except PeerNotFound:
             raise ForwardError(f"unknown peer {destination.peer!r}") from None
+        try:
+            tls_args = self.peer_tls.tls_args(peer.tls, peer.host)
+        except TLSConfigurationError as exc:
+            raise ForwardError(f"peer {peer.name!r} needs TLS: {exc}") from exc
         for start in range(0, len(items), destination.batch_size * 20):
             batch = items[start : start + destination.batch_size * 20]
             ae = AE(ae_title=self.settings.ae_title)
             ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = destination.timeout
             assoc = ae.associate(
-                peer.host, peer.port, contexts=proposed_contexts(batch), ae_title=peer.ae_title
+                peer.host,
+                peer.port,
+                contexts=proposed_contexts(batch),
+                ae_title=peer.ae_title,
+                tls_args=tls_args,
             )
             if not assoc.is_established:
+                over = " over TLS" if tls_args is not None else ""
                 raise ForwardError(
-                    f"{peer.ae_title}@{peer.host}:{peer.port} did not accept an association"
+                    f"{peer.ae_title}@{peer.host}:{peer.port} did not accept an association{over}"
                 )
             try:
                 sender = SubOperationSender(

@@ -200,7 +200,9 @@ PINS: tuple[Pin, ...] = (
     Pin(
         "pynetdicom.transport:AssociationServer.get_request",
         "925a4f3a3042f6e4",
-        "dicom_node/server.py _NoDelayAssociationServer.get_request extends it",
+        "dicom_node/server.py _NoDelayAssociationServer.get_request extends it and "
+        "_TLSAssociationServer.get_request replaces it (the TLS handshake deferred to the "
+        "connection's thread): port the change",
     ),
     Pin(
         "pynetdicom.transport:AssociationServer.server_bind",
@@ -216,7 +218,8 @@ PINS: tuple[Pin, ...] = (
         "pynetdicom.transport:ThreadedAssociationServer.process_request_thread",
         "9e76e9b9c8a3d8b1",
         "dicom_node/server.py _DispatchingAssociationServer.process_request hands connections "
-        "to it: check the thread still only starts the association",
+        "to it, and _TLSAssociationServer.process_request_thread calls it after the TLS "
+        "handshake: check the thread still only starts the association",
     ),
     Pin(
         "pynetdicom.transport:AssociationServer.__init__",

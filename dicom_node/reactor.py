@@ -32,6 +32,7 @@ import logging
 import queue
 import select
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -51,6 +52,7 @@ from dicom_node.upper_layer import (
     pdu_length_limits,
     stalled,
     take_pdu,
+    tls_readable,
 )
 
 LOGGER = logging.getLogger("pynetdicom.dul")
@@ -346,11 +348,13 @@ def _socket_ready(self: AssociationSocket) -> bool:
         poller = select.poll()
         poller.register(sock, select.POLLIN)
         ready = bool(poller.poll(0))
+        if isinstance(sock, ssl.SSLSocket):
+            # Decrypted bytes the descriptor does not show; a record that holds none.
+            return tls_readable(sock, ready)
     except (OSError, TimeoutError, ValueError):
         self.event_queue.put("Evt17")  # Evt17: transport connection closed
         return False
-    pending = getattr(sock, "pending", None)  # a TLS socket: records read, not yet taken
-    return ready or (pending is not None and bool(pending()))
+    return ready
 
 
 def _wait_for_work(dul: DULServiceProvider, wakeup: _DulWakeup) -> None:

@@ -31,6 +31,7 @@ import contextlib
 import logging
 import select
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -165,15 +166,67 @@ def _idle_timeout(dul: DULServiceProvider, state: str) -> float | None:
 def _recv_now(sock: socket.socket, size: int) -> bytes | None:
     """What the socket holds now (at most ``size`` bytes, b"" at its end), None when it holds
     nothing yet."""
-    pending = getattr(sock, "pending", None)  # a TLS socket: its decrypted, unread bytes
+    if isinstance(sock, ssl.SSLSocket):
+        return _tls_recv_now(sock, size)
     try:
-        if pending is None and _DONTWAIT:
+        if _DONTWAIT:
             return sock.recv(size, _DONTWAIT)
-        if pending is not None and pending():
-            return sock.recv(size)
     except (BlockingIOError, InterruptedError):
         return None
     return None
+
+
+# --- TLS (DICOM PS3.15 B.1) ---------------------------------------------------------------------
+# A TLS socket's descriptor is readable when the kernel holds a TLS record, which need not carry
+# application data: TLS 1.3 servers send session tickets after the handshake (RFC 8446 4.6.1),
+# and a key update carries none either. A blocking read there waits for data the peer sends only
+# once we have sent ours (the A-ASSOCIATE-AC to our A-ASSOCIATE-RQ). So a TLS socket is read
+# without blocking; what one such read took to learn whether there is data (tls_readable) is
+# kept on the socket for the next read. Decrypted bytes the SSL object holds (pending()) are
+# readable although the descriptor is not.
+_TLS_EARLY = "_pb_tls_early"  # bytes read by tls_readable, not yet taken
+_TLS_EOF = "_pb_tls_eof"  # tls_readable met the end of the connection
+
+
+def _tls_read_nonblocking(sock: ssl.SSLSocket, size: int) -> bytes | None:
+    """Up to ``size`` bytes of application data the socket has now, b"" at its end, None
+    when the records at hand carry none."""
+    timeout = sock.gettimeout()
+    sock.settimeout(0.0)
+    try:
+        return sock.recv(size)
+    except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError, InterruptedError):
+        return None
+    finally:
+        sock.settimeout(timeout)
+
+
+def _tls_recv_now(sock: ssl.SSLSocket, size: int) -> bytes | None:
+    early: bytearray | None = getattr(sock, _TLS_EARLY, None)
+    if early:
+        data = bytes(early[:size])
+        del early[:size]
+        return data
+    if getattr(sock, _TLS_EOF, False):
+        return b""
+    return _tls_read_nonblocking(sock, size)
+
+
+def tls_readable(sock: ssl.SSLSocket, descriptor_ready: bool) -> bool:
+    """Whether a read of the TLS socket would find application data (or the connection's
+    end) now; ``descriptor_ready``: ``poll`` found its descriptor readable."""
+    if getattr(sock, _TLS_EARLY, None) or getattr(sock, _TLS_EOF, False) or sock.pending():
+        return True
+    if not descriptor_ready:
+        return False
+    data = _tls_read_nonblocking(sock, CHUNK)
+    if data is None:
+        return False  # only records without data (a session ticket, say): taken
+    if not data:
+        setattr(sock, _TLS_EOF, True)
+    else:
+        setattr(sock, _TLS_EARLY, bytearray(data))
+    return True
 
 
 def _receive(
@@ -198,8 +251,8 @@ def _receive(
                     if left <= 0:
                         raise _Stalled()
                     wait = min(wait, left)
-                if not wait_readable(sock, wait):
-                    continue
+                if not wait_readable(sock, wait) or isinstance(sock, ssl.SSLSocket):
+                    continue  # a TLS record may carry no data: _recv_now reads without blocking
                 data = sock.recv(want)
         except (BlockingIOError, InterruptedError):
             continue
@@ -234,7 +287,13 @@ def invalid_pdu(dul: DULServiceProvider, problem: str, reason: int) -> None:
 def _discard(dul: DULServiceProvider, sock: socket.socket) -> None:
     """Drop what the peer sends after an invalid PDU, until it closes the connection."""
     try:
-        data = sock.recv(CHUNK)
+        if isinstance(sock, ssl.SSLSocket):
+            tls_data = _tls_recv_now(sock, CHUNK)
+            if tls_data is None:
+                return
+            data = tls_data
+        else:
+            data = sock.recv(CHUNK)
     except (BlockingIOError, InterruptedError):
         return
     except OSError:

@@ -1,6 +1,7 @@
 """``/api/peers``: the remote DICOM AEs this node sends to (C-MOVE destinations), and what each
 may do when it calls this node (``permissions``: the DIMSE services it may use; ``check_host``:
-its associations must come from an address of its host).
+its associations must come from an address of its host; ``tls``: associations to it go over
+TLS).
 
 Peers from the configuration file are listed with ``"source": "config"`` and are read-only
 here; peers created with ``PUT`` are stored in the index (``"source": "api"``).
@@ -57,6 +58,11 @@ class PeerIn(BaseModel):
         default=False,
         description="its associations must come from an address its host resolves to",
     )
+    tls: bool = Field(
+        default=False,
+        description="associations to it (C-MOVE destination, forwarding) go over TLS "
+        "(DICOM PS3.15 B.1), with the PACSBRIDGE_DIMSE_TLS_* settings",
+    )
 
     @field_validator("permissions")
     @classmethod
@@ -81,6 +87,7 @@ class PeerOut(BaseModel):
     port: int
     permissions: list[PeerPermission]
     check_host: bool
+    tls: bool
     source: PeerSource
     created_at: datetime | None = None
     updated_at: datetime | None = None
@@ -94,6 +101,7 @@ class PeerOut(BaseModel):
             port=record.port,
             permissions=list(record.permissions),
             check_host=record.check_host,
+            tls=record.tls,
             source=record.source,
             created_at=record.created_at,
             updated_at=record.updated_at,
@@ -124,7 +132,7 @@ def get_peer(request: Request, name: PeerName) -> PeerOut:
     responses={
         201: {"description": "created"},
         409: {"description": "a configuration peer, or an AE title another peer has"},
-        422: {"description": "invalid AE title, host, port, permissions or check_host"},
+        422: {"description": "invalid AE title, host, port, permissions, check_host or tls"},
     },
 )
 def put_peer(request: Request, response: Response, name: PeerName, peer: PeerIn) -> PeerOut:
@@ -133,7 +141,13 @@ def put_peer(request: Request, response: Response, name: PeerName, peer: PeerIn)
     peers."""
     try:
         record, created = _archive(request).peers.put(
-            name, peer.ae_title, peer.host, peer.port, peer.permissions, peer.check_host
+            name,
+            peer.ae_title,
+            peer.host,
+            peer.port,
+            peer.permissions,
+            peer.check_host,
+            peer.tls,
         )
     except PeerConflict as exc:
         raise HTTPException(status.HTTP_409_CONFLICT, exc.reason) from exc

@@ -39,6 +39,7 @@ def test_config_peers_are_listed_and_read_only(client: TestClient):
         "port": 4242,
         "permissions": ["echo", "store", "find", "move", "get"],
         "check_host": False,
+        "tls": False,
         "source": "config",
         "created_at": None,
         "updated_at": None,
@@ -114,6 +115,7 @@ def test_ae_titles_are_unique(client: TestClient):
         ("p", {"ae_title": "AE", "host": "h", "port": 1, "permissions": ["read"]}, "'find'"),
         ("p", {"ae_title": "AE", "host": "h", "port": 1, "permissions": "find"}, "list"),
         ("p", {"ae_title": "AE", "host": "h", "port": 1, "check_host": "yes"}, "boolean"),
+        ("p", {"ae_title": "AE", "host": "h", "port": 1, "tls": 1}, "boolean"),
         ("p", {"ae_title": "AE", "host": "h", "port": 1, "permission": ["find"]}, "extra"),
         ("-bad", {"ae_title": "AE", "host": "h", "port": 104}, "pattern"),
         ("x" * 65, {"ae_title": "AE", "host": "h", "port": 104}, "pattern"),
@@ -138,6 +140,10 @@ def test_permissions_and_check_host(client: TestClient):
     assert client.get("/api/peers/ws").json() == record
     record = client.put("/api/peers/ws", json={**body, "permissions": []}).json()
     assert record["permissions"] == []  # a C-MOVE destination only
+    assert record["tls"] is False
+    record = client.put("/api/peers/ws", json={**body, "tls": True}).json()
+    assert record["tls"] is True  # associations to it go over TLS
+    assert client.get("/api/peers/ws").json()["tls"] is True
 
 
 def test_unknown_peer(client: TestClient):
