@@ -24,4 +24,6 @@ if [ ${#missing[@]} -gt 0 ]; then
     fi
 fi
 
-exec .venv/bin/pytest "$@"
+# Two workers by default (pytest-xdist): most tests wait on servers and subprocesses, not on the
+# CPU. Each test module runs whole in one worker, so a module's shared server stays its own.
+exec .venv/bin/pytest -n "${PACSBRIDGE_TEST_WORKERS:-2}" --dist loadfile "$@"
