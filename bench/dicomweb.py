@@ -17,17 +17,21 @@ requests from one HTTP client (httpx, ``Accept-Encoding: gzip``):
   one-instance studies, and searches a viewer makes (median latency, result counts checked).
 
 Medians of ``--repeat`` runs; ratios pacsbridge/Orthanc are printed and everything is written
-to ``bench/results/dicomweb-<timestamp>.json``. See bench/README.md.
+to ``bench/results/dicomweb-<timestamp>.json``. With ``--auth`` both servers authenticate every
+request: pacsbridge with ``PACSBRIDGE_AUTH=required`` and an OAuth2 bearer token from its own
+issuer, Orthanc with HTTP Basic. See bench/README.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import io
 import json
 import os
 import platform
+import secrets
 import shutil
 import statistics
 import subprocess
@@ -37,13 +41,16 @@ import uuid
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from bench.peers import (
+    CALLING_AE,
+    LOOPBACK,
     ORTHANC_BIN,
     BenchError,
     OrthancTarget,
     PacsbridgeTarget,
+    basic_authorization,
     fresh_postgres_database,
     log,
     new_uid,
@@ -70,6 +77,21 @@ TARGETS = {
 }
 #: pacsbridge runs no jobs here: the benchmark times the DICOMweb service alone.
 PACSBRIDGE_ENV = {"PACSBRIDGE_WORKER_IN_SERVE": "false"}
+#: With ``--auth``: tokens required on every request, and the calling AE title of the start-up
+#: C-ECHO declared as a peer allowed nothing but C-ECHO (unknown callers are rejected at
+#: association then).
+PACSBRIDGE_AUTH_ENV = {
+    "PACSBRIDGE_AUTH": "required",
+    "PACSBRIDGE_PEERS": json.dumps(
+        {"bench": {"ae_title": CALLING_AE, "host": LOOPBACK, "port": 104, "permissions": ["echo"]}}
+    ),
+}
+#: The account each server's requests authenticate as with ``--auth``.
+AUTH_USER = "bench"
+AUTH_ROLE = "admin"
+#: A bearer token is renewed when it has fewer seconds than this left, between requests, so
+#: that no timed request carries an expired token or waits for a new one.
+TOKEN_RENEW_MARGIN = 60.0
 #: QIDO-RS latency wanted, pacsbridge/Orthanc, for each search.
 QIDO_TARGET = 1 / 3
 
@@ -106,27 +128,136 @@ def multipart(parts: Sequence[bytes]) -> tuple[bytes, str]:
     return body, f'multipart/related; type="application/dicom"; boundary={boundary}'
 
 
+# --- authentication --------------------------------------------------------------------------
+
+
+class Credentials(Protocol):
+    """What every request to one server carries with ``--auth``."""
+
+    description: str
+
+    def headers(self) -> dict[str, str]:
+        """The ``Authorization`` header to send now (called before a request is timed)."""
+        ...
+
+    def forged(self) -> dict[str, str]:
+        """An ``Authorization`` header of the same kind that the server must refuse."""
+        ...
+
+
+class BasicCredentials:
+    """HTTP Basic (RFC 7617): Orthanc's ``RegisteredUsers``."""
+
+    def __init__(self, user: str, password: str) -> None:
+        self._headers = basic_authorization(user, password)
+        self._forged = basic_authorization(user, f"not-{password}")
+        self.description = (
+            f"HTTP Basic (AuthenticationEnabled, RegisteredUsers: {user!r}), sent on every request"
+        )
+
+    def headers(self) -> dict[str, str]:
+        return self._headers
+
+    def forged(self) -> dict[str, str]:
+        return self._forged
+
+
+class BearerCredentials:
+    """An OAuth2 bearer token (RFC 6750 2.1) from pacsbridge's ``POST /auth/token``: the
+    password grant (RFC 6749 4.3) once, then the refresh token (RFC 6749 6) whenever the access
+    token nears its expiry. Renewal happens in ``headers()``, outside the timed requests."""
+
+    def __init__(self, base_url: str, user: str, password: str, role: str) -> None:
+        self.token_url = f"{base_url}/auth/token"
+        self.renewals = 0
+        answer = self._grant({"grant_type": "password", "username": user, "password": password})
+        self.lifetime = self._expires_in
+        self.description = (
+            f"OAuth2 bearer JWT from the built-in issuer (PACSBRIDGE_AUTH=required; user {user!r}, "
+            f"role {role}, password grant; {answer.get('token_type', '?')} token valid "
+            f"{self.lifetime:.0f} s, renewed by refresh token), sent on every request"
+        )
+
+    def _grant(self, form: dict[str, str]) -> dict[str, Any]:
+        import httpx
+
+        try:
+            response = httpx.post(self.token_url, data=form, timeout=60)
+        except httpx.HTTPError as exc:
+            raise BenchError(f"POST {self.token_url} failed: {exc}") from exc
+        if response.status_code != 200:
+            # RFC 6749 5.2: the body names the error; it holds no secret.
+            raise BenchError(
+                f"POST {self.token_url} ({form['grant_type']} grant) answered "
+                f"{response.status_code}: {response.text[:300]}"
+            )
+        answer: dict[str, Any] = response.json()
+        if answer.get("token_type", "").lower() != "bearer" or not answer.get("refresh_token"):
+            raise BenchError(
+                f"{self.token_url} answered no bearer token with a refresh token: {sorted(answer)}"
+            )
+        self._access = str(answer["access_token"])
+        self._refresh = str(answer["refresh_token"])
+        self._expires_in = float(answer.get("expires_in", 0))
+        self._expires_at = time.monotonic() + self._expires_in
+        return answer
+
+    def headers(self) -> dict[str, str]:
+        if self._expires_at - time.monotonic() < TOKEN_RENEW_MARGIN:
+            self._grant({"grant_type": "refresh_token", "refresh_token": self._refresh})
+            self.renewals += 1
+        return {"Authorization": f"Bearer {self._access}"}
+
+    def forged(self) -> dict[str, str]:
+        """The current token with another signature (RFC 7515 7.1: header.payload.signature)."""
+        header, payload, _signature = self._access.split(".")
+        signature = base64.urlsafe_b64encode(secrets.token_bytes(64)).rstrip(b"=").decode()
+        return {"Authorization": f"Bearer {header}.{payload}.{signature}"}
+
+
+def add_pacsbridge_user(target: PacsbridgeTarget, user: str, password: str, role: str) -> None:
+    """``pacsbridge users add`` against the target's own data dir and database."""
+    result = subprocess.run(
+        [str(target.executable), "users", "add", user, "--role", role, "--password-stdin"],
+        input=password + "\n",
+        env=target.env,
+        cwd=target.workdir,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise BenchError(
+            f"`pacsbridge users add {user}` failed ({result.returncode}):\n"
+            f"{result.stdout}{result.stderr}"
+        )
+
+
 # --- one server --------------------------------------------------------------------------------
 
 
 class Server:
-    def __init__(self, name: str, root: str, target: Any) -> None:
+    def __init__(
+        self, name: str, root: str, target: Any, credentials: Credentials | None = None
+    ) -> None:
         import httpx
 
         self.name = name
         self.root = root
         self.target = target
+        self.credentials = credentials
         self.client = httpx.Client(timeout=600, headers={"Accept-Encoding": "gzip"})
         self.last_store = 0.0
 
+    def auth(self) -> dict[str, str]:
+        return self.credentials.headers() if self.credentials is not None else {}
+
     def stow(self, parts: Sequence[bytes]) -> tuple[float, int]:
         body, content_type = multipart(parts)
+        headers = {"Content-Type": content_type, "Accept": DICOM_JSON, **self.auth()}
         started = time.perf_counter()
-        response = self.client.post(
-            f"{self.root}/studies",
-            content=body,
-            headers={"Content-Type": content_type, "Accept": DICOM_JSON},
-        )
+        response = self.client.post(f"{self.root}/studies", content=body, headers=headers)
         seconds = time.perf_counter() - started
         self.last_store = time.monotonic()
         if response.status_code != 200:
@@ -141,10 +272,17 @@ class Server:
     def retrieve(self, study: str, accept: str) -> tuple[float, int] | str:
         """Seconds and bytes of one WADO-RS retrieve, read by curl when it is installed (a C
         client measures the server, not the client), else by httpx."""
+        auth = self.auth()
         if CURL:
+            # curl reads the Authorization header from its standard input (``-H @-``), so that
+            # no credential shows in the process list.
+            written = "%{http_code} %{time_total} %{size_download}"
+            argv = [CURL, "-s", "-o", "/dev/null", "-w", written, "-H", f"Accept: {accept}"]
+            if auth:
+                argv += ["-H", "@-"]
             result = subprocess.run(
-                [CURL, "-s", "-o", "/dev/null", "-w", "%{http_code} %{time_total} %{size_download}",
-                 "-H", f"Accept: {accept}", f"{self.root}/studies/{study}"],
+                [*argv, f"{self.root}/studies/{study}"],
+                input="".join(f"{k}: {v}\r\n" for k, v in auth.items()) if auth else None,
                 capture_output=True, text=True, timeout=600, check=False,
             )  # fmt: skip
             code, seconds, size = result.stdout.split()
@@ -154,7 +292,7 @@ class Server:
         started = time.perf_counter()
         received = 0
         with self.client.stream(
-            "GET", f"{self.root}/studies/{study}", headers={"Accept": accept}
+            "GET", f"{self.root}/studies/{study}", headers={"Accept": accept, **auth}
         ) as response:
             if response.status_code != 200:
                 return f"HTTP {response.status_code}"
@@ -163,8 +301,9 @@ class Server:
         return time.perf_counter() - started, received
 
     def get_json(self, path: str, accept: str = DICOM_JSON) -> tuple[float, Any]:
+        headers = {"Accept": accept, **self.auth()}
         started = time.perf_counter()
-        response = self.client.get(f"{self.root}{path}", headers={"Accept": accept})
+        response = self.client.get(f"{self.root}{path}", headers=headers)
         content = response.content  # decompressed
         seconds = time.perf_counter() - started
         if response.status_code not in (200, 204):
@@ -213,6 +352,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--database-url",
         help="run pacsbridge on PostgreSQL: a fresh database is created on this server",
     )
+    parser.add_argument(
+        "--auth",
+        action="store_true",
+        help="authentication on: pacsbridge with PACSBRIDGE_AUTH=required and a bearer token, "
+        "Orthanc with HTTP Basic",
+    )
     parser.add_argument("--quick", action="store_true", help="smoke run with small numbers")
     parser.add_argument("--keep-temp", action="store_true", help="keep the temporary directory")
     args = parser.parse_args(argv)
@@ -234,11 +379,15 @@ def start_targets(
     database_url = None
     if args.database_url:
         database_url = stack.enter_context(fresh_postgres_database(args.database_url))
+    # With --auth each server gets its own random password (argon2id-hashed by pacsbridge,
+    # plain in Orthanc's configuration file, which lives in the temporary directory).
+    pacsbridge_password = secrets.token_urlsafe(24) if args.auth else ""
+    orthanc_password = secrets.token_urlsafe(24) if args.auth else ""
     pacsbridge = PacsbridgeTarget(
         workdir / "pacsbridge",
         pacsbridge_executable(),
         database_url,
-        extra_env=PACSBRIDGE_ENV,
+        extra_env={**PACSBRIDGE_ENV, **(PACSBRIDGE_AUTH_ENV if args.auth else {})},
     )
     orthanc = OrthancTarget(
         workdir / "orthanc",
@@ -248,6 +397,7 @@ def start_targets(
             "Plugins": [str(DICOMWEB_PLUGIN)],
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
         },
+        basic_auth=(AUTH_USER, orthanc_password) if args.auth else None,
     )
     servers: list[Server] = []
     for target in (pacsbridge, orthanc):
@@ -255,10 +405,67 @@ def start_targets(
         log(f"starting {target.name} ...")
         target.start()
         log(f"  {target.name} {target.version}: {target.http}")
-        server = Server(target.name, f"{target.http}/dicom-web", target)
+        credentials: Credentials | None = None
+        if args.auth and target is pacsbridge:
+            add_pacsbridge_user(pacsbridge, AUTH_USER, pacsbridge_password, AUTH_ROLE)
+            credentials = BearerCredentials(
+                pacsbridge.http, AUTH_USER, pacsbridge_password, AUTH_ROLE
+            )
+        elif args.auth:
+            credentials = BasicCredentials(AUTH_USER, orthanc_password)
+        server = Server(target.name, f"{target.http}/dicom-web", target, credentials)
         stack.callback(server.close)
         servers.append(server)
+    for server in servers:
+        log(f"  {server.name} authentication: {authentication(server)}")
     return servers
+
+
+def authentication(server: Server) -> str:
+    if server.credentials is not None:
+        return server.credentials.description
+    if server.name == "pacsbridge":
+        return "none (PACSBRIDGE_AUTH=auto, HTTP on 127.0.0.1 only)"
+    return "none (AuthenticationEnabled false, RemoteAccessAllowed false: loopback only)"
+
+
+def check_enforced(servers: Sequence[Server], study: dict[str, str]) -> dict[str, Any]:
+    """With ``--auth``: the status of each kind of request the benchmark times (QIDO-RS,
+    metadata, WADO-RS, STOW-RS) sent without credentials and with forged ones, which must be
+    401 (RFC 9110 15.5.2, RFC 6750 3.1), on a study that exists. Raises BenchError otherwise:
+    the numbers would not be those of an authenticating server."""
+    probes: dict[str, Any] = {}
+    failures = []
+    _study, _series, parts = ct_series(1, 16)
+    body, content_type = multipart(parts)
+    for server in servers:
+        if server.credentials is None:
+            raise BenchError(f"{server.name} has no credentials to forge")
+        uid = study[server.name]
+        requests = [
+            ("QIDO-RS", "GET", f"/studies?StudyInstanceUID={uid}", DICOM_JSON, None),
+            ("metadata", "GET", f"/studies/{uid}/metadata", DICOM_JSON, None),
+            ("WADO-RS", "GET", f"/studies/{uid}", AS_STORED, None),
+            ("STOW-RS", "POST", "/studies", DICOM_JSON, body),
+        ]
+        probes[server.name] = {}
+        for label, method, path, accept, content in requests:
+            for how, auth in (("none", {}), ("forged", server.credentials.forged())):
+                headers = {"Accept": accept, **auth}
+                if content is not None:
+                    headers["Content-Type"] = content_type
+                response = server.client.request(
+                    method, f"{server.root}{path}", headers=headers, content=content
+                )
+                probes[server.name][f"{label}, credentials {how}"] = response.status_code
+                if response.status_code != 401:
+                    failures.append(
+                        f"{server.name} {method} {path} with credentials {how}: "
+                        f"{response.status_code}"
+                    )
+    if failures:
+        raise BenchError("authentication not enforced (expected 401): " + "; ".join(failures))
+    return probes
 
 
 def run(args: argparse.Namespace, workdir: Path, stack: contextlib.ExitStack) -> dict[str, Any]:
@@ -266,12 +473,18 @@ def run(args: argparse.Namespace, workdir: Path, stack: contextlib.ExitStack) ->
     results: dict[str, dict[str, Any]] = {s.name: {} for s in servers}
 
     # Warm both up alike (first requests pay for imports, caches and connections).
+    warmup_study: dict[str, str] = {}
     for server in servers:
         study, _series, parts = ct_series(5, 64)
         server.stow(parts)
         server.get_json(f"/studies/{study}/metadata")
         server.get_json(f"/studies?StudyInstanceUID={study}")
         server.retrieve(study, AS_STORED)
+        warmup_study[server.name] = study
+    probes: dict[str, Any] | None = None
+    if args.auth:
+        probes = check_enforced(servers, warmup_study)
+        log("  without credentials or with forged ones, both servers answer 401 to every probe")
 
     # The archive the searches run on: bench.query's one-instance studies. Loaded first, so that
     # pacsbridge's stable-study work for them is over before anything is timed.
@@ -452,7 +665,7 @@ def run(args: argparse.Namespace, workdir: Path, stack: contextlib.ExitStack) ->
             "results": [pb_q["results"], peer_q["results"]],
             "expected": pb_q["expected"],
         }
-    print_table(results, ratios)
+    print_table(results, ratios, {server.name: authentication(server) for server in servers})
     pacsbridge_target = servers[0].target
     orthanc_target = servers[1].target
     return {
@@ -476,6 +689,13 @@ def run(args: argparse.Namespace, workdir: Path, stack: contextlib.ExitStack) ->
             "database": "postgresql" if args.database_url else "sqlite",
             "quick": args.quick,
             "wado_client": "curl" if CURL else "httpx",
+            "auth": args.auth,
+        },
+        "authentication": {
+            "enabled": args.auth,
+            **{server.name: authentication(server) for server in servers},
+            "unauthenticated_probes": probes,
+            "token_renewals": getattr(servers[0].credentials, "renewals", None),
         },
         "targets": {
             "pacsbridge": {
@@ -484,7 +704,7 @@ def run(args: argparse.Namespace, workdir: Path, stack: contextlib.ExitStack) ->
             },
             "orthanc": {
                 "version": orthanc_target.version,
-                "config": orthanc_target.config,
+                "config": redacted(orthanc_target.config),
                 "durability": orthanc_target.durability,
             },
         },
@@ -493,7 +713,17 @@ def run(args: argparse.Namespace, workdir: Path, stack: contextlib.ExitStack) ->
     }
 
 
-def print_table(results: dict[str, dict[str, Any]], ratios: dict[str, Any]) -> None:
+def redacted(config: dict[str, Any]) -> dict[str, Any]:
+    """Orthanc's configuration without the passwords of ``RegisteredUsers``."""
+    users = config.get("RegisteredUsers")
+    if not users:
+        return config
+    return {**config, "RegisteredUsers": dict.fromkeys(users, "(redacted)")}
+
+
+def print_table(
+    results: dict[str, dict[str, Any]], ratios: dict[str, Any], auth: dict[str, str]
+) -> None:
     rows = [
         ("STOW-RS MB/s", "stow_mb_per_s", 1),
         ("WADO-RS as stored MB/s", "wado_as_stored_mb_per_s", 1),
@@ -502,6 +732,8 @@ def print_table(results: dict[str, dict[str, Any]], ratios: dict[str, Any]) -> N
         ("metadata large (ms)", "metadata_large_s", 1000),
     ]
     log("")
+    for name, description in auth.items():
+        log(f"authentication, {name}: {description}")
     log(f"{'measure':<26}{'pacsbridge':>12}{'orthanc':>12}{'ratio':>8}{'target':>10}  met")
     log("-" * 74)
     for label, key, scale in rows:

@@ -5,6 +5,7 @@ by their own PID; DCMTK storescu senders; a fresh PostgreSQL database."""
 from __future__ import annotations
 
 import abc
+import base64
 import contextlib
 import json
 import os
@@ -130,19 +131,28 @@ class ManagedProcess:
         self._log.close()
 
 
-def http_json(url: str, timeout: float = 5.0) -> Any:
-    with urllib.request.urlopen(url, timeout=timeout) as response:
+def http_json(url: str, timeout: float = 5.0, headers: dict[str, str] | None = None) -> Any:
+    request = urllib.request.Request(url, headers=headers or {})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
         return json.loads(response.read().decode())
 
 
-def wait_http(process: ManagedProcess, url: str, timeout: float) -> Any:
+def basic_authorization(user: str, password: str) -> dict[str, str]:
+    """The ``Authorization`` header of HTTP Basic authentication (RFC 7617 2)."""
+    token = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+    return {"Authorization": f"Basic {token}"}
+
+
+def wait_http(
+    process: ManagedProcess, url: str, timeout: float, headers: dict[str, str] | None = None
+) -> Any:
     """Poll ``url`` until it answers 200 with JSON; fail if the process dies or time runs out."""
     deadline = time.monotonic() + timeout
     last_error = "no answer"
     while time.monotonic() < deadline:
         process.ensure_alive()
         try:
-            return http_json(url, timeout=2.0)
+            return http_json(url, timeout=2.0, headers=headers)
         except urllib.error.HTTPError as exc:
             last_error = f"HTTP {exc.code}"
         except (urllib.error.URLError, OSError, ValueError) as exc:
@@ -397,11 +407,15 @@ class OrthancTarget(Target):
         nodelay: bool,
         name: str = "",
         config: dict[str, Any] | None = None,
+        basic_auth: tuple[str, str] | None = None,
     ) -> None:
-        """``config`` entries override or extend the minimal configuration below."""
+        """``config`` entries override or extend the minimal configuration below.
+        ``basic_auth`` (user, password) turns Orthanc's HTTP Basic authentication on with that
+        one registered user, and this target's own requests send it."""
         super().__init__(workdir, name or ("orthanc-nd" if nodelay else "orthanc"))
         self.nodelay = nodelay
         self.http_port = free_port()
+        self.http_headers = basic_authorization(*basic_auth) if basic_auth else {}
         self.config_path = workdir / "orthanc.json"
         self.config: dict[str, Any] = {
             "Name": "pacsbridge-bench",
@@ -418,6 +432,9 @@ class OrthancTarget(Target):
             "StorageCompression": False,
             **(config or {}),
         }
+        if basic_auth:
+            self.config["AuthenticationEnabled"] = True
+            self.config["RegisteredUsers"] = {basic_auth[0]: basic_auth[1]}
         self.config_path.write_text(json.dumps(self.config, indent=2))
         self.durability = (
             "SyncStorageArea not overridden = default true since 1.7.4 (fdatasync per stored "
@@ -437,13 +454,22 @@ class OrthancTarget(Target):
             cwd=self.workdir,
             log_path=self.workdir / "orthanc.log",
         )
-        system = wait_http(self.process, f"http://{LOOPBACK}:{self.http_port}/system", timeout=60)
+        system = wait_http(
+            self.process,
+            f"http://{LOOPBACK}:{self.http_port}/system",
+            timeout=60,
+            headers=self.http_headers,
+        )
         self.version = str(system.get("Version", "unknown"))
         wait_echo(self.process, self.ae, self.dimse_port, timeout=30)
 
     def instance_count(self) -> int:
         try:
-            stats = http_json(f"http://{LOOPBACK}:{self.http_port}/statistics", timeout=30)
+            stats = http_json(
+                f"http://{LOOPBACK}:{self.http_port}/statistics",
+                timeout=30,
+                headers=self.http_headers,
+            )
         except (urllib.error.URLError, OSError, ValueError) as exc:
             raise BenchError(f"Orthanc /statistics failed: {exc}\n{self.log_tail()}") from exc
         return int(stats["CountInstances"])
