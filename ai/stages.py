@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ai.metrics import AI_STAGE_SECONDS
+
 __all__ = ["ClassificationOutput", "SegmentationOutput", "Timings"]
 
 
@@ -25,7 +27,9 @@ class Timings:
         try:
             yield
         finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+            elapsed = time.perf_counter() - start
+            self.seconds[name] = self.seconds.get(name, 0.0) + elapsed
+            AI_STAGE_SECONDS.labels(name).observe(elapsed)
 
     def to_json(self) -> dict[str, float]:
         return {name: round(value, 4) for name, value in self.seconds.items()}

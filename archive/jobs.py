@@ -48,6 +48,7 @@ from sqlalchemy import (
     DateTime,
     Table,
     and_,
+    delete,
     func,
     insert,
     literal,
@@ -495,6 +496,30 @@ class JobQueue:
         counts = {status.value: 0 for status in JobStatus}
         counts.update({row[0]: int(row[1]) for row in rows})
         return counts
+
+    # --- retention -----------------------------------------------------------------------
+    def prune(self, retention: Mapping[JobStatus, float]) -> dict[str, int]:
+        """Delete finished jobs (``done``, ``dead``) that finished more than
+        ``retention[status]`` seconds ago (a status absent, or 0: kept). Returns how many
+        were deleted per status."""
+        deleted: dict[str, int] = {}
+        for status, seconds in retention.items():
+            if status not in (JobStatus.DONE, JobStatus.DEAD):
+                raise ValueError(f"only finished jobs are pruned, not {status.value} ones")
+            if seconds <= 0:
+                continue
+            with self.db.write_connection() as conn:
+                count = conn.execute(
+                    delete(_JOB).where(
+                        _JOB.c.status == status.value,
+                        _JOB.c.finished_at.is_not(None),
+                        _JOB.c.finished_at < self._after(-seconds),
+                    )
+                ).rowcount
+            deleted[status.value] = int(count)
+            if count:
+                log.info("finished jobs pruned", extra={"status": status.value, "count": count})
+        return deleted
 
 
 JobHandler = Callable[[JobRecord], None]

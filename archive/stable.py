@@ -13,13 +13,18 @@ on SQLite the scan runs in a ``BEGIN IMMEDIATE`` write transaction.
 
 Precision: because ingest touches ``updated_at`` at most once a second, "no instance for
 ``stable_age`` seconds" holds to within a second.
+
+The scanner's thread also prunes finished jobs past their retention (``retention``, at most
+once per ``prune_interval``): every process that scans prunes, and a delete that finds nothing
+costs one indexed statement.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import cast
@@ -27,7 +32,7 @@ from typing import cast
 from sqlalchemy import Row, Select, Table, select, update
 
 from archive.db import Database
-from archive.jobs import JobQueue
+from archive.jobs import JobQueue, JobStatus
 from archive.models import Study
 
 log = logging.getLogger(__name__)
@@ -58,12 +63,18 @@ class StableStudyScanner:
         stable_age: float,
         kinds: Iterable[str] = (),
         batch: int = 200,
+        retention: Mapping[JobStatus, float] | None = None,
+        prune_interval: float = 3600.0,
     ) -> None:
         self.db = db
         self.queue = queue
         self.stable_age = stable_age
         self.kinds = sorted(set(kinds))
         self.batch = batch
+        #: Seconds after which finished jobs of each status are deleted (JobQueue.prune).
+        self.retention = dict(retention or {})
+        self.prune_interval = prune_interval
+        self._next_prune = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -136,7 +147,21 @@ class StableStudyScanner:
                 self.scan()
             except Exception:
                 log.exception("stable-study scan failed; retrying")
+            self.prune_due()
             self._stop.wait(interval)
+
+    def prune_due(self) -> dict[str, int]:
+        """Prune finished jobs past their retention, if ``prune_interval`` has passed since
+        the last time (the first call always prunes). Returns how many were deleted."""
+        now = time.monotonic()
+        if not any(seconds > 0 for seconds in self.retention.values()) or now < self._next_prune:
+            return {}
+        self._next_prune = now + self.prune_interval
+        try:
+            return self.queue.prune(self.retention)
+        except Exception:
+            log.exception("pruning finished jobs failed; retrying at the next interval")
+            return {}
 
     def start(self, interval: float) -> threading.Thread:
         self._stop.clear()

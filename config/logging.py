@@ -1,14 +1,75 @@
-"""Logging setup: human-readable text by default, one JSON object per line on request."""
+"""Logging setup: human-readable text by default, one JSON object per line on request.
+
+Every line written while an HTTP request or a DICOM association is served carries its id
+(``request_id``): :func:`bind_request_id` sets it for the current context (a ``contextvars``
+variable, so concurrent requests on one event loop keep theirs apart). Secrets never reach a
+log line: the values of fields named like a credential (``authorization``, ``password``,
+``token``, ``secret``, ``client_assertion``, ``cookie``), bearer tokens and anything shaped like
+a JWT in a message are replaced by ``[redacted]``.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import re
 import sys
+from collections.abc import Iterator
+from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any
 
-_RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+_RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message",
+    "asctime",
+    "request_id",
+    "color_message",  # uvicorn's message with terminal colours: the plain one is there
+}
+
+request_id: ContextVar[str | None] = ContextVar("pacsbridge_request_id", default=None)
+"""The id of the HTTP request or DICOM association being served in this context."""
+
+REDACTED = "[redacted]"
+_SECRET_FIELD = re.compile(
+    r"authorization|password|passwd|secret|token|client_assertion|cookie|api[_-]?key", re.I
+)
+# RFC 6750 2.1 bearer credentials, and compact JWS/JWE (RFC 7515 7.1: base64url header "eyJ…").
+_SECRET_TEXT = re.compile(
+    r"(Bearer|bearer|Basic)\s+[A-Za-z0-9\-._~+/]+=*"
+    r"|eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*(?:\.[A-Za-z0-9_-]*){0,2}"
+)
+
+
+@contextlib.contextmanager
+def bind_request_id(value: str | None) -> Iterator[None]:
+    """Log lines written in this context (and in tasks it starts) carry ``value``."""
+    token = request_id.set(value)
+    try:
+        yield
+    finally:
+        request_id.reset(token)
+
+
+def redact(text: str) -> str:
+    """``text`` with bearer tokens and JWTs replaced by ``[redacted]``."""
+    return _SECRET_TEXT.sub(lambda m: f"{m.group(1)} {REDACTED}" if m.group(1) else REDACTED, text)
+
+
+def _clean(key: str, value: Any) -> Any:
+    if _SECRET_FIELD.search(key):
+        return REDACTED
+    if isinstance(value, str):
+        return redact(value)
+    return value
+
+
+def _extras(record: logging.LogRecord) -> dict[str, Any]:
+    return {
+        key: _clean(key, value)
+        for key, value in record.__dict__.items()
+        if key not in _RESERVED and not key.startswith("_")
+    }
 
 
 class JsonFormatter(logging.Formatter):
@@ -17,13 +78,12 @@ class JsonFormatter(logging.Formatter):
             "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname,
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": redact(record.getMessage()),
+            "request_id": request_id.get(),
         }
-        for key, value in record.__dict__.items():
-            if key not in _RESERVED and not key.startswith("_"):
-                payload[key] = value
+        payload.update(_extras(record))
         if record.exc_info:
-            payload["exc"] = self.formatException(record.exc_info)
+            payload["exc"] = redact(self.formatException(record.exc_info))
         return json.dumps(payload, default=str)
 
 
@@ -32,10 +92,11 @@ class TextFormatter(logging.Formatter):
         super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
-        base = super().format(record)
-        extras = {
-            k: v for k, v in record.__dict__.items() if k not in _RESERVED and not k.startswith("_")
-        }
+        base = redact(super().format(record))
+        extras = _extras(record)
+        current = request_id.get()
+        if current is not None:
+            extras = {"request_id": current, **extras}
         if extras:
             base += " " + " ".join(f"{k}={v}" for k, v in extras.items())
         return base

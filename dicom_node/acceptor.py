@@ -22,6 +22,7 @@ import socket
 import struct
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any, cast
@@ -33,6 +34,8 @@ from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.transport import AssociationSocket, RequestHandler
 from pynetdicom.utils import set_timer_resolution
 
+from config.logging import bind_request_id
+from dicom_node.metrics import association_answered, association_closed, association_opened
 from dicom_node.upper_layer import MAX_ASSOCIATION_PDU_LENGTH, PEER_LOG
 
 log = logging.getLogger(__name__)
@@ -112,14 +115,21 @@ _original_run_reactor = Association.run_reactor
 
 
 def run_reactor(self: Association) -> None:
-    """pynetdicom's ``Association.run_reactor``; for an acceptor see the module docstring."""
+    """pynetdicom's ``Association.run_reactor``; for an acceptor see the module docstring.
+
+    Every log line written on the association's thread carries the association's id
+    (``request_id``, config/logging.py)."""
     if not self.is_acceptor:
         _original_run_reactor(self)
         return
+    association_id = uuid.uuid4().hex[:16]
+    self._pb_id = association_id  # type: ignore[attr-defined]
     try:
-        _run_acceptor(self)
+        with bind_request_id(association_id):
+            _run_acceptor(self)
     except Exception as exc:
-        _failed(self, exc)
+        with bind_request_id(association_id):
+            _failed(self, exc)
     finally:
         sock = self.dul.socket
         if self._server is not None and sock is not None and sock.socket is not None:
@@ -145,6 +155,25 @@ def _run_acceptor(self: Association) -> None:
 
     self.requestor.primitive = primitive
     evt.trigger(self, evt.EVT_REQUESTED, {})
+    try:
+        _negotiate(self)
+    finally:
+        calling = str(getattr(primitive, "calling_ae_title", "") or "").strip()
+        result = (
+            "accepted" if self.is_established else "rejected" if self.is_rejected else "aborted"
+        )
+        association_answered(calling, result)
+    if self.is_established:
+        association_opened()
+        try:
+            with set_timer_resolution(self._timer_resolution):
+                self._run_reactor()
+        finally:
+            association_closed()
+
+
+def _negotiate(self: Association) -> None:
+    """Answer the A-ASSOCIATE-RQ (unless EVT_REQUESTED's handler did)."""
     if not self.is_aborted and not self.is_rejected:
         try:
             self.acse.negotiate_association()
@@ -161,11 +190,6 @@ def _run_acceptor(self: Association) -> None:
             )
             self.acse.send_reject(0x01, 0x02, 0x01)
             self.kill()
-            return
-
-    if self.is_established:
-        with set_timer_resolution(self._timer_resolution):
-            self._run_reactor()
 
 
 def _associate_indication(self: Association) -> A_ASSOCIATE | None:

@@ -33,6 +33,7 @@ from multiprocessing.reduction import recv_handle, send_handle
 from typing import Any
 
 from config import Settings, configure_logging
+from pacsbridge.metrics import mark_process_dead
 
 log = logging.getLogger(__name__)
 
@@ -100,10 +101,13 @@ def receive_connections(
 
 
 def _child(settings_data: dict[str, Any], parent: Connection) -> None:
+    from pacsbridge.metrics import prepare_multiprocess
+
+    settings = Settings(**settings_data)
+    prepare_multiprocess(settings)  # before any metric is made (archive, dicom_node)
     from archive import Archive
     from dicom_node import DimseServer, patches
 
-    settings = Settings(**settings_data)
     patches.install(settings.log_level)
     configure_logging(settings.log_level, settings.log_format)
     stop = threading.Event()
@@ -140,7 +144,8 @@ def _child(settings_data: dict[str, Any], parent: Connection) -> None:
         parent.send_bytes(_READY)
     log.info("DIMSE acceptor process started", extra={"pid": os.getpid()})
     stop.wait()
-    server.stop()
+    # Open associations finish (within shutdown_timeout), as in `serve`.
+    server.drain(settings.shutdown_timeout)
     archive.close()
 
 
@@ -212,6 +217,8 @@ class DimseProcessPool:
                 started = time.monotonic()
                 self._watch(index, conn)
                 process.join(5)
+                if not process.is_alive() and process.pid:
+                    mark_process_dead(process.pid)  # its open associations are gone
                 if self._is_stopping():
                     return
                 lived = time.monotonic() - started
@@ -303,7 +310,9 @@ class DimseProcessPool:
         with self._lock:
             self._local = max(0, self._local - 1)
 
-    def stop(self, timeout: float = 20.0) -> None:
+    def begin_stop(self) -> None:
+        """Hand over no more connections and ask every child to stop (SIGTERM): it accepts
+        nothing more and lets its open associations finish (``shutdown_timeout``)."""
         with self._lock:
             self._stopping = True
             children = [child for child in self._processes if child is not None]
@@ -311,11 +320,20 @@ class DimseProcessPool:
             if process.is_alive() and process.pid:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(process.pid, signal.SIGTERM)
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """:meth:`begin_stop`, then wait up to ``timeout`` seconds for each child to end
+        (killed beyond)."""
+        self.begin_stop()
+        with self._lock:
+            children = [child for child in self._processes if child is not None]
         for process, conn in children:
             process.join(timeout)
             if process.is_alive():
                 process.kill()
                 process.join(5)
+            if process.pid:
+                mark_process_dead(process.pid)
             conn.close()
         for thread in self._supervisors:
             thread.join(5)

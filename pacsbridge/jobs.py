@@ -32,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from archive import Archive
-from archive.jobs import JobHandler, Worker, worker_name
+from archive.jobs import JobHandler, JobStatus, Worker, worker_name
 from archive.stable import StableStudyScanner
 from config import Settings
 
@@ -99,6 +99,14 @@ def build_registry(settings: Settings) -> HandlerRegistry:
     return registry
 
 
+def job_retention(settings: Settings) -> dict[JobStatus, float]:
+    """Seconds after which finished jobs are pruned, per status (settings in days)."""
+    return {
+        JobStatus.DONE: settings.job_retention_days * 86400.0,
+        JobStatus.DEAD: settings.dead_job_retention_days * 86400.0,
+    }
+
+
 class JobRuntime:
     """Job workers (``worker_threads``) and the stable-study scanner, as background threads of
     one process. A handler is built once per process and shared by its worker threads."""
@@ -129,8 +137,10 @@ class JobRuntime:
             archive.jobs,
             stable_age=settings.stable_age,
             kinds=handlers.stable_study_kinds,
+            retention=job_retention(settings),
         )
         self.scan_interval = settings.stable_scan_interval
+        self.audit = archive.audit
 
     @property
     def name(self) -> str:
@@ -138,6 +148,7 @@ class JobRuntime:
 
     def start(self) -> None:
         self.scanner.start(self.scan_interval)
+        self.audit.keep_pruned()  # audit events past audit.retention_days, hourly
         for worker in self.workers:
             worker.start()
         log.info(
@@ -148,6 +159,11 @@ class JobRuntime:
                 "on_stable_study": ",".join(self.scanner.kinds) or "-",
             },
         )
+
+    def request_stop(self) -> None:
+        """Let the workers take no new job (the running ones finish), without waiting."""
+        for worker in self.workers:
+            worker.request_stop()
 
     def stop(self, timeout: float | None = None) -> bool:
         """Stop scanning, let the current job finish; True if both stopped within timeout."""
