@@ -264,6 +264,11 @@ class Query:
     extended negotiation byte 2); otherwise date and time are matched independently."""
     limit: int | None = None
     offset: int = 0
+    patient: int | None = None
+    """Only the studies (and their series and instances) of the patient row with this key:
+    the index's patient identity, one row per Patient ID and Issuer of Patient ID. An exact
+    condition on that row, apart from the matching keys (a ``PatientID`` key still matches
+    as DICOM says, within it); a key no row has matches nothing."""
 
     @classmethod
     def from_keywords(
@@ -598,6 +603,8 @@ def _condition_sql(shape: Shape, params: Iterator[str]) -> ColumnElement[bool]:
     form = shape[0]
     if form == "false":
         return false()
+    if form == "patient":
+        return Patient.id == _bind(params)
     if form in ("in", "eq", "like", "range"):
         attr = INDEXED[shape[1]]
         column: Any = attr.search_column if shape[2] else attr.column
@@ -861,6 +868,9 @@ def find_matches(db: Database, query: Query) -> Matches:
             continue
         shapes.append(shape)
         values += shape_values
+    if query.patient is not None:
+        shapes.append(("patient",))
+        values.append(query.patient)
     listed = sum(len(v) for v in values if isinstance(v, list))
     if listed > MAX_LIST_VALUES:
         raise QueryError(
@@ -945,6 +955,16 @@ def _matches(
                     return
             emitted += 1
             yield row, computed.get(row[0], {}), document
+
+
+_STUDY_PATIENT = select(Study.patient_fk).where(Study.study_instance_uid == bindparam("study"))
+
+
+def study_patient(db: Database, study_instance_uid: str) -> int | None:
+    """The key of the patient row a study belongs to (see :attr:`Query.patient`); None when
+    the index has no such study. One lookup on the study's unique index."""
+    with db.engine.connect() as conn:
+        return conn.execute(_STUDY_PATIENT, {"study": study_instance_uid}).scalar()
 
 
 @functools.cache

@@ -1,6 +1,6 @@
 """What every DICOMweb route shares: the archive and settings of the app, URLs, errors as JSON,
-DICOM JSON responses (gzip-compressed when the client accepts it), Warning headers, and the
-check of the UIDs in request paths."""
+DICOM JSON responses (gzip-compressed when the client accepts it), Warning headers, the
+check of the UIDs in request paths, and the patient a request is held to."""
 
 from __future__ import annotations
 
@@ -11,12 +11,14 @@ import zlib
 from collections.abc import Iterable, Iterator
 from typing import Any, NoReturn
 
+import anyio.to_thread
 from fastapi import HTTPException, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from archive import Archive
 from archive.dicom import valid_uid
+from archive.query import study_patient
 from config import Settings
 from dicomweb.media import DICOM_JSON
 
@@ -33,6 +35,22 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     404: {"description": "No such study, series, instance, frame or bulk data."},
     406: {"description": "None of the media types in Accept can be produced."},
 }
+
+
+#: Where the edge that authenticates a request leaves, for a request held to one patient's
+#: compartment (SMART ``patient/`` scopes), that patient's FHIR Patient id: the key of the
+#: archive's patient row (FHIR's Patient resources are those rows).
+COMPARTMENT = "pacsbridge.compartment"
+_ROW_KEY = re.compile(r"[0-9]{1,18}")
+
+
+def compartment_patient(scope: Scope) -> int | None:
+    """The patient row a request is held to, None when it is held to none. A Patient id that
+    is no row key (FHIR ids may hold letters) names no patient: -1, which matches nothing."""
+    patient = scope.get(COMPARTMENT)
+    if patient is None:
+        return None
+    return int(patient) if _ROW_KEY.fullmatch(patient) else -1
 
 
 def archive_of(request: Request) -> Archive:
@@ -258,7 +276,15 @@ class RequestCheck:
       that no UID in a path is ever matched as a pattern;
     - when ``check_host`` (no public URL configured: URLs are built from the Host header),
       whose Host header is not a valid ``host[:port]``, so that a STOW-RS request is refused
-      before it stores anything rather than when its answer is written."""
+      before it stores anything rather than when its answer is written;
+
+    and 404 to a retrieval (WADO-RS, rendered, thumbnail) held to one patient's compartment
+    (:func:`compartment_patient`) of a study of another patient, as if it did not exist (FHIR
+    answers the same for another patient's resource): one lookup of the study's patient. The
+    routes below the study check that its series and instances are its own. Searches
+    (QIDO-RS) are held to the patient by their SQL instead, and answer nothing of another
+    patient's study (as of one that does not exist). Requests held to no patient pay nothing
+    for this."""
 
     def __init__(self, app: ASGIApp, prefix: str = PREFIX, check_host: bool = True) -> None:
         self.app = app
@@ -275,4 +301,25 @@ class RequestCheck:
                 if error is not None:
                     await JSONResponse({"detail": error}, status_code=400)(scope, receive, send)
                     return
+                if scope.get(COMPARTMENT) is not None and not await _in_compartment(
+                    scope, path[len(self.prefix) :]
+                ):
+                    await JSONResponse({"detail": "no such study"}, status_code=404)(
+                        scope, receive, send
+                    )
+                    return
         await self.app(scope, receive, send)
+
+
+async def _in_compartment(scope: Scope, path: str) -> bool:
+    """Whether a DICOMweb request held to a patient (its path below the prefix, UIDs already
+    checked) may go on: a search always (its SQL holds it), a retrieval only of a study of
+    that patient."""
+    segments = path.split("/")
+    if len(segments) < 3 or segments[1] != "studies" or segments[-1] in _UID_SEGMENTS:
+        return True  # a search (or a path no route serves): nothing named to look up
+    patient = compartment_patient(scope)
+    archive: Archive = scope["app"].state.archive
+    # Off the event loop: the index may be a database server.
+    owner = await anyio.to_thread.run_sync(study_patient, archive.db, segments[2])
+    return owner is not None and owner == patient

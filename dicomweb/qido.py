@@ -4,13 +4,16 @@ The same matcher as C-FIND (``archive.query``) runs every search, relationally
 (``hierarchical=False``: any level's keys may be combined). What is DICOMweb-specific lives here:
 query parameters (keywords or tags, comma- or backslash-separated UID lists, ``includefield``,
 ``limit``/``offset``, ``fuzzymatching``), the default return attributes of PS3.18
-Tables 10.6.3-3/-4/-5, RetrieveURL, and errors as JSON with Warning headers.
+Tables 10.6.3-3/-4/-5, RetrieveURL, and errors as JSON with Warning headers. A request held
+to one patient's compartment (a SMART ``patient/`` token) searches that patient's studies only:
+the archive query gets the patient row as an exact condition, whatever the keys say.
 """
 
 from __future__ import annotations
 
 import functools
 import re
+import time
 import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,6 +24,7 @@ from fastapi.responses import Response
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from sqlalchemy import bindparam, select
 
+from archive.metrics import observe_query
 from archive.models import Instance
 from archive.query import (
     COMPUTED,
@@ -39,6 +43,7 @@ from dicomweb.common import (
     ERROR_RESPONSES,
     archive_of,
     base_url,
+    compartment_patient,
     dicom_json_response,
     fail,
     instance_url,
@@ -340,6 +345,8 @@ def _run(request: Request, search: Search, fixed: dict[str, str]) -> Response:
         case_insensitive_pn=settings.query_case_insensitive_pn,
         limit=None if fuzzy_keys else limit + 1,
         offset=0 if fuzzy_keys else search.offset,
+        # Held to one patient's compartment: that patient's studies only, in the SQL.
+        patient=compartment_patient(request.scope),
     )
     results: list[dict[str, Any]] = []
     more = False
@@ -437,7 +444,11 @@ _SEARCH_RESPONSES: dict[int | str, dict[str, Any]] = {
 def _search(request: Request, level: QueryLevel, **fixed: str) -> Response:
     if not accepts_json(request.headers.get("accept")):
         fail(406, "QIDO-RS answers in application/dicom+json (or application/json) only")
-    return _run(request, parse_search(request, level, fixed), fixed)
+    started = time.perf_counter()
+    try:
+        return _run(request, parse_search(request, level, fixed), fixed)
+    finally:
+        observe_query("QIDO-RS", level.value, time.perf_counter() - started)
 
 
 _DOC = (

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from archive import Archive
 from config import Settings
+from fhir_bridge.change_audit import ChangeAudit
 
 if TYPE_CHECKING:
     from fhir_bridge.provider import Provider
@@ -26,6 +27,11 @@ class Context:
     ``client:<name>``), else ``fhir``."""
     minimal: bool = False
     """The request asked ``Prefer: return=minimal``: a write need not load what it wrote."""
+    compartment: str | None = None
+    """The Patient id whose compartment holds the request (a token's ``patient/`` scopes):
+    every search, read and include sees that patient's resources only."""
+    audit: ChangeAudit | None = None
+    """The writer of the request, for the audit event a write commits with its change."""
 
     def url(self, resource_type: str, resource_id: str) -> str:
         return f"{self.base}/{resource_type}/{resource_id}"

@@ -43,6 +43,7 @@ def study_uid_of(value: str) -> str:
 
 class ImagingStudyProvider(Provider):
     type = "ImagingStudy"
+    compartment = ("subject",)  # R4 compartmentdefinition-patient
     profile = "http://hl7.org/fhir/StructureDefinition/ImagingStudy"
     interactions = ("read", "vread", "search-type")
     documentation = (
@@ -425,6 +426,7 @@ class EndpointProvider(Provider):
     """The DICOMweb root of this server (connectionType ``dicom-wado-rs``)."""
 
     type = "Endpoint"
+    compartment = None  # outside the Patient compartment; no patient's data
     profile = "http://hl7.org/fhir/StructureDefinition/Endpoint"
     interactions = ("read", "search-type")
     documentation = "The DICOMweb (WADO-RS, QIDO-RS, STOW-RS) root of this server."

@@ -46,6 +46,7 @@ def _row_id(resource_id: str) -> int | None:
 
 class PatientProvider(Provider):
     type = "Patient"
+    compartment = ("_id",)  # R4 compartmentdefinition-patient: Patient itself (and link)
     profile = "http://hl7.org/fhir/StructureDefinition/Patient"
     interactions = (
         "read",

@@ -9,11 +9,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import ColumnElement, Select, func, select
+from sqlalchemy import ColumnElement, Select, false, func, or_, select
 from sqlalchemy.orm import Session
 
 from fhir_bridge import search
-from fhir_bridge.errors import FHIRError
+from fhir_bridge.errors import FHIRError, not_found
 from fhir_bridge.search import SearchParam
 
 if TYPE_CHECKING:
@@ -55,6 +55,14 @@ class Provider(ABC):
     summary_elements: frozenset[str] = frozenset()
     operations: tuple[tuple[str, str], ...] = ()
     """(name, OperationDefinition canonical) of the type's operations."""
+    compartment: tuple[str, ...] | None = ()
+    """How the type stands to the Patient compartment (FHIR R4
+    compartmentdefinition-patient.html): the search parameters whose value ``Patient/<id>``
+    (``_id`` for Patient itself) puts a resource in that patient's compartment — the R4
+    definition's inclusion criteria, as far as this server holds them. ``()`` (the default): the
+    type holds patients' data but is outside the compartment, so nothing of it is visible to a
+    request held to one patient. None: the type holds no patient's data (Endpoint, Device,
+    ChargeItemDefinition) and stays readable with a scope that names it."""
 
     def __init__(self) -> None:
         self.params: dict[str, SearchParam] = {}
@@ -107,6 +115,41 @@ class Provider(ABC):
         as SQL: the page alone is loaded."""
         raise FHIRError(405, f"{self.type} has no type-level history")
 
+    # --- the patient compartment -------------------------------------------------------------
+    def compartment_condition(self, patient: str) -> ColumnElement[bool] | None:
+        """SQL on :meth:`base_select`'s tables: the row is in ``patient``'s compartment; None
+        when the type holds no patient's data (:attr:`compartment`)."""
+        if self.compartment is None:
+            return None
+        found = [
+            self.params[name].condition(patient if name == "_id" else f"Patient/{patient}", None)
+            for name in self.compartment
+        ]
+        return or_(*found) if found else false()
+
+    def visible(self, ctx: Context, session: Session, row_ids: Sequence[Any]) -> list[Any]:
+        """Those of ``row_ids`` the request may see (in order): all of them, or for a request
+        held to a patient's compartment those in it, chosen by one SQL query."""
+        if ctx.compartment is None or not row_ids:
+            return list(row_ids)
+        condition = self.compartment_condition(ctx.compartment)
+        if condition is None:
+            return list(row_ids)
+        inside = set(
+            session.scalars(
+                self.base_select().where(self.id_column().in_(list(row_ids)), condition)
+            )
+        )
+        return [row_id for row_id in row_ids if row_id in inside]
+
+    def check_visible(self, ctx: Context, session: Session, resource_id: str) -> None:
+        """404 for a resource outside the request's patient compartment: as if it did not
+        exist, never 403, which would tell that it does (as HAPI FHIR answers)."""
+        if ctx.compartment is None or self.compartment is None:
+            return
+        if not self.visible(ctx, session, self.row_ids_for(session, [resource_id])):
+            raise not_found(self.type, resource_id)
+
     # --- search -----------------------------------------------------------------------------
     def search(
         self,
@@ -126,6 +169,10 @@ class Provider(ABC):
         pages: the matches of a snapshot do not change while data is added, so a later page
         needs no count of its own."""
         where = [*search.conditions(parsed, self.params), *extra]
+        if ctx.compartment is not None:
+            restriction = self.compartment_condition(ctx.compartment)
+            if restriction is not None:
+                where.append(restriction)
         stmt = self.base_select().where(*where)
         if snapshot is not None:
             stmt = stmt.where(self.id_column() <= snapshot)

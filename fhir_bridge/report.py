@@ -102,6 +102,7 @@ def _date_param(name: str, column: Any, documentation: str, definition: str) -> 
 
 class DiagnosticReportProvider(Provider):
     type = "DiagnosticReport"
+    compartment = ("subject",)  # R4 compartmentdefinition-patient
     profile = "http://hl7.org/fhir/StructureDefinition/DiagnosticReport"
     interactions = (
         "read",
@@ -412,6 +413,7 @@ class DiagnosticReportProvider(Provider):
 
 class ObservationProvider(Provider):
     type = "Observation"
+    compartment = ("subject",)  # R4: subject, performer (no patient performs here)
     profile = "http://hl7.org/fhir/StructureDefinition/Observation"
     interactions = ("read", "search-type")
     documentation = (
@@ -610,6 +612,7 @@ class DeviceProvider(Provider):
     """The algorithms that wrote SR documents (name, version, manufacturer: IHE AIR)."""
 
     type = "Device"
+    compartment = None  # R4: Device.patient; these are models, of no patient
     profile = "http://hl7.org/fhir/StructureDefinition/Device"
     interactions = ("read",)
     documentation = "The algorithms named by the SR documents' algorithm identification."

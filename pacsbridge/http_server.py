@@ -16,10 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+from collections.abc import Callable
 from http import HTTPStatus
+from types import FrameType
 from typing import Any
 
 import uvicorn
+from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from config import Settings
@@ -46,6 +50,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._request_begun = False
         self._message_complete = False
         self._header_bytes = 0
+        self._begun_mid_read = False
 
     # --- the header clock -------------------------------------------------------------------
     def _check_header_deadline(self) -> None:
@@ -137,15 +142,66 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self._awaiting_headers = True
             self._header_bytes = 0
             self._header_deadline = self.loop.time() + self.header_timeout
+            # It began inside a read whose bytes were counted for the one before.
+            self._begun_mid_read = True
         self._request_begun = True
 
     def on_headers_complete(self) -> None:
         self._awaiting_headers = False
+        # Headers that arrived whole, in one read or a few, are held to the same limit as those
+        # still arriving (RFC 6585 5). Bytes read so far bound their size from above, so a
+        # request is measured only when those alone exceed the limit (or it began mid-read).
+        if (self._header_bytes > self.max_header_bytes or self._begun_mid_read) and (
+            self._header_block_size() > self.max_header_bytes
+        ):
+            # The request never reaches the application: its cycle runs the 431 answer,
+            # which closes the connection once sent (and nothing pipelined after it runs).
+            app, self.app = self.app, _headers_too_large(self.max_header_bytes, self.client)
+            try:
+                super().on_headers_complete()
+            finally:
+                self.app = app
+            return
+        self._begun_mid_read = False
         super().on_headers_complete()
+
+    def _header_block_size(self) -> int:
+        """The bytes of the request line and headers just parsed (RFC 9112 2.1: the request
+        line, each field line with its ``: `` and CRLF, the empty line), at least what was
+        sent: whitespace around the values the parser dropped is not counted."""
+        line = len(self.parser.get_method()) + len(self.url) + len(" HTTP/1.1\r\n") + 1
+        return line + sum(len(name) + len(value) + 4 for name, value in self.headers) + 2
 
     def on_message_complete(self) -> None:
         self._message_complete = True
         super().on_message_complete()
+
+
+def _headers_too_large(limit: int, client: tuple[str, int] | None) -> ASGIApp:
+    """An ASGI application answering 431 (RFC 6585 5) and closing the connection, for a
+    request whose line and headers exceed ``limit`` bytes."""
+    message = f"the request line and headers exceed {limit} bytes"
+    body = message.encode("ascii")
+    log.warning(
+        "HTTP request refused",
+        extra={"client": f"{client[0]}:{client[1]}" if client else "?", "reason": message},
+    )
+
+    async def too_large(scope: Scope, receive: Receive, send: Send) -> None:
+        await send(
+            {
+                "type": "http.response.start",
+                "status": HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE.value,
+                "headers": [
+                    (b"content-type", b"text/plain; charset=utf-8"),
+                    (b"content-length", str(len(body)).encode("ascii")),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+    return too_large
 
 
 def protocol_class(settings: Settings) -> type[BoundedHttpToolsProtocol]:
@@ -160,18 +216,41 @@ def protocol_class(settings: Settings) -> type[BoundedHttpToolsProtocol]:
     )
 
 
-def run(app: Any, settings: Settings) -> None:
-    """Serve ``app`` on ``http_host``:``http_port`` until interrupted, with the HTTP limits
-    of ``settings``."""
-    uvicorn.run(
+class _Server(uvicorn.Server):
+    """uvicorn's server, telling ``on_exit`` (once) when a signal asks it to stop."""
+
+    on_exit: Callable[[], None] | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        on_exit, self.on_exit = self.on_exit, None
+        if on_exit is not None:
+            on_exit()
+        super().handle_exit(sig, frame)
+
+
+def run(app: Any, settings: Settings, on_exit: Callable[[], None] | None = None) -> None:
+    """Serve ``app`` on ``http_host``:``http_port`` until SIGTERM or SIGINT, with the HTTP
+    limits of ``settings``; ``on_exit`` is called (in the signal handler: it must not block)
+    when the first signal comes. Then the listening socket closes, idle connections close, and
+    requests in progress get up to ``shutdown_timeout`` seconds to finish (then they are
+    cancelled); a second SIGINT cancels them at once. Log records go to the logging set up by
+    ``config.configure_logging`` (text or JSON), not to uvicorn's own handlers."""
+    config = uvicorn.Config(
         app,
         host=settings.http_host,
         port=settings.http_port,
+        log_config=None,
         log_level=settings.log_level.lower(),
         access_log=False,
         http=protocol_class(settings),
         timeout_keep_alive=settings.http_keep_alive_timeout,
+        timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout),
         limit_concurrency=settings.http_max_connections,
         backlog=settings.http_backlog,
         h11_max_incomplete_event_size=settings.http_max_header_bytes,
     )
+    server = _Server(config)
+    server.on_exit = on_exit
+    server.run()
+    if not server.started:
+        raise SystemExit(3)  # uvicorn logged why (the port is taken, say)

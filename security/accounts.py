@@ -13,6 +13,8 @@ from archive import Archive
 from security.models import AuthClient, AuthUser
 from security.passwords import hash_secret, new_secret
 from security.roles import ROLES
+from security.scopes import parse as parse_scopes
+from security.scopes import patient_context
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 MIN_PASSWORD = 12
@@ -90,11 +92,28 @@ def list_users(archive: Archive) -> list[dict[str, object]]:
 
 
 def add_client(
-    archive: Archive, name: str, role: str, scope: str, jwks: dict[str, Any] | None = None
+    archive: Archive,
+    name: str,
+    role: str,
+    scope: str,
+    jwks: dict[str, Any] | None = None,
+    patient: str | None = None,
 ) -> str:
     """Register a service client; returns its secret (shown once, stored only as a hash), or
-    ``""`` for a client that authenticates with its keys (``jwks``: its public JWK Set)."""
+    ``""`` for a client that authenticates with its keys (``jwks``: its public JWK Set).
+    ``patient``: the FHIR Patient id its tokens are bound to (their ``patient`` launch
+    context); its ``patient/`` scopes are then held to that patient's compartment."""
     _check(name, role)
+    if patient is not None:
+        try:
+            patient_context(patient)
+        except ValueError as exc:
+            raise AccountError(f"--patient: {exc}") from exc
+        if not any(s.context == "patient" for s in parse_scopes(scope)):
+            raise AccountError(
+                "a client bound to a patient needs a patient/ scope (e.g. patient/*.rs): its "
+                "other scopes are not held to the patient"
+            )
     if jwks is not None:
         keys = jwks.get("keys") if isinstance(jwks, dict) else None
         if not isinstance(keys, list) or not keys:
@@ -121,6 +140,7 @@ def add_client(
                 jwks=jwks,
                 disabled=False,
                 created_at=datetime.now(UTC),
+                patient=patient,
             )
         )
     return secret
@@ -137,6 +157,12 @@ def disable_client(archive: Archive, name: str) -> None:
 def list_clients(archive: Archive) -> list[dict[str, object]]:
     with archive.db.session() as session:
         return [
-            {"name": c.name, "role": c.role, "scope": c.scope, "disabled": c.disabled}
+            {
+                "name": c.name,
+                "role": c.role,
+                "scope": c.scope,
+                "patient": c.patient,
+                "disabled": c.disabled,
+            }
             for c in session.scalars(select(AuthClient).order_by(AuthClient.name))
         ]

@@ -17,6 +17,7 @@ import jwt
 
 from config.settings import ExternalIssuerSettings
 from security.roles import ROLES
+from security.scopes import patient_context
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +79,8 @@ class ExternalIssuer:
             raise ExternalError(f"unknown kid {kid!r} of {self.settings.issuer}")
         return key
 
-    def validate(self, token: str) -> tuple[str, str, str, float]:
-        """(subject, role, scope, exp) of a valid token."""
+    def validate(self, token: str) -> tuple[str, str, str, float, str | None]:
+        """(subject, role, scope, exp, patient launch context) of a valid token."""
         header = jwt.get_unverified_header(token)
         alg = header.get("alg")
         if alg not in self.settings.algorithms:
@@ -102,7 +103,11 @@ class ExternalIssuer:
         role = self._role(claims)
         subject = claims.get(self.settings.subject_claim) or claims["sub"]
         scope = claims.get("scope") or ""
-        return f"user:{subject}", role, str(scope), float(claims["exp"])
+        try:
+            patient = patient_context(claims.get(self.settings.patient_claim))
+        except ValueError as exc:
+            raise ExternalError(str(exc)) from exc
+        return f"user:{subject}", role, str(scope), float(claims["exp"]), patient
 
     def _role(self, claims: dict[str, Any]) -> str:
         value: Any = claims

@@ -3,7 +3,9 @@ every route, the DICOMweb and FHIR direct GET paths included (they run the appli
 middleware, dicomweb/direct.py). A request without a valid token answers 401 with
 ``WWW-Authenticate: Bearer``; one whose role may not do it, 403 (``insufficient_scope``).
 Under ``/fhir`` the body is an OperationOutcome, elsewhere ``{"detail": ...}``. The principal
-is left in the ASGI scope (``pacsbridge.principal``) for the handlers."""
+is left in the ASGI scope (``pacsbridge.principal``) for the handlers, and, for a request that
+only ``patient/`` scopes grant, the patient whose compartment holds it
+(``pacsbridge.compartment``: the FHIR Patient id; security/scopes.py)."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import anyio.to_thread
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from security.roles import PUBLIC_PATHS, allowed
-from security.scopes import permitted
+from security.scopes import compartment, permitted
 from security.tokens import InvalidToken, Principal, TokenService
 
 REALM = "pacsbridge"
@@ -47,6 +49,8 @@ class AuthMiddleware:
         except InvalidToken as exc:
             await _refuse(scope, send, 401, f"invalid token: {exc}", "invalid_token")
             return
+        # Known from here on, refused or not (the audit names who was refused).
+        scope["pacsbridge.principal"] = principal
         if not allowed(principal.role, scope["method"], scope["path"]):
             await _refuse(
                 scope,
@@ -56,7 +60,8 @@ class AuthMiddleware:
                 "insufficient_scope",
             )
             return
-        if permitted(principal.scope, scope["method"], scope["path"]) is False:
+        granted = permitted(principal.scope, scope["method"], scope["path"], principal.patient)
+        if granted is False:
             await _refuse(
                 scope,
                 send,
@@ -66,7 +71,9 @@ class AuthMiddleware:
                 "insufficient_scope",
             )
             return
-        scope["pacsbridge.principal"] = principal
+        scope["pacsbridge.compartment"] = compartment(
+            principal.scope, scope["method"], scope["path"], principal.patient
+        )
         await self.app(scope, receive, send)
 
     async def _principal(self, token: str) -> Principal:

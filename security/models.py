@@ -47,6 +47,9 @@ class AuthClient(Base):
     Services)."""
     disabled: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    patient: Mapped[str | None] = mapped_column(String(64))
+    """The FHIR Patient id its tokens are bound to (the SMART ``patient`` launch context, to
+    which its ``patient/`` scopes are held); None for a client of no one patient."""
 
 
 class AuthRefreshToken(Base):

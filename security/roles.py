@@ -3,7 +3,9 @@
 A request falls in an **area** by its path and is a **read** (GET, HEAD, a FHIR ``_search`` or
 an operation that changes nothing, such as ``$apply``) or a **write**. A role is a set of
 (area, action) pairs; ``admin`` may do everything. Paths outside every area (a future route)
-are ``admin``'s only, so that a new route is never open by accident.
+are ``admin``'s only, so that a new route is never open by accident; so is ``/metrics``
+(Prometheus: the server's activity, which no other role needs), unless authentication is off or
+the ``metrics_loopback_without_auth`` setting lets a client on the same host read it.
 """
 
 from __future__ import annotations
@@ -77,6 +79,8 @@ def area_of(path: str) -> str | None:
         return "dicomweb"
     if path.startswith("/fhir/"):
         found = _FHIR_TYPE.match(path)
+        if found and found.group(1) == "AuditEvent":
+            return None  # the audit trail: admin only
         if found and found.group(1) in BILLING_TYPES:
             return "fhir-billing"
         return "fhir-clinical"

@@ -28,6 +28,7 @@ from security.external import ExternalError, ExternalIssuer
 from security.keys import ALGORITHM, KeyStore
 from security.models import AuthClient, AuthClientAssertion, AuthRefreshToken, AuthUser
 from security.passwords import verify_secret
+from security.scopes import patient_context
 
 LEEWAY = 30
 """Seconds of clock difference tolerated on ``exp`` and ``nbf``."""
@@ -61,6 +62,9 @@ class Principal:
     token_id: str
     expires_at: float
     """``exp`` (seconds since the epoch)."""
+    patient: str | None = None
+    """The patient launch context (the ``patient`` claim: a FHIR Patient id, SMART App Launch
+    2.0 "Launch context"), to which the token's ``patient/`` scopes are held."""
 
 
 def issuer_of(settings: Settings) -> str:
@@ -80,7 +84,9 @@ class TokenService:
         }
 
     # --- issuing ----------------------------------------------------------------------------
-    def _access_token(self, subject: str, role: str, scope: str, client_id: str) -> dict[str, Any]:
+    def _access_token(
+        self, subject: str, role: str, scope: str, client_id: str, patient: str | None = None
+    ) -> dict[str, Any]:
         now = datetime.now(UTC)
         lifetime = self.settings.auth_token_seconds
         key = self.keys.signing
@@ -96,15 +102,22 @@ class TokenService:
             "role": role,
             "scope": scope,
         }
+        if patient:
+            # The launch context travels in the token and in the answer (SMART App Launch
+            # 2.0 "Launch context arrives with your access_token").
+            claims["patient"] = patient
         token = jwt.encode(
             claims, key.private, algorithm=ALGORITHM, headers={"kid": key.kid, "typ": "at+jwt"}
         )
-        return {
+        answer: dict[str, Any] = {
             "access_token": token,
             "token_type": "Bearer",
             "expires_in": lifetime,
             "scope": scope,
         }
+        if patient:
+            answer["patient"] = patient
+        return answer
 
     def password_grant(self, name: str, password: str, scope: str = "") -> dict[str, Any]:
         self.failures.check(f"user:{name}")
@@ -133,7 +146,9 @@ class TokenService:
         if client.disabled:
             raise TokenError("invalid_client", "unknown client or wrong secret", 401)
         granted = _granted(client.scope, scope)
-        return self._access_token(f"client:{client.name}", client.role, granted, client.name)
+        return self._access_token(
+            f"client:{client.name}", client.role, granted, client.name, client.patient
+        )
 
     def client_assertion_grant(
         self, assertion: str, scope: str, token_endpoint: str
@@ -193,7 +208,9 @@ class TokenService:
                 AuthClientAssertion(client_fk=client.id, jti=str(claims["jti"]), expires_at=expires)
             )
         granted = _granted(client.scope, scope)
-        return self._access_token(f"client:{client.name}", client.role, granted, client.name)
+        return self._access_token(
+            f"client:{client.name}", client.role, granted, client.name, client.patient
+        )
 
     def _refresh_token(self, user_id: int, scope: str) -> str:
         token = secrets.token_urlsafe(32)
@@ -249,7 +266,7 @@ class TokenService:
                 found = external.validate(token)
             except (ExternalError, jwt.PyJWTError) as exc:
                 raise InvalidToken(str(exc)) from exc
-            return Principal(found[0], found[1], found[2], "", found[3])
+            return Principal(found[0], found[1], found[2], "", found[3], found[4])
         if header.get("alg") != ALGORITHM:
             raise InvalidToken(f"alg {header.get('alg')!r} is not accepted ({ALGORITHM} only)")
         key = self.keys.find(str(header.get("kid") or ""))
@@ -270,12 +287,17 @@ class TokenService:
         role = claims.get("role")
         if not isinstance(role, str):
             raise InvalidToken("the token names no role")
+        try:
+            patient = patient_context(claims.get("patient"))
+        except ValueError as exc:
+            raise InvalidToken(str(exc)) from exc
         return Principal(
             str(claims["sub"]),
             role,
             str(claims.get("scope") or ""),
             str(claims.get("jti")),
             float(claims["exp"]),
+            patient,
         )
 
 

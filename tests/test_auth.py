@@ -218,6 +218,9 @@ ROLE_EXAMPLES = [
     ("service", "PUT", "/fhir/Patient/1", True),
     ("service", "POST", "/fhir/Invoice", False),
     ("admin", "DELETE", "/api/peers/x", True),
+    ("admin", "GET", "/fhir/AuditEvent", True),
+    ("clinician", "GET", "/fhir/AuditEvent", False),
+    ("service", "GET", "/fhir/AuditEvent/1", False),
 ]
 
 
@@ -418,9 +421,29 @@ def test_users_and_clients_commands(tmp_path: Path) -> None:
     assert json.loads(cli("users", "list", "--json").stdout)[0]["disabled"] is True
     secret = cli("clients", "add", "pacs-ai", "--role", "service", "--scope", "system/*.rs")
     assert secret.returncode == 0 and len(secret.stdout.strip()) >= 40
+    bound = cli(
+        "clients", "add", "portal", "--role", "clinician", "--scope", "patient/*.rs",
+        "--patient", "17",
+    )  # fmt: skip
+    assert bound.returncode == 0, bound.stderr
+    unscoped = cli("clients", "add", "p2", "--role", "clinician", "--patient", "17")
+    assert unscoped.returncode == 1 and "needs a patient/ scope" in unscoped.stderr
     clients = json.loads(cli("clients", "list", "--json").stdout)
     assert clients == [
-        {"name": "pacs-ai", "role": "service", "scope": "system/*.rs", "disabled": False}
+        {
+            "name": "pacs-ai",
+            "role": "service",
+            "scope": "system/*.rs",
+            "patient": None,
+            "disabled": False,
+        },
+        {
+            "name": "portal",
+            "role": "clinician",
+            "scope": "patient/*.rs",
+            "patient": "17",
+            "disabled": False,
+        },
     ]
     from security.models import AuthClient, AuthUser
 
@@ -431,7 +454,10 @@ def test_users_and_clients_commands(tmp_path: Path) -> None:
         if True:
             stored = session.query(AuthUser.password_hash).scalar()
             assert stored.startswith("$argon2id$") and PASSWORD not in stored
-            assert session.query(AuthClient.secret_hash).scalar().startswith("$argon2id$")
+            secret_hash = (
+                session.query(AuthClient.secret_hash).filter(AuthClient.name == "pacs-ai").scalar()
+            )
+            assert secret_hash.startswith("$argon2id$")
     rotated = cli("auth", "rotate-key")
     assert rotated.returncode == 0 and len(rotated.stdout.strip()) == 43
 
@@ -510,8 +536,9 @@ SCOPE_CASES = [
     ("system/ImagingStudy.c", "POST", "/dicom-web/studies", True),
     ("system/ImagingStudy.rs", "GET", "/api/jobs", False),
     ("system/*.rs", "GET", "/api/jobs", True),
-    # Not enforceable yet, so granting nothing: a patient compartment, a query-narrowed scope,
-    # a permission string out of order.
+    # Granting nothing: a patient scope without a patient launch context (with one:
+    # tests/test_patient_compartment.py), a query-narrowed scope, a permission string out of
+    # order.
     ("patient/*.rs", "GET", "/fhir/ImagingStudy", False),
     ("system/Observation.rs?category=imaging", "GET", "/fhir/Observation", False),
     ("system/ImagingStudy.sr", "GET", "/fhir/ImagingStudy", False),
