@@ -238,10 +238,17 @@ class Invoice(Base):
 
 
 class InvoiceLine(Base):
-    """One charge on an invoice, with the charge's priced lines (``components``)."""
+    """One charge on an invoice, with the charge's priced lines (``components``).
+
+    Indexed by charge then invoice: whether a charge is on a live invoice is answered from
+    the index, however many times the charge was invoiced and the invoice cancelled."""
 
     __tablename__ = "invoice_line"
-    __table_args__ = (UniqueConstraint("invoice_fk", "position"), _NEVER_REUSE_IDS)
+    __table_args__ = (
+        UniqueConstraint("invoice_fk", "position"),
+        Index(None, "charge_fk", "invoice_fk"),
+        _NEVER_REUSE_IDS,
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     invoice_fk: Mapped[int] = mapped_column(
@@ -249,7 +256,7 @@ class InvoiceLine(Base):
     )
     position: Mapped[int] = mapped_column(Integer, nullable=False)
     charge_fk: Mapped[int] = mapped_column(
-        ForeignKey("charge_item.id", ondelete="RESTRICT"), nullable=False, index=True
+        ForeignKey("charge_item.id", ondelete="RESTRICT"), nullable=False
     )
     description: Mapped[str] = mapped_column(String(255), nullable=False, default="")
     code: Mapped[str | None] = mapped_column(String(64))

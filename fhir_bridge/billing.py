@@ -24,13 +24,14 @@ of a charge (and the price components of an invoice line) add up to its gross.
 
 from __future__ import annotations
 
-from collections import defaultdict
+import json
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Select, and_, exists, false, func, literal, or_, select
+from sqlalchemy import Select, Text, and_, cast, exists, false, func, literal, or_, select
 from sqlalchemy.orm import Session
 
 from billing.invoices import BALANCED, ISSUED
@@ -51,7 +52,7 @@ from fhir_bridge.context import Context
 from fhir_bridge.errors import FHIRError, not_found
 from fhir_bridge.imaging_study import study_uid_of
 from fhir_bridge.provider import Include, Provider, meta
-from fhir_bridge.rest import instant
+from fhir_bridge.rest import RenderedJSON, compact_json, instant
 from fhir_bridge.search import SearchParam
 
 SEARCH_PARAMETER = "http://hl7.org/fhir/SearchParameter/"
@@ -258,6 +259,7 @@ class _RowProvider(Provider):
 class ChargeItemDefinitionProvider(_RowProvider):
     model = ChargeItemDefinition
     type = "ChargeItemDefinition"
+    compartment = None  # outside the Patient compartment; prices only
     profile = "http://hl7.org/fhir/StructureDefinition/ChargeItemDefinition"
     interactions = ("read", "search-type")
     operations = (("apply", "http://hl7.org/fhir/OperationDefinition/ChargeItemDefinition-apply"),)
@@ -450,6 +452,7 @@ def _service_condition(value: str) -> Any:
 class ChargeItemProvider(_RowProvider):
     model = ChargeItem
     type = "ChargeItem"
+    compartment = ("subject",)  # R4 compartmentdefinition-patient
     profile = "http://hl7.org/fhir/StructureDefinition/ChargeItem"
     interactions = (
         "read",
@@ -726,6 +729,7 @@ def balances(
 class AccountProvider(_RowProvider):
     model = BillingAccount
     type = "Account"
+    compartment = ("subject",)  # R4 compartmentdefinition-patient
     profile = "http://hl7.org/fhir/StructureDefinition/Account"
     interactions = ("read", "vread", "search-type", "update")
     updatable = True
@@ -813,9 +817,97 @@ class AccountProvider(_RowProvider):
 # --- Invoice -------------------------------------------------------------------------------
 
 
+class PriceComponents:
+    """Invoice.lineItem of the lines of one invoice, their priceComponent from their components
+    as ``billing`` stores them (``invoice_line.components``: the charge's priced lines, JSON
+    ``[{"type", "code", "description", "amount"}]``, amounts as decimal strings), read as
+    their JSON text. An invoice's lines come from a price list: most repeat the components
+    of others, so each distinct text is decoded and rendered once (items and their compact
+    JSON), and each distinct component once; the totals per type are summed in ``Decimal``.
+    """
+
+    def __init__(self, currency: str) -> None:
+        self.currency = currency
+        # stored text -> (priceComponent items, the JSON that ends the line's item, sums)
+        self._lines: dict[str, tuple[list[dict[str, Any]], str, dict[str, Decimal]]] = {}
+        self._components: dict[tuple[str, str, str, str], tuple[dict[str, Any], str]] = {}
+        self._concepts: dict[tuple[str, str], dict[str, Any]] = {}
+        self._counts: Counter[str] = Counter()
+
+    def line_items(self, lines: Sequence[Any]) -> RenderedJSON:
+        """Invoice.lineItem of rows (``position``, ``charge_fk``, ``description``, ``code``,
+        ``components`` as stored text), in order, with their compact JSON text."""
+        items = []
+        texts = []
+        strings: dict[str, str] = {}
+        rendered = self._lines
+        for line in lines:
+            position, charge, stored = line.position, line.charge_fk, line.components
+            found = rendered.get(stored)
+            if found is None:
+                found = self._render(stored)
+            self._counts[stored] += 1
+            display = line.description or line.code or f"charge {charge}"
+            quoted = strings.get(display)
+            if quoted is None:
+                quoted = strings[display] = json.dumps(display, ensure_ascii=False)
+            item: dict[str, Any] = {
+                "sequence": position,
+                "chargeItemReference": {"reference": f"ChargeItem/{charge}", "display": display},
+            }
+            if found[0]:
+                item["priceComponent"] = found[0]
+            items.append(item)
+            # The item's compact JSON, as compact_json writes the dict.
+            texts.append(
+                f'{{"sequence":{position},"chargeItemReference":{{"reference":'
+                f'"ChargeItem/{charge}","display":{quoted}}}{found[1]}'
+            )
+        return RenderedJSON(items, "[" + ",".join(texts) + "]")
+
+    def _render(self, stored: str) -> tuple[list[dict[str, Any]], str, dict[str, Decimal]]:
+        items: list[dict[str, Any]] = []
+        texts: list[str] = []
+        sums: dict[str, Decimal] = {}
+        for line in json.loads(stored):
+            amount = line["amount"]  # a decimal string of 2 decimals
+            sums[line["type"]] = sums.get(line["type"], ZERO) + Decimal(amount)
+            item, text = self._component(line, amount)
+            items.append(item)
+            texts.append(text)
+        end = f',"priceComponent":[{",".join(texts)}]}}' if items else "}"
+        found = self._lines[stored] = (items, end, sums)
+        return found
+
+    def _component(self, line: dict[str, Any], amount: str) -> tuple[dict[str, Any], str]:
+        description = line.get("description") or ""
+        key = (line["type"], line["code"], description, amount)
+        found = self._components.get(key)
+        if found is None:
+            concept = self._concepts.get(key[1:3])
+            if concept is None:
+                concept = self._concepts[key[1:3]] = _component_concept(line)
+            item = {
+                "type": line["type"],
+                "code": concept,
+                "amount": {"value": float(amount), "currency": self.currency},
+            }
+            found = self._components[key] = (item, compact_json(item))
+        return found
+
+    def totals(self) -> dict[str, Decimal]:
+        """The sum of the components of each type over the lines rendered."""
+        totals: dict[str, Decimal] = {}
+        for stored, count in self._counts.items():
+            for kind, amount in self._lines[stored][2].items():
+                totals[kind] = totals.get(kind, ZERO) + amount * count
+        return totals
+
+
 class InvoiceProvider(_RowProvider):
     model = Invoice
     type = "Invoice"
+    compartment = ("subject",)  # R4: subject, patient (the same here), recipient
     profile = "http://hl7.org/fhir/StructureDefinition/Invoice"
     interactions = ("read", "vread", "search-type", "create", "update", "history-instance")
     creatable = True
@@ -926,7 +1018,8 @@ class InvoiceProvider(_RowProvider):
                 .where(Invoice.id.in_(ids))
             )
         }
-        # Rows, not ORM objects: an invoice may have hundreds of lines.
+        # Rows, not ORM objects: an invoice may have hundreds of lines; their components as
+        # the JSON text stored (PriceComponents renders each distinct text once).
         lines: dict[int, list[Any]] = defaultdict(list)
         for line in session.execute(
             select(
@@ -935,7 +1028,7 @@ class InvoiceProvider(_RowProvider):
                 InvoiceLine.charge_fk,
                 InvoiceLine.description,
                 InvoiceLine.code,
-                InvoiceLine.components,
+                cast(InvoiceLine.components, Text).label("components"),
             )
             .where(InvoiceLine.invoice_fk.in_(ids))
             .order_by(InvoiceLine.invoice_fk, InvoiceLine.position)
@@ -1033,35 +1126,9 @@ class InvoiceProvider(_RowProvider):
         resource["subject"] = _patient_reference(account, ctx)
         resource["date"] = instant(invoice.issued_at or invoice.created_at)
         resource["account"] = {"reference": f"Account/{account.id}"}
-        totals: dict[str, Decimal] = defaultdict(lambda: ZERO)
-        items = []
-        concepts: dict[tuple[str, str], dict[str, Any]] = {}  # shared by the lines
-        for line in lines:
-            components = []
-            for component in line.components:
-                text = component["amount"]  # a decimal string of 2 decimals
-                totals[component["type"]] += Decimal(text)
-                key = (component["code"], component.get("description") or "")
-                concept = concepts.get(key)
-                if concept is None:
-                    concept = concepts[key] = _component_concept(component)
-                components.append(
-                    {
-                        "type": component["type"],
-                        "code": concept,
-                        "amount": {"value": float(text), "currency": currency},
-                    }
-                )
-            item: dict[str, Any] = {
-                "sequence": line.position,
-                "chargeItemReference": {
-                    "reference": f"ChargeItem/{line.charge_fk}",
-                    "display": line.description or line.code or f"charge {line.charge_fk}",
-                },
-            }
-            if components:
-                item["priceComponent"] = components
-            items.append(item)
+        rendered = PriceComponents(currency)
+        items = rendered.line_items(lines)
+        totals = rendered.totals()
         if items:
             resource["lineItem"] = items
             resource["totalPriceComponent"] = [

@@ -6,7 +6,8 @@ from __future__ import annotations
 import functools
 import json
 import logging
-from collections.abc import Callable, Coroutine
+import secrets
+from collections.abc import Callable, Coroutine, Iterable
 from datetime import UTC, datetime
 from email.utils import format_datetime, parsedate_to_datetime
 from typing import Any
@@ -111,19 +112,87 @@ def fhir_response(
         media_type = FHIR_JSON  # an error about the format itself is still answered in JSON
     if body is None:
         return Response(status_code=status, headers=headers, media_type=None)
-    pretty = request.query_params.get("_pretty", "").lower() == "true"
-    content = json.dumps(
-        body,
-        ensure_ascii=False,
-        indent=2 if pretty else None,
-        separators=None if pretty else (",", ":"),
-    )
+    if request.query_params.get("_pretty", "").lower() == "true":
+        content = json.dumps(body, ensure_ascii=False, indent=2)
+    else:
+        content = compact_json(body)
     return Response(
         content.encode(),
         status_code=status,
         headers=headers,
         media_type=f"{media_type}; charset=utf-8",
     )
+
+
+class RenderedJSON(list[Any]):
+    """A JSON array made together with its compact JSON text (``text``, as
+    :func:`compact_json` would write the items): a response writes the text as it is instead
+    of encoding the items again (an Invoice's hundreds of lines). In-process readers see the
+    items; neither is changed once made."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, items: Iterable[Any], text: str) -> None:
+        super().__init__(items)
+        self.text = text
+
+
+class _Slot:
+    """Where the text of a :class:`RenderedJSON` goes in the encoded body."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+
+def _slotted(resource: dict[str, Any], texts: list[str]) -> dict[str, Any]:
+    """The resource with its :class:`RenderedJSON` members (top level) replaced by slots,
+    their texts appended to ``texts``; the resource itself when it has none."""
+    rendered = [k for k, v in resource.items() if type(v) is RenderedJSON]
+    if not rendered:
+        return resource
+    copy = dict(resource)
+    for key in rendered:
+        copy[key] = _Slot(len(texts))
+        texts.append(resource[key].text)
+    return copy
+
+
+def compact_json(body: dict[str, Any]) -> str:
+    """``body`` as compact JSON (UTF-8 text, no insignificant whitespace). The text of a
+    :class:`RenderedJSON` member of the resource, or of the resources of a Bundle's entries,
+    is written as it is."""
+    texts: list[str] = []
+    body = _slotted(body, texts)
+    entries = body.get("entry")
+    if isinstance(entries, list):
+        slotted = []
+        for entry in entries:
+            inner = entry.get("resource") if isinstance(entry, dict) else None
+            if isinstance(inner, dict):
+                replaced = _slotted(inner, texts)
+                if replaced is not inner:
+                    entry = {**entry, "resource": replaced}
+            slotted.append(entry)
+        if texts:
+            body = {**body, "entry": slotted}
+    if not texts:
+        return json.dumps(body, ensure_ascii=False, separators=(",", ":"))
+    # Each slot is written as a string no data can hold (a NUL, then a random marker), then
+    # replaced by its text.
+    marker = f"\x00{secrets.token_hex(8)}:"
+
+    def slot(value: Any) -> str:
+        if isinstance(value, _Slot):
+            return f"{marker}{value.index}"
+        raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+    content = json.dumps(body, ensure_ascii=False, separators=(",", ":"), default=slot)
+    quoted = json.dumps(marker, ensure_ascii=False)[:-1]
+    for index, text in enumerate(texts):
+        content = content.replace(f'{quoted}{index}"', text, 1)
+    return content
 
 
 def outcome_response(request: Request, error: FHIRError) -> Response:
