@@ -10,10 +10,13 @@ from datetime import UTC, datetime
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
+from archive.audit import MINOR_FAILURE, AuditEvent, AuditLog
+from archive.audit import record as record_audit
 from archive.blobstore import BlobNotFound, BlobStore, FileBlobStore, open_blob_store
 from archive.db import Database
 from archive.dicom import InvalidInstance, configure_pydicom, parse_header
 from archive.ingest import (
+    IngestAudit,
     IngestError,
     IngestOutcome,
     IngestResult,
@@ -70,6 +73,7 @@ class Archive:
         self.blobs: BlobStore = open_blob_store(settings)
         self.ingestor = IngestService(self.db, self.blobs, settings)
         self.peers = PeerRegistry(self.db, settings.peers)
+        self.audit = AuditLog(self.db, retention_days=settings.audit.retention_days)
         self.jobs = JobQueue(
             self.db,
             max_attempts=settings.job_max_attempts,
@@ -88,6 +92,7 @@ class Archive:
         expected_sop_instance_uid: str | None = None,
         expected_study_instance_uid: str | None = None,
         report_status: str | None = None,
+        audit: IngestAudit | None = None,
     ) -> IngestResult:
         return self.ingestor.ingest(
             data,
@@ -96,6 +101,7 @@ class Archive:
             expected_sop_instance_uid=expected_sop_instance_uid,
             expected_study_instance_uid=expected_study_instance_uid,
             report_status=report_status,
+            audit=audit,
         )
 
     # --- statistics --------------------------------------------------------------------
@@ -110,29 +116,35 @@ class Archive:
         return ArchiveStats(int(patients), int(studies), int(series), int(instances), int(size))
 
     # --- delete ------------------------------------------------------------------------
-    def delete_instance(self, sop_instance_uid: str) -> int:
+    # ``audit``: the event of the deletion, recorded in its transaction (archive.audit).
+    def delete_instance(self, sop_instance_uid: str, *, audit: AuditEvent | None = None) -> int:
         return self._delete(
-            select(Instance.id).where(Instance.sop_instance_uid == sop_instance_uid)
+            select(Instance.id).where(Instance.sop_instance_uid == sop_instance_uid),
+            audit=audit,
         )
 
-    def delete_series(self, series_instance_uid: str) -> int:
+    def delete_series(self, series_instance_uid: str, *, audit: AuditEvent | None = None) -> int:
         return self._delete(
             select(Instance.id)
             .join(Series, Instance.series_fk == Series.id)
             .where(Series.series_instance_uid == series_instance_uid),
             series_uids=[series_instance_uid],
+            audit=audit,
         )
 
-    def delete_study(self, study_instance_uid: str) -> int:
+    def delete_study(self, study_instance_uid: str, *, audit: AuditEvent | None = None) -> int:
         return self._delete(
             select(Instance.id)
             .join(Series, Instance.series_fk == Series.id)
             .join(Study, Series.study_fk == Study.id)
             .where(Study.study_instance_uid == study_instance_uid),
             study_uids=[study_instance_uid],
+            audit=audit,
         )
 
-    def delete_patient(self, patient_id: str, issuer_of_patient_id: str = "") -> int:
+    def delete_patient(
+        self, patient_id: str, issuer_of_patient_id: str = "", *, audit: AuditEvent | None = None
+    ) -> int:
         return self._delete(
             select(Instance.id)
             .join(Series, Instance.series_fk == Series.id)
@@ -143,6 +155,7 @@ class Archive:
                 Patient.issuer_of_patient_id == issuer_of_patient_id,
             ),
             patient_key=(patient_id, issuer_of_patient_id),
+            audit=audit,
         )
 
     def _delete(
@@ -152,6 +165,7 @@ class Archive:
         series_uids: list[str] | None = None,
         study_uids: list[str] | None = None,
         patient_key: tuple[str, str] | None = None,
+        audit: AuditEvent | None = None,
     ) -> int:
         """Remove index rows and record their blobs for deletion in one transaction, then
         delete the blobs. Parents left without children are removed too (a patient with an EHR
@@ -171,6 +185,16 @@ class Archive:
                 series_fks |= set(
                     s.scalars(select(Series.id).where(Series.series_instance_uid.in_(series_uids)))
                 )
+            if audit is not None:
+                if audit.study_uid and not audit.patient_id:
+                    audit.patient_id = s.scalar(
+                        select(Patient.patient_id)
+                        .join(Study, Study.patient_fk == Patient.id)
+                        .where(Study.study_instance_uid == audit.study_uid)
+                    )
+                if not rows:
+                    audit.outcome, audit.outcome_text = MINOR_FAILURE, "nothing to delete"
+                record_audit(s, audit)
             for r in rows:
                 s.add(PendingBlobDeletion(blob_key=r.blob_key))
             ids = [r.id for r in rows]
@@ -332,6 +356,7 @@ class Archive:
         return done
 
     def close(self) -> None:
+        self.audit.close()
         self.db.dispose()
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pydicom
 from pydicom.errors import InvalidDicomError
 
+from archive.audit import StudyEvents
 from archive.ingest import IngestError, IngestOutcome, IngestService
 
 log = logging.getLogger(__name__)
@@ -20,7 +21,8 @@ log = logging.getLogger(__name__)
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # PS3.10 DICOMDIR SOP Class
 
 #: (file, outcome, reason it was rejected or warning it was stored with, size).
-_Outcome = tuple[Path, str, str, int]
+_Outcome = tuple[Path, str, str, int, str]
+"""(path, outcome, reason, size, Study Instance UID of a stored file)."""
 
 
 @dataclass
@@ -34,6 +36,8 @@ class ImportReport:
     warnings: list[tuple[str, str]] = field(default_factory=list)
     """Files stored (counted in ``stored`` or ``overwritten``) with a warning: (path, why)."""
     bytes: int = 0
+    studies: set[str] = field(default_factory=set)
+    """The studies of the files stored (or held already)."""
 
     @property
     def reasons(self) -> Counter[str]:
@@ -134,8 +138,13 @@ def import_paths(
     *,
     jobs: int = 4,
     progress: Callable[[Path, int], None] | None = None,
+    audit: StudyEvents | None = None,
 ) -> ImportReport:
-    """Import files and trees; ``progress(path, size)`` is called after each file."""
+    """Import files and trees; ``progress(path, size)`` is called after each file.
+
+    ``audit``: the import's events, one per study (PS3.15 A.5.3.7 Import), each committed in
+    the index transaction of the study's first file (``IngestService.ingest``'s ``audit``);
+    a study none of whose transactions recorded it is named by ``audit.unrecorded``."""
     report = ImportReport()
 
     def one(item: tuple[Path, bool]) -> _Outcome:
@@ -143,20 +152,29 @@ def import_paths(
         try:
             data = path.read_bytes()
         except OSError as exc:
-            return path, "rejected", f"unreadable: {exc.strerror or exc}", 0
+            return path, "rejected", f"unreadable: {exc.strerror or exc}", 0, ""
         if len(data) < 132 or data[128:132] != b"DICM":
             if explicit:
-                return path, "rejected", "not a DICOM Part-10 file (no DICM prefix)", len(data)
-            return path, "skipped", "", len(data)
+                return path, "rejected", "not a DICOM Part-10 file (no DICM prefix)", len(data), ""
+            return path, "skipped", "", len(data), ""
+        event, done = audit.for_ingest() if audit is not None else (None, None)
+        audited = False
         try:
-            result = ingest.ingest(data)
+            result = ingest.ingest(data, audit=event)
+            audited = result.audited
         except IngestError as exc:
-            return path, "rejected", exc.reason, len(data)
+            return path, "rejected", exc.reason, len(data), ""
+        finally:
+            if done is not None:
+                done(audited)
         # A stored file's "reason" is its warning, if any.
-        return path, str(result.outcome), result.warning or "", len(data)
+        return path, str(result.outcome), result.warning or "", len(data), result.study_instance_uid
 
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        for path, outcome, reason, size in _bounded_map(pool, one, iter_files(paths, report), jobs):
+        walk = _bounded_map(pool, one, iter_files(paths, report), jobs)
+        for path, outcome, reason, size, study in walk:
+            if study:
+                report.studies.add(study)
             if reason and outcome in (IngestOutcome.STORED, IngestOutcome.OVERWRITTEN):
                 report.warnings.append((str(path), reason))
             if outcome == IngestOutcome.STORED:

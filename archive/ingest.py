@@ -10,6 +10,7 @@ never an index row without its blob.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import hashlib
 import logging
@@ -24,9 +25,11 @@ from sqlalchemy import Connection, Table, bindparam, delete, func, insert, selec
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 
+from archive.audit import AuditEvent, AuditEventRow
 from archive.blobstore import BlobNotFound, BlobStore, BlobStoreError, OutOfSpace, instance_key
 from archive.db import Database, DirectConnection
 from archive.dicom import InvalidInstance, ParsedInstance, parse_header, valid_uid
+from archive.metrics import observe_ingest
 from archive.models import Instance, Patient, PendingBlobDeletion, Series, Study
 from archive.reports import index_report, is_report, retire_reports, tombstone
 from config import Settings
@@ -41,6 +44,8 @@ _SERIES = cast(Table, Series.__table__)
 _INSTANCE = cast(Table, Instance.__table__)
 _PENDING_DELETION = cast(Table, PendingBlobDeletion.__table__)
 _PARENT_CACHE_SIZE = 10_000
+_AUDIT_EVENT = cast(Table, AuditEventRow.__table__)
+_AUDIT_KEYS = [name for name in AuditEvent.__dataclass_fields__ if name != "patient_row"]
 # Where an instance is held: (SOP Class UID, Series Instance UID, Study Instance UID, blob key).
 _HELD = (
     select(
@@ -170,6 +175,22 @@ IndexWriter = Connection | Any
 IndexListener = Callable[[Connection, ParsedInstance, str], None]
 """``(connection, parsed instance, calling AE title)``, inside the ingest transaction."""
 
+IngestAudit = AuditEvent | Callable[[str, str], AuditEvent | None]
+"""The audit event of an ingest, recorded in its index transaction: an event, or a function of
+the Study Instance UID and Patient ID read from the header that returns one (or None when the
+edge records nothing for this instance, as C-STORE after a study's first instance)."""
+
+
+class _PendingAudit:
+    """The audit event of one ingest and whether the index transaction that committed holds
+    it (each attempt of the transaction starts again from ``recorded = False``)."""
+
+    __slots__ = ("event", "recorded")
+
+    def __init__(self, event: AuditEvent) -> None:
+        self.event = event
+        self.recorded = False
+
 
 class IngestOutcome(enum.StrEnum):
     STORED = "stored"
@@ -190,6 +211,10 @@ class IngestResult:
     warning: str | None = None
     """Stored, but the data set does not quite match its SOP Class (DIMSE warning 0xB007,
     PS3.4 B.2.3; STOW-RS WarningReason): why, in words (:attr:`ParsedInstance.warning`)."""
+    audited: bool = False
+    """The audit event given to :meth:`IngestService.ingest` was committed with the index rows.
+    False when none was given, or when no index row changed (a copy of a held instance under
+    ``keep``): the edge then records the event by itself."""
 
 
 class IngestErrorKind(enum.StrEnum):
@@ -296,6 +321,7 @@ class IngestService:
         self._insert_instance: _DirectStatement | None = None
         self._touch_study = _DirectStatement(_TOUCH_STUDY, db.engine, ["study_fk", "now"])
         self._held = _DirectStatement(_HELD, db.engine, ["sop"])
+        self._insert_audit = _DirectStatement(insert(_AUDIT_EVENT), db.engine, _AUDIT_KEYS)
         self._series_study = _DirectStatement(_SERIES_STUDY, db.engine, ["series"])
         self._max_inflated_size = settings.max_inflated_size_mb * 2**20
         self._zone = dicom_zone(settings.dicom_timezone)
@@ -320,14 +346,20 @@ class IngestService:
         expected_sop_instance_uid: str | None = None,
         expected_study_instance_uid: str | None = None,
         report_status: str | None = None,
+        audit: IngestAudit | None = None,
     ) -> IngestResult:
         """Store one Part-10 byte stream. Raises :class:`IngestError` when it cannot be stored.
 
         The ``expected_*`` UIDs come from the protocol envelope (the C-STORE request's Affected
         SOP Class/Instance UID, the STOW-RS URL's study); a data set that contradicts them is
         refused (PS3.4 B.2.3 0xA900, PS3.18 10.5.1). ``report_status``: for a structured report
-        an edge wrote, the status it asked for, indexed in the same transaction.
+        an edge wrote, the status it asked for, indexed in the same transaction. ``audit``:
+        the edge's audit event of this change (:data:`IngestAudit`), inserted in the index
+        transaction so that the instance and its record commit together (DICOM PS3.15 A.5.3.4,
+        issue 15 item 5); the study and patient it lacks are taken from the header, and
+        :attr:`IngestResult.audited` says whether it was committed.
         """
+        started = time.perf_counter()
         try:
             parsed = parse_header(data, max_inflated_size=self._max_inflated_size)
         except InvalidInstance as exc:
@@ -343,13 +375,34 @@ class IngestService:
             parsed, expected_sop_class_uid, expected_sop_instance_uid, expected_study_instance_uid
         )
         parsed.report_status = report_status
+        pending = self._pending_audit(parsed, audit)
         with self._locks(parsed.sop_instance_uid):
             try:
-                return self._store(parsed, data, calling_ae_title)
+                result = self._store(parsed, data, calling_ae_title, pending)
             except IngestError as exc:
                 exc.sop_class_uid = exc.sop_class_uid or parsed.sop_class_uid
                 exc.sop_instance_uid = exc.sop_instance_uid or parsed.sop_instance_uid
                 raise
+        observe_ingest(
+            calling_ae_title,
+            result.sop_class_uid,
+            len(data),
+            result.outcome is not IngestOutcome.DUPLICATE,
+            time.perf_counter() - started,
+        )
+        if pending is not None and pending.recorded:
+            return dataclasses.replace(result, audited=True)
+        return result
+
+    @staticmethod
+    def _pending_audit(parsed: ParsedInstance, audit: IngestAudit | None) -> _PendingAudit | None:
+        patient_id = str(parsed.patient.get("patient_id") or "")
+        event = audit(parsed.study_instance_uid, patient_id) if callable(audit) else audit
+        if event is None:
+            return None
+        event.study_uid = event.study_uid or parsed.study_instance_uid
+        event.patient_id = event.patient_id or patient_id or None
+        return _PendingAudit(event)
 
     def _check_envelope(
         self,
@@ -379,7 +432,13 @@ class IngestService:
                 f"data set Study Instance UID {parsed.study_instance_uid} differs from {study}",
             )
 
-    def _store(self, parsed: ParsedInstance, data: bytes, calling_ae_title: str) -> IngestResult:
+    def _store(
+        self,
+        parsed: ParsedInstance,
+        data: bytes,
+        calling_ae_title: str,
+        pending: _PendingAudit | None = None,
+    ) -> IngestResult:
         key = instance_key(
             parsed.study_instance_uid, parsed.series_instance_uid, parsed.sop_instance_uid
         )
@@ -410,7 +469,7 @@ class IngestService:
                 self.blobs.put(key, data)
                 written, indexed = True, parsed
             try:
-                outcome = self._index_blob(indexed, key, calling_ae_title)
+                outcome = self._index_blob(indexed, key, calling_ae_title, pending)
             except _Conflict as exc:
                 # Another process stored the UID elsewhere between the check and the insert:
                 # the blob written here is no instance's, unless the held one has its key.
@@ -477,7 +536,13 @@ class IngestService:
             return False, found
         raise BlobStoreError(f"{key} was written and removed again while this copy was stored")
 
-    def _index_blob(self, parsed: ParsedInstance, key: str, calling_ae_title: str) -> IngestOutcome:
+    def _index_blob(
+        self,
+        parsed: ParsedInstance,
+        key: str,
+        calling_ae_title: str,
+        pending: _PendingAudit | None = None,
+    ) -> IngestOutcome:
         """Index the blob under ``key`` (holding ``parsed``) in one transaction: on the driver
         directly when possible, else on a SQLAlchemy connection."""
         outcome = None
@@ -485,11 +550,11 @@ class IngestService:
         on_connection = bool(self.listeners) or is_report(parsed.sop_class_uid)
         if not on_connection:
             with self.db.direct() as direct:
-                outcome = self._index_direct(direct, parsed, key, calling_ae_title)
+                outcome = self._index_direct(direct, parsed, key, calling_ae_title, pending)
         if outcome is None:
             # After a direct attempt its cached ids may be gone: look everything up again.
             outcome = self._index_on_connection(
-                parsed, key, calling_ae_title, use_cache=on_connection
+                parsed, key, calling_ae_title, pending, use_cache=on_connection
             )
         return outcome
 
@@ -512,14 +577,19 @@ class IngestService:
             raise _series_elsewhere(study)
 
     def _index_direct(
-        self, direct: DirectConnection, parsed: ParsedInstance, key: str, calling_ae_title: str
+        self,
+        direct: DirectConnection,
+        parsed: ParsedInstance,
+        key: str,
+        calling_ae_title: str,
+        pending: _PendingAudit | None = None,
     ) -> IngestOutcome | None:
         """Index a stored blob in one transaction on the driver directly; None when it must
         run on a SQLAlchemy connection instead: the rare steps (an overwrite, a patient
         without an ID) need one, and a cached parent row that is gone is looked up there."""
         try:
             with direct.transaction() as dbapi:
-                return self._index(dbapi, parsed, key, calling_ae_title, use_cache=True)
+                return self._index(dbapi, parsed, key, calling_ae_title, pending, use_cache=True)
         except _NeedsConnection:
             return None
         except IntegrityError:
@@ -527,17 +597,23 @@ class IngestService:
             return None
 
     def _index_on_connection(
-        self, parsed: ParsedInstance, key: str, calling_ae_title: str, *, use_cache: bool
+        self,
+        parsed: ParsedInstance,
+        key: str,
+        calling_ae_title: str,
+        pending: _PendingAudit | None = None,
+        *,
+        use_cache: bool,
     ) -> IngestOutcome:
         if use_cache:
             try:
                 with self.db.write_connection() as conn:
-                    return self._index(conn, parsed, key, calling_ae_title, use_cache=True)
+                    return self._index(conn, parsed, key, calling_ae_title, pending, use_cache=True)
             except IntegrityError:
                 # A cached parent row was deleted by another process: look everything up again.
                 self._parents.clear()
         with self.db.write_connection() as conn:
-            return self._index(conn, parsed, key, calling_ae_title, use_cache=False)
+            return self._index(conn, parsed, key, calling_ae_title, pending, use_cache=False)
 
     def forget_cached_parents(self) -> None:
         """Drop cached patient/study/series ids (after deletes)."""
@@ -606,10 +682,13 @@ class IngestService:
         parsed: ParsedInstance,
         key: str,
         calling_ae_title: str,
+        pending: _PendingAudit | None = None,
         *,
         use_cache: bool,
     ) -> IngestOutcome:
         now = datetime.now(UTC)
+        if pending is not None:
+            pending.recorded = False  # a new attempt of the transaction
         cached = self._parents.get(parsed.series_instance_uid) if use_cache else None
         study_created = False
         if cached is None:
@@ -697,6 +776,12 @@ class IngestService:
             self._study_touched[study_fk] = mono
             if len(self._study_touched) > _PARENT_CACHE_SIZE:
                 self._study_touched.pop(next(iter(self._study_touched)))
+        if pending is not None:
+            # The edge's record of this change, in its transaction (one INSERT, and only for
+            # the instances the edge gives an event: C-STORE gives one per study and
+            # association).
+            self._insert_audit.execute(conn, pending.event.values())
+            pending.recorded = True
         for listener in self.listeners:
             listener(cast(Connection, conn), parsed, calling_ae_title)
         return outcome

@@ -218,6 +218,8 @@ class Peer(Base):
     """The DIMSE services it may use (``archive.peers.PERMISSIONS``), comma-separated."""
     check_host: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default=false())
     """Its associations must come from an address of ``host``."""
+    tls: Mapped[bool] = mapped_column(Boolean, nullable=False, server_default=false())
+    """Associations to it go over TLS (DICOM PS3.15 B.1)."""
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 

@@ -10,6 +10,7 @@ from typing import Any
 from sqlalchemy import select
 
 from archive import Archive
+from archive.audit import AuditEvent, record_change
 from billing.invoices import BillingError
 from billing.manual import ChargeConflict
 from billing.models import BillingAccount
@@ -26,8 +27,10 @@ def update_account(
     guarantor: list[dict[str, Any]] | None,
     coverage: list[dict[str, Any]] | None,
     expected_version: int | None = None,
+    audit: AuditEvent | None = None,
 ) -> bool:
-    """Set what the EHR says of an account. Returns whether anything changed."""
+    """Set what the EHR says of an account. Returns whether anything changed; ``audit``: the
+    caller's audit event of the change, committed with it."""
     if status not in ACCOUNT_STATUSES:
         raise BillingError(f"status {status!r}: an account is {' or '.join(ACCOUNT_STATUSES)}")
     with archive.db.write_session() as session:
@@ -46,4 +49,5 @@ def update_account(
         account.name, account.status, account.guarantor, account.coverage = wanted
         account.version += 1
         account.updated_at = datetime.now(UTC)
+        record_change(session, audit, entity=f"Account/{account_id}", patient_id=account.patient_id)
         return True

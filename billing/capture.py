@@ -27,6 +27,7 @@ the same transaction.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -38,7 +39,9 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from archive import Archive
+from archive.audit import AuditEvent, record_change
 from archive.models import Instance, Patient, ReportDocument, Series, Study
+from billing.metrics import count_charge_on_commit
 from billing.models import BillingAccount, ChargeEvent, ChargeItem, ChargeItemDefinition
 from billing.prices import find_definition, price
 from config import Settings
@@ -305,9 +308,12 @@ def _capture(
     definition: ChargeItemDefinition | None,
     missing: str,
     actor: str,
+    audit: AuditEvent | None = None,
 ) -> int:
     """Insert one charge unless its key exists; its id either way. A charge voided because
-    its study was deleted is captured again (a new version) when the study is stored again."""
+    its study was deleted is captured again (a new version) when the study is stored again.
+    ``audit``: the capturer's audit event, a copy of it recorded for each charge captured (in
+    this transaction), none for a charge captured before."""
     existing = session.scalars(
         select(ChargeItem).where(ChargeItem.idempotency_key == key).with_for_update()
     ).first()
@@ -326,6 +332,7 @@ def _capture(
                 actor,
                 "captured again" if definition is not None else missing,
             )
+            _audit_capture(session, audit, existing.id, base)
         return existing.id
     now = datetime.now(UTC)
     values = {
@@ -347,7 +354,22 @@ def _capture(
             ).scalar_one()
         )
     _event(session, new_id, values, actor, "captured" if definition is not None else missing)
+    _audit_capture(session, audit, int(new_id), base)
+    count_charge_on_commit(session, str(base["kind"]))
     return int(new_id)
+
+
+def _audit_capture(
+    session: Session, audit: AuditEvent | None, charge_id: int, base: dict[str, Any]
+) -> None:
+    if audit is not None:
+        record_change(
+            session,
+            dataclasses.replace(audit),
+            entity=f"ChargeItem/{charge_id}",
+            patient_id=base.get("patient_id"),
+            study_uid=base.get("study_instance_uid"),
+        )
 
 
 def _study_and_patient(session: Session, study_uid: str) -> tuple[Study, Patient] | None:
@@ -390,11 +412,16 @@ def _procedure_columns(procedure: Procedure) -> dict[str, Any]:
 
 
 def capture_technical(
-    archive: Archive, settings: Settings, study_uid: str, actor: str = "stable-study"
+    archive: Archive,
+    settings: Settings,
+    study_uid: str,
+    actor: str = "stable-study",
+    audit: AuditEvent | None = None,
 ) -> list[int]:
     """One technical charge per procedure of the study, priced by the definition in force on
     the study date (else planned for review). Returns the ids of the study's technical
-    charges (new or captured before); empty for an unknown study."""
+    charges (new or captured before); empty for an unknown study. ``audit``: the capturer's
+    audit event, recorded for each charge captured in the capture's transaction."""
     with archive.db.write_session() as session:
         found = _study_and_patient(session, study_uid)
         if found is None:
@@ -429,13 +456,18 @@ def capture_technical(
                     definition=definition,
                     missing=f"no technical price for {procedure.label} on {on.isoformat()}",
                     actor=actor,
+                    audit=audit,
                 )
             )
         return ids
 
 
 def capture_professional(
-    archive: Archive, settings: Settings, study_uid: str, actor: str = "stable-study"
+    archive: Archive,
+    settings: Settings,
+    study_uid: str,
+    actor: str = "stable-study",
+    audit: AuditEvent | None = None,
 ) -> list[int]:
     """One professional charge per signed report of the study: every current (not superseded)
     VERIFIED report document, keyed by its root UID (amending or signing it again never
@@ -495,6 +527,7 @@ def capture_professional(
                     definition=definition,
                     missing=missing,
                     actor=actor,
+                    audit=audit,
                 )
             )
         return ids
@@ -522,10 +555,17 @@ def _change(
     )
 
 
-def reprice_planned(archive: Archive, settings: Settings, actor: str = "reprice") -> int:
+def reprice_planned(
+    archive: Archive,
+    settings: Settings,
+    actor: str = "reprice",
+    audit: AuditEvent | None = None,
+) -> int:
     """Price every planned charge again with the definitions now in force on its day; those
     that find one become billable (taxed at ``billing.tax_percent`` where the definition has
-    no tax of its own; the currency comes with the definition). Returns how many did."""
+    no tax of its own; the currency comes with the definition). Returns how many did.
+    ``audit``: the caller's audit event, a copy recorded for each charge priced, in the same
+    transaction."""
     count = 0
     with archive.db.write_session() as session:
         planned = session.scalars(
@@ -557,6 +597,12 @@ def reprice_planned(archive: Archive, settings: Settings, actor: str = "reprice"
                 {**priced, "status": BILLABLE, "review_reason": None},
                 actor,
                 f"priced by definition {definition.id}",
+            )
+            _audit_capture(
+                session,
+                audit,
+                charge.id,
+                {"patient_id": charge.patient_id, "study_instance_uid": charge.study_instance_uid},
             )
             count += 1
     return count

@@ -28,15 +28,17 @@ and events.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal, InvalidOperation
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
-from sqlalchemy import func, insert, literal, select
-from sqlalchemy.orm import Session
+from sqlalchemy import Integer, String, Table, and_, bindparam, case, false, func, insert, select
+from sqlalchemy.orm import Session, aliased
 
 from archive import Archive
+from archive.audit import AuditEvent, record_change
 from billing.capture import BILLABLE, _change, _event
 from billing.models import (
     BillingAccount,
@@ -135,6 +137,26 @@ def _invoice_event(
     )
 
 
+def invoice_patient(session: Session, invoice_id: int) -> str | None:
+    """The Patient ID of an invoice's account (for its audit events)."""
+    return session.scalar(
+        select(BillingAccount.patient_id)
+        .join(Invoice, Invoice.account_fk == BillingAccount.id)
+        .where(Invoice.id == invoice_id)
+    )
+
+
+def _audit(session: Session, audit: AuditEvent | None, invoice: Invoice) -> None:
+    """The caller's audit event of a change of ``invoice``, in the change's transaction."""
+    if audit is not None:
+        record_change(
+            session,
+            audit,
+            entity=f"Invoice/{invoice.id}",
+            patient_id=invoice_patient(session, invoice.id),
+        )
+
+
 def _bump(session: Session, invoice: Invoice, status: str, actor: str, reason: str | None) -> None:
     invoice.status = status
     invoice.version += 1
@@ -153,87 +175,213 @@ def _invoiced(session: Session, charge_ids: Iterable[int]) -> dict[int, int]:
     return {int(charge): int(invoice) for charge, invoice in rows}
 
 
-def _checked_charges(session: Session, charges: Sequence[Any]) -> None:
-    """Refuse charges that are not billable or already on a live invoice, naming them all."""
-    problems = [f"charge {c.id} is {c.status}" for c in charges if c.status != BILLABLE]
-    on = _invoiced(session, [c.id for c in charges])
-    problems += [f"charge {charge} is on invoice {invoice}" for charge, invoice in on.items()]
-    if problems:
-        raise BillingError("not billable: " + "; ".join(sorted(problems)))
+# --- adding lines: SQL built once, run with bound parameters --------------------------------
+
+_ON_LINE = aliased(InvoiceLine, name="on_line")
+_ON_INVOICE = aliased(Invoice, name="on_invoice")
+#: Correlated to ``charge_item`` of the enclosing query: the live invoice its row is on (NULL
+#: when none).
+_LIVE_INVOICE = (
+    select(func.min(_ON_LINE.invoice_fk))
+    .join(_ON_INVOICE, _ON_INVOICE.id == _ON_LINE.invoice_fk)
+    .where(_ON_LINE.charge_fk == ChargeItem.id, _ON_INVOICE.status.in_(LIVE_STATUSES))
+    .scalar_subquery()
+)
+_PRICED = and_(
+    ChargeItem.net.is_not(None), ChargeItem.tax.is_not(None), ChargeItem.total.is_not(None)
+)
+#: Every rule a charge meets to go on the invoice (``:account``, ``:currency``): billable, on
+#: no live invoice, priced, of the invoice's account and currency. Invoicing inserts the lines
+#: of the charges that meet them in one ``INSERT … SELECT`` and counts what it inserted; only a
+#: refused request looks at each charge (:func:`_refusal`) to say why.
+_INVOICEABLE = and_(
+    ChargeItem.status == BILLABLE,
+    _LIVE_INVOICE.is_(None),
+    _PRICED,
+    ChargeItem.account_fk == bindparam("account", type_=Integer),
+    ChargeItem.currency == bindparam("currency", type_=String),
+)
+#: The charges asked for: those of ``:ids``, or the billable charges of ``:account``.
+_CHARGES = {
+    "ids": ChargeItem.id.in_(bindparam("ids", expanding=True)),
+    "account": and_(
+        ChargeItem.account_fk == bindparam("account", type_=Integer),
+        ChargeItem.status == BILLABLE,
+    ),
+}
+_LINE_COLUMNS = [
+    "invoice_fk",
+    "position",
+    "charge_fk",
+    "description",
+    "code",
+    "net",
+    "tax",
+    "gross",
+    "components",
+]
 
 
-def _add_lines(session: Session, invoice: Invoice, charges: Sequence[Any]) -> None:
-    """One line per charge (ORM objects or rows of :func:`_charge_rows`, checked billable and
-    locked), copied from the charges by one ``INSERT … SELECT`` in id order; the invoice's
-    totals grow by their sums."""
-    position = int(
-        session.scalar(
-            select(func.coalesce(func.max(InvoiceLine.position), 0)).where(
-                InvoiceLine.invoice_fk == invoice.id
-            )
+def _cents(column: Any) -> Any:
+    """SQL: the sum of a money column in whole cents. Exact on both databases: PostgreSQL sums
+    ``NUMERIC``; SQLite keeps a ``NUMERIC`` value of 2 decimals as a REAL, which ``round(x *
+    100)`` turns into an integral value exactly (and sums of integral values stay exact far
+    beyond any invoice: below 2**53 cents)."""
+    return func.coalesce(func.sum(func.round(column * 100)), 0)
+
+
+@functools.cache
+def _insert_statement(asked: str) -> Any:
+    """``INSERT … SELECT``: one line per charge asked for (:data:`_CHARGES`) that is
+    :data:`_INVOICEABLE`, on invoice ``:invoice``, numbered in id order after ``:after``."""
+    copied = select(
+        bindparam("invoice", type_=Integer),
+        func.row_number().over(order_by=ChargeItem.id) + bindparam("after", type_=Integer),
+        ChargeItem.id,
+        func.substr(ChargeItem.display, 1, 255),
+        ChargeItem.code,
+        ChargeItem.net,
+        ChargeItem.tax,
+        ChargeItem.total,
+        ChargeItem.lines,
+    ).where(_CHARGES[asked], _INVOICEABLE)
+    # Core's insert (the ORM's would take the parameters for rows of a bulk insert)
+    return insert(cast(Table, InvoiceLine.__table__)).from_select(_LINE_COLUMNS, copied)
+
+
+@functools.cache
+def _totals_statement(asked: str) -> Any:
+    """The sums of invoice ``:invoice``'s lines in cents, the number of its lines after
+    position ``:after``, and of the charges asked for (:data:`_CHARGES`) left on no live
+    invoice once the lines are in: those unpriced or in another currency (the others are on
+    this invoice now, or on another live one)."""
+    left = (
+        select(func.count())
+        .select_from(ChargeItem)
+        .where(
+            _CHARGES[asked],
+            ~_PRICED | (ChargeItem.currency != bindparam("currency", type_=String)),
+            _LIVE_INVOICE.is_(None),
         )
-        or 0
+        .scalar_subquery()
     )
-    net = tax = gross = ZERO
-    for charge in charges:
-        if charge.net is None or charge.tax is None or charge.total is None:
-            raise BillingError(f"charge {charge.id} has no price")
-        if charge.account_fk != invoice.account_fk:
-            raise BillingError(
-                f"charge {charge.id} is of account {charge.account_fk}, "
-                f"the invoice's is {invoice.account_fk}"
-            )
-        net += charge.net
-        tax += charge.tax
-        gross += charge.total
-    if charges:
-        copied = select(
-            literal(invoice.id),
-            func.row_number().over(order_by=ChargeItem.id) + position,
-            ChargeItem.id,
-            func.substr(ChargeItem.display, 1, 255),
-            ChargeItem.code,
-            ChargeItem.net,
-            ChargeItem.tax,
-            ChargeItem.total,
-            ChargeItem.lines,
-        ).where(ChargeItem.id.in_([c.id for c in charges]))
-        columns = [
-            "invoice_fk",
-            "position",
-            "charge_fk",
-            "description",
-            "code",
-            "net",
-            "tax",
-            "gross",
-            "components",
-        ]
-        session.execute(insert(InvoiceLine).from_select(columns, copied))
-    invoice.net += net
-    invoice.tax += tax
-    invoice.gross += gross
+    return select(
+        _cents(InvoiceLine.net),
+        _cents(InvoiceLine.tax),
+        _cents(InvoiceLine.gross),
+        func.count(case((InvoiceLine.position > bindparam("after", type_=Integer), 1))),
+        left,
+    ).where(InvoiceLine.invoice_fk == bindparam("invoice", type_=Integer))
 
 
-def _charge_rows(session: Session, where: Any) -> list[Any]:
-    """The charges invoicing reads, as rows (not ORM objects: an invoice may have hundreds of
-    lines), locked (``FOR UPDATE`` on PostgreSQL) in id order."""
+def _locks_rows(session: Session) -> bool:
+    """Whether the database locks rows (``SELECT … FOR UPDATE`` on PostgreSQL); SQLite has
+    no row locks: the archive's write session serialises its writers."""
+    return session.get_bind().dialect.name != "sqlite"
+
+
+def _lock_charges(session: Session, where: Any) -> list[int]:
+    """Lock the charges matching ``where`` (in id order, as every writer of charges does);
+    their ids."""
     return list(
-        session.execute(
-            select(
-                ChargeItem.id,
-                ChargeItem.account_fk,
-                ChargeItem.status,
-                ChargeItem.net,
-                ChargeItem.tax,
-                ChargeItem.total,
-                ChargeItem.currency,
-            )
-            .where(where)
-            .order_by(ChargeItem.id)
-            .with_for_update()
+        session.scalars(
+            select(ChargeItem.id).where(where).order_by(ChargeItem.id).with_for_update()
         ).all()
     )
+
+
+def _insert_lines(
+    session: Session,
+    invoice: Invoice,
+    *,
+    ids: list[int] | None,
+    after: int,
+) -> tuple[int, int]:
+    """One line per charge asked for — those of ``ids``, or (None) the billable charges of
+    the invoice's account — that meets every rule (:data:`_INVOICEABLE`), copied from the
+    charges by one ``INSERT … SELECT`` in id order after position ``after`` (the invoice's
+    last line); the invoice's totals become the sums of its lines, in one more query. Returns
+    how many lines were added, and how many of the charges asked for are left on no live
+    invoice (those refused)."""
+    asked = "ids" if ids is not None else "account"
+    params: dict[str, Any] = {
+        "invoice": invoice.id,
+        "after": after,
+        "account": invoice.account_fk,
+        "currency": invoice.currency,
+    }
+    if ids is not None:
+        params["ids"] = ids
+    session.execute(_insert_statement(asked), params)
+    net, tax, gross, added, left_over = session.execute(_totals_statement(asked), params).one()
+    invoice.net = _money_of_cents(net)
+    invoice.tax = _money_of_cents(tax)
+    invoice.gross = _money_of_cents(gross)
+    return int(added), int(left_over)
+
+
+def _money_of_cents(value: Any) -> Decimal:
+    return (Decimal(int(value)) / 100).quantize(Decimal("0.01"))
+
+
+def _refusal(
+    session: Session,
+    charge_ids: Sequence[int],
+    *,
+    account: int | None,
+    currency: str,
+    holder: BillingAccount | None,
+    adding: tuple[int, int] | None = None,
+) -> str | None:
+    """Why the charges (all of them) cannot go on an invoice of ``account`` (None: of the
+    one account the charges are of) in ``currency``, naming every charge concerned; None
+    when they can. One query; run when invoicing added fewer lines than asked, before the
+    transaction is rolled back: the lines of invoice ``adding[0]`` after position
+    ``adding[1]``, added by the refused request, are not counted."""
+    line, on = aliased(InvoiceLine), aliased(Invoice)
+    added = (line.invoice_fk == adding[0]) & (line.position > adding[1]) if adding else false()
+    live_invoice = (
+        select(func.min(line.invoice_fk))
+        .join(on, on.id == line.invoice_fk)
+        .where(line.charge_fk == ChargeItem.id, on.status.in_(LIVE_STATUSES), ~added)
+        .scalar_subquery()
+    )
+    rows = session.execute(
+        select(
+            ChargeItem.id,
+            ChargeItem.account_fk,
+            ChargeItem.status,
+            ChargeItem.currency,
+            _PRICED.label("priced"),
+            live_invoice.label("invoice"),
+        )
+        .where(ChargeItem.id.in_(list(charge_ids)))
+        .order_by(ChargeItem.id)
+    ).all()
+    missing = sorted(set(charge_ids) - {r.id for r in rows})
+    if missing:
+        return "no such charge: " + ", ".join(map(str, missing))
+    problems = [f"charge {r.id} is {r.status}" for r in rows if r.status != BILLABLE]
+    problems += [f"charge {r.id} is on invoice {r.invoice}" for r in rows if r.invoice is not None]
+    if problems:
+        return "not billable: " + "; ".join(sorted(problems))
+    if account is None:
+        accounts = {r.account_fk for r in rows}
+        if len(accounts) > 1:
+            return "charges of more than one account: " + ", ".join(map(str, sorted(accounts)))
+        (account,) = accounts
+    if holder is not None and holder.status != "active":
+        return f"account {account} is {holder.status}: it takes no new invoice"
+    for r in rows:
+        if r.account_fk != account:
+            return f"charge {r.id} is of account {r.account_fk}, the invoice's is {account}"
+    currencies = {r.currency for r in rows} - {currency}
+    if currencies:
+        return f"charges in another currency: {', '.join(sorted(currencies))}"
+    for r in rows:
+        if not r.priced:
+            return f"charge {r.id} has no price"
+    return None
 
 
 def _locked_charges(session: Session, charge_ids: list[int]) -> list[ChargeItem]:
@@ -251,6 +399,27 @@ def _locked_charges(session: Session, charge_ids: list[int]) -> list[ChargeItem]
     return charges
 
 
+def _account_refusal(session: Session, account: int, currency: str, ids: list[int] | None) -> str:
+    """Why the billable charges of an account (those of ``ids``, the ones locked) on no live
+    invoice, left out by invoicing, cannot be invoiced."""
+    rows = session.execute(
+        select(ChargeItem.id, ChargeItem.currency, _PRICED.label("priced"))
+        .where(
+            _CHARGES["account"] if ids is None else _CHARGES["ids"],
+            _LIVE_INVOICE.is_(None),
+        )
+        .order_by(ChargeItem.id),
+        {"account": account} if ids is None else {"ids": ids},
+    ).all()
+    currencies = {r.currency for r in rows} - {currency}
+    if currencies:
+        return f"charges in another currency: {', '.join(sorted(currencies))}"
+    unpriced = [r.id for r in rows if not r.priced]
+    if unpriced:
+        return f"charge {unpriced[0]} has no price"
+    return f"account {account}: charges {', '.join(str(r.id) for r in rows)} were refused"
+
+
 def create_invoice(
     archive: Archive,
     settings: Settings,
@@ -258,47 +427,58 @@ def create_invoice(
     account_id: int | None = None,
     charge_ids: list[int] | None = None,
     actor: str,
+    audit: AuditEvent | None = None,
 ) -> int:
     """A draft invoice of the billable charges of an account not yet on a live invoice, or of
-    an explicit list of billable charges of one account. Returns its id."""
+    an explicit list of billable charges of one account. Returns its id.
+
+    However many lines, the lines are copied from the charges by one ``INSERT … SELECT`` that
+    applies every rule (:data:`_INVOICEABLE`) and the totals summed by one query; charges are
+    looked at one by one only to say why a request is refused (the transaction is then rolled
+    back: nothing of the invoice remains)."""
     if (account_id is None) == (charge_ids is None):
         raise BillingError("give an account or a list of charges (one of them)")
+    currency = settings.billing.currency
     with archive.db.write_session() as session:
+        locks = _locks_rows(session)
+        wanted: list[int] = []
+        ids: list[int] | None = None
         if charge_ids is not None:
             if not charge_ids:
                 raise BillingError("no charges given")
-            wanted = sorted(set(charge_ids))
-            charges = _charge_rows(session, ChargeItem.id.in_(wanted))
-            missing = sorted(set(wanted) - {c.id for c in charges})
-            if missing:
-                raise BillingError("no such charge: " + ", ".join(map(str, missing)))
-            _checked_charges(session, charges)
-            accounts = {c.account_fk for c in charges}
-            if len(accounts) > 1:
-                raise BillingError(
-                    "charges of more than one account: " + ", ".join(map(str, sorted(accounts)))
-                )
-            (account,) = accounts
+            wanted = ids = sorted(set(charge_ids))
+            if locks:
+                _lock_charges(session, ChargeItem.id.in_(wanted))
+            # The invoice's account is the charges' (a charge of another is refused).
+            account = session.scalar(
+                select(func.min(ChargeItem.account_fk)).where(ChargeItem.id.in_(wanted))
+            )
+            holder = session.get(BillingAccount, account) if account is not None else None
         else:
             assert account_id is not None
-            if session.get(BillingAccount, account_id) is None:
+            holder = session.get(BillingAccount, account_id)
+            if holder is None:
                 raise BillingError(f"no account {account_id}")
             account = account_id
-            locked = _charge_rows(
-                session, (ChargeItem.account_fk == account_id) & (ChargeItem.status == BILLABLE)
-            )
-            on = _invoiced(session, [c.id for c in locked])
-            charges = [c for c in locked if c.id not in on]
-            if not charges:
-                raise BillingError(f"account {account_id} has no billable charge to invoice")
-        holder = session.get(BillingAccount, account)
-        if holder is not None and holder.status != "active":
-            raise BillingError(f"account {account} is {holder.status}: it takes no new invoice")
+            if locks:
+                # Exactly the charges locked: one committed meanwhile goes on the next
+                # invoice, never on two at once.
+                ids = _lock_charges(
+                    session,
+                    (ChargeItem.account_fk == account_id) & (ChargeItem.status == BILLABLE),
+                )
+        if holder is None or holder.status != "active":
+            refused = None
+            if wanted:  # the charges' own problems first
+                refused = _refusal(session, wanted, account=None, currency=currency, holder=holder)
+            status = holder.status if holder is not None else "unknown"
+            raise BillingError(refused or f"account {account} is {status}: it takes no new invoice")
+        assert account is not None  # the holder's
         now = datetime.now(UTC)
         invoice = Invoice(
             account_fk=account,
             status=DRAFT,
-            currency=settings.billing.currency,
+            currency=currency,
             net=ZERO,
             tax=ZERO,
             gross=ZERO,
@@ -308,29 +488,70 @@ def create_invoice(
         )
         session.add(invoice)
         session.flush()
-        currencies = {c.currency for c in charges} - {invoice.currency}
-        if currencies:
-            raise BillingError(f"charges in another currency: {', '.join(sorted(currencies))}")
-        _add_lines(session, invoice, charges)
+        added, left_over = _insert_lines(session, invoice, ids=ids, after=0)
+        if wanted and added != len(wanted):
+            refused = _refusal(
+                session,
+                wanted,
+                account=None,
+                currency=currency,
+                holder=holder,
+                adding=(invoice.id, 0),
+            )
+            raise BillingError(refused or f"{len(wanted) - added} of the charges were refused")
+        if not wanted and left_over:
+            raise BillingError(_account_refusal(session, account, currency, ids))
+        if added == 0:
+            raise BillingError(f"account {account} has no billable charge to invoice")
         if invoice.gross < 0:
             raise BillingError(
                 f"the invoice's gross would be negative ({invoice.gross}): credits exceed charges"
             )
         session.flush()
-        _invoice_event(session, invoice, ZERO, actor, f"created with {len(charges)} charges")
+        _invoice_event(session, invoice, ZERO, actor, f"created with {added} charges")
+        _audit(session, audit, invoice)
         return int(invoice.id)
 
 
-def add_charges(archive: Archive, invoice_id: int, charge_ids: list[int], *, actor: str) -> None:
+def add_charges(
+    archive: Archive,
+    invoice_id: int,
+    charge_ids: list[int],
+    *,
+    actor: str,
+    audit: AuditEvent | None = None,
+) -> None:
     """Add billable charges to a draft invoice (an issued invoice is immutable)."""
     with archive.db.write_session() as session:
         invoice = _lock(session, invoice_id)
         if invoice.status != DRAFT:
             raise BillingError(f"invoice {invoice_id} is {invoice.status}: only a draft changes")
-        charges = _locked_charges(session, sorted(set(charge_ids)))
-        _checked_charges(session, charges)
-        _add_lines(session, invoice, charges)
+        wanted = sorted(set(charge_ids))
+        if _locks_rows(session):
+            _lock_charges(session, ChargeItem.id.in_(wanted))
+        after = int(
+            session.scalar(
+                select(func.coalesce(func.max(InvoiceLine.position), 0)).where(
+                    InvoiceLine.invoice_fk == invoice.id
+                )
+            )
+            or 0
+        )
+        added, _ = _insert_lines(session, invoice, ids=wanted, after=after)
+        if added != len(wanted):
+            raise BillingError(
+                _refusal(
+                    session,
+                    wanted,
+                    account=invoice.account_fk,
+                    currency=invoice.currency,
+                    holder=None,
+                    adding=(invoice.id, after),
+                )
+                or f"{len(wanted) - added} of the charges were refused"
+            )
         _bump(session, invoice, DRAFT, actor, f"added charges {', '.join(map(str, charge_ids))}")
+        _audit(session, audit, invoice)
 
 
 def issue_invoice(
@@ -340,6 +561,7 @@ def issue_invoice(
     *,
     actor: str,
     now: datetime | None = None,
+    audit: AuditEvent | None = None,
 ) -> None:
     """draft → issued: its charges become ``billed``; due on the issue date plus
     ``billing.payment_terms_days``. Immutable from then on."""
@@ -360,22 +582,45 @@ def issue_invoice(
         invoice.issued_at = now
         invoice.due_on = now.date() + timedelta(days=settings.billing.payment_terms_days)
         _bump(session, invoice, ISSUED, actor, "issued")
+        _audit(session, audit, invoice)
 
 
-def cancel_invoice(archive: Archive, invoice_id: int, *, reason: str, actor: str) -> None:
+def cancel_invoice(
+    archive: Archive,
+    invoice_id: int,
+    *,
+    reason: str,
+    actor: str,
+    audit: AuditEvent | None = None,
+) -> None:
     """A draft, or an issued invoice without payments, becomes cancelled; its charges are
     billable again (they may go on another invoice)."""
-    _withdraw(archive, invoice_id, CANCELLED, reason=reason, actor=actor)
+    _withdraw(archive, invoice_id, CANCELLED, reason=reason, actor=actor, audit=audit)
 
 
-def void_invoice(archive: Archive, invoice_id: int, *, reason: str, actor: str) -> None:
+def void_invoice(
+    archive: Archive,
+    invoice_id: int,
+    *,
+    reason: str,
+    actor: str,
+    audit: AuditEvent | None = None,
+) -> None:
     """A draft, or an issued invoice without payments, made by mistake becomes
     ``entered-in-error`` (the reason in ``cancelled_reason``); its charges are billable again.
     A balanced invoice, or one with payments, is refused: refund the payments first."""
-    _withdraw(archive, invoice_id, ENTERED_IN_ERROR, reason=reason, actor=actor)
+    _withdraw(archive, invoice_id, ENTERED_IN_ERROR, reason=reason, actor=actor, audit=audit)
 
 
-def _withdraw(archive: Archive, invoice_id: int, status: str, *, reason: str, actor: str) -> None:
+def _withdraw(
+    archive: Archive,
+    invoice_id: int,
+    status: str,
+    *,
+    reason: str,
+    actor: str,
+    audit: AuditEvent | None = None,
+) -> None:
     """Cancel (``cancelled``) or void (``entered-in-error``) a draft, or an issued invoice
     without payments; its billed charges become billable again, each with a charge event."""
     verb, done = ("cancel", "cancelled") if status == CANCELLED else ("void", "voided")
@@ -410,6 +655,7 @@ def _withdraw(archive: Archive, invoice_id: int, status: str, *, reason: str, ac
                 )
         invoice.cancelled_reason = reason
         _bump(session, invoice, status, actor, reason)
+        _audit(session, audit, invoice)
 
 
 def record_payment(
@@ -421,6 +667,7 @@ def record_payment(
     reason: str | None = None,
     reference: str | None = None,
     received_at: datetime | None = None,
+    audit: AuditEvent | None = None,
 ) -> int:
     """A payment (positive, up to the outstanding amount) or a refund (negative, a reason
     required, up to what was paid) on an issued or balanced invoice. The invoice becomes
@@ -440,7 +687,7 @@ def record_payment(
         )
         session.add(reconciliation)
         session.flush()
-        return pay(
+        payment_id = pay(
             session,
             invoice_id,
             value,
@@ -450,6 +697,13 @@ def record_payment(
             received_at=received_at,
             reconciliation_id=reconciliation.id,
         )
+        record_change(
+            session,
+            audit,
+            entity=f"Invoice/{invoice_id}",  # the invoice paid
+            patient_id=invoice_patient(session, invoice_id),
+        )
+        return payment_id
 
 
 def checked_payment(amount: Decimal | str, reason: str | None) -> Decimal:
@@ -504,10 +758,18 @@ def pay(
     return int(payment.id)
 
 
-def credit_charge(archive: Archive, charge_id: int, *, reason: str, actor: str) -> int:
+def credit_charge(
+    archive: Archive,
+    charge_id: int,
+    *,
+    reason: str,
+    actor: str,
+    audit: AuditEvent | None = None,
+) -> int:
     """Correct a charge billed on an issued invoice without changing the invoice: a new
     billable charge (same kind and service, the amounts negated, key ``credit|<charge id>``)
-    that goes on the next invoice. Returns its id."""
+    that goes on the next invoice. Returns its id. ``audit``: the caller's audit event,
+    committed with the credit."""
     if not reason or not reason.strip():
         raise BillingError("a reason is required to credit a charge")
     with archive.db.write_session() as session:
@@ -565,6 +827,13 @@ def credit_charge(archive: Archive, charge_id: int, *, reason: str, actor: str) 
             f"credit of charge {charge_id}: {reason}",
         )
         _change(session, charge, {}, actor, f"credited by charge {credit.id}: {reason}")
+        record_change(
+            session,
+            audit,
+            entity=f"ChargeItem/{credit.id}",
+            patient_id=charge.patient_id,
+            study_uid=charge.study_instance_uid,
+        )
         return int(credit.id)
 
 

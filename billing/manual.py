@@ -34,6 +34,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from archive import Archive
+from archive.audit import AuditEvent, record_change
 from archive.models import Patient
 from billing.capture import (
     BILLABLE,
@@ -45,6 +46,7 @@ from billing.capture import (
     _insert,
 )
 from billing.invoices import BILLED, BillingError, _invoiced, money
+from billing.metrics import count_charge_on_commit
 from billing.models import ChargeItem, ChargeItemDefinition
 from billing.prices import price
 from config import Settings
@@ -164,10 +166,12 @@ def create_manual_charge(
     performer: str | None = None,
     study_instance_uid: str | None = None,
     service: tuple[str, str] | None = None,
+    audit: AuditEvent | None = None,
 ) -> tuple[int, bool]:
     """Enter a manual charge for the patient (its account created on the first charge).
     Returns (its id, whether it is new): with an ``identifier`` already entered, the
-    charge entered then."""
+    charge entered then. ``audit``: the caller's audit event of the change, committed with
+    the new charge (nothing is recorded when the charge was entered before)."""
     _check(fields_)
     if fields_.status == ENTERED_IN_ERROR:
         raise BillingError("a new charge is not entered-in-error")
@@ -217,6 +221,14 @@ def create_manual_charge(
                 ).scalar_one()
             ), False
         _event(session, new_id, values, actor, fields_.note or missing or "entered by hand")
+        record_change(
+            session,
+            audit,
+            entity=f"ChargeItem/{new_id}",
+            patient_id=patient.patient_id,
+            study_uid=study_instance_uid,
+        )
+        count_charge_on_commit(session, MANUAL)
         return int(new_id), True
 
 
@@ -254,82 +266,102 @@ def update_charge(
     actor: str,
     reason: str | None,
     expected_version: int | None = None,
+    audit: AuditEvent | None = None,
 ) -> bool:
     """Adjust a charge to ``wanted`` (see the module's docstring for what may change).
-    Returns whether anything changed (an identical request writes no version)."""
+    Returns whether anything changed (an identical request writes no version). ``audit``:
+    the caller's audit event of the change, committed with it (none when nothing changed)."""
     with archive.db.write_session() as session:
-        charge = session.scalars(
-            select(ChargeItem).where(ChargeItem.id == charge_id).with_for_update()
-        ).first()
-        if charge is None:
-            raise BillingError(f"no charge {charge_id}")
-        if expected_version is not None and charge.version != expected_version:
-            raise ChargeConflict(
-                f"charge {charge_id} is at version {charge.version}, not {expected_version}"
-            )
-        current = _current(charge)
-        changed = {
-            f.name
-            for f in fields(ChargeFields)
-            if getattr(wanted, f.name) != getattr(current, f.name)
-        }
-        if (
-            wanted.amount is not None
-            and current.amount is not None
-            and money(wanted.amount) == money(current.amount)
-        ):
-            changed.discard("amount")
-        if not changed:
-            return False
-        if charge.status == BILLED:
-            raise BillingError(
-                f"charge {charge_id} is billed on an issued invoice: it does not change "
-                "(credit it instead)"
-            )
-        if charge.status == ENTERED_IN_ERROR:
-            raise BillingError(f"charge {charge_id} is entered-in-error: it does not change")
-        on = _invoiced(session, [charge_id])
-        if on:
-            raise BillingError(
-                f"charge {charge_id} is on draft invoice {on[charge_id]}: cancel the draft "
-                "(or leave the charge as it is)"
-            )
-        if charge.kind != MANUAL:
-            return _adjust_captured(
-                session, settings, charge, current, wanted, changed, actor, reason
-            )
-        _check(wanted)
-        if wanted.status == ENTERED_IN_ERROR:
-            if changed - {"status", "note"}:
-                raise BillingError("a charge voided (entered-in-error) keeps its other elements")
-            if not (reason and reason.strip()):
-                raise BillingError("a reason is required to void a charge")
-            _change(
-                session, charge, {"status": ENTERED_IN_ERROR, "note": wanted.note}, actor, reason
-            )
-            return True
-        priced, missing = _priced(session, settings, wanted)
-        if missing and wanted.status == BILLABLE:
-            raise BillingError("a billable charge needs a price (an amount or a definition)")
-        _change(
-            session,
-            charge,
-            {
-                "status": wanted.status,
-                "code_system": wanted.code_system,
-                "code": wanted.code,
-                "display": (wanted.display or wanted.code or "")[:255],
-                "occurred_on": wanted.occurred_on,
-                "quantity": wanted.quantity,
-                "conditions": list(wanted.conditions),
-                "note": wanted.note,
-                "review_reason": missing,
-                **priced,
-            },
-            actor,
-            reason or f"changed {', '.join(sorted(changed))}",
+        changed = _update_charge(
+            session, settings, charge_id, wanted, actor, reason, expected_version
         )
+        if changed:
+            charge = session.get(ChargeItem, charge_id)
+            record_change(
+                session,
+                audit,
+                entity=f"ChargeItem/{charge_id}",
+                patient_id=charge.patient_id if charge is not None else None,
+                study_uid=charge.study_instance_uid if charge is not None else None,
+            )
+        return changed
+
+
+def _update_charge(
+    session: Session,
+    settings: Settings,
+    charge_id: int,
+    wanted: ChargeFields,
+    actor: str,
+    reason: str | None,
+    expected_version: int | None,
+) -> bool:
+    charge = session.scalars(
+        select(ChargeItem).where(ChargeItem.id == charge_id).with_for_update()
+    ).first()
+    if charge is None:
+        raise BillingError(f"no charge {charge_id}")
+    if expected_version is not None and charge.version != expected_version:
+        raise ChargeConflict(
+            f"charge {charge_id} is at version {charge.version}, not {expected_version}"
+        )
+    current = _current(charge)
+    changed = {
+        f.name for f in fields(ChargeFields) if getattr(wanted, f.name) != getattr(current, f.name)
+    }
+    if (
+        wanted.amount is not None
+        and current.amount is not None
+        and money(wanted.amount) == money(current.amount)
+    ):
+        changed.discard("amount")
+    if not changed:
+        return False
+    if charge.status == BILLED:
+        raise BillingError(
+            f"charge {charge_id} is billed on an issued invoice: it does not change "
+            "(credit it instead)"
+        )
+    if charge.status == ENTERED_IN_ERROR:
+        raise BillingError(f"charge {charge_id} is entered-in-error: it does not change")
+    on = _invoiced(session, [charge_id])
+    if on:
+        raise BillingError(
+            f"charge {charge_id} is on draft invoice {on[charge_id]}: cancel the draft "
+            "(or leave the charge as it is)"
+        )
+    if charge.kind != MANUAL:
+        return _adjust_captured(session, settings, charge, current, wanted, changed, actor, reason)
+    _check(wanted)
+    if wanted.status == ENTERED_IN_ERROR:
+        if changed - {"status", "note"}:
+            raise BillingError("a charge voided (entered-in-error) keeps its other elements")
+        if not (reason and reason.strip()):
+            raise BillingError("a reason is required to void a charge")
+        _change(session, charge, {"status": ENTERED_IN_ERROR, "note": wanted.note}, actor, reason)
         return True
+    priced, missing = _priced(session, settings, wanted)
+    if missing and wanted.status == BILLABLE:
+        raise BillingError("a billable charge needs a price (an amount or a definition)")
+    _change(
+        session,
+        charge,
+        {
+            "status": wanted.status,
+            "code_system": wanted.code_system,
+            "code": wanted.code,
+            "display": (wanted.display or wanted.code or "")[:255],
+            "occurred_on": wanted.occurred_on,
+            "quantity": wanted.quantity,
+            "conditions": list(wanted.conditions),
+            "note": wanted.note,
+            "review_reason": missing,
+            **priced,
+        },
+        actor,
+        reason or f"changed {', '.join(sorted(changed))}",
+    )
+    return True
 
 
 def _adjust_captured(

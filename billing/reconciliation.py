@@ -17,7 +17,8 @@ from decimal import Decimal
 from sqlalchemy import select
 
 from archive import Archive
-from billing.invoices import ZERO, BillingError, checked_payment, pay
+from archive.audit import AuditEvent, record_change
+from billing.invoices import ZERO, BillingError, checked_payment, invoice_patient, pay
 from billing.models import Payment, PaymentReconciliation
 
 
@@ -37,9 +38,11 @@ def record_reconciliation(
     disposition: str | None = None,
     reason: str | None = None,
     amount: Decimal | None = None,
+    audit: AuditEvent | None = None,
 ) -> int:
     """Record the payments of one remittance; ``amount``, when given, must be their sum.
-    Returns the reconciliation's id."""
+    Returns the reconciliation's id. ``audit``: the caller's audit event, committed with the
+    payments (naming the patient when every invoice paid is one patient's)."""
     if not details:
         raise BillingError("a payment reconciliation pays at least one invoice")
     values = [(d.invoice_id, checked_payment(d.amount, reason)) for d in details]
@@ -71,6 +74,13 @@ def record_reconciliation(
                 received_at=now,
                 reconciliation_id=reconciliation.id,
             )
+        patients = {invoice_patient(session, invoice_id) for invoice_id, _ in values}
+        record_change(
+            session,
+            audit,
+            entity=f"PaymentReconciliation/{reconciliation.id}",
+            patient_id=patients.pop() if len(patients) == 1 else None,
+        )
         return int(reconciliation.id)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -138,6 +138,9 @@ class ExternalIssuerSettings(BaseModel):
     token none of whose roles is mapped is refused."""
     subject_claim: str = "sub"
     """The claim naming the user in the audit (``preferred_username`` for Keycloak)."""
+    patient_claim: str = "patient"
+    """The claim holding the SMART patient launch context (a FHIR Patient id of this server),
+    to which the token's ``patient/`` scopes are held; without it they grant nothing."""
     algorithms: list[str] = Field(default_factory=lambda: ["RS256", "ES256", "PS256"])
 
     @field_validator("issuer", "jwks_uri")
@@ -171,6 +174,9 @@ class PeerSettings(BaseModel):
     check_host: bool = False
     """Its associations must come from an address ``host`` resolves to; from elsewhere its AE
     title counts as undeclared."""
+    tls: bool = False
+    """Associations to it (C-MOVE sub-operations, forwarding) go over TLS (DICOM PS3.15 B.1),
+    with the ``dimse_tls_*`` settings."""
 
     @field_validator("permissions")
     @classmethod
@@ -416,6 +422,30 @@ class BillingSettings(BaseModel):
         return value
 
 
+class AuditSettings(BaseModel):
+    """The audit trail (``[audit]``): every access to or change of PHI, kept in the index."""
+
+    retention_days: int = Field(default=2190, ge=1)
+    """Audit events older than this are pruned by the periodic maintenance (six years by
+    default: HIPAA 45 CFR 164.316(b)(2) keeps documentation that long)."""
+    syslog_url: str | None = None
+    """Also send every event as IHE ATNA (RFC 5424 syslog, DICOM PS3.15 A.5 audit XML) to a
+    collector: ``tcp://host:port`` (RFC 6587 octet counting) or ``tls://host:port``
+    (RFC 5425). None: not sent."""
+    syslog_ca_file: Path | None = None
+    """CA certificates that verify a ``tls://`` collector (default: the system's)."""
+
+    @field_validator("syslog_url")
+    @classmethod
+    def _valid_syslog_url(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        found = re.fullmatch(r"(tcp|tls)://([^:/\s]+|\[[0-9A-Fa-f:]+\]):(\d{1,5})/?", value)
+        if found is None or not 0 < int(found.group(3)) < 65536:
+            raise ValueError("audit.syslog_url must be tcp://host:port or tls://host:port")
+        return value
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="PACSBRIDGE_",
@@ -515,6 +545,25 @@ class Settings(BaseSettings):
     """ARTIM timer (PS3.8 9.1.5): how long a new connection has to send its A-ASSOCIATE-RQ, and
     a peer to close the connection after a rejection, an abort or a release."""
 
+    # --- DICOM over TLS (PS3.15 B.1 Basic TLS, B.9 BCP 195 non-downgrading) ---------------
+    dimse_tls_port: int = Field(default=0, ge=0, le=65535)
+    """A second DICOM port, on ``dimse_host``, that speaks TLS 1.2 or later only: the same
+    services and access control as ``dimse_port``. 0: none."""
+    dimse_tls_certificate: Path | None = None
+    """PEM file of this node's certificate (then any intermediates): presented on the TLS port,
+    and to peers flagged ``tls`` that ask for a client certificate."""
+    dimse_tls_private_key: Path | None = None
+    """PEM file of the private key of ``dimse_tls_certificate``."""
+    dimse_tls_private_key_password: SecretStr | None = None
+    """The password of an encrypted ``dimse_tls_private_key``."""
+    dimse_tls_ca_certificates: Path | None = None
+    """PEM bundle of the CAs trusted for DICOM TLS. When set, every client of the TLS port must
+    present a certificate one of them signed (mutual TLS), and peers flagged ``tls`` are
+    verified against them; unset, the TLS port asks no client certificate and peers are
+    verified against the system's CAs."""
+    dimse_tls_check_hostname: bool = True
+    """A peer flagged ``tls`` must present a certificate for its ``host`` (RFC 6125)."""
+
     # --- access --------------------------------------------------------------------------
     auth: Literal["auto", "off", "required"] = "auto"
     """HTTP authentication (OAuth2 bearer tokens). ``auto``: none while HTTP listens on a
@@ -596,10 +645,31 @@ class Settings(BaseSettings):
     """Jobs one process (``serve`` or ``worker``) runs at the same time."""
     extra_handlers: list[str] = Field(default_factory=list)
     """``module:function`` callables that register more job kinds (plugins, tests)."""
+    job_retention_days: float = Field(default=7.0, ge=0)
+    """Done jobs are deleted this many days after they finished (0: kept for ever); the
+    stable-study scanner prunes them."""
+    dead_job_retention_days: float = Field(default=0.0, ge=0)
+    """Dead jobs (given up on, waiting for an operator's requeue) are deleted this many days
+    after they finished; 0 (default): kept until requeued or deleted by hand."""
+
+    # --- operations --------------------------------------------------------------------
+    shutdown_timeout: float = Field(default=30.0, ge=0)
+    """On SIGTERM or SIGINT ``serve`` stops accepting, then waits up to this many seconds for
+    open DICOM associations and HTTP requests to finish (those still open are then aborted),
+    and for running jobs to finish."""
+    metrics_dir: Path | None = None
+    """Folder where every process of this data dir (``serve``, its DICOM acceptor processes,
+    ``pacsbridge worker``) keeps its Prometheus metrics for ``/metrics`` to sum (default
+    ``<data_dir>/metrics``)."""
+    metrics_loopback_without_auth: bool = False
+    """``/metrics`` answers a client on a loopback address without a token (a Prometheus on the
+    same host) even when ``auth`` is ``required``; elsewhere it needs the ``admin`` role."""
 
     # --- logging -----------------------------------------------------------------------
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "text"
+    """``json``: one JSON object per line (ts, level, logger, msg, request_id and the fields
+    of the record), for a log collector."""
 
     # --- structured (TOML) -------------------------------------------------------------
     peers: dict[str, PeerSettings] = Field(default_factory=dict)
@@ -614,6 +684,8 @@ class Settings(BaseSettings):
     """The FHIR R4 bridge: ``[fhir]`` (``PACSBRIDGE_FHIR='{"default_count": 50}'``)."""
     billing: BillingSettings = Field(default_factory=BillingSettings)
     """Billing: ``[billing]`` (``PACSBRIDGE_BILLING='{"currency": "CHF"}'``)."""
+    audit: AuditSettings = Field(default_factory=AuditSettings)
+    """The audit trail: ``[audit]`` (``PACSBRIDGE_AUDIT='{"retention_days": 3650}'``)."""
 
     @field_validator("dicom_timezone")
     @classmethod

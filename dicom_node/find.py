@@ -21,8 +21,10 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from archive import Archive
+from archive.metrics import observe_query
 from archive.query import Key, Query, QueryError, QueryLevel, QueryModel, find_matches
 from config import Settings
+from dicom_node.audit import DimseAudit
 from dicom_node.identifier import RowEncoder, Unencodable, codec_for, encode_identifier
 from dicom_node.identifier import texts as identifier_texts
 from dicom_node.pdata import PrebuiltPData, c_find_pending_command, pdata_pdus
@@ -98,6 +100,7 @@ class FindService:
         self.settings = settings
         # association -> information models for which combined date-time matching was agreed
         self._combined: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
+        self.audit = DimseAudit(archive)
 
     def add_contexts(self, ae: AE) -> None:
         for uid in MODELS:
@@ -132,9 +135,21 @@ class FindService:
             keys, sequence_matching = identifier_keys(identifier)
         except Exception as exc:
             log.warning("C-FIND identifier cannot be decoded", extra={"err": str(exc)})
+            self.audit.queried(
+                event.assoc,
+                str(event.request.AffectedSOPClassUID),
+                None,
+                failed="identifier cannot be decoded",
+            )
             yield _failure(STATUS_UNABLE_TO_PROCESS, f"identifier cannot be decoded: {exc}")
             return
         if model is None or level_text not in QueryLevel.__members__:
+            self.audit.queried(
+                event.assoc,
+                str(event.request.AffectedSOPClassUID),
+                identifier,
+                failed="bad Query/Retrieve Level",
+            )
             yield _failure(
                 STATUS_IDENTIFIER_MISMATCH,
                 f"Query/Retrieve Level {level_text!r} is not PATIENT, STUDY, SERIES or IMAGE",
@@ -160,6 +175,8 @@ class FindService:
         direct = bool(transfer_syntax.is_little_endian and not transfer_syntax.is_deflated)
         implicit_vr = bool(transfer_syntax.is_implicit_VR)
         batch = _PendingBatch(event, pending)
+        started = time.perf_counter()
+        failed: str | None = None
         try:
             matches = find_matches(self.archive.db, query)
             # Most identifiers are encoded straight from the index rows (RowEncoder); the
@@ -204,12 +221,19 @@ class FindService:
                 yield pending, Dataset.from_json(result)
             batch.flush()
         except QueryError as exc:
+            failed = str(exc)
             batch.flush()
             yield _failure(STATUS_IDENTIFIER_MISMATCH, str(exc))
         except Exception as exc:
             log.exception("C-FIND failed")
+            failed = f"query failed: {type(exc).__name__}"
             batch.flush()
             yield _failure(STATUS_OUT_OF_RESOURCES, f"query failed: {type(exc).__name__}")
+        finally:
+            observe_query("C-FIND", query.level.value, time.perf_counter() - started)
+            self.audit.queried(
+                event.assoc, str(event.request.AffectedSOPClassUID), identifier, failed=failed
+            )
 
 
 def _encode_directly(

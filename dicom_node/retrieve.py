@@ -68,6 +68,7 @@ from archive.retrieve import (
 )
 from archive.transcode import UNCOMPRESSED_TARGETS, to_uncompressed
 from config import Settings
+from dicom_node.audit import DimseAudit
 from dicom_node.pdata import (
     MAX_PREBUILT,
     c_store_request_command,
@@ -84,6 +85,7 @@ from dicom_node.status import (  # PS3.4 C.4.2.1.5 (C-MOVE), C.4.3.1.3 (C-GET)
     STATUS_PENDING,
     STATUS_UNABLE_TO_PROCESS,
 )
+from dicom_node.tls import PeerTLS, TLSConfigurationError
 
 log = logging.getLogger(__name__)
 
@@ -445,6 +447,9 @@ class RetrieveService:
     def __init__(self, archive: Archive, settings: Settings) -> None:
         self.archive = archive
         self.settings = settings
+        # A C-MOVE destination flagged ``tls`` is sent to over TLS (PS3.15 B.1).
+        self.peer_tls = PeerTLS(settings)
+        self.audit = DimseAudit(archive)
         # send_c_store(path) streams a file's data set as stored (pynetdicom's
         # STORE_SEND_CHUNKED_DATASET, set by dicom_node.patches.install()); pynetdicom then
         # requires an exact transfer syntax match, which the sender checks first.
@@ -499,6 +504,34 @@ class RetrieveService:
         event.assoc.acceptor.supported_contexts = contexts
 
     # --- shared --------------------------------------------------------------------------
+    def _audit(
+        self,
+        event: Event,
+        service: str,
+        failure: Dataset | str | None,
+        destination: str | None = None,
+    ) -> None:
+        """One "DICOM Instances Transferred" per study the identifier names (PS3.15 A.5.3.4)."""
+        studies: tuple[str, ...] = ()
+        patient = None
+        try:
+            identifier = event.identifier
+            value = identifier.get("StudyInstanceUID")
+            if value:
+                values = [value] if isinstance(value, str) else list(value)
+                studies = tuple(str(v).strip() for v in values if str(v).strip())
+            patient = str(identifier.get("PatientID") or "").strip() or None
+        except Exception:  # an identifier that cannot be decoded: the event names no study
+            studies = ()
+        failed = None
+        if isinstance(failure, str):
+            failed = failure
+        elif failure is not None:
+            failed = str(failure.get("ErrorComment") or f"0x{int(failure.Status):04X}")
+        self.audit.retrieved(
+            event.assoc, service, studies, patient, destination=destination, failed=failed
+        )
+
     def _resolve(
         self, event: Event, model: RetrieveModel
     ) -> tuple[list[RetrieveItem], Dataset | None]:
@@ -557,6 +590,7 @@ class RetrieveService:
     def handle_get(self, event: Event) -> Iterator[int | StatusYield]:
         model = GET_MODELS[str(event.request.AffectedSOPClassUID)]
         items, failure = self._resolve(event, model)
+        self._audit(event, "C-GET", failure)
         if failure is None:
             # The sub-operations go back over the requestor's association, on the storage
             # contexts it proposed with the SCP role (PS3.7 D.3.3.4).
@@ -578,9 +612,20 @@ class RetrieveService:
                 "C-MOVE to an unknown destination",
                 extra={"calling_ae": event.assoc.requestor.ae_title, "destination": destination},
             )
+            self._audit(event, "C-MOVE", "unknown move destination", destination)
             yield None, None  # pynetdicom answers 0xA801
             return
+        try:
+            tls_args = self.peer_tls.tls_args(peer.tls, peer.host)
+        except TLSConfigurationError as exc:
+            log.error(
+                "C-MOVE destination needs TLS, which the settings cannot provide",
+                extra={"destination": destination, "err": str(exc)},
+            )
+            yield None, None  # as for a destination that cannot be reached: 0xA801
+            return
         items, failure = self._resolve(event, model)
+        self._audit(event, "C-MOVE", failure, destination)
         originator = Originator(event.assoc.requestor.ae_title, int(event.request.MessageID or 0))
         blobs, ae_title = self.archive.blobs, self.settings.ae_title
         max_inflated = inflate_limit(self.settings)
@@ -600,6 +645,7 @@ class RetrieveService:
             {
                 "contexts": proposed_contexts(items),
                 "max_pdu": self.settings.maximum_pdu_size,
+                "tls_args": tls_args,
                 "evt_handlers": [
                     (evt.EVT_CONN_OPEN, _tune_outgoing_connection),
                     (evt.EVT_ESTABLISHED, install_sender),

@@ -14,7 +14,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+import ssl
 import threading
+import time
 from collections.abc import Callable, Sequence
 from io import BytesIO
 from typing import Any, cast
@@ -30,11 +32,13 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from archive import Archive, IngestError, IngestErrorKind
+from archive.audit import MINOR_FAILURE, SERIOUS_FAILURE
 from archive.ingest import resolve_sop_classes
 from config import Settings
 from dicom_node import patches, store_receive
 from dicom_node.acceptor import AcceptorRequestHandler, AddressLimiter, ConnectionRefuser
 from dicom_node.access import AccessControl
+from dicom_node.audit import DimseAudit
 from dicom_node.part10 import file_meta
 from dicom_node.services import DimseService, default_services
 from dicom_node.sop_classes import storage_sop_classes
@@ -48,6 +52,7 @@ from dicom_node.status import (
     STATUS_SUCCESS,
     STATUS_WARNING_DATASET_MISMATCH,
 )
+from dicom_node.tls import server_context
 from dicom_node.upper_layer import PEER_LOG
 
 log = logging.getLogger(__name__)
@@ -158,6 +163,88 @@ class _HandedOverAssociationServer(_NoDelayAssociationServer):
         return True
 
 
+class _TLSAssociationServer(_NoDelayAssociationServer):
+    """The TLS port (DICOM PS3.15 B.1, B.9): the plain port's associations (handlers, access
+    control, ARTIM timer, the limit of open connections per address, shared with the plain
+    port) over TLS.
+
+    Its connections are served here, in the process that accepts them, one thread each as on
+    pynetdicom's own threaded server, and never handed over to the acceptor processes
+    (``PACSBRIDGE_DIMSE_PROCESSES``): a TLS session's keys and buffered records live in this
+    process's SSL object, and only the raw descriptor would travel. The event-driven reactor
+    serves TLS connections (those it accepts here and those it opens to peers flagged
+    ``tls``): it never leases a TLS socket (:class:`dicom_node.reactor.SocketLease`, so
+    C-STOREs take pynetdicom's path); it counts the bytes already decrypted inside the SSL
+    object (``SSLSocket.pending()``) as readable although ``poll`` does not see them; and it
+    reads TLS sockets without blocking, since a readable descriptor may hold a record without
+    data (``upper_layer.tls_readable``).
+
+    The handshake runs on the connection's own thread, within the ARTIM timeout, not in the
+    accepting thread as pynetdicom's ``get_request`` does it: there a client that connects and
+    says nothing, or speaks plain DICOM, would keep the port from accepting anyone else."""
+
+    limiter: AddressLimiter
+    #: Seconds a TLS read or write may wait once the handshake is done (the network timeout):
+    #: a peer that stops inside a TLS record cannot hold the connection's thread for ever.
+    idle_timeout: float | None = None
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        client, address = cast(socket.socket, self.socket).accept()
+        with contextlib.suppress(OSError):  # the peer may already be gone
+            client.setblocking(True)
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        context = cast(ssl.SSLContext, self.ssl_context)
+        wrapped = context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
+        return wrapped, address
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        address = str(client_address[0])
+        if not self.limiter.admit(address):
+            # Before the handshake no A-ASSOCIATE-RJ can be read by the peer: closed.
+            PEER_LOG.warning(
+                address,
+                "DICOM TLS connection refused: too many open from this address",
+                limit=self.limiter.limit,
+                answer="connection closed",
+            )
+            with contextlib.suppress(OSError):
+                request.close()
+            return
+        try:
+            super().process_request(request, client_address)
+        except Exception as exc:  # no thread to serve it, say
+            PEER_LOG.warning(
+                address, "DICOM connection not served", reason=f"{type(exc).__name__}: {exc}"
+            )
+            with contextlib.suppress(OSError):
+                request.close()
+            self.connection_ended(address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        address = str(client_address[0])
+        connection = cast(ssl.SSLSocket, request)
+        try:
+            connection.settimeout(self.artim_timeout)
+            connection.do_handshake()
+            connection.settimeout(self.idle_timeout)
+        except (OSError, ValueError) as exc:  # ssl.SSLError, a timeout, a reset connection
+            reason = getattr(exc, "reason", None) or type(exc).__name__
+            PEER_LOG.warning(address, "DICOM TLS handshake failed", reason=str(reason))
+            with contextlib.suppress(OSError):
+                connection.close()
+            self.connection_ended(address)
+            return
+        log.debug(
+            "DICOM TLS connection",
+            extra={
+                "peer": address,
+                "tls": connection.version(),
+                "client_certificate": str((connection.getpeercert() or {}).get("subject", "")),
+            },
+        )
+        super().process_request_thread(request, client_address)
+
+
 # When a requestor offers several transfer syntaxes in one presentation context, pynetdicom
 # accepts the first of ours that it offers (PS3.8 9.3.3.2: the acceptor chooses one). Prefer
 # what keeps every bit and the VRs: Explicit VR Little Endian, then lossless compression (kept
@@ -219,12 +306,15 @@ class DimseServer:
         )
         self.server: ThreadedAssociationServer | None = None
         self._thread: threading.Thread | None = None
+        #: The TLS port's server (``dimse_tls_port``), when this node has one.
+        self.tls_server: _TLSAssociationServer | None = None
         # Open connections per peer address, counted where they are accepted (PS3.8 9.3.4:
         # those over the limit are rejected with local-limit-exceeded).
         self.limiter = AddressLimiter(settings.max_associations_per_address)
         self._refuser: ConnectionRefuser | None = None
         # Which DIMSE services each association's Calling AE Title may use.
         self.access = AccessControl(archive.peers, settings)
+        self.audit = DimseAudit(archive)
         self.ae = self._build_ae()
 
     def _build_ae(self) -> AE:
@@ -269,6 +359,8 @@ class DimseServer:
                 "dicom_node.patches.install() first"
             )
         s = self.settings
+        # Made before anything listens: unusable TLS settings stop the start.
+        tls_context = server_context(s) if s.dimse_tls_port and not self.handed_over else None
         base = _HandedOverAssociationServer if self.handed_over else _DispatchingAssociationServer
         # The listen backlog (socketserver's request_queue_size, read when the server binds
         # and listens on construction): its default of 5 overflows in a burst of connections,
@@ -298,7 +390,49 @@ class DimseServer:
             "DIMSE listening",
             extra={"ae_title": s.ae_title, "host": host, "port": port},
         )
+        if tls_context is not None:
+            self._start_tls(tls_context)
         return str(host), int(port)
+
+    def _start_tls(self, context: ssl.SSLContext) -> None:
+        """Listen on ``dimse_tls_port`` too (see :class:`_TLSAssociationServer`)."""
+        s = self.settings
+        server_class = type(
+            _TLSAssociationServer.__name__,
+            (_TLSAssociationServer,),
+            {"request_queue_size": s.dimse_backlog},
+        )
+        server = self.ae.make_server(
+            (s.dimse_host, s.dimse_tls_port),
+            ssl_context=context,
+            evt_handlers=self.handlers,
+            server_class=server_class,
+            request_handler=AcceptorRequestHandler,
+        )
+        assert isinstance(server, _TLSAssociationServer)
+        server.artim_timeout = s.artim_timeout
+        server.idle_timeout = s.network_timeout or None
+        # Only the address count: the acceptor processes' balance never sees these.
+        server.connection_ended = self.limiter.release
+        server.request_gate = self.access.gate
+        server.limiter = self.limiter
+        self.tls_server = server
+        self.ae._servers.append(server)  # stopped by ae.shutdown(), as the plain port
+        threading.Thread(
+            target=server.serve_forever, name="dimse-tls-acceptor", daemon=True
+        ).start()
+        host, port = server.server_address[:2]
+        log.info(
+            "DIMSE listening over TLS",
+            extra={
+                "ae_title": s.ae_title,
+                "host": host,
+                "port": port,
+                "client_certificates": "required"
+                if context.verify_mode == ssl.CERT_REQUIRED
+                else "not asked",
+            },
+        )
 
     def dispatch_with(self, dispatch: Callable[[socket.socket, str], bool]) -> None:
         """Offer every new connection (and its peer address) to ``dispatch``, which may hand
@@ -327,12 +461,36 @@ class DimseServer:
         if not served and self.on_connection_closed is not None:
             self.on_connection_closed(address)  # it counted as one of ours: it has ended
 
+    def stop_accepting(self) -> None:
+        """Accept no more connections (the listening sockets close: a new connection is
+        refused by the host); associations already open go on."""
+        for server in self.ae._servers[:]:
+            server.shutdown()  # pynetdicom's: stops serve_forever, closes the socket
+
+    def drain(self, timeout: float) -> bool:
+        """Stop accepting, wait up to ``timeout`` seconds for the open associations to end
+        (released by their peers, or aborted by them or by a timeout), then :meth:`stop`
+        (which aborts those still open: A-ABORT, PS3.8 7.3). True when none had to be."""
+        self.stop_accepting()
+        deadline = time.monotonic() + timeout
+        while self.ae.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
+        left = len(self.ae.active_associations)
+        if left:
+            log.warning(
+                "DICOM associations still open at shutdown: aborted",
+                extra={"associations": left, "waited_s": timeout},
+            )
+        self.stop()
+        return not left
+
     def stop(self) -> None:
         self.ae.shutdown()  # stops our server, aborts what is still associated
         if self._refuser is not None:
             self._refuser.stop()
             self._refuser = None
         self.server = None
+        self.tls_server = None
 
     def _connection_ended(self, address: str) -> None:
         """A connection this process served has ended (called once per connection)."""
@@ -360,6 +518,7 @@ class DimseServer:
             str(request.AffectedSOPInstanceUID),
             str(event.context.transfer_syntax),
             stream,
+            assoc=event.assoc,
         )
         return _status(status, comment) if comment else status
 
@@ -378,10 +537,18 @@ class DimseServer:
             request.sop_instance_uid,
             str(context.transfer_syntax[0]),  # the accepted one (PS3.8 9.3.3.2)
             data_set,
+            assoc=assoc,
         )
 
     def _store(
-        self, calling: str, sop_class: str, sop_instance: str, transfer_syntax: str, stream: bytes
+        self,
+        calling: str,
+        sop_class: str,
+        sop_instance: str,
+        transfer_syntax: str,
+        stream: bytes,
+        *,
+        assoc: Any = None,
     ) -> tuple[int, str]:
         """Store one received data set; (status, error comment or "") for the C-STORE-RSP."""
         try:
@@ -396,6 +563,7 @@ class DimseServer:
                 calling_ae_title=calling,
                 expected_sop_class_uid=sop_class,
                 expected_sop_instance_uid=sop_instance,
+                audit=self.audit.store_event(assoc),
             )
         except IngestError as exc:
             status = _STATUS_FOR_ERROR[exc.kind]
@@ -408,12 +576,15 @@ class DimseServer:
                     "reason": exc.reason,
                 },
             )
+            self.audit.stored(assoc, study_uid=None, failure=MINOR_FAILURE, reason=exc.reason)
             return status, _error_comment(exc.reason)
         except Exception as exc:
             log.exception("C-STORE failed", extra={"sop": sop_instance})
+            self.audit.stored(assoc, study_uid=None, failure=SERIOUS_FAILURE, reason="failed")
             return STATUS_PROCESSING_FAILURE, _error_comment(
                 f"processing failure: {type(exc).__name__}"
             )
+        self.audit.stored(assoc, study_uid=result.study_instance_uid, recorded=result.audited)
         log.debug(
             "C-STORE",
             extra={

@@ -8,6 +8,14 @@ for an instance stored with a warning, WarningReason) and what failed (FailedSOP
 FailureReason from the archive's error kind). 200 means every part sent was read and stored
 without warning; 202 that some were stored, and others failed, were not read, or were stored
 with a warning; 409 that none was stored.
+
+The audit (DICOM PS3.15 A.5.3.4 "DICOM Instances Transferred", action C): one event per study
+per request, written in the index transaction of the request's first instance of that study
+(``archive.ingest``'s ``audit``), so the instances and their record commit together. The
+request's own event (the application's audit middleware) is then not written a second time:
+the handler marks the request recorded. A request that stored nothing is left to the
+middleware (its refusal, with the HTTP status); parts that failed beside stored ones add one
+minor-failure event.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from archive import Archive, IngestError, IngestErrorKind
+from archive.audit import MINOR_FAILURE, AuditEvent, StudyEvents
 from archive.dicom import NOT_PART10, identify, looks_like_part10
 from dicomweb.common import (
     archive_of,
@@ -87,8 +96,46 @@ def with_preamble(data: bytes) -> bytes:
     return b"\x00" * 128 + b"DICM" + data
 
 
-def _ingest(archive: Archive, part: Part, study: str | None) -> PartOutcome:
+AUDIT_NOTE = "pacsbridge.audit"
+"""Scope key of the request's audit note (left by the application's audit middleware)."""
+
+
+class StowAudit(StudyEvents):
+    """The audit events of one STOW-RS request: the first instance of each study carries its
+    study's event into its ingest transaction."""
+
+    def __init__(self, request: Request) -> None:
+        principal = request.scope.get("pacsbridge.principal")
+        subject = getattr(principal, "subject", None)
+        client = request.scope.get("client")
+        self.agent = str(subject) if subject else "anonymous"
+        self.address = str(client[0]) if client else None
+        self.entity = request.url.path
+        super().__init__(self.event)
+
+    def event(
+        self, study_uid: str, patient_id: str | None = None, outcome: int = 0, text: str = ""
+    ) -> AuditEvent:
+        return AuditEvent(
+            action="C",
+            type_code="110104",
+            agent=self.agent,
+            agent_address=self.address,
+            source="dicomweb",
+            outcome=outcome,
+            outcome_text=text or None,
+            study_uid=study_uid or None,
+            patient_id=patient_id or None,
+            entity=self.entity,
+        )
+
+
+def _ingest(
+    archive: Archive, part: Part, study: str | None, audit: StowAudit | None = None
+) -> PartOutcome:
     data = b""
+    event, done = audit.for_ingest() if audit is not None else (None, None)
+    audited = False
     try:
         if not part.complete:
             raise IngestError(
@@ -106,7 +153,8 @@ def _ingest(archive: Archive, part: Part, study: str | None) -> PartOutcome:
         if not looks_like_part10(part.body.head(132)):
             raise IngestError(IngestErrorKind.CANNOT_UNDERSTAND, NOT_PART10)
         data = with_preamble(part.body.getvalue())
-        result = archive.ingest(data, expected_study_instance_uid=study)
+        result = archive.ingest(data, expected_study_instance_uid=study, audit=event)
+        audited = result.audited
     except IngestError as exc:
         sop_class, sop_instance = (
             (exc.sop_class_uid, exc.sop_instance_uid) if exc.sop_instance_uid else identify(data)
@@ -130,6 +178,8 @@ def _ingest(archive: Archive, part: Part, study: str | None) -> PartOutcome:
         )
     finally:
         part.body.close()
+        if done is not None:
+            done(audited)
     return PartOutcome(
         part.index,
         result.sop_class_uid,
@@ -173,6 +223,7 @@ async def _store(request: Request, study: str | None) -> Response:
     archive = archive_of(request)
     max_parts = settings_of(request).stow_max_parts
     reader = MultipartReader(boundary)
+    audit = StowAudit(request)
     pending: list[asyncio.Task[PartOutcome]] = []
     outcomes: list[PartOutcome] = []
 
@@ -180,7 +231,7 @@ async def _store(request: Request, study: str | None) -> Response:
         if part.index > max_parts:
             part.body.close()
             return
-        pending.append(asyncio.create_task(run_in_threadpool(_ingest, archive, part, study)))
+        pending.append(asyncio.create_task(run_in_threadpool(_ingest, archive, part, study, audit)))
         while len(pending) >= PARTS_IN_FLIGHT:
             outcomes.append(await pending.pop(0))
 
@@ -227,7 +278,34 @@ async def _store(request: Request, study: str | None) -> Response:
     if stopped is not None:
         # Not stored, and not silently: a failure with no UIDs (none were read).
         outcomes.append(stopped)
+    _audit_rest(request, archive, audit, outcomes)
     return _response(request, study, outcomes, notes)
+
+
+def _audit_rest(
+    request: Request, archive: Archive, audit: StowAudit, outcomes: list[PartOutcome]
+) -> None:
+    """What the ingest transactions did not record: a stored study whose event was not
+    committed with an instance (only copies of held instances came, or a part that carried it
+    failed while another part of the study was stored), and the failed parts of a request
+    that stored something. Then the request is marked recorded for the middleware."""
+    stored = {o.study_instance_uid for o in outcomes if o.failure is None}
+    if not stored:
+        return  # the middleware records the refused request
+    for study_uid in audit.unrecorded(stored):
+        archive.audit.submit(audit.event(study_uid))
+    failed = [o for o in outcomes if o.failure is not None]
+    if failed:
+        archive.audit.submit(
+            audit.event(
+                failed[0].study_instance_uid,
+                outcome=MINOR_FAILURE,
+                text=f"{len(failed)} of {len(outcomes)} parts not stored",
+            )
+        )
+    note = request.scope.get(AUDIT_NOTE)
+    if isinstance(note, dict):
+        note["recorded"] = True
 
 
 def _response(
@@ -239,6 +317,9 @@ def _response(
     body: dict[str, Any] = {}
     studies = {o.study_instance_uid for o in stored}
     target = study or (next(iter(studies)) if len(studies) == 1 else None)
+    note = request.scope.get("pacsbridge.audit")  # the request's audit event (pacsbridge)
+    if isinstance(note, dict) and target:
+        note["study_uid"] = target
     if target:
         body["00081190"] = {"vr": "UR", "Value": [study_url(base, target)]}
     body["00081198"] = {"vr": "SQ"}

@@ -13,6 +13,7 @@ from typing import Any
 
 from sqlalchemy import select
 
+from archive.audit import AuditEvent
 from archive.models import Patient, ReportDocument, Study
 from billing.accounts import update_account
 from billing.invoices import (
@@ -44,6 +45,7 @@ from fhir_bridge.billing import (
     ChargeItemProvider,
     amount_of,
 )
+from fhir_bridge.change_audit import change_event, committed
 from fhir_bridge.context import Context
 from fhir_bridge.errors import FHIRError
 from fhir_bridge.imaging_study import study_uid_of
@@ -281,7 +283,10 @@ def create_charge_item(
             performer=performer,
             study_instance_uid=study_uid,
             service=service,
+            audit=change_event(ctx.audit, "ChargeItem"),
         )
+    if created:
+        committed(ctx.audit)
     with ctx.archive.db.session() as session:
         return provider.read(ctx, session, str(charge_id)), 201 if created else 200
 
@@ -323,7 +328,7 @@ def update_charge_item(
         )
     reason = body.get("overrideReason") or None
     with _billing_rules("ChargeItem"):
-        update_charge(
+        changed = update_charge(
             ctx.archive,
             ctx.settings,
             int(resource_id),
@@ -331,7 +336,10 @@ def update_charge_item(
             actor=ctx.actor,
             reason=reason,
             expected_version=version,
+            audit=change_event(ctx.audit, "ChargeItem"),
         )
+    if changed:
+        committed(ctx.audit)
     with ctx.archive.db.session() as session:
         return provider.read(ctx, session, resource_id)
 
@@ -350,7 +358,7 @@ def update_account_resource(
         account = _existing(session, BillingAccount, resource_id, check)
         version = account.version
     with _billing_rules("Account"):
-        update_account(
+        changed = update_account(
             ctx.archive,
             account.id,
             name=body.get("name"),
@@ -358,7 +366,10 @@ def update_account_resource(
             guarantor=body.get("guarantor"),
             coverage=body.get("coverage"),
             expected_version=version,
+            audit=change_event(ctx.audit, "Account"),
         )
+    if changed:
+        committed(ctx.audit)
     with ctx.archive.db.session() as session:
         return provider.read(ctx, session, resource_id)
 
@@ -443,9 +454,18 @@ def create_invoice_resource(
             account_id=account if not charges else None,
             charge_ids=charges or None,
             actor=ctx.actor,
+            audit=change_event(ctx.audit, "Invoice"),
         )
         if status == ISSUED:
-            issue_invoice(ctx.archive, ctx.settings, invoice_id, actor=ctx.actor)
+            # A second change in a transaction of its own: an event of its own (U).
+            issue_invoice(
+                ctx.archive,
+                ctx.settings,
+                invoice_id,
+                actor=ctx.actor,
+                audit=_issued_event(ctx),
+            )
+    committed(ctx.audit)
     with ctx.archive.db.session() as session:
         return _written_invoice(ctx, provider, session, str(invoice_id)), 201
 
@@ -482,23 +502,39 @@ def update_invoice_resource(
         if added:
             if current_status != DRAFT:
                 raise BillingError(f"invoice {invoice_id} is {current_status}: it is immutable")
-            add_charges(ctx.archive, invoice_id, added, actor=ctx.actor)
+            add_charges(
+                ctx.archive,
+                invoice_id,
+                added,
+                actor=ctx.actor,
+                audit=change_event(ctx.audit, "Invoice"),
+            )
         if wanted != current_status:
             reason = body.get("cancelledReason") or ""
+            event = change_event(ctx.audit, "Invoice")
             if wanted == ISSUED and current_status == DRAFT:
-                issue_invoice(ctx.archive, ctx.settings, invoice_id, actor=ctx.actor)
+                issue_invoice(ctx.archive, ctx.settings, invoice_id, actor=ctx.actor, audit=event)
             elif wanted == CANCELLED:
-                cancel_invoice(ctx.archive, invoice_id, reason=reason, actor=ctx.actor)
+                cancel_invoice(ctx.archive, invoice_id, reason=reason, actor=ctx.actor, audit=event)
             elif wanted == ENTERED_IN_ERROR:
-                void_invoice(ctx.archive, invoice_id, reason=reason, actor=ctx.actor)
+                void_invoice(ctx.archive, invoice_id, reason=reason, actor=ctx.actor, audit=event)
             else:
                 raise BillingError(
                     f"invoice {invoice_id} is {current_status}: it does not become {wanted} by an "
                     "update (draft -> issued; draft or issued -> cancelled or entered-in-error; "
                     "balanced follows from payments)"
                 )
+    if added or wanted != current_status:
+        committed(ctx.audit)
     with ctx.archive.db.session() as session:
         return _written_invoice(ctx, provider, session, resource_id)
+
+
+def _issued_event(ctx: Context) -> AuditEvent | None:
+    event = change_event(ctx.audit, "Invoice")
+    if event is not None:
+        event.action = "U"
+    return event
 
 
 def _written_invoice(ctx: Context, provider: Any, session: Any, resource_id: str) -> dict[str, Any]:
@@ -559,7 +595,9 @@ def create_payment_reconciliation(
             disposition=body.get("disposition"),
             reason=body.get("disposition"),
             amount=total,
+            audit=change_event(ctx.audit, "PaymentReconciliation"),
         )
+    committed(ctx.audit)
     with ctx.archive.db.session() as session:
         return provider.read(ctx, session, str(reconciliation_id)), 201
 

@@ -14,6 +14,7 @@ from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session
 
 from fhir_bridge import search
+from fhir_bridge.audit import AuditEventProvider, note_resource
 from fhir_bridge.billing import (
     AccountProvider,
     ChargeItemDefinitionProvider,
@@ -31,6 +32,7 @@ from fhir_bridge.billing_writes import (
     update_invoice_resource,
 )
 from fhir_bridge.capability import capability_statement
+from fhir_bridge.change_audit import ChangeAudit
 from fhir_bridge.context import Context
 from fhir_bridge.errors import FHIRError, issue
 from fhir_bridge.imaging_study import EndpointProvider, ImagingStudyProvider
@@ -74,6 +76,7 @@ def build_providers(settings: Any) -> dict[str, Provider]:
         "Account": AccountProvider(),
         "Invoice": InvoiceProvider(),
         "PaymentReconciliation": PaymentReconciliationProvider(),
+        "AuditEvent": AuditEventProvider(settings),
     }
 
 
@@ -118,6 +121,8 @@ def context(request: Request) -> Context:
         providers=_providers_of(request),
         actor=_actor(request),
         minimal=_prefers_minimal(request),
+        compartment=request.scope.get("pacsbridge.compartment"),
+        audit=ChangeAudit.of_scope(request.scope),
     )
 
 
@@ -161,6 +166,19 @@ def _interaction(provider: Provider, interaction: str, method: str) -> None:
 def _read_session(ctx: Context, work: Callable[[Session], Any]) -> Any:
     with ctx.archive.db.session() as session:
         return work(session)
+
+
+def _read_one(
+    ctx: Context, provider: Provider, resource_id: str, work: Callable[[Session], Any]
+) -> Any:
+    """``work`` on one resource, in the same read transaction as the check that the request
+    may see it (its patient compartment: 404 outside)."""
+
+    def checked(session: Session) -> Any:
+        provider.check_visible(ctx, session, resource_id)
+        return work(session)
+
+    return _read_session(ctx, checked)
 
 
 # --- capability ------------------------------------------------------------------------------
@@ -304,7 +322,9 @@ def _load_includes(
                     kind_, _, ref_id = reference.partition("/")
                     if kind_ == spec.target and ref_id not in ids:
                         ids.append(ref_id)
-            loaded = target.load(ctx, session, target.row_ids_for(session, ids))
+            # Held to the request's patient compartment as its searches are.
+            row_ids = target.visible(ctx, session, target.row_ids_for(session, ids))
+            loaded = target.load(ctx, session, row_ids)
         else:
             source = ctx.providers[spec.source]
             param = source.params[spec.param]
@@ -380,6 +400,7 @@ _MANDATORY = {
     "Account": {"status"},
     "Invoice": {"status"},
     "PaymentReconciliation": {"status", "created", "paymentDate", "paymentAmount"},
+    "AuditEvent": {"type", "recorded", "agent", "source"},
 }
 
 
@@ -603,6 +624,13 @@ def history_type(request: Request, resource_type: str) -> Response:
     ctx = context(request)
     provider = _provider(ctx, resource_type)
     _interaction(provider, "history-type", "GET")
+    if ctx.compartment is not None and provider.compartment is not None:
+        raise FHIRError(
+            403,
+            f"the history of every {provider.type} is not offered to a token held to one "
+            "patient's compartment: read the history of each resource, or search",
+            code="forbidden",
+        )
     count = _history_count(request, ctx, ctx.settings.fhir.default_count)
     offset = _history_offset(request)
     since = _since(request)
@@ -619,7 +647,9 @@ def history_instance(request: Request, resource_type: str, resource_id: str) -> 
     count = _history_count(request, ctx, ctx.settings.fhir.max_count)
     offset = _history_offset(request)
     since = _since(request)
-    versions = _read_session(ctx, lambda s: provider.history(ctx, s, resource_id))
+    versions = _read_one(
+        ctx, provider, resource_id, lambda s: provider.history(ctx, s, resource_id)
+    )
     if since is not None:
         versions = [
             r
@@ -638,7 +668,9 @@ def vread(request: Request, resource_type: str, resource_id: str, version: str) 
     ctx = context(request)
     provider = _provider(ctx, resource_type)
     _interaction(provider, "vread", "GET")
-    resource = _read_session(ctx, lambda s: provider.vread(ctx, s, resource_id, version))
+    resource = _read_one(
+        ctx, provider, resource_id, lambda s: provider.vread(ctx, s, resource_id, version)
+    )
     return fhir_response(request, resource, headers=version_headers(resource))
 
 
@@ -651,8 +683,9 @@ def read(request: Request, resource_type: str, resource_id: str) -> Response:
     ctx = context(request)
     provider = _provider(ctx, resource_type)
     _interaction(provider, "read", "GET")
-    resource = _read_session(ctx, lambda s: provider.read(ctx, s, resource_id))
+    resource = _read_one(ctx, provider, resource_id, lambda s: provider.read(ctx, s, resource_id))
     headers = version_headers(resource)
+    note_resource(request.scope, resource)
     if not_modified(request, resource):
         return Response(status_code=304, headers=headers)
     summary = request.query_params.get("_summary")
@@ -679,6 +712,7 @@ async def create(request: Request, resource_type: str) -> Response:
         )
     else:
         resource, status = await run_in_threadpool(_CREATES[resource_type], ctx, provider, body)
+    note_resource(request.scope, resource)
     location = f"{ctx.url(resource_type, resource['id'])}/_history/{resource['meta']['versionId']}"
     return write_response(request, resource, status, location)
 
@@ -699,6 +733,7 @@ async def update(request: Request, resource_type: str, resource_id: str) -> Resp
     resource = await run_in_threadpool(
         _UPDATES[resource_type], ctx, provider, resource_id, body, check
     )
+    note_resource(request.scope, resource)
     location = f"{ctx.url(resource_type, resource['id'])}/_history/{resource['meta']['versionId']}"
     return write_response(request, resource, 200, location)
 

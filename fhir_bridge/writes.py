@@ -1,5 +1,9 @@
 """What EHRs write: Patients (records of demographics) and DiagnosticReports (stored as DICOM
-SR documents in their study, so every PACS viewer sees them: the archive is the one record)."""
+SR documents in their study, so every PACS viewer sees them: the archive is the one record).
+
+Each write commits its audit event ("Patient Record", DICOM PS3.15 A.5.3.9) in its own
+transaction (``fhir_bridge.change_audit``): a patient in the session that stores it, a
+report in the ingest transaction of its SR document."""
 
 from __future__ import annotations
 
@@ -17,9 +21,11 @@ from pydicom import Dataset
 from sqlalchemy import select, text
 from sqlalchemy.exc import IntegrityError
 
+from archive.audit import AuditEvent, record
 from archive.ingest import IngestError
 from archive.models import Instance, Patient, ReportDocument, Series, Study
 from fhir_bridge import identity, search
+from fhir_bridge.change_audit import change_event, committed
 from fhir_bridge.context import Context
 from fhir_bridge.errors import FHIRError
 from fhir_bridge.imaging_study import study_uid_of
@@ -123,10 +129,14 @@ def create_patient(
                     )
                 provider.store(session, patient, body)
                 row_id = patient.id
+                event = change_event(ctx.audit, f"Patient/{row_id}", patient_id=patient.patient_id)
+                if event is not None:
+                    record(session, event)
             break
         except IntegrityError:
             if attempt:
                 raise
+    committed(ctx.audit)
     with ctx.archive.db.session() as session:
         return provider.read(ctx, session, str(row_id)), 201
 
@@ -162,6 +172,10 @@ def update_patient(
                 expression=["Patient.identifier"],
             )
         provider.store(session, patient, body)
+        event = change_event(ctx.audit, f"Patient/{patient.id}", patient_id=patient.patient_id)
+        if event is not None:
+            record(session, event)
+    committed(ctx.audit)
     with ctx.archive.db.session() as session:
         return provider.read(ctx, session, resource_id)
 
@@ -404,8 +418,16 @@ def _store(
     series_uid: str,
     version: int,
     status: str,
+    resource_id: str | None = None,
 ) -> str:
+    """Store a report's SR document; its audit event (the request's, on ``resource_id``, the
+    new document's id when None) is committed in the document's ingest transaction."""
     sop_uid = f"2.25.{uuid.uuid4().int}"
+    event: AuditEvent | None = change_event(
+        ctx.audit,
+        f"DiagnosticReport/{resource_id or sop_uid}",
+        study_uid=str(header.get("StudyInstanceUID", "")) or None,
+    )
     dataset = write_report(
         header,
         draft,
@@ -418,12 +440,14 @@ def _store(
     try:
         # The status the EHR asked for, where the SR's flags cannot tell it (amended or
         # corrected), is indexed in the transaction that stores the document.
-        ctx.archive.ingest(encode(dataset), report_status=status)
+        result = ctx.archive.ingest(encode(dataset), report_status=status, audit=event)
     except IngestError as exc:
         raise FHIRError(
             422 if exc.kind != "out-of-resources" else 503,
             f"the archive refused the report's SR document: {exc.reason}",
         ) from exc
+    if result.audited:
+        committed(ctx.audit)
     return sop_uid
 
 
@@ -518,7 +542,13 @@ def update_report(
         prior = PriorDocument(study_uid, series_uid, sop_class, current.sop_instance_uid)
         draft = _draft(ctx, body, status, evidence, prior)
         _store(
-            ctx, header, draft, series_uid=series_uid, version=current.version + 1, status=status
+            ctx,
+            header,
+            draft,
+            series_uid=series_uid,
+            version=current.version + 1,
+            status=status,
+            resource_id=resource_id,
         )
     with ctx.archive.db.session() as session:
         return provider.read(ctx, session, resource_id)

@@ -19,6 +19,7 @@ import threading
 from ai.registry import ModelRegistry
 from ai.runs import PlannedRun, execute_run, plan_study
 from archive import Archive
+from archive.audit import SERIOUS_FAILURE, SUCCESS, AuditEvent
 from archive.jobs import JobHandler, JobRecord, PermanentJobError
 from config import Settings
 from pacsbridge.jobs import HandlerRegistry
@@ -86,6 +87,19 @@ def _build_run(archive: Archive, settings: Settings) -> JobHandler:
         if not isinstance(run_id, int) or isinstance(run_id, bool):
             raise PermanentJobError("payload has no run_id")
         run = execute_run(archive, models, run_id)
+        # PS3.15 A.5.3.3: the model read the study's instances and wrote its results into it.
+        archive.audit.submit(
+            AuditEvent(
+                action="C",
+                type_code="110103",
+                agent=f"ai:{job.payload.get('model') or 'model'}",
+                source="jobs",
+                outcome=SERIOUS_FAILURE if run.status == "failed" else SUCCESS,
+                outcome_text=str(run.error)[:255] if run.status == "failed" else None,
+                study_uid=job.study_instance_uid,
+                entity=f"/api/ai/runs/{run_id}",
+            )
+        )
         if run.status == "failed":
             # The run holds the reason; the job ends here (retrying cannot help).
             raise PermanentJobError(f"AI run {run_id} failed: {run.error}")

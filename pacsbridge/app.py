@@ -25,11 +25,16 @@ from dicomweb.router import SERVICES as DICOMWEB_SERVICES
 from fhir_bridge import PREFIX as FHIR_PREFIX
 from fhir_bridge import FHIRError, outcome_response
 from fhir_bridge import router as fhir_router
+from fhir_bridge.router import build_providers
 from pacsbridge import __version__
 from pacsbridge.ai_api import router as ai_router
 from pacsbridge.api_peers import router as peers_router
+from pacsbridge.audit_http import AuditMiddleware
 from pacsbridge.auth_api import router as auth_router
 from pacsbridge.jobs_api import router as jobs_router
+from pacsbridge.metrics_api import FHIRTiming, LoopbackMetrics, registry_for
+from pacsbridge.metrics_api import router as metrics_router
+from pacsbridge.request_id import RequestIdMiddleware
 from security.http import AuthMiddleware
 from security.keys import KeyStore
 from security.policy import http_auth_enforced
@@ -57,6 +62,8 @@ def create_app(
     app.include_router(jobs_router)
     app.include_router(ai_router)
     app.include_router(dicomweb_router)
+    app.include_router(metrics_router)
+    app.state.metrics_registry = registry_for(archive.db)
     if settings.fhir.enabled:
         app.include_router(fhir_router)
         app.serve_directly(FHIR_PREFIX, [fhir_router])
@@ -75,6 +82,10 @@ def create_app(
         # Inside CORS (a browser's preflight needs no token), around every route, the direct
         # GET paths included.
         app.add_middleware(AuthMiddleware, tokens=app.state.tokens)
+        if settings.metrics_loopback_without_auth:
+            app.add_middleware(LoopbackMetrics, registry=app.state.metrics_registry)
+    # Around the bearer-token check: refusals are audited too, with the principal it found.
+    app.add_middleware(AuditMiddleware, audit=archive.audit)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -83,6 +94,10 @@ def create_app(
             allow_headers=["*"],
             expose_headers=["Content-Type", "Content-Range", "ETag", "Warning", "Location"],
         )
+    if settings.fhir.enabled:
+        app.add_middleware(FHIRTiming, prefix=FHIR_PREFIX, types=build_providers(settings))
+    # Outermost: every log line of a request, refusals included, carries its id.
+    app.add_middleware(RequestIdMiddleware)
 
     @app.get("/health", tags=["operations"])
     def health() -> JSONResponse:

@@ -14,6 +14,8 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
+from archive import Archive
+from archive.audit import MINOR_FAILURE, SERIOUS_FAILURE, SUCCESS, AuditEvent
 from security.tokens import TokenError, TokenService
 
 router = APIRouter(tags=["auth"])
@@ -97,8 +99,41 @@ async def token(request: Request) -> JSONResponse:
                 f"grant_type {grant!r}: password, client_credentials or refresh_token",
             )
     except TokenError as exc:
+        _audit_login(request, form, exc)
         return _error(exc)
+    _audit_login(request, form, None)
     return JSONResponse(answer, headers=_NO_STORE)
+
+
+def _audit_login(request: Request, form: dict[str, str], failure: TokenError | None) -> None:
+    """A login, as DICOM PS3.15 A.5.3.11 User Authentication (110114 / Login 110122): who
+    tried (the user or client name, never a password, secret or token), from where, and the
+    outcome: 4 for refused credentials, 8 once guessing is being slowed down (429)."""
+    grant = form.get("grant_type", "")
+    if grant == "password":
+        agent = f"user:{form.get('username', '')}"
+    elif grant == "client_credentials":
+        basic = _basic(request)
+        agent = f"client:{(basic[0] if basic else form.get('client_id', '')) or 'assertion'}"
+    else:
+        agent = f"grant:{grant[:32] or '-'}"
+    outcome = SUCCESS
+    if failure is not None:
+        outcome = SERIOUS_FAILURE if failure.status == 429 else MINOR_FAILURE
+    archive: Archive = request.app.state.archive
+    archive.audit.submit(
+        AuditEvent(
+            action="E",
+            type_code="110114",
+            subtype_code="110122",
+            agent=agent,
+            agent_address=request.client.host if request.client else None,
+            source="auth",
+            outcome=outcome,
+            outcome_text=failure.error if failure is not None else None,
+            entity="/auth/token",
+        )
+    )
 
 
 @router.get("/auth/jwks")
@@ -128,8 +163,21 @@ def smart_configuration(request: Request) -> JSONResponse:
                 "RS256",
                 "ES256",
             ],
-            "scopes_supported": ["system/*.rs", "system/*.cruds", "user/*.rs", "user/*.cruds"],
-            "capabilities": ["client-confidential-symmetric", "client-confidential-asymmetric"],
+            "scopes_supported": [
+                "system/*.rs",
+                "system/*.cruds",
+                "user/*.rs",
+                "user/*.cruds",
+                "patient/*.rs",
+            ],
+            "capabilities": [
+                "client-confidential-symmetric",
+                "client-confidential-asymmetric",
+                "permission-patient",
+                "permission-user",
+                "permission-v1",
+                "permission-v2",
+            ],
             "code_challenge_methods_supported": [],
         }
     )

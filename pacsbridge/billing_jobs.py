@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 
 from archive import Archive
+from archive.audit import AuditEvent
 from archive.jobs import JobHandler, JobRecord, PermanentJobError
 from billing.capture import capture_professional, capture_technical
 from config import Settings
@@ -32,8 +33,19 @@ def _build_capture(archive: Archive, settings: Settings) -> JobHandler:
         study = job.payload.get("study_instance_uid") or job.study_instance_uid
         if not study:
             raise PermanentJobError("payload has no study_instance_uid")
-        technical = capture_technical(archive, settings, study, actor="stable-study")
-        professional = capture_professional(archive, settings, study, actor="stable-study")
+        # Each charge captured is a change of the patient's record (PS3.15 A.5.3.9, action
+        # C), recorded in the capture's transaction; the agent is the job's system identity.
+        event = AuditEvent(
+            action="C",
+            type_code="110110",
+            agent=f"job:{CHARGE_CAPTURE}",
+            source="jobs",
+            study_uid=study,
+        )
+        technical = capture_technical(archive, settings, study, actor="stable-study", audit=event)
+        professional = capture_professional(
+            archive, settings, study, actor="stable-study", audit=event
+        )
         log.info(
             "charges captured for stable study",
             extra={

@@ -103,18 +103,29 @@ def serve(
         int | None, typer.Option(help="Overrides PACSBRIDGE_HTTP_PORT.", show_default=False)
     ] = None,
 ) -> None:
-    """Run the DICOM node and the HTTP API in one process until interrupted."""
+    """Run the DICOM node and the HTTP API in one process until SIGTERM or SIGINT.
+
+    The signal stops accepting (DICOM and HTTP); open associations, requests in progress and
+    running jobs finish (within shutdown_timeout; the job within job_lease_seconds), then it
+    exits 0. A second SIGINT cuts HTTP requests short."""
+    from pacsbridge.metrics import prepare_multiprocess
+
+    settings = _settings(data_dir=data_dir, dimse_port=dimse_port, http_port=http_port)
+    # Before any metric is made (by the imports below): this process and the ones it starts
+    # count into the data dir's metrics folder, which /metrics sums (pacsbridge/metrics.py).
+    prepare_multiprocess(settings, clean=True)
     from dicom_node import DimseServer, patches
+    from dicom_node.tls import TLSConfigurationError
     from pacsbridge import http_server
     from pacsbridge.app import create_app
+    from pacsbridge.atna import start_exporter
     from pacsbridge.dimse_pool import DimseProcessPool, available_cpus
     from pacsbridge.routing_jobs import install_arrival_routes
     from security.policy import exposure_error
 
-    settings = _settings(data_dir=data_dir, dimse_port=dimse_port, http_port=http_port)
     problem = exposure_error(settings)
     if problem is not None:
-        console.print(f"[red]refusing to start:[/red] {problem}", highlight=False)
+        console.print(f"[red]refusing to start:[/red] {problem}", highlight=False, soft_wrap=True)
         raise typer.Exit(2)
     patches.install(settings.log_level)  # pynetdicom, for the DIMSE node and the forwarding jobs
     archive = _archive(settings)
@@ -131,9 +142,16 @@ def serve(
     )
     try:
         host, port = dimse.start()
-    except OSError as exc:
+    except TLSConfigurationError as exc:  # the TLS port's certificate, key or CAs
         console.print(
-            f"[red]cannot listen for DICOM on {settings.dimse_host}:{settings.dimse_port}:"
+            f"[red]refusing to start:[/red] DICOM TLS: {exc}", highlight=False, soft_wrap=True
+        )
+        raise typer.Exit(2) from exc
+    except OSError as exc:
+        # The plain port listens first: if it does, the TLS port is what failed.
+        failed = settings.dimse_tls_port if dimse.server is not None else settings.dimse_port
+        console.print(
+            f"[red]cannot listen for DICOM on {settings.dimse_host}:{failed}:"
             f"[/red] {exc.strerror or exc}"
         )
         raise typer.Exit(4) from exc
@@ -143,6 +161,7 @@ def serve(
         dimse.dispatch_with(pool.dispatch)
     if runtime is not None:
         runtime.start()
+    audit_export = start_exporter(archive)  # audit.syslog_url: ATNA to a syslog collector
     log.info(
         "pacsbridge ready",
         extra={
@@ -162,15 +181,64 @@ def serve(
     # collection no longer walks it (tens of milliseconds, in the middle of a C-FIND say).
     gc.collect()
     gc.freeze()
+    shutdown = _GracefulShutdown(dimse, pool, runtime, settings.shutdown_timeout)
     try:
-        http_server.run(app, settings)
+        http_server.run(app, settings, on_exit=shutdown.begin)
     finally:
-        if pool is not None:
-            pool.stop()
-        dimse.stop()
+        shutdown.finish()
         if runtime is not None:
             _stop_job_runtime(runtime, settings)
+        archive.audit.close()  # the queued events of reads, before the export's last round
+        if audit_export is not None:
+            audit_export.stop()
         archive.close()
+        log.info("pacsbridge stopped")
+
+
+class _GracefulShutdown:
+    """What ``serve`` does on SIGTERM or SIGINT, besides HTTP (uvicorn stops accepting and
+    lets requests in progress finish): :meth:`begin` (from the signal handler, so it blocks
+    nothing) stops accepting DICOM connections here and in the acceptor processes, which let
+    their open associations finish, and lets the job workers take no new job; :meth:`finish`
+    waits for the associations, ``timeout`` seconds from the signal at most, then aborts those
+    still open."""
+
+    def __init__(self, dimse: Any, pool: Any, runtime: Any, timeout: float) -> None:
+        self.dimse = dimse
+        self.pool = pool
+        self.runtime = runtime
+        self.timeout = timeout
+        self._deadline: float | None = None
+        self._stopping: threading.Thread | None = None
+
+    def begin(self) -> None:
+        import time
+
+        if self._deadline is not None:
+            return
+        self._deadline = time.monotonic() + self.timeout
+        log.info("stopping: open associations, requests and jobs finish first")
+        self._stopping = threading.Thread(target=self._stop_accepting, name="shutdown")
+        self._stopping.start()
+
+    def _stop_accepting(self) -> None:
+        if self.pool is not None:
+            self.pool.begin_stop()
+        self.dimse.stop_accepting()
+        if self.runtime is not None:
+            self.runtime.request_stop()
+
+    def finish(self) -> None:
+        import time
+
+        self.begin()  # HTTP may have ended otherwise (its port taken, say)
+        assert self._deadline is not None and self._stopping is not None
+        self._stopping.join()
+        left = max(0.0, self._deadline - time.monotonic())
+        self.dimse.drain(left)
+        if self.pool is not None:
+            # The children drain with the same timeout, counted from their own signal.
+            self.pool.stop(timeout=left + 10.0)
 
 
 def _reconcile_in_background(archive: Any) -> None:
@@ -201,6 +269,7 @@ def import_(
     ] = 20,
 ) -> None:
     """Import Part-10 files and DICOMDIR trees. Exits 1 if anything was rejected."""
+    from archive.audit import MINOR_FAILURE, AuditEvent, StudyEvents, os_user
     from archive.importer import import_paths
     from pacsbridge.routing_jobs import install_arrival_routes
 
@@ -228,7 +297,30 @@ def import_(
             progress.update(task, advance=1)
             progress.tasks[task].fields["bytes"] = size
 
-        report = import_paths(archive.ingestor, paths, jobs=jobs, progress=advance)
+        # PS3.15 A.5.3.7 Import: one event per study read in, by whom (the OS user), each
+        # committed with the study's first file; the files refused, one event more.
+        agent, entity = os_user(), ("import " + " ".join(str(p) for p in paths))[:255]
+
+        def imported(study: str, patient: str | None) -> AuditEvent:
+            return AuditEvent(
+                action="C",
+                type_code="110107",
+                agent=agent,
+                source="cli",
+                study_uid=study,
+                patient_id=patient,
+                entity=entity,
+            )
+
+        studies = StudyEvents(imported)
+        report = import_paths(archive.ingestor, paths, jobs=jobs, progress=advance, audit=studies)
+    late = [imported(study, None) for study in studies.unrecorded(report.studies)]
+    if report.rejected:
+        refused = imported("", None)
+        refused.study_uid, refused.outcome = None, MINOR_FAILURE
+        refused.outcome_text = f"{len(report.rejected)} rejected"
+        late.append(refused)
+    archive.audit.write(late)
     archive.close()
     summary = {
         "stored": report.stored,
@@ -295,6 +387,8 @@ def delete(
     if len(chosen) != 1:
         console.print("[red]give exactly one of --study, --series, --instance, --patient[/red]")
         raise typer.Exit(2)
+    from archive.audit import AuditEvent
+    from archive.audit import os_user as audit_os_user
     from billing.capture import void_study
     from billing.prices import os_user
 
@@ -304,15 +398,25 @@ def delete(
         # Whole studies deleted: their open charges become entered-in-error (a deleted series
         # or instance leaves the study's charges as they are).
         studies = [study] if study else []
+        # PS3.15 A.5.3.5 DICOM Study Deleted; a series or instance: A.5.3.3, action D.
+        audit = AuditEvent(
+            action="D",
+            type_code="110105" if study or patient else "110103",
+            agent=audit_os_user(),
+            source="cli",
+            study_uid=study,
+            patient_id=patient,
+            entity=f"delete {chosen[0]}",
+        )
         if study:
-            count = archive.delete_study(study)
+            count = archive.delete_study(study, audit=audit)
         elif series:
-            count = archive.delete_series(series)
+            count = archive.delete_series(series, audit=audit)
         elif instance:
-            count = archive.delete_instance(instance)
+            count = archive.delete_instance(instance, audit=audit)
         else:
             studies = _patient_studies(archive, patient or "", issuer)
-            count = archive.delete_patient(patient, issuer)
+            count = archive.delete_patient(patient, issuer, audit=audit)
         voided = 0
         if count:
             for uid in studies:
@@ -456,6 +560,7 @@ def _exit_on_sigterm() -> None:
         raise SystemExit(0)
 
     signal.signal(signal.SIGTERM, on_sigterm)
+    signal.signal(signal.SIGINT, on_sigterm)  # a requested stop, like SIGTERM: exit status 0
 
 
 def _job_runtime(archive: Any, settings: Settings) -> Any:
@@ -485,9 +590,14 @@ def worker(data_dir: DataDir = None) -> None:
     claimed again when its lease expires)."""
     import signal
 
-    from pacsbridge.routing_jobs import install_arrival_routes
+    from pacsbridge.metrics import prepare_multiprocess
 
     settings = _settings(data_dir=data_dir)
+    # Its metrics (ingest of AI results, AI stages, charges) count into the data dir's metrics
+    # folder: a `serve` on this data dir shows them (pacsbridge/metrics.py).
+    prepare_multiprocess(settings)
+    from pacsbridge.routing_jobs import install_arrival_routes
+
     archive = _archive(settings)
     install_arrival_routes(archive, settings)  # AI results a worker stores are routed too
     runtime = _job_runtime(archive, settings)
@@ -728,7 +838,7 @@ def prices_load(
             currency=settings.billing.currency,
             loaded_by=os_user(),
         )
-        billable = reprice_planned(archive, settings, actor=os_user())
+        billable = reprice_planned(archive, settings, actor=os_user(), audit=_cli_change())
     finally:
         archive.close()
     print(
@@ -850,8 +960,10 @@ def billing_capture(
     settings = _settings(data_dir=data_dir)
     archive = _archive(settings)
     try:
-        ids = capture_technical(archive, settings, study, actor=os_user())
-        ids += capture_professional(archive, settings, study, actor=os_user())
+        ids = capture_technical(archive, settings, study, actor=os_user(), audit=_cli_change("C"))
+        ids += capture_professional(
+            archive, settings, study, actor=os_user(), audit=_cli_change("C")
+        )
         rows = [charge_json(c) for c in list_charges(archive, study=study) if c.id in set(ids)]
     finally:
         archive.close()
@@ -975,6 +1087,7 @@ def billing_charge_add(
             ),
             actor=os_user(),
             identifier=f"cli|{identifier}" if identifier else None,
+            audit=_cli_change("C"),
         )
         (charge,) = [c for c in list_charges(archive, patient=patient) if c.id == charge_id]
         return charge_json(charge)
@@ -1003,7 +1116,15 @@ def _adjust_charge(
             if charge is None:
                 raise BillingError(f"no charge {charge_id}")
             wanted = replace(charge_fields(charge), **change)
-        if not update_charge(archive, settings, charge_id, wanted, actor=os_user(), reason=reason):
+        if not update_charge(
+            archive,
+            settings,
+            charge_id,
+            wanted,
+            actor=os_user(),
+            reason=reason,
+            audit=_cli_change(),
+        ):
             console.print(f"charge {charge_id} is so already: unchanged")
 
     _billing_call(settings, adjust)
@@ -1070,7 +1191,12 @@ def billing_invoice_create(
     invoice_id = _billing_call(
         settings,
         lambda archive: create_invoice(
-            archive, settings, account_id=account, charge_ids=charge_ids, actor=os_user()
+            archive,
+            settings,
+            account_id=account,
+            charge_ids=charge_ids,
+            actor=os_user(),
+            audit=_cli_change("C"),
         ),
     )
     print(invoice_id)
@@ -1087,7 +1213,10 @@ def billing_invoice_issue(
 
     settings = _settings(data_dir=data_dir)
     _billing_call(
-        settings, lambda archive: issue_invoice(archive, settings, invoice_id, actor=os_user())
+        settings,
+        lambda archive: issue_invoice(
+            archive, settings, invoice_id, actor=os_user(), audit=_cli_change()
+        ),
     )
 
 
@@ -1104,7 +1233,9 @@ def billing_invoice_cancel(
     settings = _settings(data_dir=data_dir)
     _billing_call(
         settings,
-        lambda archive: cancel_invoice(archive, invoice_id, reason=reason, actor=os_user()),
+        lambda archive: cancel_invoice(
+            archive, invoice_id, reason=reason, actor=os_user(), audit=_cli_change()
+        ),
     )
 
 
@@ -1121,7 +1252,9 @@ def billing_invoice_void(
     settings = _settings(data_dir=data_dir)
     _billing_call(
         settings,
-        lambda archive: void_invoice(archive, invoice_id, reason=reason, actor=os_user()),
+        lambda archive: void_invoice(
+            archive, invoice_id, reason=reason, actor=os_user(), audit=_cli_change()
+        ),
     )
 
 
@@ -1155,10 +1288,26 @@ def billing_pay(
     payment_id = _billing_call(
         settings,
         lambda archive: record_payment(
-            archive, invoice_id, amount, actor=os_user(), reason=reason, reference=reference
+            archive,
+            invoice_id,
+            amount,
+            actor=os_user(),
+            reason=reason,
+            reference=reference,
+            audit=_cli_change("C"),
         ),
     )
     print(payment_id)
+
+
+def _cli_change(action: str = "U") -> Any:
+    """The audit event of a billing change made from the command line (PS3.15 A.5.3.9 Patient
+    Record; the agent is the OS user), committed by the billing function it is given to in the
+    change's own transaction."""
+    from archive.audit import AuditEvent
+    from archive.audit import os_user as audit_os_user
+
+    return AuditEvent(action=action, type_code="110110", agent=audit_os_user(), source="cli")
 
 
 @billing_app.command("balance")
@@ -1283,6 +1432,13 @@ def clients_add(
         Path | None,
         typer.Option(help="Its public JWK Set (JSON file): it authenticates with private_key_jwt."),
     ] = None,
+    patient: Annotated[
+        str | None,
+        typer.Option(
+            help="A FHIR Patient id: its tokens carry it as the SMART patient launch context "
+            "and its patient/ scopes read that patient's compartment only."
+        ),
+    ] = None,
     data_dir: DataDir = None,
 ) -> None:
     """Register a service client; prints its secret once (only a hash is kept), or nothing for
@@ -1301,7 +1457,7 @@ def clients_add(
     def add(archive: Any) -> str:
         if keys is not None and not isinstance(keys, dict):
             raise AccountError("--jwks: not a JWK Set (a JSON object with keys)")
-        return add_client(archive, name, role, scope, keys)
+        return add_client(archive, name, role, scope, keys, patient)
 
     secret = _account_call(settings, add)
     if secret:
@@ -1323,7 +1479,8 @@ def clients_list(
         return
     for row in rows:
         state = "disabled" if row["disabled"] else ""
-        print(f"{row['name']:<24} {row['role']:<12} {row['scope']}  {state}")
+        bound = f"patient {row['patient']}" if row["patient"] else ""
+        print(f"{row['name']:<24} {row['role']:<12} {row['scope']}  {bound}  {state}")
 
 
 @clients_app.command("disable")

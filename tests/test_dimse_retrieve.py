@@ -881,6 +881,7 @@ def test_peers_api_moves_to_a_created_peer(backend: Backend, tmp_path: Path, sto
                 "port": configured.port,
                 "permissions": ["echo", "store", "find", "move", "get"],
                 "check_host": False,
+                "tls": False,
                 "source": "config",
                 "created_at": None,
                 "updated_at": None,

@@ -2104,6 +2104,7 @@ REFERENCE_TARGETS = {
     "service": "ImagingStudy",
     "account": "Account",
     "invoice": "Invoice",
+    "entity": "ImagingStudy",
 }
 """The target type of each reference search parameter (the statement does not say it)."""
 BILLING_TYPES = {
@@ -2233,6 +2234,7 @@ def test_capability_statement_is_exact(http: httpx.Client, measured: Measured) -
         "DiagnosticReport": measured.report,
         "Observation": measured.observations[VOLUME],
         "Device": measured.device,
+        "AuditEvent": "1",  # the first request this server answered
     }
     resources = statement["rest"][0]["resource"]
     assert {r["type"] for r in resources} == set(existing) | BILLING_TYPES

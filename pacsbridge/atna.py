@@ -1,0 +1,296 @@
+"""Export of the audit trail to a syslog collector (IHE ATNA, ITI-20 "Record Audit Event"):
+every event as an RFC 5424 syslog message whose body is DICOM PS3.15 A.5 audit XML
+(``<AuditMessage>``), over TCP with RFC 6587 octet counting (``tcp://host:port``) or TLS as
+RFC 5425 says (``tls://host:port``, TLS 1.2 or newer, the collector's certificate verified).
+
+The exporter is a background thread of ``pacsbridge serve`` that follows the ``audit_event``
+table by id: it sends what every process recorded (the DIMSE acceptor processes, workers and
+the command line included), and no request ever waits for it. Events recorded while the
+collector is unreachable are sent once it is back (the table is the queue; the exporter keeps
+at most one batch in memory). It starts after the newest event of its start: events recorded
+while no exporter ran are in the index (FHIR AuditEvent) but not sent. One exporter per
+site: configure ``audit.syslog_url`` on one ``serve`` process.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import socket
+import ssl
+import threading
+import xml.etree.ElementTree as ET
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from sqlalchemy import func, select
+
+from archive import Archive
+from archive.audit import EVENT_TYPES, AuditEvent, AuditEventRow
+
+log = logging.getLogger(__name__)
+
+# RFC 5424 6.2.1: PRI = facility * 8 + severity; facility 10 (security/authorization, as
+# IHE ITI-20 asks), severity 5 (notice) for a success, 4 (warning) for a failure.
+_FACILITY = 10
+APP_NAME = "pacsbridge"
+MSGID = "IHE+RFC-3881"  # IHE ITI TF-2 3.20.7.3: the MSGID of ATNA messages
+_BOM = b"\xef\xbb\xbf"  # RFC 5424 6.4: MSG-UTF8 starts with the BOM
+
+
+def _code(tag: str, code: str, scheme: str, text: str | None) -> ET.Element:
+    element = ET.Element(tag, {"csd-code": code, "codeSystemName": scheme})
+    if text:
+        element.set("originalText", text)
+    return element
+
+
+def _datetime(value: datetime) -> str:
+    value = value if value.tzinfo else value.replace(tzinfo=UTC)
+    return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def audit_xml(event: AuditEvent, *, source_id: str, host: str) -> bytes:
+    """The event as a DICOM PS3.15 A.5.1 ``AuditMessage``."""
+    message = ET.Element("AuditMessage")
+    ident = ET.SubElement(
+        message,
+        "EventIdentification",
+        {
+            "EventActionCode": event.action,
+            "EventDateTime": _datetime(event.recorded),
+            "EventOutcomeIndicator": str(event.outcome),
+        },
+    )
+    ident.append(_code("EventID", event.type_code, "DCM", EVENT_TYPES.get(event.type_code)))
+    if event.subtype_code:
+        ident.append(
+            _code("EventTypeCode", event.subtype_code, "DCM", EVENT_TYPES.get(event.subtype_code))
+        )
+    if event.outcome_text:
+        ET.SubElement(ident, "EventOutcomeDescription").text = event.outcome_text
+    # The requestor (PS3.15 A.5.2.2), then this server as the other participant.
+    requestor = ET.SubElement(
+        message, "ActiveParticipant", {"UserID": event.agent, "UserIsRequestor": "true"}
+    )
+    if event.agent_address:
+        requestor.set("NetworkAccessPointID", event.agent_address)
+        requestor.set("NetworkAccessPointTypeCode", "2")  # an IP address
+    ET.SubElement(
+        message,
+        "ActiveParticipant",
+        {
+            "UserID": source_id,
+            "AlternativeUserID": str(os.getpid()),
+            "UserIsRequestor": "false",
+            "NetworkAccessPointID": host,
+            "NetworkAccessPointTypeCode": "1",  # a machine name
+        },
+    )
+    source = ET.SubElement(
+        message,
+        "AuditSourceIdentification",
+        {"AuditSourceID": source_id, "AuditEnterpriseSiteID": event.source},
+    )
+    source.append(_code("AuditSourceTypeCode", "4", "DCM", "Application Server"))
+    if event.patient_id:
+        patient = ET.SubElement(
+            message,
+            "ParticipantObjectIdentification",
+            {
+                "ParticipantObjectID": event.patient_id,
+                "ParticipantObjectTypeCode": "1",  # Person
+                "ParticipantObjectTypeCodeRole": "1",  # Patient
+            },
+        )
+        patient.append(_code("ParticipantObjectIDTypeCode", "2", "RFC-3881", "Patient Number"))
+    if event.study_uid:
+        study = ET.SubElement(
+            message,
+            "ParticipantObjectIdentification",
+            {
+                "ParticipantObjectID": event.study_uid,
+                "ParticipantObjectTypeCode": "2",  # System Object
+                "ParticipantObjectTypeCodeRole": "3",  # Report
+            },
+        )
+        study.append(_code("ParticipantObjectIDTypeCode", "110180", "DCM", "Study Instance UID"))
+    if event.entity or event.query is not None:
+        what = ET.SubElement(
+            message,
+            "ParticipantObjectIdentification",
+            {
+                "ParticipantObjectID": event.entity or "-",
+                "ParticipantObjectTypeCode": "2",
+                # RFC 3881 object role 24 Query, else 4 Domain Resource
+                "ParticipantObjectTypeCodeRole": "24" if event.query is not None else "4",
+            },
+        )
+        what.append(_code("ParticipantObjectIDTypeCode", "12", "RFC-3881", "URI"))
+        if event.query is not None:
+            # PS3.15 A.5.3.12: the query, base64 encoded
+            ET.SubElement(what, "ParticipantObjectQuery").text = base64.b64encode(
+                event.query.encode()
+            ).decode("ascii")
+    return ET.tostring(message, encoding="utf-8", xml_declaration=True)
+
+
+def _header_field(value: str, limit: int) -> str:
+    """An RFC 5424 header field: printable US-ASCII, no spaces, at most ``limit``; NILVALUE
+    when empty."""
+    kept = "".join(c for c in value if 33 <= ord(c) <= 126)[:limit]
+    return kept or "-"
+
+
+def syslog_message(event: AuditEvent, *, source_id: str, host: str) -> bytes:
+    """One RFC 5424 message (6. Syslog Message Format) carrying the audit XML."""
+    severity = 5 if event.outcome == 0 else 4
+    header = " ".join(
+        [
+            f"<{_FACILITY * 8 + severity}>1",
+            _datetime(event.recorded),
+            _header_field(host, 255),
+            _header_field(APP_NAME, 48),
+            _header_field(str(os.getpid()), 128),
+            _header_field(MSGID, 32),
+            "-",  # no STRUCTURED-DATA
+        ]
+    )
+    return header.encode("ascii") + b" " + _BOM + audit_xml(event, source_id=source_id, host=host)
+
+
+def octet_counted(message: bytes) -> bytes:
+    """RFC 6587 3.4.1 (and RFC 5425 4.3): ``MSG-LEN SP SYSLOG-MSG``."""
+    return str(len(message)).encode("ascii") + b" " + message
+
+
+class SyslogSender:
+    """One connection to the collector, opened when needed and again after an error."""
+
+    def __init__(self, url: str, ca_file: Path | None = None, timeout: float = 10.0) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("tcp", "tls") or not parts.hostname or not parts.port:
+            raise ValueError(f"syslog URL {url!r}: tcp://host:port or tls://host:port")
+        self.host = parts.hostname
+        self.port = parts.port
+        self.timeout = timeout
+        self._context: ssl.SSLContext | None = None
+        if parts.scheme == "tls":
+            # RFC 5425 5.1: the server is authenticated by its certificate; TLS 1.2 at least.
+            context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+            context.minimum_version = ssl.TLSVersion.TLSv1_2
+            self._context = context
+        self._sock: socket.socket | None = None
+
+    def _connect(self) -> socket.socket:
+        sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
+        if self._context is not None:
+            try:
+                sock = self._context.wrap_socket(sock, server_hostname=self.host)
+            except Exception:
+                sock.close()
+                raise
+        return sock
+
+    def send(self, messages: Sequence[bytes]) -> None:
+        """Send every message or raise (the connection is closed then)."""
+        if self._sock is None:
+            self._sock = self._connect()
+        try:
+            self._sock.sendall(b"".join(octet_counted(m) for m in messages))
+        except OSError:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self._sock is not None:
+            try:
+                self._sock.close()
+            finally:
+                self._sock = None
+
+
+class AtnaExporter:
+    """Follows the audit table and sends each new event to the collector."""
+
+    def __init__(
+        self,
+        archive: Archive,
+        sender: SyslogSender,
+        *,
+        source_id: str,
+        interval: float = 1.0,
+        batch: int = 500,
+    ) -> None:
+        self.archive = archive
+        self.sender = sender
+        self.source_id = source_id
+        self.host = socket.gethostname()
+        self.interval = interval
+        self.batch = batch
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        with archive.db.session() as session:
+            self.after = int(session.scalar(select(func.max(AuditEventRow.id))) or 0)
+        self.sent = 0
+
+    def run_once(self) -> int:
+        """Send the events recorded since the last call; how many were sent (raises when the
+        collector cannot be reached: they are sent on the next call)."""
+        events = self.archive.audit.since(self.after, self.batch)
+        if not events:
+            return 0
+        messages = [
+            syslog_message(event, source_id=self.source_id, host=self.host) for _, event in events
+        ]
+        self.sender.send(messages)
+        self.after = events[-1][0]
+        self.sent += len(events)
+        return len(events)
+
+    def _run(self) -> None:
+        failures = 0
+        while not self._stop.is_set():
+            try:
+                sent = self.run_once()
+                failures = 0
+            except Exception as exc:
+                failures += 1
+                if failures == 1 or failures % 60 == 0:
+                    log.warning(
+                        "audit collector unreachable: events wait in the index",
+                        extra={"err": str(exc), "port": self.sender.port},
+                    )
+                sent = 0
+            if sent < self.batch:
+                self._stop.wait(min(self.interval * (1 + min(failures, 30)), 30.0))
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="atna-export", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Send what is left (one last round), then stop."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        try:
+            while self.run_once() == self.batch:
+                pass
+        except Exception as exc:
+            log.warning("audit events not sent at shutdown", extra={"err": str(exc)})
+        self.sender.close()
+
+
+def start_exporter(archive: Archive) -> AtnaExporter | None:
+    """The exporter ``audit.syslog_url`` asks for (started), or None."""
+    settings = archive.settings
+    if not settings.audit.syslog_url:
+        return None
+    sender = SyslogSender(settings.audit.syslog_url, settings.audit.syslog_ca_file)
+    exporter = AtnaExporter(archive, sender, source_id=settings.ae_title)
+    exporter.start()
+    return exporter
