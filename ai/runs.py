@@ -12,6 +12,7 @@ neither.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import resource
 import traceback
@@ -27,6 +28,7 @@ from ai.selector import SeriesInfo, matches, study_series
 from ai.stages import ClassificationOutput, SegmentationOutput, Timings
 from ai.volume import VolumeError, input_fingerprint, load_images, load_volume, series_instances
 from archive import Archive
+from archive.audit import AuditEvent
 from archive.ingest import IngestError
 from archive.models import AIRun
 
@@ -427,7 +429,7 @@ def _execute(
         encoded = [(modality, ds, encode(ds)) for modality, ds in objects]
     del volume
     with timings.stage("store"):
-        produced = _store(archive, encoded)
+        produced = _store(archive, encoded, _results_event(run))
     result["produced"] = produced
     result["timings"] = timings.to_json()
     result["timings"]["total"] = round(sum(timings.seconds.values()), 4)
@@ -435,18 +437,45 @@ def _execute(
     return result
 
 
-def _store(archive: Archive, encoded: list[tuple[str, Any, bytes]]) -> list[dict[str, str]]:
-    """Ingest the results in order; if one is refused, delete those stored before it."""
+def _results_event(run: RunRecord) -> AuditEvent:
+    """The audit event of the results a run stores: DICOM Instances Transferred (PS3.15
+    A.5.3.4, 110104), action C, the model as the requestor, one per run (its results are one
+    study's instances, stored by one requestor)."""
+    return AuditEvent(
+        action="C",
+        type_code="110104",
+        agent=f"ai:{run.model}",
+        source="jobs",
+        study_uid=run.study_instance_uid,
+        entity=f"/api/ai/runs/{run.id}",
+    )
+
+
+def _store(
+    archive: Archive, encoded: list[tuple[str, Any, bytes]], audit: AuditEvent
+) -> list[dict[str, str]]:
+    """Ingest the results in order; if one is refused, delete those stored before it. The
+    audit event is committed in the index transaction of the first result that changes the
+    archive (a result held from an earlier attempt of the run changes nothing); results taken
+    back out after it record their deletion (PS3.15 A.5.3.3, 110103 D) in its transaction."""
     stored: list[dict[str, str]] = []
+    recorded = False
     for modality, ds, data in encoded:
         try:
-            outcome = archive.ingest(data, calling_ae_title="")
+            outcome = archive.ingest(data, calling_ae_title="", audit=None if recorded else audit)
         except BaseException as exc:
+            taken_back = (
+                dataclasses.replace(audit, action="D", type_code="110103", recorded=_now())
+                if recorded
+                else None
+            )
             for earlier in stored:
-                archive.delete_instance(earlier["sop_instance_uid"])
+                archive.delete_instance(earlier["sop_instance_uid"], audit=taken_back)
+                taken_back = None
             if isinstance(exc, IngestError):
                 raise RunError(f"the {modality} was refused by the archive: {exc.reason}") from exc
             raise
+        recorded = recorded or outcome.audited
         stored.append(
             {
                 "modality": modality,

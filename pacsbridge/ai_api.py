@@ -15,6 +15,7 @@ from archive import Archive
 from archive.models import Study
 from config import Settings
 from pacsbridge.ai_jobs import enqueue_runs, model_registry
+from pacsbridge.audit_http import NOTE
 
 router = APIRouter(prefix="/api/ai", tags=["ai"])
 
@@ -94,6 +95,10 @@ def create_runs(request: Request, body: RunRequest) -> JSONResponse:
         )
     if known is None:
         raise HTTPException(status_code=404, detail=f"no study {body.study_instance_uid}")
+    # The request's audit event names the study (and through it the patient) it ran models on.
+    note = request.scope.get(NOTE)
+    if isinstance(note, dict):
+        note["study_uid"] = body.study_instance_uid
     planned = plan_study(
         archive, models, body.study_instance_uid, model=body.model, trigger="manual"
     )

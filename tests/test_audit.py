@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -37,13 +38,16 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelMove,
 )
-from sqlalchemy import select, text
+from sqlalchemy import select, text, update
 from sqlalchemy.exc import DBAPIError
 
-from ai.runs import plan_study
+from ai.registry import ModelRegistry
+from ai.runs import RunStore, execute_run, plan_study
 from archive import Archive
 from archive.audit import AuditEvent, AuditEventRow
 from archive.jobs import JobRecord, JobStatus, PermanentJobError
+from archive.models import AIRun
+from billing.capture import list_charges
 from billing.invoices import create_invoice, issue_invoice
 from billing.prices import load_price_list, store_price_list
 from config import Settings
@@ -53,23 +57,66 @@ from pacsbridge.ai_jobs import _build_run, model_registry
 from pacsbridge.app import create_app
 from pacsbridge.atna import AtnaExporter, SyslogSender
 from security.accounts import add_user
+from tests.ai_data import SeriesSpec, grid_affine, series_datasets
 from tests.ai_data import part10 as ai_part10
 from tests.conftest import Backend, RunningServer, _backend, free_port, start_server
 from tests.dicom_factory import ct_slice
 from tests.fhir_support import FHIRValidator
-from tests.test_ai import phantom_series
+from tests.test_ai import phantom_hu, phantom_series
 from tests.test_billing_capture import SAMPLE as SAMPLE_PRICES
 from tests.test_billing_capture import run_cli
 from tests.test_billing_invoices import two_charges
 
 PASSWORD = "audit day password 42"
+ROLES = ("admin", "clinician", "radiologist", "billing")
 WRONG = "not-the-password-7341"
 FHIR_JSON = {"Content-Type": "application/fhir+json"}
 PACSBRIDGE = Path(sys.executable).parent / "pacsbridge"
 
 
+#: The day's studies: a Wednesday morning (in force for the sample price list, no surcharge).
+STUDY_DATE = "20260304"
+
+
 def _dataset(study: str, series: str, index: int, patient: str) -> Dataset:
-    return ct_slice(study_uid=study, series_uid=series, index=index, patient_id=patient, size=16)
+    return ct_slice(
+        study_uid=study,
+        series_uid=series,
+        index=index,
+        patient_id=patient,
+        size=16,
+        study_date=STUDY_DATE,
+    )
+
+
+def _body_series(like: Dataset) -> list[Dataset]:
+    """A small CT series of ``like``'s study that the builtin ``ct-body`` model selects (CT,
+    at least 10 slices): 12 slices of 32 x 32 through a water ellipsoid with a bone sphere."""
+    spacing = (12.0, 6.5, 6.5)
+    shape = (12, 32, 32)
+    first = -np.array([(n - 1) * d for n, d in zip(shape[::-1], spacing[::-1], strict=True)]) / 2
+    affine = grid_affine((1.0, 0.0, 0.0, 0.0, 1.0, 0.0), first, spacing)
+    k, i, j = np.meshgrid(*(np.arange(n) for n in shape), indexing="ij")
+    points = np.einsum("ab,bijk->ijka", affine[:3, :3], np.stack([k, i, j]).astype(float))
+    points += affine[:3, 3]
+    series = series_datasets(
+        phantom_hu(points).astype(np.float32),
+        affine,
+        SeriesSpec(
+            modality="CT",
+            patient_id=str(like.PatientID),
+            patient_name=str(like.PatientName),
+            study_uid=str(like.StudyInstanceUID),
+            series_description="body 12 mm",
+            series_number=2,
+        ),
+        rescale=(1.0, -1024.0),
+    )
+    for ds in series:  # the study's attributes, as the modality sends them with each series
+        for keyword in ("StudyDate", "StudyTime", "AccessionNumber", "StudyDescription"):
+            setattr(ds, keyword, like.get(keyword))
+        ds.ReferringPhysicianName = like.ReferringPhysicianName
+    return series
 
 
 # --- the scripted day --------------------------------------------------------------------------
@@ -87,6 +134,14 @@ class Day:
     """Patient A's reference (``Patient/<id>``)."""
     collector: _Collector
     """The syslog collector the server exports to."""
+    ai_run: int
+    """The ``ct-body`` run on study A."""
+    charges: dict[str, int]
+    """Study A's charges captured by the ``charge-capture`` job, by kind."""
+    invoice: int
+    """The invoice of study A's charges, issued."""
+    reconciliation: int
+    """The PaymentReconciliation that paid it."""
 
 
 class _MoveDestination:
@@ -136,20 +191,27 @@ def day(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Day]:
         peers=peers,
     )
     with closing(Archive(backend.settings)) as archive:
-        for role in ("admin", "clinician", "radiologist"):
+        for role in ROLES:
             add_user(archive, f"user-{role}", role, PASSWORD)
+        prices = load_price_list(SAMPLE_PRICES)
+        store_price_list(archive, prices, "sample", prices.sha256, loaded_by="test")
     server = start_server(
         backend,
         workdir,
         PACSBRIDGE_AUTH="required",
-        PACSBRIDGE_AI=json.dumps({"enabled": False}),
-        PACSBRIDGE_WORKER_IN_SERVE="false",
+        # No model runs by itself on stable studies; ct-body runs when the admin asks.
+        PACSBRIDGE_AI=json.dumps({"enabled": False, "models": {"brain-mr": {"enabled": False}}}),
+        # Charge capture on each stable study, by the worker of `serve`.
+        PACSBRIDGE_BILLING=json.dumps({"enabled": True}),
+        PACSBRIDGE_STABLE_AGE="1",
+        PACSBRIDGE_STABLE_SCAN_INTERVAL="0.2",
+        PACSBRIDGE_WORKER_POLL_INTERVAL="0.1",
         PACSBRIDGE_DIMSE_PROCESSES="1",
         PACSBRIDGE_AUDIT=json.dumps({"syslog_url": f"tcp://127.0.0.1:{collector.port}"}),
     )
     try:
         tokens = {}
-        for role in ("admin", "clinician", "radiologist"):
+        for role in ROLES:
             answer = httpx.post(
                 f"{server.http}/auth/token",
                 data={"grant_type": "password", "username": f"user-{role}", "password": PASSWORD},
@@ -171,12 +233,14 @@ def _work(
 ) -> Day:
     study_a, study_b, series_a, series_b = (generate_uid() for _ in range(4))
     slices = [_dataset(study_a, series_a, i, "AUDIT-A") for i in range(3)]
-    # C-STORE: three instances of study A and one of study B on one association.
+    body = _body_series(slices[0])
+    # C-STORE: two series of study A (3 + 12 instances) and one instance of study B on one
+    # association.
     ae = AE(ae_title="MODALITY")
     ae.add_requested_context(slices[0].SOPClassUID, slices[0].file_meta.TransferSyntaxUID)
     assoc = ae.associate("127.0.0.1", server.dimse_port, ae_title=server.ae_title)
     assert assoc.is_established
-    for ds in [*slices, _dataset(study_b, series_b, 0, "AUDIT-B")]:
+    for ds in [*slices, *body, _dataset(study_b, series_b, 0, "AUDIT-B")]:
         assert assoc.send_c_store(ds).Status == 0x0000
     assoc.release()
     # C-FIND (one match) and C-MOVE of study A to the viewer.
@@ -206,7 +270,7 @@ def _work(
     ]
     assert statuses[-1] == 0x0000, statuses
     assoc.release()
-    assert sorted(destination.received) == sorted(str(s.SOPInstanceUID) for s in slices)
+    assert sorted(destination.received) == sorted(str(s.SOPInstanceUID) for s in slices + body)
 
     def get(role: str, path: str, **kw: Any) -> httpx.Response:
         return httpx.get(
@@ -268,7 +332,133 @@ def _work(
     )
     assert failed.status_code in (400, 401)
     assert get("clinician", "/fhir/AuditEvent").status_code == 403
-    return Day(server, tokens, study_a, study_b, series_a, sop_a, patient_ref, collector)
+    ai_run = _ai_run(server, tokens, study_a, str(body[0].SeriesInstanceUID))
+    charges = _captured(server, study_a)
+    invoice, reconciliation = _invoice_and_payment(server, tokens, patient_ref, charges)
+    return Day(
+        server,
+        tokens,
+        study_a,
+        study_b,
+        series_a,
+        sop_a,
+        patient_ref,
+        collector,
+        ai_run,
+        charges,
+        invoice,
+        reconciliation,
+    )
+
+
+def _wait(what: Any, timeout: float = 60) -> Any:
+    """``what()`` once it is true (checked every 0.2 s), else fail."""
+    for _ in range(int(timeout / 0.2)):
+        found = what()
+        if found:
+            return found
+        threading.Event().wait(0.2)
+    raise AssertionError(f"not reached within {timeout} s: {what}")
+
+
+def _ai_run(server: RunningServer, tokens: dict[str, str], study: str, series: str) -> int:
+    """The admin runs ct-body on study A; the worker of `serve` stores its SEG and SR."""
+    asked = httpx.post(
+        f"{server.http}/api/ai/runs",
+        json={"study_instance_uid": study, "model": "ct-body"},
+        headers={"Authorization": f"Bearer {tokens['admin']}"},
+    )
+    assert asked.status_code == 202, asked.text
+    (queued,) = asked.json()  # the body series only: the 4-slice series is under min_slices
+    assert (queued["model"], queued["study"], queued["series"]) == ("ct-body", study, series)
+    # Read from the index, not over the API: the test's polling is no part of the day.
+    with closing(server.archive()) as archive:
+        store = RunStore(archive)
+        run = _wait(
+            lambda: (
+                (r := store.get(queued["id"])) is not None and r.status in ("done", "failed") and r
+            )
+        )
+    assert run.status == "done", run.error
+    assert sorted(p["modality"] for p in run.result["produced"]) == ["SEG", "SR"]
+    assert {p["outcome"] for p in run.result["produced"]} == {"stored"}
+    return int(run.id)
+
+
+def _captured(server: RunningServer, study: str) -> dict[str, int]:
+    """Study A's technical charge (the study performed) and professional charge (its signed
+    report), captured by the ``charge-capture`` job once the study is stable."""
+
+    def billable() -> dict[str, int] | None:
+        with closing(server.archive()) as archive:
+            charges = list_charges(archive, study=study)
+        found = {c.kind: c.id for c in charges if c.status == "billable"}
+        return found if len(charges) == 2 and len(found) == 2 else None
+
+    charges: dict[str, int] = _wait(billable)
+    assert set(charges) == {"technical", "professional"}
+    return charges
+
+
+def _invoice_and_payment(
+    server: RunningServer, tokens: dict[str, str], patient: str, charges: dict[str, int]
+) -> tuple[int, int]:
+    """The billing office finds the patient's charges, invoices them (created issued) and
+    records the payment of the whole invoice (FHIR PaymentReconciliation)."""
+    billing = httpx.Client(
+        base_url=f"{server.http}/fhir",
+        headers={**FHIR_JSON, "Authorization": f"Bearer {tokens['billing']}"},
+        timeout=30,
+    )
+    with billing:
+        found = billing.get("/ChargeItem", params={"patient": patient})
+        assert found.status_code == 200, found.text
+        assert sorted(int(e["resource"]["id"]) for e in found.json()["entry"]) == sorted(
+            charges.values()
+        )
+        created = billing.post(
+            "/Invoice",
+            json={
+                "resourceType": "Invoice",
+                "status": "issued",
+                "lineItem": [
+                    {"chargeItemReference": {"reference": f"ChargeItem/{charges[kind]}"}}
+                    for kind in ("technical", "professional")
+                ],
+            },
+        )
+        assert created.status_code == 201, created.text
+        invoice = created.json()
+        assert invoice["status"] == "issued"
+        gross = invoice["totalGross"]
+        today = datetime.now(UTC)
+        paid = billing.post(
+            "/PaymentReconciliation",
+            json={
+                "resourceType": "PaymentReconciliation",
+                "status": "active",
+                "created": today.isoformat(timespec="seconds"),
+                "paymentDate": today.date().isoformat(),
+                "paymentAmount": gross,
+                "detail": [
+                    {
+                        "type": {
+                            "coding": [
+                                {
+                                    "system": "http://terminology.hl7.org/CodeSystem/payment-type",
+                                    "code": "payment",
+                                }
+                            ]
+                        },
+                        "request": {"reference": f"Invoice/{invoice['id']}"},
+                        "amount": gross,
+                    }
+                ],
+            },
+        )
+        assert paid.status_code == 201, paid.text
+        assert billing.get(f"/Invoice/{invoice['id']}").json()["status"] == "balanced"
+    return int(invoice["id"]), int(paid.json()["id"])
 
 
 def _admin(day: Day, validator: FHIRValidator) -> httpx.Client:
@@ -318,6 +508,16 @@ def _study_of(event: dict[str, Any]) -> str | None:
     return None
 
 
+def _object_of(event: dict[str, Any]) -> str | None:
+    """The resource or path the event is about (the entity that is neither patient, study
+    nor query)."""
+    for entity in event.get("entity", []):
+        if "role" not in entity:
+            what = entity["what"]
+            return str(what.get("reference") or what.get("display"))
+    return None
+
+
 EXPECTED_FOR_A = Counter(
     {
         ("110104", "C", "ae:MODALITY", "dimse", "0"): 1,  # C-STORE: one per study, association
@@ -329,6 +529,14 @@ EXPECTED_FOR_A = Counter(
         ("110110", "R", "user:user-clinician", "fhir", "0"): 1,  # ImagingStudy read
         ("110112", "E", "user:user-clinician", "fhir", "0"): 1,  # ImagingStudy search
         ("110110", "C", "user:user-radiologist", "fhir", "0"): 1,  # DiagnosticReport create
+        ("110100", "E", "user:user-admin", "admin", "0"): 1,  # POST /api/ai/runs
+        ("110103", "C", "ai:ct-body", "jobs", "0"): 1,  # the run (ai-run job)
+        ("110104", "C", "ai:ct-body", "jobs", "0"): 1,  # its SEG and SR stored
+        ("110110", "C", "job:charge-capture", "jobs", "0"): 2,  # technical, professional
+        ("110112", "E", "user:user-billing", "fhir", "0"): 1,  # ChargeItem search
+        ("110110", "C", "user:user-billing", "fhir", "0"): 2,  # Invoice, PaymentReconciliation
+        ("110110", "U", "user:user-billing", "fhir", "0"): 1,  # the Invoice issued
+        ("110110", "R", "user:user-billing", "fhir", "0"): 1,  # the Invoice read, balanced
     }
 )
 
@@ -355,7 +563,10 @@ def test_a_day_yields_exactly_its_audit_events(day: Day, validator: FHIRValidato
         assert Counter(_shape(e) for e in events) == EXPECTED_FOR_A
         for event in events:
             assert _patient_of(event) == "AUDIT-A", event
-            assert event["agent"][0]["network"]["address"] == "127.0.0.1"
+            if event["source"]["site"] == "jobs":  # no requestor on the network
+                assert "network" not in event["agent"][0], event
+            else:
+                assert event["agent"][0]["network"]["address"] == "127.0.0.1"
             patient_entity = next(x for x in event["entity"] if x["role"]["code"] == "1")
             assert patient_entity["what"]["reference"] == patient
         studies = {_shape(e): _study_of(e) for e in events}
@@ -364,6 +575,35 @@ def test_a_day_yields_exactly_its_audit_events(day: Day, validator: FHIRValidato
         assert studies[("110103", "R", "user:user-clinician", "dicomweb", "0")] == day.study_a
         assert studies[("110104", "C", "user:user-radiologist", "dicomweb", "0")] == day.study_a
         assert studies[("110110", "R", "user:user-clinician", "fhir", "0")] == day.study_a
+        # The AI run: the admin's request, the run and the results it stored, on study A.
+        run = f"/api/ai/runs/{day.ai_run}"
+        for shape in [
+            ("110100", "E", "user:user-admin", "admin", "0"),
+            ("110103", "C", "ai:ct-body", "jobs", "0"),
+            ("110104", "C", "ai:ct-body", "jobs", "0"),
+        ]:
+            assert studies[shape] == day.study_a, shape
+        objects = Counter((_shape(e)[:3], _object_of(e)) for e in events)
+        assert objects[(("110100", "E", "user:user-admin"), "/api/ai/runs")] == 1
+        assert objects[(("110103", "C", "ai:ct-body"), run)] == 1
+        assert objects[(("110104", "C", "ai:ct-body"), run)] == 1
+        # The payment: the charges captured, the invoice created and issued, the payment.
+        capture = ("110110", "C", "job:charge-capture")
+        billing = ("110110", "C", "user:user-billing")
+        assert {o for (shape, o) in objects if shape == capture} == {
+            f"ChargeItem/{day.charges['technical']}",
+            f"ChargeItem/{day.charges['professional']}",
+        }
+        for event in events:
+            if _shape(event)[:3] == capture:
+                assert _study_of(event) == day.study_a
+        assert {o for (shape, o) in objects if shape == billing} == {
+            f"Invoice/{day.invoice}",
+            f"PaymentReconciliation/{day.reconciliation}",
+        }
+        assert objects[(("110110", "U", "user:user-billing"), f"Invoice/{day.invoice}")] == 1
+        assert objects[(("110110", "R", "user:user-billing"), f"Invoice/{day.invoice}")] == 1
+        assert objects[(("110112", "E", "user:user-billing"), "ChargeItem")] == 1
         # The C-FIND keeps its keys as the query (base64, PS3.15 A.5.3.12).
         (find,) = [e for e in events if _shape(e)[:4] == ("110112", "E", "ae:VIEWER", "dimse")]
         (query,) = [x for x in find["entity"] if x.get("role", {}).get("code") == "24"]
@@ -382,6 +622,12 @@ def test_a_day_yields_exactly_its_audit_events(day: Day, validator: FHIRValidato
         writes = _all(client, {"patient": patient, "action": "C"})
         assert sorted(_shape(e)[2] for e in writes) == [
             "ae:MODALITY",
+            "ai:ct-body",
+            "ai:ct-body",
+            "job:charge-capture",
+            "job:charge-capture",
+            "user:user-billing",
+            "user:user-billing",
             "user:user-radiologist",
             "user:user-radiologist",
         ]
@@ -795,6 +1041,52 @@ def test_an_ai_run_is_audited(tmp_path: Path) -> None:
     assert (event.agent, event.outcome, event.study_uid) == ("ai:absent", 8, study)
     assert event.patient_id is not None  # looked up from the study
     assert "does not exist" in (event.outcome_text or "")
+
+
+def _ai_results_rows(archive: Archive) -> list[tuple[str, str, str, str, str | None, str | None]]:
+    return [
+        (e.type_code, e.action, e.agent, e.source, e.study_uid, e.patient_id)
+        for _, e in archive.audit.since(0)
+    ]
+
+
+@pytest.mark.parametrize("sr_refused", [False, True], ids=["stored", "sr-refused"])
+def test_the_results_an_ai_run_stores_are_recorded_in_their_ingest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sr_refused: bool
+) -> None:
+    """One event for the SEG and SR a run stores, committed with the first of them (nothing
+    waits in the background queue); a repeated run stores nothing new and records nothing; a
+    SEG taken back out because the SR was refused records its deletion."""
+    refused = ["Comprehensive3DSRStorage"] if sr_refused else []
+    settings = Settings(data_dir=tmp_path / "data", refused_sop_classes=refused)
+    study, series = generate_uid(), generate_uid()
+    with closing(Archive(settings)) as archive:
+        for ds in _body_series(_dataset(study, series, 0, "AUDIT-AI")):
+            archive.ingest(ai_part10(ds))
+        registry = ModelRegistry(settings.ai)
+        (planned,) = plan_study(archive, registry, study, model="ct-body")
+        queued: list[AuditEvent] = []
+        monkeypatch.setattr(archive.audit, "submit", queued.append)
+        run = execute_run(archive, registry, planned.run_id)
+        entity = f"/api/ai/runs/{planned.run_id}"
+        stored = ("110104", "C", "ai:ct-body", "jobs", study, "AUDIT-AI")
+        if sr_refused:
+            assert run.status == "failed" and "SR was refused" in (run.error or "")
+            taken_back = ("110103", "D", "ai:ct-body", "jobs", study, "AUDIT-AI")
+            assert _ai_results_rows(archive) == [stored, taken_back]
+            assert archive.stats().instances == 12
+        else:
+            assert run.status == "done", run.error
+            assert _ai_results_rows(archive) == [stored]
+            with archive.db.write_session() as session:  # as if the worker died at the end
+                session.execute(
+                    update(AIRun).where(AIRun.id == planned.run_id).values(status="running")
+                )
+            again = execute_run(archive, registry, planned.run_id)
+            assert {p["outcome"] for p in again.result["produced"]} == {"duplicate"}
+            assert _ai_results_rows(archive) == [stored]
+        assert {e.entity for _, e in archive.audit.since(0)} == {entity}
+        assert queued == []
 
 
 def test_serve_exports_the_day_to_the_syslog_collector(day: Day) -> None:
