@@ -128,7 +128,12 @@ def permitted(scope: str, method: str, path: str, patient: str | None = None) ->
     ``patient/`` scopes grant nothing."""
     scopes = parse(scope)
     if not scopes and not any("/" in s for s in scope.split()):
-        return None
+        if patient is None:
+            return None
+        # Held to a patient but granted no data scope (asked only for ``openid``, say, or an
+        # external token with a patient claim and no SMART scope): its role must not open
+        # every patient's data to it, so it reaches none.
+        return request_of(method, path) is None
     wanted = request_of(method, path)
     if wanted is None:
         return True  # no FHIR data behind it (discovery, the token endpoint)

@@ -105,12 +105,25 @@ SCOPE_CASES = [
     ("patient/*.rs user/ImagingStudy.rs", "7", "GET", "/fhir/Patient", True, "7"),
     ("user/*.rs", "7", "GET", "/fhir/Patient", True, None),
     ("patient/*.rs?category=imaging", "7", "GET", "/fhir/Observation", False, None),
+    # Held to a patient with no data scope at all (only openid asked for, or an external token
+    # with a patient claim and no SMART scope): no patient's data, the role notwithstanding.
+    ("openid", "7", "GET", "/fhir/Patient/5", False, None),
+    ("", "7", "GET", "/fhir/ImagingStudy", False, None),
+    ("openid fhirUser", "7", "GET", "/dicom-web/studies/1.2/metadata", False, None),
+    ("openid", "7", "GET", "/api/jobs", False, None),
+    ("openid", "7", "GET", "/.well-known/smart-configuration", True, None),
+    ("openid", None, "GET", "/fhir/Patient/5", None, None),
 ]
 
 
 @pytest.mark.parametrize(("scopes", "patient", "method", "path", "granted", "held"), SCOPE_CASES)
 def test_patient_scopes(
-    scopes: str, patient: str | None, method: str, path: str, granted: bool, held: str | None
+    scopes: str,
+    patient: str | None,
+    method: str,
+    path: str,
+    granted: bool | None,
+    held: str | None,
 ) -> None:
     assert permitted(scopes, method, path, patient) is granted
     assert compartment(scopes, method, path, patient) == held

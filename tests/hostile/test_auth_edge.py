@@ -324,12 +324,21 @@ def test_malformed_jwts(edge: Edge) -> None:
             assert answer.status_code == 401, where
             assert 'error="invalid_token"' in answer.headers["www-authenticate"], where
     # The same token with a patient that is an id is accepted (the checks above are the
-    # patient's, not the signature's).
-    accepted = signed(good_claims | {"patient": edge.patient, "exp": now + 300})
+    # patient's, not the signature's) and held to that patient's compartment.
+    accepted = signed(
+        good_claims | {"patient": edge.patient, "scope": "patient/*.rs", "exp": now + 300}
+    )
     answer = httpx.get(
         f"{edge.server.http}/fhir/Patient", headers={"Authorization": f"Bearer {accepted}"}
     )
     assert answer.status_code == 200, answer.text[:200]
+    assert [e["resource"]["id"] for e in answer.json().get("entry", [])] == [edge.patient]
+    # Held to a patient with no data scope: its role opens nothing (never every patient).
+    unscoped = signed(good_claims | {"patient": edge.patient, "scope": "", "exp": now + 300})
+    answer = httpx.get(
+        f"{edge.server.http}/fhir/Patient", headers={"Authorization": f"Bearer {unscoped}"}
+    )
+    assert answer.status_code == 403, answer.text[:200]
     assert_intact(edge)
 
 
