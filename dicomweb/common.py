@@ -311,12 +311,21 @@ class RequestCheck:
         await self.app(scope, receive, send)
 
 
+def _nested_search(segments: list[str]) -> bool:
+    """A QIDO-RS search below a study (PS3.18 10.6: ``/studies/{uid}/series``,
+    ``/studies/{uid}/instances``, ``/studies/{uid}/series/{uid}/instances``), by its exact
+    shape: a bulk data path may end in any word."""
+    if len(segments) == 4:
+        return segments[3] in ("series", "instances")
+    return len(segments) == 6 and segments[3] == "series" and segments[5] == "instances"
+
+
 async def _in_compartment(scope: Scope, path: str) -> bool:
     """Whether a DICOMweb request held to a patient (its path below the prefix, UIDs already
     checked) may go on: a search always (its SQL holds it), a retrieval only of a study of
     that patient."""
     segments = path.split("/")
-    if len(segments) < 3 or segments[1] != "studies" or segments[-1] in _UID_SEGMENTS:
+    if len(segments) < 3 or segments[1] != "studies" or _nested_search(segments):
         return True  # a search (or a path no route serves): nothing named to look up
     patient = compartment_patient(scope)
     archive: Archive = scope["app"].state.archive
