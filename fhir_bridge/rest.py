@@ -190,9 +190,15 @@ def compact_json(body: dict[str, Any]) -> str:
 
     content = json.dumps(body, ensure_ascii=False, separators=(",", ":"), default=slot)
     quoted = json.dumps(marker, ensure_ascii=False)[:-1]
-    for index, text in enumerate(texts):
-        content = content.replace(f'{quoted}{index}"', text, 1)
-    return content
+    # One pass over the document (a Bundle of many invoices holds many slots): each piece
+    # after a marker starts with its slot's number and the closing quote.
+    pieces = content.split(quoted)
+    out = [pieces[0]]
+    for piece in pieces[1:]:
+        number, _, rest = piece.partition('"')
+        out.append(texts[int(number)])
+        out.append(rest)
+    return "".join(out)
 
 
 def outcome_response(request: Request, error: FHIRError) -> Response:
