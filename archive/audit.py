@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -156,14 +157,20 @@ class AuditEvent:
             raise ValueError(f"audit source {self.source!r} is not one of {SOURCES}")
 
     def values(self) -> dict[str, Any]:
-        """The row's columns, each cut to its column's length."""
+        """The row's columns, each cut to its column's length, without the control characters
+        a path or query may smuggle in (PostgreSQL refuses NUL in text; XML 1.0, which the ATNA
+        export writes, refuses C0 controls but tab and line ends)."""
         row = asdict(self)
         del row["patient_row"]
-        for name, limit in _LIMITS.items():
-            value = row.get(name)
-            if isinstance(value, str) and len(value) > limit:
-                row[name] = value[:limit]
+        for name, value in row.items():
+            if isinstance(value, str):
+                value = _CONTROL.sub("", value)
+                limit = _LIMITS.get(name)
+                row[name] = value[:limit] if limit is not None else value
         return row
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
 
 
 _LIMITS = {

@@ -36,7 +36,7 @@ _SECRET_FIELD = re.compile(
 )
 # RFC 6750 2.1 bearer credentials, and compact JWS/JWE (RFC 7515 7.1: base64url header "eyJ…").
 _SECRET_TEXT = re.compile(
-    r"(Bearer|bearer|Basic)\s+[A-Za-z0-9\-._~+/]+=*"
+    r"((?i:bearer|basic))\s+[A-Za-z0-9\-._~+/]+=*"
     r"|eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*(?:\.[A-Za-z0-9_-]*){0,2}"
 )
 

@@ -52,7 +52,8 @@ class ChangeAudit:
         client = scope.get("client")
         method = str(scope.get("method", "POST"))
         path = str(scope.get("path", ""))
-        action = "E" if _OPERATION.search(path) else _ACTIONS.get(method, "E")
+        # An operation that changes a record updates it (PS3.15 A.5.3.9: C, R, U or D).
+        action = "U" if _OPERATION.search(path) else _ACTIONS.get(method, "U")
         note = scope.get(NOTE)
         return cls(
             str(subject) if subject else "anonymous",

@@ -277,6 +277,10 @@ class AtnaExporter:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
+            if self._thread.is_alive():  # still sending: a second sender would interleave frames
+                log.warning("audit export still busy at shutdown: last round skipped")
+                self.sender.close()
+                return
         try:
             while self.run_once() == self.batch:
                 pass

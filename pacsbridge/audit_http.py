@@ -55,7 +55,6 @@ _QIDO_END = frozenset({"studies", "series", "instances"})
 _ACCESSED = frozenset({"metadata", "rendered", "thumbnail"})
 _FHIR = re.compile(r"^/fhir/([A-Za-z]+)(?:/([^/]+))?(?:/(.*))?$")
 _FHIR_ACTIONS = {"POST": "C", "PUT": "U", "PATCH": "U", "DELETE": "D"}
-_ADMIN_ACTIONS = {"GET": "R", "HEAD": "R", "POST": "E", "PUT": "U", "PATCH": "U", "DELETE": "D"}
 _SECRET_PARAMS = frozenset(
     {"access_token", "token", "password", "client_secret", "client_assertion", "refresh_token"}
 )
@@ -89,7 +88,7 @@ def classify(method: str, path: str, raw_query: bytes) -> AuditEvent | None:
         else:
             type_code, subtype = "110100", None
         return AuditEvent(
-            action=_ADMIN_ACTIONS.get(method, "E"),
+            action="E",  # PS3.15 A.5.3.1 Application Activity, A.5.3.11 Security Alert: E only
             type_code=type_code,
             subtype_code=subtype,
             agent="anonymous",
@@ -146,13 +145,17 @@ def _fhir(method: str, path: str, raw_query: bytes) -> AuditEvent | None:
     patient_row = None
     if search:
         action, type_code = "E", "110112" if type_code == "110110" else type_code
+        if type_code == "110101":
+            action = "R"  # PS3.15 A.5.3.2 Audit Log Used: R
         for name, value in parse_qsl(raw_query.decode("latin-1")):
             if name in ("patient", "subject") and kind != "AuditEvent":
                 patient_row = _patient_row(value)
         entity = kind
     else:
         if (rest and rest.startswith("$")) or (resource_id or "").startswith("$"):
-            action = "E"
+            # PS3.15 A.5.3.9 Patient Record takes C, R, U or D: an operation that changes
+            # nothing reads (a change is recorded by its handler, fhir_bridge/change_audit.py).
+            action = "R"
         elif method in ("GET", "HEAD"):
             action = "R"
         else:

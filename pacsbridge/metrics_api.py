@@ -72,9 +72,15 @@ class FHIRTiming:
         try:
             await self.app(scope, receive, sending)
         finally:
+            method = scope["method"]  # any token is a method to the HTTP parser: labels bounded
             self.histogram.labels(
-                scope["method"], fhir_resource_label(path, self.prefix, self.types), str(status)
+                method if method in _METHODS else "other",
+                fhir_resource_label(path, self.prefix, self.types),
+                str(status),
             ).observe(time.perf_counter() - started)
+
+
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 def registry_for(db: Any) -> Any:

@@ -757,6 +757,23 @@ def test_the_database_refuses_to_change_an_event(index_backend: Backend) -> None
         assert [e.agent for _, e in archive.audit.since(0)] == ["ae:X"]
 
 
+def test_control_characters_a_request_smuggles_in_are_left_out(index_backend: Backend) -> None:
+    """A path or query with NUL (PostgreSQL refuses it in text) or other C0 controls (XML 1.0
+    refuses them) is recorded without them: the writer never stalls on one event."""
+    with closing(Archive(index_backend.settings)) as archive:
+        event = AuditEvent(
+            action="R",
+            type_code="110110",
+            agent="user:a\x00b",
+            source="fhir",
+            entity="Patient/a\x00\x1bb",
+            query="x=\x00&y=1\tz\n",
+        )
+        archive.audit.write([event])
+        (stored,) = [e for _, e in archive.audit.since(0)]
+    assert (stored.agent, stored.entity, stored.query) == ("user:ab", "Patient/ab", "x=&y=1\tz\n")
+
+
 # --- ATNA export -------------------------------------------------------------------------------
 
 _RFC5424 = re.compile(
