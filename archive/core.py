@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
+from archive import orders, outbox  # noqa: F401  (the order and event tables are part of the index)
 from archive.audit import MINOR_FAILURE, AuditEvent, AuditLog
 from archive.audit import record as record_audit
 from archive.blobstore import BlobNotFound, BlobStore, FileBlobStore, open_blob_store

@@ -11,7 +11,7 @@ from sqlalchemy import inspect
 
 import billing.models  # noqa: F401  (the billing tables are part of the metadata compared)
 import security.models  # noqa: F401  (and the access tables)
-from archive import Archive
+from archive import Archive, orders, outbox  # noqa: F401  (the order and event tables are part of the metadata compared)
 from archive.db import alembic_config
 from archive.models import Base
 from tests.conftest import Backend
