@@ -28,9 +28,11 @@ from ai.selector import SeriesInfo, matches, study_series
 from ai.stages import ClassificationOutput, SegmentationOutput, Timings
 from ai.volume import VolumeError, input_fingerprint, load_images, load_volume, series_instances
 from archive import Archive
+from archive.announce import study_reference
 from archive.audit import AuditEvent
 from archive.ingest import IngestError
-from archive.models import AIRun
+from archive.models import AIRun, Patient, Study
+from archive.outbox import emit
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +206,20 @@ class RunStore:
                 )
                 .values(superseded_by=run.id)
             )
+            # The ``ai.result`` event (archive.outbox), in the transaction that records the run
+            # done: identifiers and a summary of the findings, never pixel data.
+            emit(
+                s,
+                "ai.result",
+                study_uid=run.study_instance_uid,
+                patient_id=s.scalar(
+                    select(Patient.patient_id)
+                    .join(Study, Study.patient_fk == Patient.id)
+                    .where(Study.study_instance_uid == run.study_instance_uid)
+                ),
+                resource=study_reference(run.study_instance_uid),
+                data=result_event_data(run, result),
+            )
 
     def failed(self, run_id: int, error: str, result: dict[str, Any]) -> None:
         with self.db.write_session() as s:
@@ -221,6 +237,40 @@ class RunStore:
     def count(self) -> int:
         with self.db.session() as s:
             return int(s.scalar(select(func.count()).select_from(AIRun)) or 0)
+
+
+def result_event_data(run: RunRecord, result: dict[str, Any]) -> dict[str, Any]:
+    """The data of a run's ``ai.result`` event: the model, the run, the series it read, the
+    instances it produced and a summary of its findings (per label: the volume segmented, or
+    how many images were classified as showing it and the highest probability)."""
+    summary: dict[str, dict[str, Any]] = {}
+    for finding in result.get("findings", []):
+        label = str(finding.get("label"))
+        entry = summary.setdefault(label, {"label": label})
+        if "volume_ml" in finding:
+            entry["volume_ml"] = round(entry.get("volume_ml", 0.0) + finding["volume_ml"], 3)
+        if "probability" in finding:
+            entry["images_present"] = entry.get("images_present", 0) + bool(finding.get("present"))
+            entry["max_probability"] = max(
+                entry.get("max_probability", 0.0), float(finding["probability"])
+            )
+    return {
+        "model": run.model,
+        "model_version": result.get("model_version"),
+        "run_id": run.id,
+        "run_uid": run.uid,
+        "trigger": run.trigger,
+        "series_instance_uid": run.series_instance_uid,
+        "produced": [
+            {
+                key: item[key]
+                for key in ("modality", "sop_class_uid", "sop_instance_uid", "series_instance_uid")
+                if key in item
+            }
+            for item in result.get("produced", [])
+        ],
+        "findings": list(summary.values()),
+    }
 
 
 def _now() -> datetime:

@@ -11,6 +11,7 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from archive import orders, outbox  # noqa: F401  (the order and event tables are part of the index)
+from archive.announce import study_deleted
 from archive.audit import MINOR_FAILURE, AuditEvent, AuditLog
 from archive.audit import record as record_audit
 from archive.blobstore import BlobNotFound, BlobStore, FileBlobStore, open_blob_store
@@ -247,6 +248,7 @@ class Archive:
                     continue
                 patient_fks.add(study.patient_fk)
                 tombstone(s.connection(), "study", study.study_instance_uid, now)
+                study_deleted(s.connection(), study.study_instance_uid, study.patient_fk)
                 s.execute(delete(Study).where(Study.id == study_fk))
         if patient_key is not None:
             patient_fks |= set(
@@ -350,6 +352,7 @@ class Archive:
                     parsed=parsed,
                     now=datetime.now(UTC),
                     zone=dicom_zone(self.settings.dicom_timezone),
+                    announce=False,
                 )
             done += 1
             if progress:

@@ -25,12 +25,14 @@ from sqlalchemy import Connection, Table, bindparam, delete, func, insert, selec
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 
+from archive.announce import INSTANCE_STORED_KEYS, instance_stored, study_deleted
 from archive.audit import AuditEvent, AuditEventRow
 from archive.blobstore import BlobNotFound, BlobStore, BlobStoreError, OutOfSpace, instance_key
 from archive.db import Database, DirectConnection
 from archive.dicom import InvalidInstance, ParsedInstance, parse_header, valid_uid
 from archive.metrics import observe_ingest
 from archive.models import Instance, Patient, PendingBlobDeletion, Series, Study
+from archive.outbox import OutboxEvent
 from archive.reports import index_report, is_report, retire_reports, tombstone
 from config import Settings
 from config.settings import dicom_zone
@@ -45,6 +47,7 @@ _INSTANCE = cast(Table, Instance.__table__)
 _PENDING_DELETION = cast(Table, PendingBlobDeletion.__table__)
 _PARENT_CACHE_SIZE = 10_000
 _AUDIT_EVENT = cast(Table, AuditEventRow.__table__)
+_OUTBOX_EVENT = cast(Table, OutboxEvent.__table__)
 _AUDIT_KEYS = [name for name in AuditEvent.__dataclass_fields__ if name != "patient_row"]
 # Where an instance is held: (SOP Class UID, Series Instance UID, Study Instance UID, blob key).
 _HELD = (
@@ -322,6 +325,11 @@ class IngestService:
         self._touch_study = _DirectStatement(_TOUCH_STUDY, db.engine, ["study_fk", "now"])
         self._held = _DirectStatement(_HELD, db.engine, ["sop"])
         self._insert_audit = _DirectStatement(insert(_AUDIT_EVENT), db.engine, _AUDIT_KEYS)
+        # PostgreSQL: the event is inserted by the instance's INSERT (a data-modifying WITH).
+        self._event_in_insert = db.engine.dialect.name == "postgresql"
+        self._insert_event = _DirectStatement(
+            insert(_OUTBOX_EVENT), db.engine, INSTANCE_STORED_KEYS
+        )
         self._series_study = _DirectStatement(_SERIES_STUDY, db.engine, ["series"])
         self._max_inflated_size = settings.max_inflated_size_mb * 2**20
         self._zone = dicom_zone(settings.dicom_timezone)
@@ -714,15 +722,21 @@ class IngestService:
             "dicom_json": parsed.dicom_json,
             "received_at": now,
         }
+        event = instance_stored(parsed, now)
         if self._insert_instance is None:
-            self._insert_instance = _DirectStatement(
+            statement = (
                 self._insert(_INSTANCE)
                 .on_conflict_do_nothing(index_elements=["sop_instance_uid"])
-                .returning(_INSTANCE.c.id),
-                self.db.engine,
-                list(values),
+                .returning(_INSTANCE.c.id)
             )
-        inserted = self._insert_instance.execute(conn, values)
+            keys = list(values)
+            if self._event_in_insert:
+                statement, keys = _with_event(statement, keys)
+            self._insert_instance = _DirectStatement(statement, self.db.engine, keys)
+        params = values
+        if self._event_in_insert:
+            params = {**values, **{_EVENT_PARAM + key: value for key, value in event.items()}}
+        inserted = self._insert_instance.execute(conn, params)
         outcome = IngestOutcome.STORED
         instance_id = inserted[0] if inserted is not None else None
         if inserted is None:
@@ -776,6 +790,11 @@ class IngestService:
             self._study_touched[study_fk] = mono
             if len(self._study_touched) > _PARENT_CACHE_SIZE:
                 self._study_touched.pop(next(iter(self._study_touched)))
+        # The ``instance.stored`` event (archive.outbox), in the transaction that stores the
+        # instance: one INSERT, its values from the header (no lookup). Not for a duplicate.
+        # On PostgreSQL the instance's INSERT wrote it (one round trip), unless overwritten.
+        if not self._event_in_insert or outcome is IngestOutcome.OVERWRITTEN:
+            self._insert_event.execute(conn, event)
         if pending is not None:
             # The edge's record of this change, in its transaction (one INSERT, and only for
             # the instances the edge gives an event: C-STORE gives one per study and
@@ -810,6 +829,7 @@ class IngestService:
             return
         # Its reports moved with the overwritten instance (nothing else is left in it).
         tombstone(conn, "study", study.study_instance_uid, now)
+        study_deleted(conn, study.study_instance_uid, study.patient_fk)
         conn.execute(delete(_STUDY).where(_STUDY.c.id == study_fk))
         patient_fk = study.patient_fk
         if conn.execute(count(_STUDY).where(_STUDY.c.patient_fk == patient_fk)).scalar():
@@ -886,6 +906,36 @@ class IngestService:
             .on_conflict_do_nothing(index_elements=list(unique))
         ).rowcount
         return int(conn.execute(select(table.c.id).where(*where)).scalar_one()), inserted == 1
+
+
+_EVENT_PARAM = "event_"
+
+
+def _with_event(statement: Any, keys: list[str]) -> tuple[Any, list[str]]:
+    """The instance's ``INSERT … ON CONFLICT DO NOTHING RETURNING id`` that also inserts the
+    ``instance.stored`` outbox row when (and only when) it inserted the instance, in one
+    statement: ``WITH inserted AS (INSERT …), announced AS (INSERT INTO outbox_event SELECT …
+    FROM inserted) SELECT id FROM inserted`` (PostgreSQL runs every data-modifying WITH).
+    The event's values are the parameters ``event_<column>``."""
+    inserted = statement.values(
+        {key: bindparam(key, type_=_INSTANCE.c[key].type) for key in keys}
+    ).cte("inserted")
+    columns = list(INSTANCE_STORED_KEYS)
+    announced = (
+        insert(_OUTBOX_EVENT)
+        .from_select(
+            columns,
+            select(
+                *(
+                    bindparam(_EVENT_PARAM + c, type_=_OUTBOX_EVENT.c[c].type).label(c)
+                    for c in columns
+                )
+            ).select_from(inserted),
+        )
+        .cte("announced")
+    )
+    combined = select(inserted.c.id).add_cte(announced)
+    return combined, keys + [_EVENT_PARAM + c for c in columns]
 
 
 def _series_study_fk(conn: Connection, series_fk: int) -> int:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     JSON,
@@ -30,6 +30,7 @@ from sqlalchemy import (
     Index,
     Integer,
     String,
+    Table,
     Text,
     UniqueConstraint,
     insert,
@@ -169,7 +170,7 @@ class EventDelivery(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
 
 
-OUTBOX = OutboxEvent.__table__
+OUTBOX = cast(Table, OutboxEvent.__table__)
 _INSERT = insert(OUTBOX)
 
 

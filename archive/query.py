@@ -13,7 +13,9 @@ Matching rules implemented (PS3.4 C.2.2.2):
   (e.g. StudyDate + StudyTime) combine into one date-time range only when asked
   (``combine_date_time``, C.2.2.2.5.2), else each is matched on its own;
 - list of UID matching: ``uid1\\uid2\\…`` (C.2.2.2.2);
-- sequence matching is not supported: a sequence key is a return key only.
+- sequence matching is not supported by the Q/R models: a sequence key is a return key only.
+  The Modality Worklist model (:mod:`archive.worklist`) matches the keys of the Scheduled
+  Procedure Step Sequence's one item (C.2.2.2.6) with these same rules and SQL.
 
 Matching values are held to what their VR can hold (PS3.5 6.2) before any SQL is built, the
 same for C-FIND and QIDO-RS: integers within their VR's range, decimals finite, text no longer
@@ -32,7 +34,7 @@ import itertools
 import math
 import re
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,6 +72,10 @@ class QueryLevel(enum.StrEnum):
 class QueryModel(enum.StrEnum):
     PATIENT_ROOT = "PATIENT_ROOT"
     STUDY_ROOT = "STUDY_ROOT"
+    MODALITY_WORKLIST = "MODALITY_WORKLIST"
+    """The Modality Worklist Information Model (PS3.4 K.6.1): one entity, the Scheduled
+    Procedure Step of an order, matched over the orders on the worklist
+    (:mod:`archive.worklist`). It has no levels: ``Query.level`` is not used."""
 
 
 class QueryError(ValueError):
@@ -240,6 +246,9 @@ class Key:
     tag: int
     vr: str
     value: str | None = None
+    parent: int | None = None
+    """The tag of the sequence whose item holds the key (sequence matching, PS3.4
+    C.2.2.2.6); None for a key of the identifier itself."""
 
     @property
     def keyword(self) -> str:
@@ -598,15 +607,19 @@ def _bind(params: Iterator[str], expanding: bool = False) -> Any:
     return bindparam(next(params), expanding=expanding)
 
 
-def _condition_sql(shape: Shape, params: Iterator[str]) -> ColumnElement[bool]:
-    """The condition of ``shape``, its values bound to the names ``params`` yields."""
+def _condition_sql(
+    shape: Shape, params: Iterator[str], attributes: Mapping[str, Attribute] = INDEXED
+) -> ColumnElement[bool]:
+    """The condition of ``shape``, its values bound to the names ``params`` yields; the
+    columns of its attributes are those of ``attributes`` (the Q/R index's, or the
+    worklist's: :mod:`archive.worklist`)."""
     form = shape[0]
     if form == "false":
         return false()
     if form == "patient":
         return Patient.id == _bind(params)
     if form in ("in", "eq", "like", "range"):
-        attr = INDEXED[shape[1]]
+        attr = attributes[shape[1]]
         column: Any = attr.search_column if shape[2] else attr.column
         if form == "in":
             return column.in_(_bind(params, expanding=True))
@@ -626,8 +639,8 @@ def _condition_sql(shape: Shape, params: Iterator[str]) -> ColumnElement[bool]:
         return target.like(_bind(params), escape="\\")
     if form == "datetime":
         _, date_kw, time_kw, has_low, has_high = shape
-        date_col: Any = INDEXED[date_kw].column
-        time_col: Any = INDEXED[time_kw].column
+        date_col: Any = attributes[date_kw].column
+        time_col: Any = attributes[time_kw].column
         time_or_zero = func.coalesce(tm_sql(time_col), "")
         lower: ColumnElement[bool] = true()
         upper: ColumnElement[bool] = true()
@@ -773,6 +786,8 @@ def _match_text(m: _Matcher, texts: list[str]) -> bool:
 
 def _levels_for(query: Query) -> list[QueryLevel]:
     """The levels from the root of the model down to the query level."""
+    if query.model is QueryModel.MODALITY_WORKLIST:
+        raise QueryError("the Modality Worklist model has no levels: match it with find()")
     index = _LEVEL_ORDER.index(query.level)
     start = 0 if query.model is QueryModel.PATIENT_ROOT else 1
     if query.model is QueryModel.STUDY_ROOT and query.level is QueryLevel.PATIENT:
@@ -802,6 +817,11 @@ def validate(query: Query) -> None:
 
 def find(db: Database, query: Query) -> Iterator[dict[str, Any]]:
     """Run ``query``; yield DICOM JSON of each match with the requested keys."""
+    if query.model is QueryModel.MODALITY_WORKLIST:
+        from archive.worklist import find_worklist  # it builds on this module
+
+        yield from find_worklist(db, query).items
+        return
     matches = find_matches(db, query)
     for match in matches.items:
         yield matches.json(match)

@@ -45,6 +45,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.types import String
 
+from archive.announce import report_indexed
 from archive.dicom import ParsedInstance, _json_key, _person_name_string, normalise_person_name
 from archive.models import ReportDocument, ReportMeasurement, Tombstone
 
@@ -659,17 +660,22 @@ def index_report(
     parsed: ParsedInstance,
     now: datetime,
     zone: tzinfo = UTC,
+    announce: bool = True,
 ) -> None:
     """Index the SR document ``parsed`` (stored as instance row ``instance_id`` of study row
     ``study_fk``), replacing what was indexed of that instance before (overwrite policy).
 
     Runs in the ingest transaction: a document is indexed if and only if it is stored.
+    ``announce``: write the ``report.final`` / ``report.amended`` outbox event of a final
+    document in this transaction (not when reports are only indexed again).
     """
     document, measurements = _document(parsed, zone)
     uid = parsed.sop_instance_uid
     d = _DOCUMENT.c
     old = conn.execute(
-        select(d.root_uid).where(or_(d.instance_fk == instance_id, d.sop_instance_uid == uid))
+        select(d.root_uid, d.status, d.verification_flag).where(
+            or_(d.instance_fk == instance_id, d.sop_instance_uid == uid)
+        )
     ).first()
     if old is not None:
         conn.execute(
@@ -747,9 +753,47 @@ def index_report(
         for batch in (with_refs, without):
             if batch:
                 conn.execute(insert(_MEASUREMENT), batch)
+    status = report_status(parsed.report_status, document)
+    if announce and status in FINAL_STATUSES:
+        was_final = old is not None and report_status(old.status, old._mapping) in FINAL_STATUSES
+        if not was_final:  # the same final document sent again announces nothing new
+            earlier_final = conn.execute(
+                select(d.id)
+                .where(d.root_uid == root, d.sop_instance_uid != uid, _FINAL_DOCUMENT)
+                .limit(1)
+            ).first()
+            report_indexed(
+                conn,
+                parsed=parsed,
+                study_fk=study_fk,
+                root_uid=root,
+                version=version,
+                status=status,
+                amends=status != "final" or earlier_final is not None,
+            )
     if old is not None and old.root_uid != root:
         # Re-indexed into another chain: the old one may have lost its newest version.
         _settle_roots(conn, {old.root_uid}, now)
+
+
+#: DiagnosticReport statuses of a released report (R4 valueset-diagnostic-report-status):
+#: ``final``, and the later versions of a final report.
+FINAL_STATUSES = ("final", "amended", "corrected", "appended")
+_FINAL_DOCUMENT = or_(
+    _DOCUMENT.c.status.in_(FINAL_STATUSES),
+    and_(_DOCUMENT.c.status.is_(None), _DOCUMENT.c.verification_flag == "VERIFIED"),
+)
+
+
+def report_status(asked: str | None, document: Any) -> str:
+    """A document's DiagnosticReport status: the status its writer asked for, else from the
+    SR's flags (PS3.3 C.17.2.1: Verification Flag VERIFIED is final, Completion Flag PARTIAL
+    is partial). ``document``: a mapping with ``verification_flag`` and ``completion_flag``."""
+    if asked:
+        return asked
+    if document.get("verification_flag") == "VERIFIED":
+        return "final"
+    return "partial" if document.get("completion_flag") == "PARTIAL" else "preliminary"
 
 
 def retire_reports(conn: Connection, instance_ids: Sequence[int], now: datetime) -> None:

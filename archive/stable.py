@@ -3,9 +3,11 @@
 Ingest sets ``study.updated_at`` when a study grows (at most once a second per study and
 process) and clears ``study.stable_at``. The scanner, run every few seconds by any number of
 processes, finds studies with ``stable_at IS NULL`` whose ``updated_at`` is older than
-``stable_age``, sets ``stable_at`` and enqueues one job per stable-study job kind **in the same
-transaction**: a crash loses no stabilisation and never enqueues one twice. A later instance
-clears ``stable_at`` again, and the study re-stabilises (and enqueues again) once it is quiet.
+``stable_age``, sets ``stable_at``, ties the study to the order it was made for
+(``archive.order_links``), writes the ``study.stable`` outbox event and enqueues one job
+per stable-study job kind **in the same transaction**: a crash loses no stabilisation and never
+enqueues one twice. A later instance clears ``stable_at`` again, and the study re-stabilises (and
+enqueues again) once it is quiet.
 
 Concurrent scanners on PostgreSQL lock the candidate rows ``FOR UPDATE SKIP LOCKED`` and re-check
 ``stable_at IS NULL`` under the lock, so each stabilisation is claimed by exactly one of them;
@@ -31,9 +33,11 @@ from typing import cast
 
 from sqlalchemy import Row, Select, Table, select, update
 
+from archive.announce import study_stable
 from archive.db import Database
 from archive.jobs import JobQueue, JobStatus
 from archive.models import Study
+from archive.order_links import any_orders, tie_stable_study
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +82,11 @@ class StableStudyScanner:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def _candidates(self, cutoff: datetime) -> Select[tuple[int, str, datetime]]:
+    def _candidates(self, cutoff: datetime) -> Select[tuple[int, str, datetime, int]]:
         return (
-            select(_STUDY.c.id, _STUDY.c.study_instance_uid, _STUDY.c.updated_at)
+            select(
+                _STUDY.c.id, _STUDY.c.study_instance_uid, _STUDY.c.updated_at, _STUDY.c.patient_fk
+            )
             .where(_STUDY.c.stable_at.is_(None), _STUDY.c.updated_at <= cutoff)
             .order_by(_STUDY.c.updated_at)
             .limit(self.batch)
@@ -107,7 +113,10 @@ class StableStudyScanner:
             query = query.with_for_update(skip_locked=True)
         declared: list[StableStudy] = []
         with self.db.write_connection() as conn:
-            rows: list[Row[tuple[int, str, datetime]]] = list(conn.execute(query))
+            rows: list[Row[tuple[int, str, datetime, int]]] = list(conn.execute(query))
+            # Studies made for an order are tied to it (archive.order_links) when they become
+            # stable; an index without orders pays one row read per batch for it.
+            with_orders = bool(rows) and any_orders(conn)
             for row in rows:
                 # Guarded again by the condition: under the row lock (PostgreSQL), or alone in
                 # the write transaction (SQLite), only one scanner can turn NULL into a time.
@@ -127,6 +136,11 @@ class StableStudyScanner:
                     "study_instance_uid": study.study_instance_uid,
                     "updated_at": updated_at.isoformat(),
                 }
+                if with_orders:
+                    tie_stable_study(conn, study.study_instance_uid)
+                # The ``study.stable`` event (archive.outbox), in the transaction that declares
+                # it: announced if and only if the declaration commits.
+                study_stable(conn, study.study_instance_uid, row.patient_fk, updated_at)
                 if self.kinds:
                     self.queue.enqueue_many(
                         [(kind, payload, study.study_instance_uid) for kind in self.kinds],

@@ -7,7 +7,9 @@ Performed Protocol Code Sequence (0040,0260) — the first of those with items, 
 procedure — else its Modality + Body Part Examined (+ Laterality / Image Laterality, + contrast:
 Contrast/Bolus Agent (0018,0010) not empty). Series that are not images (SR, SEG, KO, PR, DOC,
 REG, RTSTRUCT, or only SR instances) are skipped. A study has one procedure per distinct code (or
-modality + body part + laterality + contrast key), however many series show it.
+modality + body part + laterality + contrast key), however many series show it. A study made for
+an order (``archive.order_links``) whose procedure code the price list prices has one technical
+procedure instead: the ordered one (:func:`ordered_procedure`).
 
 **Conditions** a price component may name: ``contrast`` (a series of the procedure had a
 contrast agent), ``after_hours`` (Study Time before 07:00 or from 19:00, the study's local time)
@@ -41,9 +43,11 @@ from sqlalchemy.orm import Session
 from archive import Archive
 from archive.audit import AuditEvent, record_change
 from archive.models import Instance, Patient, ReportDocument, Series, Study
+from archive.order_links import order_for_study
+from archive.outbox import emit
 from billing.metrics import count_charge_on_commit
 from billing.models import BillingAccount, ChargeEvent, ChargeItem, ChargeItemDefinition
-from billing.prices import find_definition, price
+from billing.prices import CODE_SYSTEMS, find_definition, price
 from config import Settings
 
 PLANNED = "planned"
@@ -299,6 +303,39 @@ def _event(
     )
 
 
+def announce_charge(session: Session, charge_id: int, values: dict[str, Any]) -> None:
+    """The ``charge.created`` event (archive.outbox) of a new charge, in the transaction that
+    inserts it: codes and amounts (as strings), never names."""
+
+    def money(value: Any) -> str | None:
+        return None if value is None else str(value)
+
+    occurred = values.get("occurred_on")
+    emit(
+        session,
+        "charge.created",
+        study_uid=values.get("study_instance_uid"),
+        patient_id=values.get("patient_id"),
+        resource=f"ChargeItem/{charge_id}",
+        data={
+            "charge_id": charge_id,
+            "version": values.get("version"),
+            "kind": values.get("kind"),
+            "status": values.get("status"),
+            "code_system": values.get("code_system"),
+            "code": values.get("code"),
+            "quantity": money(values.get("quantity")),
+            "net": money(values.get("net")),
+            "tax": money(values.get("tax")),
+            "total": money(values.get("total")),
+            "currency": values.get("currency"),
+            "occurred_on": occurred.isoformat() if occurred is not None else None,
+            "service_kind": values.get("service_kind"),
+            "service_uid": values.get("service_uid"),
+        },
+    )
+
+
 def _capture(
     session: Session,
     settings: Settings,
@@ -354,6 +391,7 @@ def _capture(
             ).scalar_one()
         )
     _event(session, new_id, values, actor, "captured" if definition is not None else missing)
+    announce_charge(session, int(new_id), values)
     _audit_capture(session, audit, int(new_id), base)
     count_charge_on_commit(session, str(base["kind"]))
     return int(new_id)
@@ -411,6 +449,50 @@ def _procedure_columns(procedure: Procedure) -> dict[str, Any]:
     }
 
 
+#: The code systems of ordered procedures (FHIR ServiceRequest.code URIs, as the orders keep
+#: them) by their names in the price list (``billing.prices.CODE_SYSTEMS``).
+ORDER_CODE_SYSTEMS = {
+    "http://loinc.org": "loinc",
+    "http://www.radlex.org": "radlex",
+    "http://radlex.org": "radlex",
+    "http://www.ama-assn.org/go/cpt": "cpt",
+    "urn:pacsbridge:procedure-code": "local",
+    **{name: name for name in CODE_SYSTEMS},
+}
+
+
+def ordered_procedure(
+    session: Session, study_uid: str, performed: list[Procedure], on: date
+) -> Procedure | None:
+    """The study's one technical procedure when it was made for an order (archive.order_links)
+    whose procedure code the price list prices on ``on``: coded as ordered, with what its
+    series showed (modality, body part, laterality, contrast, conditions). None otherwise: the
+    procedures the series show are charged then."""
+    order = order_for_study(session, study_uid)
+    if order is None or not order.procedure_code or not performed:
+        return None
+    system = ORDER_CODE_SYSTEMS.get((order.procedure_scheme or "").strip())
+    if system is None:
+        return None
+    code = str(order.procedure_code)
+    if find_definition(session, kind="technical", on=on, procedure_codes=[(system, code)]) is None:
+        return None
+    first = performed[0]
+    contrast = any(p.contrast for p in performed)
+    return Procedure(
+        key=f"{system}:{code}",
+        display=order.procedure_display or f"{system} {code}",
+        code_system=system,
+        code=code,
+        modality=first.modality,
+        body_part=first.body_part,
+        laterality=first.laterality,
+        contrast=contrast,
+        conditions=sorted({c for p in performed for c in p.conditions}),
+        series=[uid for p in performed for uid in p.series],
+    )
+
+
 def capture_technical(
     archive: Archive,
     settings: Settings,
@@ -432,6 +514,9 @@ def capture_technical(
             return []
         account = _account(session, patient)
         on = study_day(study)
+        ordered = ordered_procedure(session, study_uid, procedures, on)
+        if ordered is not None:
+            procedures = [ordered]
         ids = []
         for procedure in procedures:
             definition = _find(session, "technical", on, procedure)

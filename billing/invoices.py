@@ -39,7 +39,8 @@ from sqlalchemy.orm import Session, aliased
 
 from archive import Archive
 from archive.audit import AuditEvent, record_change
-from billing.capture import BILLABLE, _change, _event
+from archive.outbox import emit
+from billing.capture import BILLABLE, _change, _event, announce_charge
 from billing.models import (
     BillingAccount,
     ChargeItem,
@@ -155,6 +156,30 @@ def _audit(session: Session, audit: AuditEvent | None, invoice: Invoice) -> None
             entity=f"Invoice/{invoice.id}",
             patient_id=invoice_patient(session, invoice.id),
         )
+
+
+def _announce(session: Session, type: str, invoice: Invoice, paid: Decimal, **extra: Any) -> None:
+    """The ``invoice.issued`` / ``invoice.paid`` event (archive.outbox) of ``invoice``, in the
+    transaction of the change: amounts as strings, never names."""
+    emit(
+        session,
+        type,
+        patient_id=invoice_patient(session, invoice.id),
+        resource=f"Invoice/{invoice.id}",
+        data={
+            "invoice_id": invoice.id,
+            "version": invoice.version,
+            "status": invoice.status,
+            "currency": invoice.currency,
+            "net": str(invoice.net),
+            "tax": str(invoice.tax),
+            "gross": str(invoice.gross),
+            "paid": str(paid),
+            "issued_at": invoice.issued_at.isoformat() if invoice.issued_at else None,
+            "due_on": invoice.due_on.isoformat() if invoice.due_on else None,
+            **extra,
+        },
+    )
 
 
 def _bump(session: Session, invoice: Invoice, status: str, actor: str, reason: str | None) -> None:
@@ -582,6 +607,13 @@ def issue_invoice(
         invoice.issued_at = now
         invoice.due_on = now.date() + timedelta(days=settings.billing.payment_terms_days)
         _bump(session, invoice, ISSUED, actor, "issued")
+        _announce(
+            session,
+            "invoice.issued",
+            invoice,
+            _paid(session, invoice_id),
+            charges=[line.charge_fk for line in lines],
+        )
         _audit(session, audit, invoice)
 
 
@@ -754,7 +786,12 @@ def pay(
     session.flush()
     status = BALANCED if paid + value == invoice.gross else ISSUED
     what = f"payment {payment.id} of {value}" if value > 0 else f"refund {payment.id}"
+    was = invoice.status
     _bump(session, invoice, status, actor, f"{what}: {reason}" if reason else what)
+    if status == BALANCED and was != BALANCED:
+        # Paid in full by this payment (a refund that reopens it, and a later payment that
+        # balances it again, announce it again).
+        _announce(session, "invoice.paid", invoice, paid + value, payment_id=int(payment.id))
     return int(payment.id)
 
 
@@ -819,6 +856,9 @@ def credit_charge(
         )
         session.add(credit)
         session.flush()
+        announce_charge(
+            session, int(credit.id), {c.key: getattr(credit, c.key) for c in ChargeItem.__table__.c}
+        )
         _event(
             session,
             credit.id,

@@ -44,6 +44,7 @@ from billing.capture import (
     _change,
     _event,
     _insert,
+    announce_charge,
 )
 from billing.invoices import BILLED, BillingError, _invoiced, money
 from billing.metrics import count_charge_on_commit
@@ -221,6 +222,7 @@ def create_manual_charge(
                 ).scalar_one()
             ), False
         _event(session, new_id, values, actor, fields_.note or missing or "entered by hand")
+        announce_charge(session, int(new_id), values)
         record_change(
             session,
             audit,

@@ -446,6 +446,84 @@ class AuditSettings(BaseModel):
         return value
 
 
+class EventSubscriptionSettings(BaseModel):
+    """A subscription of the settings file (``[events.subscriptions.<name>]``): where events
+    go. Stored in the index at start (``source = "toml"``); one removed from the file is turned
+    off there, with its delivery state kept."""
+
+    model_config = {"extra": "forbid"}
+
+    channel: Literal["amqp", "webhook"]
+    url: str
+    """``amqp://user:password@host:5672/vhost`` (RabbitMQ), or the ``http(s)://`` URL a
+    webhook POSTs to."""
+    types: list[str] = Field(default_factory=lambda: ["#"])
+    """Event types, AMQP topic patterns: ``study.*`` (one word), ``order.#`` (any words)."""
+    exchange: str | None = None
+    """AMQP: the durable topic exchange (default ``events.exchange``)."""
+    secret: str | None = None
+    """Webhook: the HMAC-SHA256 key of ``X-Pacsbridge-Signature``."""
+    max_attempts: int | None = Field(default=None, ge=1, le=1000)
+    """Attempts of one event before it is ``dead`` (webhook default
+    ``events.webhook_max_attempts``; AMQP: unlimited unless set)."""
+    headers: list[str] = Field(default_factory=list)
+    """Webhook: extra request headers, ``"Name: value"``."""
+    timeout: float | None = Field(default=None, gt=0, le=300)
+    """Webhook: seconds to wait for the answer (default ``events.webhook_timeout``)."""
+    enabled: bool = True
+
+    @field_validator("url")
+    @classmethod
+    def _valid_url(cls, value: str) -> str:
+        if not value.lower().startswith(("amqp://", "amqps://", "http://", "https://")):
+            raise ValueError("an event subscription url is amqp(s):// or http(s)://")
+        return value
+
+
+class EventsSettings(BaseModel):
+    """Event delivery from the outbox (``[events]``): RabbitMQ, webhooks, FHIR rest-hooks. The
+    job workers deliver (in ``serve`` and in ``pacsbridge worker`` processes)."""
+
+    enabled: bool = True
+    """Deliver events in this process's job workers."""
+    include_phi: bool = False
+    """Put the Patient ID in each event (``"patient": {"id": ...}``). Off: events carry study
+    UIDs, FHIR references and links only, which need the server (and its access control) to be
+    turned into a patient."""
+    source: str | None = None
+    """The ``source`` of every event (default: ``public_url``, else ``urn:pacsbridge:<AE>``)."""
+    exchange: str = "pacsbridge.events"
+    """The AMQP topic exchange of subscriptions that name none (declared durable)."""
+    poll_interval: float = Field(default=0.2, gt=0, le=60)
+    """Seconds between looks at the outbox when there is nothing to do."""
+    batch_size: int = Field(default=500, ge=1, le=10000)
+    lease_seconds: float = Field(default=30.0, ge=1)
+    """One process delivers a subscription at a time; another takes over after this long
+    without news from it."""
+    backoff_base: float = Field(default=1.0, gt=0)
+    """First retry delay in seconds, doubled on each failure up to ``backoff_max``."""
+    backoff_max: float = Field(default=300.0, gt=0)
+    webhook_max_attempts: int = Field(default=8, ge=1, le=1000)
+    webhook_timeout: float = Field(default=10.0, gt=0, le=300)
+    amqp_heartbeat: int = Field(default=30, ge=0, le=3600)
+    """AMQP heartbeat seconds (0: none)."""
+    gap_timeout: float = Field(default=60.0, gt=0)
+    """PostgreSQL: how long an outbox id that a transaction still holds (an event not yet
+    committed) is waited for before later events pass it."""
+    retention_days: float = Field(default=7.0, gt=0)
+    """Events older than this that every subscription has had are pruned."""
+    subscriptions: dict[str, EventSubscriptionSettings] = Field(default_factory=dict)
+
+    @field_validator("subscriptions")
+    @classmethod
+    def _valid_names(
+        cls, value: dict[str, EventSubscriptionSettings]
+    ) -> dict[str, EventSubscriptionSettings]:
+        for name in value:
+            validate_peer_name(name, "an event subscription name")
+        return value
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="PACSBRIDGE_",
@@ -497,6 +575,12 @@ class Settings(BaseSettings):
     # --- query -------------------------------------------------------------------------
     query_case_insensitive_pn: bool = True
     """Person names match case-insensitively in C-FIND and QIDO-RS (like most PACS)."""
+    query_lenient: bool = False
+    """C-FIND at the SERIES or IMAGE level without the unique keys of the levels above
+    (StudyInstanceUID, SeriesInstanceUID, and PatientID in the Patient Root model) is run as a
+    relational query (PS3.4 C.4.1.2.2.2) instead of being refused (0xA900), as dcm4chee's
+    lenient mode does. Off: only requestors that negotiated relational queries (SOP Class
+    Extended Negotiation byte 1, PS3.4 C.5.1.1.1) may leave them out."""
 
     # --- DICOMweb ----------------------------------------------------------------------
     public_url: str | None = None
@@ -686,6 +770,8 @@ class Settings(BaseSettings):
     """Billing: ``[billing]`` (``PACSBRIDGE_BILLING='{"currency": "CHF"}'``)."""
     audit: AuditSettings = Field(default_factory=AuditSettings)
     """The audit trail: ``[audit]`` (``PACSBRIDGE_AUDIT='{"retention_days": 3650}'``)."""
+    events: EventsSettings = Field(default_factory=EventsSettings)
+    """Event delivery: ``[events]`` and ``[events.subscriptions.<name>]``."""
 
     @field_validator("dicom_timezone")
     @classmethod

@@ -10,6 +10,8 @@ Orthanc's defaults are the model (``DicomAlwaysAllowEcho``/``Store`` on, ``…Fi
   ``dimse_query_from_any_ae`` is set (and ``auth`` is not ``required``);
 - a declared peer's ``permissions`` hold for every service: one without ``store`` is refused
   C-STORE, one without ``echo`` C-ECHO;
+- reporting performed procedure steps (MPPS N-CREATE / N-SET, ``dicom_node/mpps.py``) changes
+  orders as storing changes the archive: it takes the ``store`` permission;
 - a peer with ``check_host``: its associations must come from an address its ``host`` resolves
   to; from elsewhere its AE title counts as undeclared (someone else using it);
 - ``auth = "required"``: an association whose Calling AE Title is no declared peer is rejected
@@ -37,11 +39,11 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 from pynetdicom import evt
 from pynetdicom.association import Association
-from pynetdicom.dimse_primitives import C_ECHO, C_FIND, C_GET, C_MOVE, C_STORE
+from pynetdicom.dimse_primitives import C_ECHO, C_FIND, C_GET, C_MOVE, C_STORE, N_CREATE, N_SET
 from pynetdicom.events import Event
 
 from archive.peers import PeerRecord, PeerRegistry
@@ -63,6 +65,10 @@ SERVICES: dict[type, str] = {
     C_FIND: "find",
     C_MOVE: "move",
     C_GET: "get",
+    # Modality Performed Procedure Step (dicom_node/mpps.py): a modality reporting what it
+    # performed changes orders, as storing changes the archive.
+    N_CREATE: "store",
+    N_SET: "store",
 }
 #: The services any calling AE title may use (unless it is a peer's, without the permission).
 OPEN_SERVICES = frozenset(("echo", "store"))
@@ -244,15 +250,19 @@ class AccessControl:
             access.address,
             "DIMSE request refused: not authorized",
             calling_ae=access.calling_ae,
-            service=f"C-{service.upper()}",
+            service=type(msg).__name__.replace("_", "-"),
             status=f"0x{STATUS_REFUSED_NOT_AUTHORIZED:04X}",
             reason=detail,
         )
         rsp = type(msg)()
         rsp.MessageIDBeingRespondedTo = msg.MessageID
-        rsp.AffectedSOPClassUID = msg.AffectedSOPClassUID
-        if isinstance(msg, C_STORE):
-            cast(C_STORE, rsp).AffectedSOPInstanceUID = msg.AffectedSOPInstanceUID
+        if isinstance(msg, N_SET):
+            rsp.AffectedSOPClassUID = msg.RequestedSOPClassUID
+            rsp.AffectedSOPInstanceUID = msg.RequestedSOPInstanceUID
+        else:
+            rsp.AffectedSOPClassUID = msg.AffectedSOPClassUID
+        if isinstance(msg, (C_STORE, N_CREATE)):
+            rsp.AffectedSOPInstanceUID = msg.AffectedSOPInstanceUID
         rsp.Status = STATUS_REFUSED_NOT_AUTHORIZED
         # Error Comment is LO: at most 64 characters, no backslash (PS3.7 C.4, PS3.5 6.2).
         rsp.ErrorComment = comment.replace("\\", "/")[:64]

@@ -51,18 +51,29 @@ def _single(value: Any) -> str | None:
 
 
 def query_text(sop_class_uid: str, identifier: Dataset | None) -> str:
-    """The request's keys as ``SOPClass KEY=value ...`` (only keys with a value)."""
+    """The request's keys as ``SOPClass KEY=value ...`` (only keys with a value; the keys of a
+    sequence's item as ``SEQUENCE.KEY=value``, as a worklist query's step keys come)."""
     parts = [sop_class_uid]
     if identifier is not None:
         try:
-            for element in identifier:
-                if element.VR == "SQ" or element.value in (None, ""):
-                    continue
-                name = element.keyword or f"({element.tag.group:04X},{element.tag.element:04X})"
-                parts.append(f"{name}={element.value}")
+            parts += _key_texts(identifier, "")
         except Exception:  # a key that cannot be decoded: keep what was read
             parts.append("(undecodable)")
     return " ".join(parts)[:_QUERY_LIMIT]
+
+
+def _key_texts(identifier: Dataset, prefix: str) -> list[str]:
+    parts: list[str] = []
+    for element in identifier:
+        name = element.keyword or f"({element.tag.group:04X},{element.tag.element:04X})"
+        if element.VR == "SQ":
+            for item in (element.value or [])[:1]:  # sequence matching: one item
+                parts += _key_texts(item, f"{prefix}{name}.")
+            continue
+        if element.value in (None, ""):
+            continue
+        parts.append(f"{prefix}{name}={element.value}")
+    return parts
 
 
 class DimseAudit:

@@ -1,4 +1,10 @@
-"""C-FIND SCP: Patient Root and Study Root Query/Retrieve Information Models (PS3.4 C.4.1)."""
+"""C-FIND SCP: Patient Root and Study Root Query/Retrieve Information Models (PS3.4 C.4.1),
+and the Modality Worklist Information Model (PS3.4 K.4, served by ``dicom_node/worklist.py``).
+
+Queries are hierarchical (PS3.4 C.4.1.2.2.1) unless the requestor negotiated relational
+queries for the SOP class (SOP Class Extended Negotiation byte 1, C.5.1.1.1; C.4.1.2.2.2), or
+``query_lenient`` lets SERIES and IMAGE queries leave out the unique keys of the levels above
+(they are then run as relational queries)."""
 
 from __future__ import annotations
 
@@ -100,34 +106,52 @@ class FindService:
         self.settings = settings
         # association -> information models for which combined date-time matching was agreed
         self._combined: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
+        # association -> information models for which relational queries were agreed
+        self._relational: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
         self.audit = DimseAudit(archive)
+        # Imported here: dicom_node.worklist builds on this module's helpers.
+        from dicom_node.worklist import WORKLIST_FIND, WorklistFind
+
+        self.worklist_uid = WORKLIST_FIND
+        self.worklist = WorklistFind(archive, settings, self.audit)
 
     def add_contexts(self, ae: AE) -> None:
         for uid in MODELS:
             ae.add_supported_context(uid)
+        ae.add_supported_context(self.worklist_uid)
 
     def handlers(self) -> list[Handler]:
         return [(evt.EVT_C_FIND, self.handle_find), (evt.EVT_SOP_EXTENDED, self.handle_extended)]
 
     def handle_extended(self, event: Event) -> dict[Any, bytes]:
         """SOP Class Extended Negotiation for C-FIND (PS3.4 C.5.1.1.2): byte 1 relational
-        queries (not supported: 0), byte 2 combined date-time matching (supported), byte 3
+        queries (supported, C.5.1.1.1), byte 2 combined date-time matching (supported), byte 3
         fuzzy semantic matching of person names (not supported), byte 4 timezone adjustment
-        (not supported)."""
+        (not supported). The worklist's are answered by ``dicom_node.worklist``."""
         accepted: dict[Any, bytes] = {}
         app_info: dict[Any, bytes] = getattr(event, "app_info", None) or {}
         for uid, info in app_info.items():
-            if str(uid) not in MODELS or not info:
+            if not info:
                 continue
-            combined = len(info) > 1 and info[1] == 1
+            if str(uid) == self.worklist_uid:
+                accepted[uid] = self.worklist.extended(bytes(info))
+                continue
+            if str(uid) not in MODELS:
+                continue
             reply = bytearray(len(info))
-            if combined:
+            if info[0] == 1:
+                reply[0] = 1
+                self._relational.setdefault(event.assoc, set()).add(str(uid))
+            if len(info) > 1 and info[1] == 1:
                 reply[1] = 1
                 self._combined.setdefault(event.assoc, set()).add(str(uid))
             accepted[uid] = bytes(reply)
         return accepted
 
     def handle_find(self, event: Event) -> Iterator[tuple[int | Dataset, Dataset | None]]:
+        if str(event.request.AffectedSOPClassUID) == self.worklist_uid:
+            yield from self.worklist.handle_find(event)
+            return
         model = MODELS.get(str(event.request.AffectedSOPClassUID))
         try:
             identifier = event.identifier
@@ -155,11 +179,16 @@ class FindService:
                 f"Query/Retrieve Level {level_text!r} is not PATIENT, STUDY, SERIES or IMAGE",
             )
             return
+        level = QueryLevel(level_text)
+        sop_class = str(event.request.AffectedSOPClassUID)
+        relational = sop_class in self._relational.get(event.assoc, set()) or (
+            self.settings.query_lenient and level in (QueryLevel.SERIES, QueryLevel.IMAGE)
+        )
         query = Query(
-            QueryLevel(level_text),
+            level,
             model,
             keys,
-            hierarchical=True,
+            hierarchical=not relational,
             case_insensitive_pn=self.settings.query_case_insensitive_pn,
             combine_date_time=str(event.request.AffectedSOPClassUID)
             in self._combined.get(event.assoc, set()),

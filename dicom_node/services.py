@@ -27,8 +27,10 @@ class DimseService(Protocol):
 
 def default_services(archive: Archive, settings: Settings) -> list[DimseService]:
     from dicom_node.find import FindService
+    from dicom_node.mpps import MppsService
     from dicom_node.retrieve import RetrieveService
 
     services: list[DimseService] = [FindService(archive, settings)]
     services.append(RetrieveService(archive, settings))
+    services.append(MppsService(archive, settings))
     return services

@@ -1,5 +1,5 @@
 """The DIMSE status codes the node answers with (PS3.7 Annex C, PS3.4 B.2.3, C.4.1.1.4,
-C.4.2.1.5, C.4.3.1.4), taken from pynetdicom's ``Status`` where it names them.
+C.4.2.1.5, C.4.3.1.4, F.7.2), taken from pynetdicom's ``Status`` where it names them.
 
 pynetdicom names only a few codes (``pynetdicom.status.Status``); the others are codes of its
 per-service status tables (``STORAGE_SERVICE_CLASS_STATUS``, ``QR_*_SERVICE_CLASS_STATUS``),
@@ -36,6 +36,12 @@ STATUS_UNABLE_TO_PROCESS = 0xC000
 STATUS_OUT_OF_RESOURCES_MATCHES = 0xA701  # unable to calculate number of matches
 STATUS_OUT_OF_RESOURCES_SUBOPERATIONS = 0xA702  # unable to perform sub-operations
 STATUS_MOVE_DESTINATION_UNKNOWN = int(Status.MOVE_DESTINATION_UNKNOWN)  # 0xA801
+
+# --- Modality Performed Procedure Step, N-CREATE / N-SET (PS3.4 F.7.2, PS3.7 C) -------------
+STATUS_INVALID_ATTRIBUTE_VALUE = 0x0106
+STATUS_NO_SUCH_OBJECT_INSTANCE = 0x0112
+STATUS_MISSING_ATTRIBUTE = 0x0120
+STATUS_MISSING_ATTRIBUTE_VALUE = 0x0121
 
 #: Each code above, the pynetdicom status table of the service it is answered in, and the
 #: category PS3.4 gives it there (checked against pynetdicom by the tests).
@@ -111,6 +117,22 @@ CATEGORIES: dict[str, tuple[int, str, str]] = {
     "STATUS_MOVE_DESTINATION_UNKNOWN": (
         STATUS_MOVE_DESTINATION_UNKNOWN,
         "QR_MOVE_SERVICE_CLASS_STATUS",
+        "Failure",
+    ),
+    "STATUS_INVALID_ATTRIBUTE_VALUE": (
+        STATUS_INVALID_ATTRIBUTE_VALUE,
+        "PROCEDURE_STEP_STATUS",
+        "Failure",
+    ),
+    "STATUS_NO_SUCH_OBJECT_INSTANCE": (
+        STATUS_NO_SUCH_OBJECT_INSTANCE,
+        "PROCEDURE_STEP_STATUS",
+        "Failure",
+    ),
+    "STATUS_MISSING_ATTRIBUTE": (STATUS_MISSING_ATTRIBUTE, "PROCEDURE_STEP_STATUS", "Failure"),
+    "STATUS_MISSING_ATTRIBUTE_VALUE": (
+        STATUS_MISSING_ATTRIBUTE_VALUE,
+        "PROCEDURE_STEP_STATUS",
         "Failure",
     ),
 }

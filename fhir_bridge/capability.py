@@ -93,7 +93,9 @@ def _statement(ctx: Context, software_version: str) -> dict[str, Any]:
                 "mode": "server",
                 "documentation": (
                     "Views of the archive: patients, imaging studies, reports and AI findings, "
-                    "and billing: the price list, charges, accounts, invoices and payments. "
+                    "imaging orders (ServiceRequest, the Modality Worklist's scheduled steps), "
+                    "and billing: the price list, charges, accounts, invoices and payments; "
+                    "administrators subscribe to their changes (Subscription, rest-hook). "
                     "Unknown search parameters are ignored and reported in an OperationOutcome "
                     "entry, or refused under 'Prefer: handling=strict'."
                 ),

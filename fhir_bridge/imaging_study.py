@@ -5,6 +5,8 @@ Mapping as the ImagingStudy page's DICOM mapping and IHE RAD IDR do: id and iden
 type ``v2-0203#ACSN``, series and instances from the index, and one Endpoint for the DICOMweb
 root. ``meta.versionId`` is the newest instance row id of the study (row ids only grow), so it
 moves whenever the study gains an instance; ``meta.lastUpdated`` is when it last grew.
+``basedOn``: the ServiceRequests of the orders the study was made for (its Study Instance UID
+or Accession Number, ``archive.order_links``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from sqlalchemy.orm import Session
 
 from archive.ingest import VERSION_STEP
 from archive.models import Instance, Patient, ReportDocument, Series, Study, Tombstone
+from archive.order_links import orders_of_studies
 from archive.query import tm_sql
 from config.settings import dicom_zone
 from fhir_bridge import identity, search
@@ -310,7 +313,17 @@ class ImagingStudyProvider(Provider):
             )
         ):
             rows_of[row.study_id].append(row)
-        return [self._resource(rows_of[i], tz) for i in row_ids if i in rows_of]
+        resources = [self._resource(rows_of[i], tz) for i in row_ids if i in rows_of]
+        # basedOn: the orders the studies were made for (archive.order_links), one query.
+        orders = orders_of_studies(
+            session,
+            [(rows[0].study_instance_uid, rows[0].accession_number) for rows in rows_of.values()],
+        )
+        for resource in resources:
+            based_on = orders.get(resource["id"])
+            if based_on:
+                resource["basedOn"] = [{"reference": f"ServiceRequest/{i}"} for i in based_on]
+        return resources
 
     @staticmethod
     def _resource(rows: list[Any], tz: Any) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from sqlalchemy import Select, case, exists, func, literal, select
 from sqlalchemy.orm import Session, aliased
 
 from archive.models import Patient, ReportDocument, ReportMeasurement, Study, Tombstone
+from archive.order_links import orders_of_studies
 from fhir_bridge import identity, search
 from fhir_bridge.context import Context
 from fhir_bridge.errors import FHIRError, gone, not_found
@@ -273,11 +274,20 @@ class DiagnosticReportProvider(Provider):
         rows = {
             row.ReportDocument.id: row
             for row in session.execute(
-                select(ReportDocument, Study.study_instance_uid, Study.patient_fk)
+                select(
+                    ReportDocument,
+                    Study.study_instance_uid,
+                    Study.patient_fk,
+                    Study.accession_number,
+                )
                 .join(Study, ReportDocument.study_fk == Study.id)
                 .where(ReportDocument.id.in_(row_ids))
             )
         }
+        # basedOn: the orders the report's study was made for (archive.order_links).
+        orders = orders_of_studies(
+            session, {(row.study_instance_uid, row.accession_number) for row in rows.values()}
+        )
         results: dict[int, list[int]] = defaultdict(list)
         for measurement_id, document_fk in session.execute(
             select(ReportMeasurement.id, ReportMeasurement.document_fk)
@@ -285,16 +295,21 @@ class DiagnosticReportProvider(Provider):
             .order_by(ReportMeasurement.position)
         ):
             results[document_fk].append(measurement_id)
-        return [
-            self.resource(
+        resources = []
+        for i in row_ids:
+            if i not in rows:
+                continue
+            resource = self.resource(
                 rows[i].ReportDocument,
                 rows[i].study_instance_uid,
                 rows[i].patient_fk,
                 results.get(i, []),
             )
-            for i in row_ids
-            if i in rows
-        ]
+            based_on = orders.get(rows[i].study_instance_uid)
+            if based_on:
+                resource["basedOn"] = [{"reference": f"ServiceRequest/{o}"} for o in based_on]
+            resources.append(resource)
+        return resources
 
     @staticmethod
     def resource(

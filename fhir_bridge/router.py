@@ -37,6 +37,7 @@ from fhir_bridge.context import Context
 from fhir_bridge.errors import FHIRError, issue
 from fhir_bridge.imaging_study import EndpointProvider, ImagingStudyProvider
 from fhir_bridge.patient import PatientProvider
+from fhir_bridge.procedure import ProcedureProvider
 from fhir_bridge.provider import Page, Provider
 from fhir_bridge.report import DeviceProvider, DiagnosticReportProvider, ObservationProvider
 from fhir_bridge.rest import (
@@ -55,6 +56,18 @@ from fhir_bridge.rest import (
     strict_handling,
     version_headers,
     write_response,
+)
+from fhir_bridge.service_request import (
+    ServiceRequestProvider,
+    create_service_request,
+    delete_service_request,
+    update_service_request,
+)
+from fhir_bridge.subscription import (
+    SubscriptionProvider,
+    create_subscription,
+    delete_subscription,
+    update_subscription,
 )
 from fhir_bridge.writes import create_patient, create_report, update_patient, update_report
 
@@ -77,6 +90,9 @@ def build_providers(settings: Any) -> dict[str, Provider]:
         "Invoice": InvoiceProvider(),
         "PaymentReconciliation": PaymentReconciliationProvider(),
         "AuditEvent": AuditEventProvider(settings),
+        "Subscription": SubscriptionProvider(),
+        "ServiceRequest": ServiceRequestProvider(settings, patients),
+        "Procedure": ProcedureProvider(settings, patients),
     }
 
 
@@ -87,6 +103,12 @@ _CREATES: dict[str, Callable[..., tuple[dict[str, Any], int]]] = {
     "ChargeItem": create_charge_item,
     "Invoice": create_invoice_resource,
     "PaymentReconciliation": create_payment_reconciliation,
+    "Subscription": create_subscription,
+}
+# Creates that take If-None-Exist (http.html#ccreate): (ctx, provider, body, header).
+_CONDITIONAL_CREATES: dict[str, Callable[..., tuple[dict[str, Any], int]]] = {
+    "Patient": create_patient,
+    "ServiceRequest": create_service_request,
 }
 _UPDATES: dict[str, Callable[..., dict[str, Any]]] = {
     "Patient": update_patient,
@@ -94,6 +116,13 @@ _UPDATES: dict[str, Callable[..., dict[str, Any]]] = {
     "ChargeItem": update_charge_item,
     "Account": update_account_resource,
     "Invoice": update_invoice_resource,
+    "ServiceRequest": update_service_request,
+    "Subscription": update_subscription,
+}
+# Deletes: (ctx, provider, id) -> the resource as the delete left it.
+_DELETES: dict[str, Callable[..., dict[str, Any]]] = {
+    "ServiceRequest": delete_service_request,
+    "Subscription": delete_subscription,
 }
 # Operations (operations.html): (type, name) -> (ctx, id, Parameters) -> resource.
 _OPERATIONS: dict[tuple[str, str], Callable[..., dict[str, Any]]] = {
@@ -367,6 +396,7 @@ _REFERENCE_ELEMENTS = {
     "result": ("result",),
     "device": ("device",),
     "imaging-study": ("imagingStudy",),
+    "based-on": ("basedOn",),
 }
 
 
@@ -401,6 +431,9 @@ _MANDATORY = {
     "Invoice": {"status"},
     "PaymentReconciliation": {"status", "created", "paymentDate", "paymentAmount"},
     "AuditEvent": {"type", "recorded", "agent", "source"},
+    "Subscription": {"status", "reason", "criteria", "channel"},
+    "ServiceRequest": {"status", "intent", "subject"},
+    "Procedure": {"status", "subject"},
 }
 
 
@@ -706,9 +739,10 @@ async def create(request: Request, resource_type: str) -> Response:
     provider = _provider(ctx, resource_type)
     _interaction(provider, "create", "POST")
     body = await read_resource_body(request, resource_type)
-    if resource_type == "Patient":
+    conditional = _CONDITIONAL_CREATES.get(resource_type)
+    if conditional is not None:
         resource, status = await run_in_threadpool(
-            create_patient, ctx, provider, body, request.headers.get("if-none-exist")
+            conditional, ctx, provider, body, request.headers.get("if-none-exist")
         )
     else:
         resource, status = await run_in_threadpool(_CREATES[resource_type], ctx, provider, body)
@@ -768,4 +802,17 @@ async def delete(request: Request, resource_type: str, resource_id: str) -> Resp
     ctx = context(request)
     provider = _provider(ctx, resource_type)
     _interaction(provider, "delete", "DELETE")
-    raise FHIRError(405, "delete is not supported")  # pragma: no cover - no type allows it
+    resource = await run_in_threadpool(_DELETES[resource_type], ctx, provider, resource_id)
+    note_resource(request.scope, resource)
+    body = {
+        "resourceType": "OperationOutcome",
+        "issue": [
+            issue(
+                "information",
+                "informational",
+                f"{resource_type}/{resource_id} deleted: it is {resource.get('status')} "
+                f"(version {resource['meta']['versionId']})",
+            )
+        ],
+    }
+    return fhir_response(request, body, 200, version_headers(resource))

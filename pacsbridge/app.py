@@ -31,6 +31,7 @@ from pacsbridge.ai_api import router as ai_router
 from pacsbridge.api_peers import router as peers_router
 from pacsbridge.audit_http import AuditMiddleware
 from pacsbridge.auth_api import router as auth_router
+from pacsbridge.events_api import router as events_router
 from pacsbridge.jobs_api import router as jobs_router
 from pacsbridge.metrics_api import FHIRTiming, LoopbackMetrics, registry_for
 from pacsbridge.metrics_api import router as metrics_router
@@ -60,6 +61,7 @@ def create_app(
     app.include_router(auth_router)
     app.include_router(peers_router)
     app.include_router(jobs_router)
+    app.include_router(events_router)
     app.include_router(ai_router)
     app.include_router(dicomweb_router)
     app.include_router(metrics_router)

@@ -62,6 +62,10 @@ charge_app = typer.Typer(
 billing_app.add_typer(charge_app, name="charge")
 invoice_app = typer.Typer(help="Invoices: create, issue, cancel, void, show.", no_args_is_help=True)
 billing_app.add_typer(invoice_app, name="invoice")
+events_app = typer.Typer(
+    help="Events: the outbox, deliveries, redelivery, subscriptions.", no_args_is_help=True
+)
+app.add_typer(events_app, name="events")
 
 console = Console(stderr=True)
 log = logging.getLogger("pacsbridge")
@@ -711,6 +715,130 @@ def jobs_requeue(
     finally:
         archive.close()
     print(json.dumps({"requeued": count}))
+
+
+@events_app.command("list")
+def events_list(
+    type_: Annotated[str | None, typer.Option("--type", help="Event type.")] = None,
+    study: Annotated[str | None, typer.Option(help="Study Instance UID.")] = None,
+    subscription: Annotated[str | None, typer.Option(help="Subscription name.")] = None,
+    status: Annotated[
+        str | None, typer.Option(help="Only events with a delivery held, failed, dead, delivered.")
+    ] = None,
+    limit: Annotated[
+        int, typer.Option(min=1, max=_MAX_ROWS, help="At most this many (newest first).")
+    ] = 50,
+    offset: Annotated[int, typer.Option(min=0, max=_MAX_ROWS, help="Skip this many.")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False,
+    data_dir: DataDir = None,
+) -> None:
+    """Outbox events, newest first, with their failed, held, dead or redelivered deliveries
+    and the subscriptions they have still to reach."""
+    from archive.subscriptions import SubscriptionNotFound, Subscriptions
+
+    if status is not None and status not in ("held", "failed", "dead", "delivered"):
+        console.print(
+            f"[red]unknown delivery status {status!r}:[/red] held, failed, dead, delivered"
+        )
+        raise typer.Exit(2)
+    settings = _settings(data_dir=data_dir)
+    archive = _archive(settings)
+    try:
+        events = Subscriptions(archive.db).events(
+            type=type_,
+            study=study,
+            subscription=subscription,
+            status=status,
+            limit=limit,
+            offset=offset,
+        )
+    except SubscriptionNotFound as exc:
+        console.print(f"[red]{exc.reason}[/red]")
+        raise typer.Exit(1) from exc
+    finally:
+        archive.close()
+    if as_json:
+        print(json.dumps(events))
+        return
+    print(f"{'seq':>8}  {'id':<36}  {'type':<18} {'time (UTC)':<19}  study")
+    for event in events:
+        print(
+            f"{event['sequence']:>8}  {event['id']:<36}  {event['type']:<18} "
+            f"{event['time'][:19].replace('T', ' '):<19}  {event['study'] or '-'}"
+        )
+        for delivery in event["deliveries"]:
+            line = f"{'':>10}{delivery['subscription']}: {delivery['status']}"
+            line += f" after {delivery['attempts']} attempt(s)"
+            if delivery["last_error"] and delivery["status"] != "delivered":
+                line += f": {delivery['last_error'].splitlines()[0][:160]}"
+            print(line)
+        if event["pending"]:
+            print(f"{'':>10}pending: {', '.join(event['pending'])}")
+
+
+@events_app.command("redeliver")
+def events_redeliver(
+    event_id: Annotated[str, typer.Argument(help="The event's id (a UUID).")],
+    subscription: Annotated[
+        str | None, typer.Option(help="Only to this subscription (default: every one it passed).")
+    ] = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Deliver an event again (a dead one, say), as soon as a dispatcher runs."""
+    from archive.audit import AuditEvent
+    from archive.audit import os_user as audit_os_user
+    from archive.subscriptions import SubscriptionNotFound, Subscriptions
+
+    settings = _settings(data_dir=data_dir)
+    archive = _archive(settings)
+    # PS3.15 A.5.3.1 Application Activity, as the admin API's requests are audited.
+    audit = AuditEvent(
+        action="E",
+        type_code="110100",
+        agent=audit_os_user(),
+        source="cli",
+        entity=f"events redeliver {event_id}"[:255],
+        query=f"subscription={subscription}" if subscription else None,
+    )
+    try:
+        names = Subscriptions(archive.db).redeliver(event_id, subscription, audit=audit)
+    except SubscriptionNotFound as exc:
+        console.print(f"[red]{exc.reason}[/red]")
+        raise typer.Exit(1) from exc
+    finally:
+        archive.close()
+    print(json.dumps({"event": event_id, "subscriptions": names}))
+    if not names:
+        raise typer.Exit(1)
+
+
+@events_app.command("subscriptions")
+def events_subscriptions(
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False,
+    data_dir: DataDir = None,
+) -> None:
+    """Where events go: each subscription's channel, types, state and deliveries owed."""
+    from archive.subscriptions import Subscriptions
+
+    settings = _settings(data_dir=data_dir)
+    archive = _archive(settings)
+    try:
+        subs = [sub.to_json() for sub in Subscriptions(archive.db).all(counts=True)]
+    finally:
+        archive.close()
+    if as_json:
+        print(json.dumps(subs))
+        return
+    print(f"{'name':<24} {'channel':<9} {'status':<7} {'source':<6} {'cursor':>8}  endpoint")
+    for sub in subs:
+        print(
+            f"{sub['name']:<24} {sub['channel']:<9} {sub['status']:<7} {sub['source']:<6} "
+            f"{sub['cursor']:>8}  {sub['endpoint']}"
+        )
+        owed = ", ".join(f"{n} {s}" for s, n in sorted(sub["deliveries"].items()))
+        print(f"{'':>10}types: {','.join(sub['types'])}" + (f"; {owed}" if owed else ""))
+        if sub["error"]:
+            print(f"{'':>10}error: {sub['error'].splitlines()[0][:200]}")
 
 
 @ai_app.command("models")

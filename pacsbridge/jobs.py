@@ -35,6 +35,7 @@ from archive import Archive
 from archive.jobs import JobHandler, JobStatus, Worker, worker_name
 from archive.stable import StableStudyScanner
 from config import Settings
+from pacsbridge.event_delivery import build_dispatcher
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +142,8 @@ class JobRuntime:
         )
         self.scan_interval = settings.stable_scan_interval
         self.audit = archive.audit
+        # Event delivery (events.enabled) runs where the job workers run.
+        self.events = build_dispatcher(archive, settings, base)
 
     @property
     def name(self) -> str:
@@ -151,6 +154,8 @@ class JobRuntime:
         self.audit.keep_pruned()  # audit events past audit.retention_days, hourly
         for worker in self.workers:
             worker.start()
+        if self.events is not None:
+            self.events.start()
         log.info(
             "job workers and stable-study scanner started",
             extra={
@@ -175,6 +180,8 @@ class JobRuntime:
         for worker in self.workers:
             worker.request_stop()
         stopped = self.scanner.stop(left())
+        if self.events is not None:
+            stopped = self.events.stop(left()) and stopped
         for worker in self.workers:
             stopped = worker.stop(left()) and stopped
         return stopped

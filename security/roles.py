@@ -79,8 +79,8 @@ def area_of(path: str) -> str | None:
         return "dicomweb"
     if path.startswith("/fhir/"):
         found = _FHIR_TYPE.match(path)
-        if found and found.group(1) == "AuditEvent":
-            return None  # the audit trail: admin only
+        if found and found.group(1) in ("AuditEvent", "Subscription"):
+            return None  # the audit trail, and where the server sends events: admin only
         if found and found.group(1) in BILLING_TYPES:
             return "fhir-billing"
         return "fhir-clinical"

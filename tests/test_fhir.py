@@ -2105,6 +2105,8 @@ REFERENCE_TARGETS = {
     "account": "Account",
     "invoice": "Invoice",
     "entity": "ImagingStudy",
+    "requester": "Practitioner",
+    "based-on": "ServiceRequest",
 }
 """The target type of each reference search parameter (the statement does not say it)."""
 BILLING_TYPES = {
@@ -2115,6 +2117,11 @@ BILLING_TYPES = {
     "PaymentReconciliation",
 }
 """Walked by tests/test_fhir_billing.py, on a server that bills."""
+ORDER_TYPES = {"ServiceRequest", "Procedure"}
+"""Walked by tests/test_fhir_service_request.py (DELETE revokes an order) and
+tests/test_mpps.py (a Procedure is a step a modality reported)."""
+SUBSCRIPTION_TYPES = {"Subscription"}
+"""Walked by tests/test_fhir_subscription.py (administrators' rest-hook subscriptions)."""
 SAMPLE_VALUES = {
     "token": "x",
     "string": "x",
@@ -2237,10 +2244,12 @@ def test_capability_statement_is_exact(http: httpx.Client, measured: Measured) -
         "AuditEvent": "1",  # the first request this server answered
     }
     resources = statement["rest"][0]["resource"]
-    assert {r["type"] for r in resources} == set(existing) | BILLING_TYPES
+    assert {r["type"] for r in resources} == (
+        set(existing) | BILLING_TYPES | ORDER_TYPES | SUBSCRIPTION_TYPES
+    )
     for resource in resources:
         kind = resource["type"]
-        if kind in BILLING_TYPES:
+        if kind in BILLING_TYPES | ORDER_TYPES | SUBSCRIPTION_TYPES:
             continue
         one = existing[kind]
         declared = {i["code"] for i in resource["interaction"]}

@@ -36,7 +36,9 @@ from requests.exceptions import HTTPError
 from sqlalchemy import select
 
 from archive import Archive
+from archive.dicom_json import dataset_to_json
 from archive.models import Patient as PatientRow
+from archive.mpps import create_step
 from archive.query import Query, QueryLevel, QueryModel, find, study_patient
 from config import Settings
 from dicomweb.router import SERVICES
@@ -52,6 +54,7 @@ from tests.dicomweb_fixtures import multipart_body
 from tests.fhir_support import FHIRValidator, new_uid, part10
 from tests.test_archive_reports import ImagedStudy, _measurement_report
 from tests.test_fhir import COMMON_VALUES, REFERENCE_TARGETS, sample_value
+from tests.test_mpps import accession_of, in_progress
 
 REPO = Path(__file__).resolve().parent.parent
 PACSBRIDGE = Path(sys.executable).parent / "pacsbridge"
@@ -67,6 +70,8 @@ COMPARTMENT_TYPES = (
     "ChargeItem",
     "Account",
     "Invoice",
+    "ServiceRequest",
+    "Procedure",
 )
 """The types served here that R4's Patient compartment holds."""
 
@@ -373,6 +378,23 @@ def _store(server: RunningServer, admin: httpx.Client, holdings: Holdings) -> No
         headers=FHIR_JSON,
     )
     assert paid.status_code == 201, paid.text
+    # An imaging order (ServiceRequest, in the compartment by its subject).
+    order = admin.post(
+        "/ServiceRequest",
+        json={
+            "resourceType": "ServiceRequest",
+            "status": "active",
+            "intent": "order",
+            "code": {"coding": [{"system": "http://loinc.org", "code": "24725-4"}]},
+            "subject": {"reference": f"Patient/{holdings.patient}"},
+        },
+        headers=FHIR_JSON,
+    )
+    assert order.status_code == 201, order.text
+    # The step a modality performed for it (Procedure, in the compartment by its patient).
+    step = in_progress(patient_id=holdings.patient_id, accession=accession_of(order.json()))
+    with closing(server.archive()) as archive:
+        create_step(archive.db, new_uid(), dataset_to_json(step, lambda *a: ""))
     # Everything of the patient, as the admin (held to no compartment) finds it.
     reference = f"Patient/{holdings.patient}"
     for kind in COMPARTMENT_TYPES:

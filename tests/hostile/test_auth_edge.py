@@ -387,6 +387,8 @@ def test_sql_metacharacters_in_every_fhir_search(edge: Edge, held: bool) -> None
             kind = resource["type"]
             if kind == "AuditEvent":
                 continue  # admin only, and the audit trail's own tests
+            if kind == "Subscription" and held:
+                continue  # admin only: a patient's token gets 403 (tests/test_fhir_subscription)
             for param in resource.get("searchParam", []):
                 for value in METACHARACTERS:
                     runs += 1

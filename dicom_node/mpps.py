@@ -1,0 +1,226 @@
+"""Modality Performed Procedure Step SCP (PS3.4 F.7, SOP Class 1.2.840.10008.3.1.2.3.3).
+
+A modality reports the procedure step it performs: N-CREATE when it starts (IN PROGRESS), N-SET
+as it goes and when it ends (COMPLETED or DISCONTINUED). The steps and their effect on the
+orders they name are :mod:`archive.mpps`'s; this module decodes the DIMSE attribute lists into
+DICOM JSON and answers with the statuses PS3.4 F.7.2.1.2 / F.7.2.2.2 and PS3.7 C give:
+
+- 0111H Duplicate SOP Instance: an N-CREATE for a step that exists;
+- 0112H No Such Object Instance: an N-SET for a step that does not;
+- 0110H Processing Failure, Error ID A710H, Error Comment "Performed Procedure Step Object may
+  no longer be updated": an N-SET on a COMPLETED or DISCONTINUED step;
+- 0106H Invalid Attribute Value: an N-CREATE not IN PROGRESS, a status that is none of
+  PS3.3 C.4.14's, a date or time that is not one, an N-SET that changes what Table F.7.2-1
+  does not allow it to;
+- 0120H Missing Attribute / 0121H Missing Attribute Value: an N-CREATE without a Type 1
+  attribute, a COMPLETED or DISCONTINUED step without its final-state attributes (the N-SET
+  response names them in its Attribute Identifier List).
+
+**Who may.** Reporting performed steps changes orders, so it needs the ``store`` permission of
+the calling AE (``archive.peers.PERMISSIONS``), checked by the node's access control before the
+request is served (``dicom_node.access``: an undeclared AE may store, and so report steps,
+unless ``auth = "required"``; a declared peer without ``store`` is refused with 0124H).
+
+**Audit.** Each step created or changed is a "Procedure Record" event (PS3.15 A.5.3, 110111;
+action C for N-CREATE, U for N-SET) committed with the step; a refused request is recorded
+with its outcome (minor failure).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any, cast
+
+from pydicom.dataset import Dataset
+from pydicom.tag import Tag
+from pynetdicom import AE, evt
+from pynetdicom.dimse_primitives import N_CREATE, N_SET
+from pynetdicom.events import Event
+from pynetdicom.sop_class import ModalityPerformedProcedureStep  # type: ignore[attr-defined]
+
+from archive import Archive
+from archive.audit import MINOR_FAILURE, SERIOUS_FAILURE, AuditEvent
+from archive.dicom_json import dataset_to_json
+from archive.mpps import (
+    NO_LONGER_UPDATABLE_ERROR_ID,
+    MppsError,
+    MppsErrorKind,
+    create_step,
+    update_step,
+)
+from config import Settings
+from dicom_node.audit import agent_of
+from dicom_node.services import Handler
+from dicom_node.status import (
+    STATUS_DUPLICATE_SOP_INSTANCE,
+    STATUS_INVALID_ATTRIBUTE_VALUE,
+    STATUS_MISSING_ATTRIBUTE,
+    STATUS_MISSING_ATTRIBUTE_VALUE,
+    STATUS_NO_SUCH_OBJECT_INSTANCE,
+    STATUS_PROCESSING_FAILURE,
+    STATUS_SUCCESS,
+)
+
+log = logging.getLogger(__name__)
+
+MPPS_SOP_CLASS = str(ModalityPerformedProcedureStep)
+
+# The failure status of each refusal (PS3.4 F.7.2.1.2, F.7.2.2.2; PS3.7 Annex C).
+_STATUS_FOR_ERROR = {
+    MppsErrorKind.DUPLICATE: STATUS_DUPLICATE_SOP_INSTANCE,
+    MppsErrorKind.NO_SUCH_INSTANCE: STATUS_NO_SUCH_OBJECT_INSTANCE,
+    MppsErrorKind.INVALID_VALUE: STATUS_INVALID_ATTRIBUTE_VALUE,
+    MppsErrorKind.MISSING_ATTRIBUTE: STATUS_MISSING_ATTRIBUTE,
+    MppsErrorKind.MISSING_VALUE: STATUS_MISSING_ATTRIBUTE_VALUE,
+    MppsErrorKind.NOT_UPDATABLE: STATUS_PROCESSING_FAILURE,
+}
+#: Bulk values are not expected in a step; any there is kept inline.
+_INLINE = 1 << 62
+
+
+def _no_bulk(tag: int, vr: str, path: str) -> str:  # never called below _INLINE
+    raise ValueError("bulk data in a performed procedure step")
+
+
+def _comment(text: str) -> str:
+    """An Error Comment (0000,0902): LO, at most 64 characters, no backslash (PS3.7 C.4)."""
+    return text.replace("\\", "/")[:64]
+
+
+def _failure(
+    code: int, comment: str, *, error_id: int | None = None, tags: tuple[str, ...] = ()
+) -> Dataset:
+    ds = Dataset()
+    ds.Status = code
+    ds.ErrorComment = _comment(comment)
+    if error_id is not None:
+        ds.ErrorID = error_id
+    if tags:
+        ds.AttributeIdentifierList = [Tag(int(tag, 16)) for tag in tags]
+    return ds
+
+
+class MppsService:
+    """N-CREATE and N-SET of the Modality Performed Procedure Step SOP Class."""
+
+    def __init__(self, archive: Archive, settings: Settings) -> None:
+        self.archive = archive
+        self.settings = settings
+
+    def add_contexts(self, ae: AE) -> None:
+        ae.add_supported_context(MPPS_SOP_CLASS)
+
+    def handlers(self) -> list[Handler]:
+        return [(evt.EVT_N_CREATE, self.handle_create), (evt.EVT_N_SET, self.handle_set)]
+
+    # --- N-CREATE --------------------------------------------------------------------------
+    def handle_create(self, event: Event) -> tuple[Dataset | int, Dataset | None]:
+        request = cast(N_CREATE, event.request)
+        given = request.AffectedSOPInstanceUID
+        # PS3.4 F.7.2.1.2: the SCU gives the SOP Instance UID, or the SCP assigns one (and
+        # returns it in the response's Affected SOP Instance UID).
+        uid = str(given) if given else f"2.25.{uuid.uuid4().int}"
+        attributes = self._decode(event, "attribute_list")
+        if isinstance(attributes, Dataset):
+            self._refused(event, "C", uid, attributes.ErrorComment)
+            return attributes, None
+        try:
+            create_step(
+                self.archive.db,
+                uid,
+                attributes,
+                calling_ae_title=str(event.assoc.requestor.ae_title or ""),
+                audit=self._event(event, "C"),
+            )
+        except MppsError as exc:
+            return self._answer_error(event, "C", uid, exc, with_tags=False), None
+        except Exception:
+            log.exception("MPPS N-CREATE failed", extra={"sop": uid})
+            self._refused(event, "C", uid, "processing failure", serious=True)
+            return _failure(STATUS_PROCESSING_FAILURE, "processing failure"), None
+        log.info("MPPS N-CREATE", extra={"sop": uid, "calling_ae": event.assoc.requestor.ae_title})
+        if given:
+            return STATUS_SUCCESS, None
+        reply = Dataset()
+        reply.AffectedSOPInstanceUID = uid
+        return STATUS_SUCCESS, reply
+
+    # --- N-SET -----------------------------------------------------------------------------
+    def handle_set(self, event: Event) -> tuple[Dataset | int, Dataset | None]:
+        request = cast(N_SET, event.request)
+        uid = str(request.RequestedSOPInstanceUID or "")
+        modifications = self._decode(event, "modification_list")
+        if isinstance(modifications, Dataset):
+            self._refused(event, "U", uid, modifications.ErrorComment)
+            return modifications, None
+        try:
+            result = update_step(self.archive.db, uid, modifications, audit=self._event(event, "U"))
+        except MppsError as exc:
+            return self._answer_error(event, "U", uid, exc, with_tags=True), None
+        except Exception:
+            log.exception("MPPS N-SET failed", extra={"sop": uid})
+            self._refused(event, "U", uid, "processing failure", serious=True)
+            return _failure(STATUS_PROCESSING_FAILURE, "processing failure"), None
+        log.info(
+            "MPPS N-SET",
+            extra={"sop": uid, "status": result.status, "order": result.order_resource_id or "-"},
+        )
+        return STATUS_SUCCESS, None
+
+    # --- helpers ---------------------------------------------------------------------------
+    @staticmethod
+    def _decode(event: Event, name: str) -> dict[str, Any] | Dataset:
+        """The request's attribute list as DICOM JSON, or the failure to answer with."""
+        try:
+            dataset: Dataset = getattr(event, name)
+            return dataset_to_json(dataset, _no_bulk, _INLINE)
+        except Exception as exc:
+            log.warning(
+                "MPPS attribute list not decodable", extra={"err": f"{type(exc).__name__}: {exc}"}
+            )
+            return _failure(STATUS_PROCESSING_FAILURE, "the attribute list cannot be decoded")
+
+    @staticmethod
+    def _event(event: Event, action: str) -> AuditEvent:
+        agent, address = agent_of(event.assoc)
+        return AuditEvent(
+            action=action,
+            type_code="110111",  # Procedure Record (PS3.15 A.5.3)
+            agent=agent,
+            agent_address=address,
+            source="dimse",
+            entity="N-CREATE" if action == "C" else "N-SET",
+        )
+
+    def _answer_error(
+        self, event: Event, action: str, uid: str, exc: MppsError, *, with_tags: bool
+    ) -> Dataset:
+        status = _STATUS_FOR_ERROR[exc.kind]
+        log.warning(
+            "MPPS request refused",
+            extra={
+                "sop": uid,
+                "service": "N-CREATE" if action == "C" else "N-SET",
+                "status": f"0x{status:04X}",
+                "reason": exc.reason,
+            },
+        )
+        self._refused(event, action, uid, exc.reason)
+        return _failure(
+            status,
+            exc.reason,
+            error_id=NO_LONGER_UPDATABLE_ERROR_ID
+            if exc.kind is MppsErrorKind.NOT_UPDATABLE
+            else None,
+            tags=exc.tags if with_tags else (),
+        )
+
+    def _refused(
+        self, event: Event, action: str, uid: str, reason: str, *, serious: bool = False
+    ) -> None:
+        audit = self._event(event, action)
+        audit.outcome = SERIOUS_FAILURE if serious else MINOR_FAILURE
+        audit.outcome_text = reason
+        audit.entity = f"Procedure/{uid}" if uid else audit.entity
+        self.archive.audit.submit(audit)

@@ -1,0 +1,261 @@
+"""RabbitMQ (AMQP 0-9-1): each event is one persistent message on a durable topic exchange.
+
+Routing key = the event type (``study.stable``, ``order.scheduled``…), so that a consumer
+binds its queue to the patterns it wants (``study.*``, ``order.#``, ``#``). Message
+properties: ``message_id`` = the event id (de-duplication), ``type`` = the event type,
+``content_type`` ``application/json``, ``delivery_mode`` 2 (persistent), ``timestamp`` (the
+event's time), ``app_id`` ``pacsbridge`` and the headers ``study`` and ``sequence``.
+
+Publisher confirms (RabbitMQ's ``confirm.select``): a publish counts only when the broker
+has taken responsibility for it (``basic.ack``). A batch is published as one pipeline — every
+message written, then the confirms awaited together — so that a message costs a few tens of
+microseconds of CPU, not a round trip. A nack, a dropped connection or a refused one is a
+channel failure: the messages confirmed before it count, the rest of the batch is sent again
+(nothing is lost; a consumer may see a message twice and de-duplicates on its id). A message
+no queue is bound for (``mandatory``, returned by the broker with ``basic.return``) fails that
+event, so that an event is never silently dropped: bind a queue for every type the
+subscription selects, or narrow its types. Events of the same study published in the same
+batch after such a message are not held back behind it (they were on their way); later
+batches hold them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import ssl
+import time
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import amqp
+
+from archive.subscriptions import EventRecord, mask_url
+from events.channel import ChannelDown
+
+log = logging.getLogger(__name__)
+
+#: What a broken connection raises: the library's errors and the socket's.
+_CONNECTION_ERRORS = (amqp.exceptions.AMQPError, OSError)
+
+
+def connection_parameters(url: str) -> dict[str, Any]:
+    """The py-amqp connection arguments of an ``amqp://`` / ``amqps://`` URL (RabbitMQ's URI
+    spec: ``amqp://user:password@host:port/vhost``, the vhost percent-encoded, ``%2F`` for
+    ``/``; no path means ``/``)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("amqp", "amqps"):
+        raise ValueError(f"not an AMQP URL (amqp:// or amqps://): {mask_url(url)}")
+    secure = parts.scheme == "amqps"
+    host = parts.hostname or "localhost"
+    port = parts.port or (5671 if secure else 5672)
+    path = parts.path[1:] if parts.path.startswith("/") else parts.path
+    return {
+        "host": f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
+        "userid": unquote(parts.username) if parts.username is not None else "guest",
+        "password": unquote(parts.password) if parts.password is not None else "guest",
+        "virtual_host": unquote(path) if parts.path else "/",
+        "ssl": ssl.create_default_context() if secure else False,
+    }
+
+
+class AmqpChannel:
+    """One connection (heartbeats on) and one confirming channel, opened on first use and
+    reopened after a failure."""
+
+    def __init__(
+        self,
+        url: str,
+        exchange: str,
+        *,
+        heartbeat: int = 30,
+        mandatory: bool = True,
+        timeout: float = 10.0,
+    ) -> None:
+        self.url = url
+        self.exchange = exchange
+        self.heartbeat = heartbeat
+        self.mandatory = mandatory
+        self.timeout = timeout
+        self._connection: Any = None
+        self._channel: Any = None
+        self._tag = 0  # the delivery tag of the last message published on the channel
+        self._pending: dict[int, int] = {}  # delivery tag -> index in the batch
+        self._acked: set[int] = set()  # indexes confirmed
+        self._nacked: set[int] = set()
+        self._returned: dict[str, str] = {}  # message id -> why the broker returned it
+
+    def _open(self) -> None:
+        try:
+            params = connection_parameters(self.url)
+        except ValueError as exc:
+            raise ChannelDown(str(exc)) from exc
+        connection = amqp.Connection(
+            **params,
+            heartbeat=self.heartbeat,
+            connect_timeout=self.timeout,
+            read_timeout=self.timeout,
+            write_timeout=self.timeout,
+            client_properties={"connection_name": "pacsbridge events"},
+        )
+        try:
+            connection.connect()
+        except _CONNECTION_ERRORS as exc:
+            with contextlib.suppress(Exception):
+                connection.collect()
+            raise ChannelDown(f"cannot connect to {mask_url(self.url)}: {_reason(exc)}") from exc
+        try:
+            channel = connection.channel()
+            channel.exchange_declare(self.exchange, "topic", durable=True, auto_delete=False)
+            channel.confirm_select()
+        except _CONNECTION_ERRORS as exc:
+            with contextlib.suppress(Exception):
+                connection.close()
+            raise ChannelDown(f"exchange {self.exchange!r}: {_reason(exc)}") from exc
+        channel.events["basic_ack"].add(self._on_ack)
+        channel.events["basic_nack"].add(self._on_nack)
+        channel.events["basic_return"].add(self._on_return)
+        self._connection, self._channel, self._tag = connection, channel, 0
+        log.info(
+            "connected to the AMQP broker",
+            extra={"broker": mask_url(self.url), "exchange": self.exchange},
+        )
+
+    # --- confirms (called by the library while it reads the connection) -------------------
+
+    def _confirmed(self, tag: int, multiple: bool) -> list[int]:
+        tags = [t for t in self._pending if t <= tag] if multiple else [tag]
+        return [self._pending.pop(t) for t in tags if t in self._pending]
+
+    def _on_ack(self, tag: int, multiple: bool) -> None:
+        self._acked.update(self._confirmed(tag, multiple))
+
+    def _on_nack(self, tag: int, multiple: bool) -> None:
+        self._nacked.update(self._confirmed(tag, multiple))
+
+    def _on_return(self, exc: Exception, exchange: str, routing_key: str, message: Any) -> None:
+        message_id = str(message.properties.get("message_id", ""))
+        self._returned[message_id] = (
+            f"no queue is bound to exchange {exchange!r} for {routing_key!r} ({exc})"
+        )
+
+    # --- delivery -------------------------------------------------------------------------
+
+    def deliver(self, event: EventRecord, body: bytes) -> str | None:
+        return self.deliver_many([(event, body)])[0]
+
+    def deliver_many(self, items: Sequence[tuple[EventRecord, bytes]]) -> list[str | None]:
+        """Publish ``items`` in order and wait for their confirms: per item, None when the
+        broker confirmed it, else why it failed (returned unroutable). Raises
+        :class:`ChannelDown` (with ``done``: how many leading items were confirmed) when the
+        connection fails or the broker nacks."""
+        if not items:
+            return []
+        if self._channel is None:
+            self._open()
+        self._pending.clear()
+        self._acked.clear()
+        self._nacked.clear()
+        self._returned.clear()
+        cork = _cork(self._connection, True)
+        try:
+            for index, (event, body) in enumerate(items):
+                message = amqp.Message(
+                    body,
+                    content_type="application/json",
+                    delivery_mode=2,
+                    message_id=event.event_id,
+                    type=event.type,
+                    timestamp=int(event.created_at.timestamp()),
+                    app_id="pacsbridge",
+                    application_headers={
+                        "study": event.study_instance_uid,
+                        "sequence": event.id,
+                    },
+                )
+                self._channel.basic_publish(
+                    message,
+                    exchange=self.exchange,
+                    routing_key=event.type,
+                    mandatory=self.mandatory,
+                )
+                self._tag += 1
+                self._pending[self._tag] = index
+            if cork:
+                _cork(self._connection, False)  # the batch leaves in full segments
+            deadline = time.monotonic() + self.timeout
+            while self._pending:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"no confirm within {self.timeout:g} s")
+                self._connection.drain_events(timeout=remaining)
+        except _CONNECTION_ERRORS as exc:
+            done = self._prefix_done(items)
+            self._drop()
+            raise ChannelDown(
+                f"publish to {mask_url(self.url)}: {_reason(exc)}", done=done
+            ) from exc
+        if self._nacked:
+            done = self._prefix_done(items)
+            self._drop()
+            raise ChannelDown("the broker refused a message (nack)", done=done)
+        return [self._returned.get(event.event_id) for event, _body in items]
+
+    def _prefix_done(self, items: Sequence[tuple[EventRecord, bytes]]) -> int:
+        """How many leading items of the batch the broker confirmed and routed."""
+        done = 0
+        while (
+            done < len(items)
+            and done in self._acked
+            and items[done][0].event_id not in self._returned
+        ):
+            done += 1
+        return done
+
+    def idle(self) -> None:
+        """Answer the broker's heartbeats while nothing is published."""
+        if self._connection is None:
+            return
+        try:
+            self._connection.heartbeat_tick()
+            with contextlib.suppress(TimeoutError):
+                self._connection.drain_events(timeout=0)
+        except _CONNECTION_ERRORS:
+            self._drop()
+
+    def _drop(self) -> None:
+        connection, self._connection, self._channel = self._connection, None, None
+        self._pending.clear()
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                connection.collect()  # the socket may be gone: no close handshake
+
+    def close(self) -> None:
+        connection, self._connection, self._channel = self._connection, None, None
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                connection.close()
+            with contextlib.suppress(Exception):
+                connection.collect()
+
+
+def _cork(connection: Any, on: bool) -> bool:
+    """Hold (``on``) or send what the socket holds (TCP_CORK, Linux): a batch's messages
+    leave in full segments, not one small packet each, which spares the broker's CPU as much
+    as ours. False where the option does not exist."""
+    option = getattr(socket, "TCP_CORK", None)
+    sock = getattr(connection, "sock", None)
+    if option is None or sock is None:
+        return False
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, option, 1 if on else 0)
+    except OSError:
+        return False
+    return True
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc) or repr(exc)
+    return f"{type(exc).__name__}: {text}"[:500]
