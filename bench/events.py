@@ -24,6 +24,7 @@ import contextlib
 import json
 import os
 import statistics
+import subprocess
 import threading
 import time
 import uuid
@@ -36,12 +37,14 @@ from bench.peers import (
     CALLING_AE,
     LOOPBACK,
     BenchError,
+    ManagedProcess,
     PacsbridgeTarget,
     log,
     pacsbridge_executable,
     process_group_cpu_seconds,
     run_benchmark,
     send,
+    tail,
     verify_count,
 )
 from bench.query import study_datasets
@@ -117,6 +120,27 @@ def broker_cpu_seconds() -> float | None:
     return None
 
 
+def wait_subscribed(target: PacsbridgeTarget, worker: ManagedProcess) -> None:
+    """Until the worker has stored the settings file's subscription (it then delivers every
+    event from that point of the outbox on)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        worker.ensure_alive()
+        listed = subprocess.run(
+            [str(pacsbridge_executable()), "events", "subscriptions", "--json"],
+            env=target.env,
+            cwd=target.workdir,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        if listed.returncode == 0 and '"bench"' in listed.stdout:
+            return
+        time.sleep(0.5)
+    raise BenchError(f"the worker stored no subscription in 60 s\n{tail(worker.log_path)}")
+
+
 def write_studies(folder: Path, studies: int, senders: int, seed: int) -> list[list[Path]]:
     batches: list[list[Path]] = [[] for _ in range(senders)]
     for n, (_info, ds) in enumerate(study_datasets(studies, seed)):
@@ -162,20 +186,37 @@ def one_run(
             {"bench": {"ae_title": CALLING_AE, "host": LOOPBACK, "port": 104}}
         ),
     }
+    if args.delivery == "worker":
+        # The job workers (and the event delivery with them) in a `pacsbridge worker` of their
+        # own, as docker-compose.yml runs them: `serve` only accepts and stores.
+        env["PACSBRIDGE_WORKER_IN_SERVE"] = "false"
     target = PacsbridgeTarget(
         folder / "pacsbridge", pacsbridge_executable(), None, name=name, extra_env=env
     )
+    worker: ManagedProcess | None = None
     logdir = folder / "logs"
     logdir.mkdir()
     try:
         log(f"{name}: starting pacsbridge ...")
         target.start()
+        if args.delivery == "worker":
+            worker = ManagedProcess(
+                f"{name}-worker",
+                [str(pacsbridge_executable()), "worker"],
+                env=target.env,
+                cwd=target.workdir,
+                log_path=target.workdir / "worker.log",
+            )
+            if exchange is not None:
+                wait_subscribed(target, worker)
         log(f"{name}: ingest of {args.studies} instances, {args.senders} senders ...")
         assert target.process is not None
-        server_cpu, broker_cpu = process_group_cpu_seconds(target.process.pid), broker_cpu_seconds()
+        groups = [target.process.pid] + ([worker.pid] if worker is not None else [])
+        server_cpu = sum(map(process_group_cpu_seconds, groups))
+        broker_cpu = broker_cpu_seconds()
         own_cpu = time.process_time()
         seconds = send(target, batches, nodelay=True, timeout=args.timeout, logdir=logdir)
-        server_cpu = process_group_cpu_seconds(target.process.pid) - server_cpu
+        server_cpu = sum(map(process_group_cpu_seconds, groups)) - server_cpu
         own_cpu = time.process_time() - own_cpu
         broker_after = broker_cpu_seconds()
         broker = None if broker_cpu is None or broker_after is None else broker_after - broker_cpu
@@ -230,6 +271,8 @@ def one_run(
     finally:
         if consumer is not None:
             consumer.close()
+        if worker is not None:
+            worker.stop()
         target.stop()
 
 
@@ -261,7 +304,10 @@ def run(args: argparse.Namespace, workdir: Path, stack: contextlib.ExitStack) ->
         "latency_target_met": p95 < LATENCY_TARGET_P95,
     }
     print()
-    print(f"ingest {args.studies} studies, {args.senders} senders, {args.rounds} round(s)")
+    print(
+        f"ingest {args.studies} studies, {args.senders} senders, {args.rounds} round(s), "
+        f"events delivered by {args.delivery}"
+    )
     print(f"  baseline            {base:10.1f} instances/s")
     print(f"  AMQP subscription   {with_events:10.1f} instances/s")
     print(f"  overhead            {overhead * 100:9.1f} %   (target <= 5 %)")
@@ -272,6 +318,7 @@ def run(args: argparse.Namespace, workdir: Path, stack: contextlib.ExitStack) ->
     print(f"  latency p95         {p95 * 1000:9.0f} ms  (target < 1000 ms)")
     return {
         "studies": args.studies,
+        "delivery": args.delivery,
         "senders": args.senders,
         "rounds": args.rounds,
         "load_average_start": load,
@@ -288,6 +335,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2, help="baseline/events pairs (median)")
     parser.add_argument("--seed", type=int, default=4242, help="seed of the generated data")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds one send may take")
+    parser.add_argument(
+        "--delivery",
+        choices=["serve", "worker"],
+        default="serve",
+        help="who delivers events: the job workers inside `serve` (default), or a `pacsbridge "
+        "worker` process beside it (serve with worker_in_serve=false)",
+    )
     parser.add_argument("--quick", action="store_true", help="1,000 studies, one round")
     parser.add_argument("--keep-temp", action="store_true", help="keep the temporary directory")
     args = parser.parse_args(argv)
