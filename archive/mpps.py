@@ -46,6 +46,7 @@ from typing import Any
 
 from sqlalchemy import Table, insert, select, update
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import IntegrityError
 
 from archive.audit import AuditEvent, record_change
 from archive.db import Database
@@ -391,6 +392,34 @@ def _move_order(conn: Connection, order: Any, status: str, study_uid: str | None
 
 
 def create_step(
+    db: Database,
+    sop_instance_uid: str,
+    attributes: dict[str, Any],
+    *,
+    calling_ae_title: str = "",
+    audit: AuditEvent | None = None,
+) -> StepResult:
+    """N-CREATE (PS3.4 F.7.2.1): a new step IN PROGRESS, tied to its order, which starts.
+    ``attributes``: the request's Attribute List as DICOM JSON; ``audit``: the requestor's
+    event, recorded in the step's transaction. Two requests for one SOP Instance UID at once:
+    the second is a duplicate (0111), as it is when it comes later."""
+    try:
+        return _create_step(
+            db, sop_instance_uid, attributes, calling_ae_title=calling_ae_title, audit=audit
+        )
+    except IntegrityError:
+        with db.engine.connect() as conn:
+            held = conn.execute(
+                select(_STEP.c.id).where(_STEP.c.sop_instance_uid == sop_instance_uid)
+            ).first()
+        if held is None:
+            raise
+        raise MppsError(
+            MppsErrorKind.DUPLICATE, f"step {sop_instance_uid} exists already"
+        ) from None
+
+
+def _create_step(
     db: Database,
     sop_instance_uid: str,
     attributes: dict[str, Any],

@@ -439,8 +439,11 @@ def get(target: Target, order_id: int) -> Row[Any] | None:
     return target.execute(select(ORDERS).where(ORDERS.c.id == order_id)).first()
 
 
-def by_resource_id(target: Target, resource_id: str) -> Row[Any] | None:
-    return target.execute(select(ORDERS).where(ORDERS.c.resource_id == resource_id)).first()
+def by_resource_id(target: Target, resource_id: str, *, lock: bool = False) -> Row[Any] | None:
+    """The order of a ServiceRequest id; ``lock``: locked until the transaction ends, for a
+    change decided on what it holds (its version against If-Match, its status)."""
+    query = select(ORDERS).where(ORDERS.c.resource_id == resource_id)
+    return target.execute(query.with_for_update() if lock else query).first()
 
 
 def find_order(

@@ -238,8 +238,11 @@ def _iso(value: datetime | None) -> str | None:
 
 
 def mask_url(url: str) -> str:
-    """``url`` with the password of its user info replaced by ``***``."""
-    return re.sub(r"^([a-zA-Z][a-zA-Z0-9+.-]*://[^:/@]*):[^@/]*@", r"\1:***@", url)
+    """``url`` with the password of its user info replaced by ``***`` (everything from the
+    user's ``:`` to the last ``@`` before the host: a password may hold ``/`` or ``@``)."""
+    return re.sub(r"^([a-zA-Z][a-zA-Z0-9+.-]*://[^:/@]*):.*@", r"\1:***@", url.split("?", 1)[0]) + (
+        "?" + url.split("?", 1)[1] if "?" in url else ""
+    )
 
 
 def validate_name(name: str) -> str:

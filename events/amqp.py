@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
-import ssl
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -57,7 +56,15 @@ def connection_parameters(url: str) -> dict[str, Any]:
         "userid": unquote(parts.username) if parts.username is not None else "guest",
         "password": unquote(parts.password) if parts.password is not None else "guest",
         "virtual_host": unquote(path) if parts.path else "/",
-        "ssl": ssl.create_default_context() if secure else False,
+        # py-amqp takes TLS options as a dict: a default context (certificate verified
+        # against the system's CAs) that checks the broker's name, which it sends by SNI.
+        "ssl": {
+            "context": {"check_hostname": True},
+            "server_hostname": host,
+            "do_handshake_on_connect": False,
+        }
+        if secure
+        else False,
     }
 
 
@@ -90,8 +97,8 @@ class AmqpChannel:
     def _open(self) -> None:
         try:
             params = connection_parameters(self.url)
-        except ValueError as exc:
-            raise ChannelDown(str(exc)) from exc
+        except ValueError as exc:  # its text may quote part of the URL's password
+            raise ChannelDown(f"not a valid AMQP URL: {mask_url(self.url)}") from exc
         connection = amqp.Connection(
             **params,
             heartbeat=self.heartbeat,

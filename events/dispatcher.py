@@ -183,10 +183,12 @@ class Dispatcher:
             return total
         head = self.store.head()
         due = self.store.due()
-        now = datetime.now(UTC)
         for sub in subs:
             if self._stop.is_set():
                 break
+            # Read per subscription: serving the ones before may have taken a while, and the
+            # lease left is measured from now.
+            now = datetime.now(UTC)
             if sub.next_attempt_at is not None and sub.next_attempt_at > now:
                 continue  # the channel backs off
             when, held = due.get(sub.id, (None, 0))

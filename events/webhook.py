@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import httpx
 
-from archive.subscriptions import EventRecord
+from archive.subscriptions import EventRecord, mask_url
 from events.channel import ChannelDown
 from events.envelope import signature
 
@@ -73,12 +73,16 @@ def post(
 ) -> str | None:
     """Send one request: None on 2xx, the reason on another answer or a timeout;
     :class:`ChannelDown` when the host cannot be reached at all."""
+    # What a failure says is shown by the API, the CLI, FHIR Subscription.error and the logs:
+    # the URL without its password and query (a token may ride there), the answer's status
+    # without its body.
+    shown = f"{method} {mask_url(url).split('?', 1)[0]}"
     try:
         answer = client.request(method, url, content=body, headers=headers)
     except (httpx.ConnectError, httpx.UnsupportedProtocol) as exc:
-        raise ChannelDown(f"{method} {url}: {type(exc).__name__}: {exc}"[:500]) from exc
+        raise ChannelDown(f"{shown}: {type(exc).__name__}"[:500]) from exc
     except httpx.HTTPError as exc:
-        return f"{method} {url}: {type(exc).__name__}: {exc}"[:500]
+        return f"{shown}: {type(exc).__name__}"[:500]
     if 200 <= answer.status_code < 300:
         return None
-    return f"{method} {url}: HTTP {answer.status_code} {answer.text[:200]}".strip()
+    return f"{shown}: HTTP {answer.status_code} {answer.reason_phrase}".strip()

@@ -759,7 +759,7 @@ def update_service_request(
     assert isinstance(provider, ServiceRequestProvider)
     try:
         with ctx.archive.db.write_session() as session:
-            current = ordering.by_resource_id(session, resource_id)
+            current = ordering.by_resource_id(session, resource_id, lock=True)
             if current is None:
                 raise FHIRError(
                     405,
@@ -828,7 +828,7 @@ def delete_service_request(ctx: Context, provider: Provider, resource_id: str) -
     """DELETE: the order is revoked (see the module's documentation); its resource as now."""
     assert isinstance(provider, ServiceRequestProvider)
     with ctx.archive.db.write_session() as session:
-        current = ordering.by_resource_id(session, resource_id)
+        current = ordering.by_resource_id(session, resource_id, lock=True)
         if current is None:
             raise not_found("ServiceRequest", resource_id)
         if current.status in ("revoked", "entered-in-error"):
