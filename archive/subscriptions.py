@@ -907,6 +907,7 @@ class Subscriptions:
         owner: str,
         *,
         cursor: int | None = None,
+        read_cursor: int | None = None,
         new_rows: Sequence[Mapping[str, Any]] = (),
         changed_rows: Sequence[Mapping[str, Any]] = (),
         subscription: Mapping[str, Any] | None = None,
@@ -915,17 +916,21 @@ class Subscriptions:
         delivery rows (``event_fk``, ``study_instance_uid``, ``status``, ``attempts``,
         ``next_attempt_at``, ``last_error``), change delivery rows (``id`` and the fields), and
         set subscription fields (``attempts``, ``next_attempt_at``, ``status``, ``error``).
-        Only while ``owner`` holds the lease: False (nothing written) if it lost it."""
+        Only while ``owner`` holds the lease and the cursor is still ``read_cursor`` (the one
+        its round started from, when given): False (nothing written) otherwise. A process
+        whose lease lapsed in a long round, and that took it back after another process had
+        moved the cursor, never moves it back."""
         now = datetime.now(UTC)
         with self.db.write_connection() as conn:
             values: dict[str, Any] = dict(subscription or {})
             state = {k: values.pop(k) for k in ("status", "error") if k in values}
             if cursor is not None:
                 values["cursor"] = cursor
+            where = [_SUB.c.id == subscription_id, _SUB.c.locked_by == owner]
+            if read_cursor is not None:
+                where.append(_SUB.c.cursor == read_cursor)
             held = conn.execute(
-                update(_SUB)
-                .where(_SUB.c.id == subscription_id, _SUB.c.locked_by == owner)
-                .values(**values, locked_by=owner)
+                update(_SUB).where(*where).values(**values, locked_by=owner)
             ).rowcount
             if not held:
                 return False

@@ -449,6 +449,7 @@ class Dispatcher:
                 sub.id,
                 self.name,
                 cursor=cursor if cursor != sub.cursor else None,
+                read_cursor=sub.cursor,
                 new_rows=new_rows,
                 changed_rows=changed,
                 subscription=fields or None,
