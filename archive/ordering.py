@@ -227,6 +227,9 @@ def create(
                     "conflict", f"{name} {value!r} belongs to ServiceRequest/{holder}", name
                 )
     study_uid = given_uid or new_study_uid()
+    # The numbers (id, accession number, RP/SPS IDs) derive from the row's id: the row is
+    # inserted with unique interim values, then given them in the same savepoint; nothing
+    # outside this transaction ever sees the interim row.
     placeholder = f"new-{uuid.uuid4().hex}"
     for attempt in range(8):
         nested = target.begin_nested()
