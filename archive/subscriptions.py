@@ -12,6 +12,7 @@ is created): it gets the events written from then on, not the history.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -20,6 +21,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 from sqlalchemy import Table, delete, exists, func, literal, or_, select, text, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.sql import ColumnElement
@@ -84,8 +86,10 @@ def parse_patterns(value: str | Iterable[str]) -> list[str]:
     return patterns
 
 
+@functools.lru_cache(maxsize=4096)
 def topic_matches(pattern: str, key: str) -> bool:
-    """Whether routing key ``key`` matches an AMQP topic ``pattern``."""
+    """Whether routing key ``key`` matches an AMQP topic ``pattern`` (remembered: the
+    dispatcher asks once per event, about a few types and patterns)."""
     return _match(pattern.split("."), key.split("."))
 
 
@@ -819,26 +823,25 @@ class Subscriptions:
 
     def due(self) -> dict[int, tuple[datetime | None, int]]:
         """Per subscription with ``failed`` or ``held`` rows: (the earliest retry time of its
-        failed rows, how many held rows)."""
+        failed rows, how many held rows are free to go: those whose study has no ``failed``
+        row left, which a retry comes due for first)."""
+        failing = _DELIVERY.alias("failing")
         with self.db.engine.connect() as conn:
-            rows = conn.execute(
-                select(
-                    _DELIVERY.c.subscription_fk,
-                    _DELIVERY.c.status,
-                    func.min(_DELIVERY.c.next_attempt_at),
-                    func.count(),
-                )
-                .where(_DELIVERY.c.status.in_(("failed", "held")))
-                .group_by(_DELIVERY.c.subscription_fk, _DELIVERY.c.status)
+            failed = conn.execute(
+                select(_DELIVERY.c.subscription_fk, func.min(_DELIVERY.c.next_attempt_at))
+                .where(_DELIVERY.c.status == "failed")
+                .group_by(_DELIVERY.c.subscription_fk)
             ).all()
-        out: dict[int, tuple[datetime | None, int]] = {}
-        for sub_id, status, first, count in rows:
-            when, held = out.get(sub_id, (None, 0))
-            if status == "failed":
-                when = _aware(first)
-            else:
-                held = int(count)
-            out[sub_id] = (when, held)
+            held = conn.execute(
+                select(_DELIVERY.c.subscription_fk, func.count())
+                .where(_DELIVERY.c.status == "held", ~_behind_failure(failing))
+                .group_by(_DELIVERY.c.subscription_fk)
+            ).all()
+        out: dict[int, tuple[datetime | None, int]] = {
+            sub_id: (_aware(first), 0) for sub_id, first in failed
+        }
+        for sub_id, count in held:
+            out[sub_id] = (out.get(sub_id, (None, 0))[0], int(count))
         return out
 
     def snapshot(self) -> str | None:
@@ -864,17 +867,47 @@ class Subscriptions:
                 ).scalar_one()
             )
 
-    def pending_deliveries(self, subscription_id: int) -> list[DeliveryRecord]:
-        """The subscription's ``failed`` and ``held`` rows with their events, in event order."""
+    def waiting_studies(self, subscription_id: int, now: datetime) -> set[str]:
+        """The studies of the subscription's ``failed`` rows whose retry is later than ``now``:
+        their later events wait behind them."""
+        with self.db.engine.connect() as conn:
+            return set(
+                conn.execute(
+                    select(_DELIVERY.c.study_instance_uid)
+                    .where(
+                        _DELIVERY.c.subscription_fk == subscription_id,
+                        _DELIVERY.c.status == "failed",
+                        _DELIVERY.c.next_attempt_at > now,
+                        _DELIVERY.c.study_instance_uid.is_not(None),
+                    )
+                    .distinct()
+                ).scalars()
+            )
+
+    def pending_deliveries(
+        self, subscription_id: int, limit: int, now: datetime
+    ) -> list[DeliveryRecord]:
+        """At most ``limit`` of the subscription's deliveries to try now, in event order:
+        ``failed`` rows whose retry is due and ``held`` rows not behind a ``failed`` row
+        whose retry is not (those wait for it, and are not read every round)."""
+        failing = _DELIVERY.alias("failing")
         with self.db.engine.connect() as conn:
             rows = conn.execute(
                 select(_DELIVERY, *[c.label(f"e_{c.name}") for c in _EVENT.c])
                 .join(_EVENT, _EVENT.c.id == _DELIVERY.c.event_fk)
                 .where(
                     _DELIVERY.c.subscription_fk == subscription_id,
-                    _DELIVERY.c.status.in_(("failed", "held")),
+                    or_(
+                        (_DELIVERY.c.status == "failed")
+                        & or_(
+                            _DELIVERY.c.next_attempt_at.is_(None),
+                            _DELIVERY.c.next_attempt_at <= now,
+                        ),
+                        (_DELIVERY.c.status == "held") & ~_behind_failure(failing, not_due_at=now),
+                    ),
                 )
                 .order_by(_DELIVERY.c.event_fk)
+                .limit(limit)
             ).all()
         out = []
         for row in rows:
@@ -941,10 +974,13 @@ class Subscriptions:
                     .values(**state)
                 )
             for row in new_rows:
+                # A row the event already has (a redelivery asked for meanwhile) stands: the
+                # event is owed either way.
                 conn.execute(
-                    _DELIVERY.insert().values(
-                        subscription_fk=subscription_id, created_at=now, updated_at=now, **row
-                    )
+                    (postgresql if not self.db.is_sqlite else sqlite)
+                    .insert(_DELIVERY)
+                    .values(subscription_fk=subscription_id, created_at=now, updated_at=now, **row)
+                    .on_conflict_do_nothing(index_elements=["subscription_fk", "event_fk"])
                 )
             for row in changed_rows:
                 fields = {k: v for k, v in row.items() if k != "id"}
@@ -954,6 +990,21 @@ class Subscriptions:
                     .values(**fields, updated_at=now)
                 )
         return True
+
+
+def _behind_failure(failing: Any, *, not_due_at: datetime | None = None) -> ColumnElement[bool]:
+    """A delivery row (of ``event_delivery``) has a ``failed`` row of the same subscription and
+    study before it (``failing``: an alias of the table); with ``not_due_at``, only a failed
+    row whose retry is later than that."""
+    conditions = [
+        failing.c.subscription_fk == _DELIVERY.c.subscription_fk,
+        failing.c.study_instance_uid == _DELIVERY.c.study_instance_uid,
+        failing.c.status == "failed",
+        failing.c.event_fk < _DELIVERY.c.event_fk,
+    ]
+    if not_due_at is not None:
+        conditions.append(failing.c.next_attempt_at > not_due_at)
+    return exists().where(*conditions)
 
 
 def _comparable(values: Mapping[str, Any]) -> Iterable[tuple[str, Any]]:

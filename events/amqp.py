@@ -9,7 +9,10 @@ event's time), ``app_id`` ``pacsbridge`` and the headers ``study`` and ``sequenc
 Publisher confirms (RabbitMQ's ``confirm.select``): a publish counts only when the broker
 has taken responsibility for it (``basic.ack``). A batch is published as one pipeline — every
 message written, then the confirms awaited together — so that a message costs a few tens of
-microseconds of CPU, not a round trip. A nack, a dropped connection or a refused one is a
+microseconds of CPU, not a round trip. py-amqp opens the connection and the channel and reads
+the confirms; the ``basic.publish`` frames of a batch are encoded here (:class:`PublishFrames`)
+and written with one send: the library's general encoder costs about three times as much CPU
+per message, which the server's ingest would pay. A nack, a dropped connection or a refused one is a
 channel failure: the messages confirmed before it count, the rest of the batch is sent again
 (nothing is lost; a consumer may see a message twice and de-duplicates on its id). A message
 no queue is bound for (``mandatory``, returned by the broker with ``basic.return``) fails that
@@ -23,9 +26,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import socket
+import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -68,6 +71,120 @@ def connection_parameters(url: str) -> dict[str, Any]:
     }
 
 
+# --- basic.publish frames (AMQP 0-9-1) ----------------------------------------------------------
+# amqp0-9-1.pdf 4.2.3 (a frame: type octet, channel short, size long, payload, frame-end 0xCE),
+# 4.2.6 (content: a method frame, a content header frame, body frames of at most frame-max - 8
+# octets), 1.8.3.7 (basic.publish: reserved-1 short, exchange shortstr, routing-key shortstr,
+# mandatory and immediate bits) and the basic class's property list (flags from bit 15 down:
+# content-type, content-encoding, headers, delivery-mode, priority, correlation-id, reply-to,
+# expiration, message-id, timestamp, type, user-id, app-id). Field table values as RabbitMQ reads
+# them (its AMQP 0-9-1 errata): S long string, I signed 32-bit, l signed 64-bit, t boolean, V void.
+_FRAME_METHOD, _FRAME_HEADER, _FRAME_BODY = 1, 2, 3
+_FRAME_END = b"\xce"
+_CLASS_BASIC, _METHOD_PUBLISH = 60, 40
+_FLAG_CONTENT_TYPE = 0x8000
+_FLAG_HEADERS = 0x2000
+_FLAG_DELIVERY_MODE = 0x1000
+_FLAG_MESSAGE_ID = 0x0080
+_FLAG_TIMESTAMP = 0x0040
+_FLAG_TYPE = 0x0020
+_FLAG_APP_ID = 0x0008
+_PUBLISH_FLAGS = (
+    _FLAG_CONTENT_TYPE
+    | _FLAG_HEADERS
+    | _FLAG_DELIVERY_MODE
+    | _FLAG_MESSAGE_ID
+    | _FLAG_TIMESTAMP
+    | _FLAG_TYPE
+    | _FLAG_APP_ID
+)
+_PERSISTENT = 2
+_FRAME_HEAD = struct.Struct(">BHI")
+_HEADER_HEAD = struct.Struct(">HHQH")
+
+
+def _shortstr(value: str) -> bytes:
+    data = value.encode("utf-8")
+    if len(data) > 255:
+        raise ValueError(f"an AMQP short string is at most 255 octets: {value[:40]!r}...")
+    return bytes((len(data),)) + data
+
+
+def _table(values: Mapping[str, str | int | bool | None]) -> bytes:
+    out = bytearray()
+    for key, value in values.items():
+        out += _shortstr(key)
+        if value is None:
+            out += b"V"
+        elif isinstance(value, bool):
+            out += b"t" + bytes((int(value),))
+        elif isinstance(value, int):
+            out += (
+                b"I" + struct.pack(">i", value)
+                if -(2**31) <= value < 2**31
+                else b"l" + struct.pack(">q", value)
+            )
+        else:
+            data = value.encode("utf-8")
+            out += b"S" + struct.pack(">I", len(data)) + data
+    return struct.pack(">I", len(out)) + bytes(out)
+
+
+class PublishFrames:
+    """The frames of ``basic.publish`` on one channel to one exchange: a method frame per
+    routing key (built once), then per message its content header and body frames."""
+
+    def __init__(self, channel_id: int, exchange: str, *, mandatory: bool, frame_max: int) -> None:
+        self.channel_id = channel_id
+        self.exchange = _shortstr(exchange)
+        self.mandatory = mandatory
+        self.chunk = max(1, frame_max - 8)  # the body frame's payload at most
+        self._methods: dict[str, bytes] = {}
+
+    def _frame(self, kind: int, payload: bytes) -> bytes:
+        return _FRAME_HEAD.pack(kind, self.channel_id, len(payload)) + payload + _FRAME_END
+
+    def method(self, routing_key: str) -> bytes:
+        frame = self._methods.get(routing_key)
+        if frame is None:
+            payload = (
+                struct.pack(">HHH", _CLASS_BASIC, _METHOD_PUBLISH, 0)
+                + self.exchange
+                + _shortstr(routing_key)
+                + bytes((1 if self.mandatory else 0,))  # mandatory bit 0, immediate bit 1 off
+            )
+            frame = self._methods[routing_key] = self._frame(_FRAME_METHOD, payload)
+        return frame
+
+    def message(
+        self,
+        routing_key: str,
+        body: bytes,
+        *,
+        content_type: str,
+        message_id: str,
+        type: str,
+        timestamp: int,
+        app_id: str,
+        headers: Mapping[str, str | int | bool | None],
+    ) -> bytes:
+        """A persistent message's frames (delivery-mode 2), ready to be written."""
+        header = (
+            _HEADER_HEAD.pack(_CLASS_BASIC, 0, len(body), _PUBLISH_FLAGS)
+            + _shortstr(content_type)
+            + _table(headers)
+            + bytes((_PERSISTENT,))
+            + _shortstr(message_id)
+            + struct.pack(">Q", timestamp)
+            + _shortstr(type)
+            + _shortstr(app_id)
+        )
+        parts = [self.method(routing_key), self._frame(_FRAME_HEADER, header)]
+        for start in range(0, len(body), self.chunk):
+            parts.append(self._frame(_FRAME_BODY, body[start : start + self.chunk]))
+        return b"".join(parts)
+
+
 class AmqpChannel:
     """One connection (heartbeats on) and one confirming channel, opened on first use and
     reopened after a failure."""
@@ -88,6 +205,7 @@ class AmqpChannel:
         self.timeout = timeout
         self._connection: Any = None
         self._channel: Any = None
+        self._frames: PublishFrames | None = None
         self._tag = 0  # the delivery tag of the last message published on the channel
         self._pending: dict[int, int] = {}  # delivery tag -> index in the batch
         self._acked: set[int] = set()  # indexes confirmed
@@ -121,6 +239,12 @@ class AmqpChannel:
             with contextlib.suppress(Exception):
                 connection.close()
             raise ChannelDown(f"exchange {self.exchange!r}: {_reason(exc)}") from exc
+        self._frames = PublishFrames(
+            channel.channel_id,
+            self.exchange,
+            mandatory=self.mandatory,
+            frame_max=int(connection.frame_max),
+        )
         channel.events["basic_ack"].add(self._on_ack)
         channel.events["basic_nack"].add(self._on_nack)
         channel.events["basic_return"].add(self._on_return)
@@ -166,32 +290,27 @@ class AmqpChannel:
         self._acked.clear()
         self._nacked.clear()
         self._returned.clear()
-        cork = _cork(self._connection, True)
         try:
+            frames = self._frames
+            assert frames is not None
+            data = bytearray()
             for index, (event, body) in enumerate(items):
-                message = amqp.Message(
+                data += frames.message(
+                    event.type,
                     body,
                     content_type="application/json",
-                    delivery_mode=2,
                     message_id=event.event_id,
                     type=event.type,
                     timestamp=int(event.created_at.timestamp()),
                     app_id="pacsbridge",
-                    application_headers={
-                        "study": event.study_instance_uid,
-                        "sequence": event.id,
-                    },
-                )
-                self._channel.basic_publish(
-                    message,
-                    exchange=self.exchange,
-                    routing_key=event.type,
-                    mandatory=self.mandatory,
+                    headers={"study": event.study_instance_uid, "sequence": event.id},
                 )
                 self._tag += 1
                 self._pending[self._tag] = index
-            if cork:
-                _cork(self._connection, False)  # the batch leaves in full segments
+            # The batch in one send: it leaves in full segments, not a small packet per frame,
+            # which spares the broker's CPU as much as ours.
+            self._connection.transport.write(bytes(data))
+            self._connection.bytes_sent += 1  # what the library's heartbeat check looks at
             deadline = time.monotonic() + self.timeout
             while self._pending:
                 remaining = deadline - time.monotonic()
@@ -246,21 +365,6 @@ class AmqpChannel:
                 connection.close()
             with contextlib.suppress(Exception):
                 connection.collect()
-
-
-def _cork(connection: Any, on: bool) -> bool:
-    """Hold (``on``) or send what the socket holds (TCP_CORK, Linux): a batch's messages
-    leave in full segments, not one small packet each, which spares the broker's CPU as much
-    as ours. False where the option does not exist."""
-    option = getattr(socket, "TCP_CORK", None)
-    sock = getattr(connection, "sock", None)
-    if option is None or sock is None:
-        return False
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, option, 1 if on else 0)
-    except OSError:
-        return False
-    return True
 
 
 def _reason(exc: BaseException) -> str:

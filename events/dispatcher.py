@@ -5,7 +5,8 @@ hold (a lease in the index: one process delivers a subscription at a time, which
 order):
 
 1. retries: its ``failed`` deliveries that are due and its ``held`` ones whose study has no
-   earlier failing delivery left, in event order;
+   earlier failing delivery left, in event order, a batch at a time (new events wait until
+   the retries are through);
 2. new events: those after its cursor (a batch in id order), filtered by its types. An event
    whose study has a failed or held delivery waits behind it (``held``); an event that fails
    gets a ``failed`` row (retried with exponential back-off, ``dead`` after the
@@ -324,18 +325,16 @@ class Dispatcher:
                 "next_attempt_at": now + timedelta(seconds=self._backoff(attempts)),
             }
 
-        # 1. retries and held deliveries, in event order
+        # 1. retries and held deliveries, in event order (a page of them: the new events
+        # wait until the retries are through); the later events of a study whose retry is
+        # not due yet wait behind it
+        blocked.update(self.store.waiting_studies(sub.id, now))
+        pending = self.store.pending_deliveries(sub.id, self.settings.batch_size, now)
+        retries_left = len(pending) == self.settings.batch_size
         try:
-            for row in self.store.pending_deliveries(sub.id):
+            for row in pending:
                 study = row.event.study_instance_uid
                 if study is not None and study in blocked:
-                    continue
-                due = row.status == "held" or (
-                    row.next_attempt_at is None or row.next_attempt_at <= now
-                )
-                if not due:
-                    if study is not None:
-                        blocked.add(study)
                     continue
                 error = attempt(row.event)
                 if error is None:
@@ -362,7 +361,9 @@ class Dispatcher:
 
         # 2. new events after the cursor
         cursor = sub.cursor
-        if down is None:
+        if retries_left and down is None:
+            result.more = True  # the next page of retries first
+        elif down is None:
             events = self.store.batch(sub.cursor, self.settings.batch_size)
             result.more = len(events) == self.settings.batch_size
             events = self._contiguous(sub, state, events, result)

@@ -138,7 +138,8 @@ def serve(
         threading.Thread(
             target=_reconcile_in_background, args=(archive,), name="reconcile", daemon=True
         ).start()
-    runtime = _job_runtime(archive, settings) if settings.worker_in_serve else None
+    runtime = _job_runtime(archive, settings, events=False) if settings.worker_in_serve else None
+    events = _event_process(archive, settings) if settings.worker_in_serve else None
     processes = settings.dimse_processes or min(available_cpus(), 4)
     pool = DimseProcessPool(settings, processes - 1) if processes > 1 else None
     dimse = DimseServer(
@@ -165,6 +166,8 @@ def serve(
         dimse.dispatch_with(pool.dispatch)
     if runtime is not None:
         runtime.start()
+    if events is not None:
+        events.start()
     audit_export = start_exporter(archive)  # audit.syslog_url: ATNA to a syslog collector
     log.info(
         "pacsbridge ready",
@@ -185,13 +188,15 @@ def serve(
     # collection no longer walks it (tens of milliseconds, in the middle of a C-FIND say).
     gc.collect()
     gc.freeze()
-    shutdown = _GracefulShutdown(dimse, pool, runtime, settings.shutdown_timeout)
+    shutdown = _GracefulShutdown(dimse, pool, runtime, events, settings.shutdown_timeout)
     try:
         http_server.run(app, settings, on_exit=shutdown.begin)
     finally:
         shutdown.finish()
         if runtime is not None:
             _stop_job_runtime(runtime, settings)
+        if events is not None and not events.stop(settings.shutdown_timeout):
+            log.warning("event delivery was still running at exit; it was stopped")
         archive.audit.close()  # the queued events of reads, before the export's last round
         if audit_export is not None:
             audit_export.stop()
@@ -207,10 +212,11 @@ class _GracefulShutdown:
     waits for the associations, ``timeout`` seconds from the signal at most, then aborts those
     still open."""
 
-    def __init__(self, dimse: Any, pool: Any, runtime: Any, timeout: float) -> None:
+    def __init__(self, dimse: Any, pool: Any, runtime: Any, events: Any, timeout: float) -> None:
         self.dimse = dimse
         self.pool = pool
         self.runtime = runtime
+        self.events = events
         self.timeout = timeout
         self._deadline: float | None = None
         self._stopping: threading.Thread | None = None
@@ -231,6 +237,8 @@ class _GracefulShutdown:
         self.dimse.stop_accepting()
         if self.runtime is not None:
             self.runtime.request_stop()
+        if self.events is not None:
+            self.events.begin_stop()
 
     def finish(self) -> None:
         import time
@@ -567,18 +575,37 @@ def _exit_on_sigterm() -> None:
     signal.signal(signal.SIGINT, on_sigterm)  # a requested stop, like SIGTERM: exit status 0
 
 
-def _job_runtime(archive: Any, settings: Settings) -> Any:
-    """The worker + scanner of this process, with every registered job kind."""
+def _job_runtime(archive: Any, settings: Settings, *, events: bool = True) -> Any:
+    """The worker + scanner of this process, with every registered job kind (and the event
+    dispatcher, with ``events``)."""
     from dicom_node import patches
     from pacsbridge.jobs import JobRuntime, build_registry
 
     patches.install(settings.log_level)  # pynetdicom, for the jobs that forward over DIMSE
     try:
-        return JobRuntime(archive, settings, build_registry(settings))
+        return JobRuntime(archive, settings, build_registry(settings), events=events)
     except Exception as exc:
         console.print(f"[red]cannot load job handlers:[/red] {type(exc).__name__}: {exc}")
         archive.close()
         raise typer.Exit(2) from exc
+
+
+def _event_process(archive: Any, settings: Settings) -> Any:
+    """``serve``'s event delivery process (None with ``events.enabled`` off), after storing the
+    settings file's subscriptions: they exist before the first study is accepted."""
+    from archive.jobs import worker_name
+    from pacsbridge.event_delivery import store_toml_subscriptions
+    from pacsbridge.event_process import EventDeliveryProcess
+
+    if not settings.events.enabled:
+        return None
+    try:
+        store_toml_subscriptions(archive, settings)
+    except ValueError as exc:
+        console.print(f"[red]refusing to start:[/red] {exc}", highlight=False, soft_wrap=True)
+        archive.close()
+        raise typer.Exit(2) from exc
+    return EventDeliveryProcess(settings, worker_name())
 
 
 def _stop_job_runtime(runtime: Any, settings: Settings) -> None:

@@ -71,15 +71,24 @@ def rest_hook_render(archive: Archive, settings: Settings) -> RestHookRender | N
     return rest_hook_renderer(archive, settings)
 
 
-def build_dispatcher(archive: Archive, settings: Settings, name: str) -> Dispatcher | None:
-    """The dispatcher of a process that runs job workers (None with ``events.enabled`` off),
-    after storing the settings file's subscriptions."""
-    if not settings.events.enabled:
-        return None
+def store_toml_subscriptions(archive: Archive, settings: Settings) -> None:
+    """:func:`sync_toml_subscriptions`, its refusal a ``ValueError`` naming the setting."""
     try:
         sync_toml_subscriptions(archive, settings)
     except SubscriptionError as exc:
         raise ValueError(f"events.subscriptions: {exc.reason}") from exc
+
+
+def build_dispatcher(
+    archive: Archive, settings: Settings, name: str, *, sync: bool = True
+) -> Dispatcher | None:
+    """The dispatcher of a process that delivers events (None with ``events.enabled`` off),
+    after storing the settings file's subscriptions (unless ``sync`` is off: the process
+    that started this one stored them)."""
+    if not settings.events.enabled:
+        return None
+    if sync:
+        store_toml_subscriptions(archive, settings)
     dispatcher = Dispatcher(
         Subscriptions(archive.db),
         settings.events,

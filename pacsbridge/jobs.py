@@ -119,7 +119,10 @@ class JobRuntime:
         handlers: HandlerRegistry,
         *,
         name: str | None = None,
+        events: bool = True,
     ) -> None:
+        """``events`` off: this process's events are delivered elsewhere (``serve`` delivers
+        from a child process, ``pacsbridge/event_process.py``)."""
         base = name or worker_name()
         self.workers = [
             Worker(
@@ -143,7 +146,7 @@ class JobRuntime:
         self.scan_interval = settings.stable_scan_interval
         self.audit = archive.audit
         # Event delivery (events.enabled) runs where the job workers run.
-        self.events = build_dispatcher(archive, settings, base)
+        self.events = build_dispatcher(archive, settings, base) if events else None
 
     @property
     def name(self) -> str:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import signal
 import socket
 import subprocess
 import threading
@@ -169,7 +171,9 @@ def test_each_event_once_in_order_with_envelope(
     assert first.properties.content_type == "application/json"
     assert first.properties.type == "instance.stored"
     assert first.properties.headers["study"] == "1.2.3.1"
+    assert first.properties.app_id == "pacsbridge"
     body = first.body
+    assert first.properties.headers["sequence"] == body["sequence"]
     assert body["id"] == sent[0][0] and body["type"] == "instance.stored"
     assert body["study"] == "1.2.3.1" and body["data"] == {"n": 0}
     assert body["source"] == "https://pacs.test"
@@ -391,6 +395,56 @@ def test_unreachable_broker_backs_off_without_moving_the_cursor(arc: Archive) ->
     dispatcher.close()
 
 
+@pytest.mark.parametrize(
+    ("frame_max", "body_size", "study"),
+    [(131072, 700, "1.2.840.113619.2.55.3.1"), (4096, 10_000, None), (4096, 0, "1.2.3")],
+)
+def test_publish_frames_are_the_library_encoding(
+    frame_max: int, body_size: int, study: str | None
+) -> None:
+    """The frames ``events/amqp.py`` writes for a publish are, octet for octet, those that
+    py-amqp's own encoder writes for the same message (a body larger than a frame included)."""
+    import amqp
+    from amqp.method_framing import frame_writer
+    from amqp.serialization import dumps
+
+    from events.amqp import PublishFrames
+
+    written: list[bytes] = []
+
+    class Transport:
+        def write(self, data: Any) -> None:
+            written.append(bytes(data))
+
+    class Connection:
+        bytes_sent = 0
+
+    connection = Connection()
+    connection.frame_max = frame_max  # type: ignore[attr-defined]
+    write = frame_writer(connection, Transport())
+    body = bytes(range(256)) * (body_size // 256) + b"x" * (body_size % 256)
+    properties: dict[str, Any] = {
+        "content_type": "application/json",
+        "message_id": str(uuid.uuid4()),
+        "type": "study.stable",
+        "timestamp": 1_796_000_000,
+        "app_id": "pacsbridge",
+    }
+    headers = {"study": study, "sequence": 2**31 - 1}
+    message = amqp.Message(body, delivery_mode=2, application_headers=dict(headers), **properties)
+    write(
+        1,
+        7,
+        (60, 40),
+        dumps("Bssbb", (0, "pacsbridge.events", "study.stable", True, False)),
+        message,
+    )
+    ours = PublishFrames(7, "pacsbridge.events", mandatory=True, frame_max=frame_max).message(
+        "study.stable", body, headers=headers, **properties
+    )
+    assert ours == b"".join(written)
+
+
 def test_amqp_url_password_is_masked(arc: Archive) -> None:
     store = Subscriptions(arc.db)
     record = store.create("m", channel="amqp", endpoint="amqp://user:s3cret@broker:5672/%2F")
@@ -404,7 +458,8 @@ def test_serve_delivers_its_events(
 ) -> None:
     """A running ``pacsbridge serve`` with a subscription of its settings: DCMTK ``storescu``
     stores a series, and the consumer gets each ``instance.stored`` and then ``study.stable``
-    of the study, with the server's links."""
+    of the study, with the server's links. They come from ``serve``'s event delivery process;
+    killed, it is replaced, and the next study's events arrive as well."""
     storescu = require_tool("storescu")
     events = {
         "subscriptions": {
@@ -419,26 +474,36 @@ def test_serve_delivers_its_events(
         PACSBRIDGE_STABLE_AGE="1",
         PACSBRIDGE_STABLE_SCAN_INTERVAL="0.5",
     )
-    try:
-        study = generate_uid()
-        files = write_series(tmp_path / "series", 3, study_uid=study)
+
+    def send(study: str, folder: Path) -> None:
+        files = write_series(folder, 3, study_uid=study)
         sent = subprocess.run(
-            [
-                storescu,
-                "-aec",
-                server.ae_title,
-                "127.0.0.1",
-                str(server.dimse_port),
-                *map(str, files),
-            ],
+            [storescu, "-aec", server.ae_title, "127.0.0.1", str(server.dimse_port)]
+            + [str(f) for f in files],
             capture_output=True,
             text=True,
             timeout=60,
         )
         assert sent.returncode == 0, sent.stderr
-        messages = consumer.drain(4, timeout=30)
+
+    try:
+        study = generate_uid()
+        send(study, tmp_path / "series")
+        messages = list(consumer.drain(4, timeout=30))
+        (delivery,) = _event_processes(server.proc.pid)
+        os.kill(delivery, signal.SIGKILL)
+        later = generate_uid()
+        send(later, tmp_path / "later")
+        # Drained by distinct ids: one the killed process published without recording it
+        # comes again (at least once).
+        everything = consumer.drain(8, timeout=60)
+        assert [p for p in _event_processes(server.proc.pid) if p != delivery]
+        assert "event delivery process ended; starting another" in server.log()
     finally:
         assert server.stop() == 0, server.log()[-3000:]
+    assert not _event_processes(server.proc.pid)  # it stopped with serve
+    replaced = list({m.message_id: m for m in everything if m.body["study"] == later}.values())
+    assert [m.routing_key for m in replaced] == ["instance.stored"] * 3 + ["study.stable"]
     assert [m.routing_key for m in messages] == ["instance.stored"] * 3 + ["study.stable"]
     assert {m.body["study"] for m in messages} == {study}
     assert messages[-1].body["links"]["dicomweb"] == (
@@ -447,3 +512,22 @@ def test_serve_delivers_its_events(
     assert messages[0].body["source"] == "https://pacs.example"
     assert "patient" not in messages[0].body
     assert len({m.message_id for m in messages}) == 4
+
+
+def _event_processes(pid: int) -> list[int]:
+    """The live event delivery processes that ``pid`` started (their name is set)."""
+    from pacsbridge.event_process import PROCESS_NAME
+
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            name = (entry / "comm").read_text().strip()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[1]) == pid and name == PROCESS_NAME and fields[0] != "Z":
+            found.append(int(entry.name))
+    return found

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import insert, select, update
 
 from archive import Archive
-from archive.outbox import OutboxEvent, emit
+from archive.outbox import EventDelivery, OutboxEvent, emit
 from archive.subscriptions import (
     InvalidSubscription,
     SubscriptionConflict,
@@ -31,7 +31,15 @@ from config.settings import EventsSettings
 from events import Dispatcher
 from pacsbridge.event_delivery import build_dispatcher, envelope_for, sync_toml_subscriptions
 from tests.conftest import Backend, _backend
-from tests.events_support import ENVELOPE, Receiver, emit_one, fast, run_until, running_receiver
+from tests.events_support import (
+    ENVELOPE,
+    SECRET,
+    Receiver,
+    emit_one,
+    fast,
+    run_until,
+    running_receiver,
+)
 
 
 @pytest.fixture
@@ -171,6 +179,67 @@ def test_dead_event_puts_the_subscription_in_error_until_a_delivery(
     emit_one(arc, "study.stable", "1.2.22.1")
     dispatcher.run_once()
     assert len(receiver.received) == 2 and store.get("hooks").status == "off"  # type: ignore[union-attr]
+    dispatcher.close()
+
+
+def test_retries_wait_in_the_index_and_come_a_batch_at_a_time(
+    arc: Archive, receiver: Receiver
+) -> None:
+    """A study whose retry is not due holds its later events without the dispatcher reading
+    them each round (the subscription is not due); once due, the retries go in event order,
+    a batch per round, before any new event; a row a redelivery wrote meanwhile stands."""
+    store = Subscriptions(arc.db)
+    sub = store.create("hooks", channel="webhook", endpoint=receiver.url, secret=SECRET)
+    failing = {"1.2.31.1", "1.2.31.2", "1.2.31.3"}
+    receiver.answer = lambda event: 503 if event["study"] in failing else 200
+    dispatcher = Dispatcher(
+        store, fast(backoff_base=3600.0, backoff_max=3600.0, batch_size=2), ENVELOPE, name="r"
+    )
+    first = [emit_one(arc, "instance.stored", study) for study in sorted(failing)]
+    run_until(dispatcher, lambda: store.head() == store.get("hooks").cursor)  # type: ignore[union-attr]
+    later = emit_one(arc, "study.stable", "1.2.31.1")  # behind its study's failure: held
+    other = emit_one(arc, "study.stable", "1.2.31.9")
+    run_until(dispatcher, lambda: store.head() == store.get("hooks").cursor)  # type: ignore[union-attr]
+    assert store.get("hooks").counts == {"failed": 3, "held": 1}  # type: ignore[union-attr]
+    assert receiver.ids()[-1] == other
+    # Nothing to do until a retry is due: no held row is free, nothing pending is read.
+    now = datetime.now(UTC)
+    when, held = store.due()[sub.id]
+    assert when is not None and when > now + timedelta(minutes=50) and held == 0
+    assert store.pending_deliveries(sub.id, 10, now) == []
+    assert store.waiting_studies(sub.id, now) == failing
+    seen = len(receiver.received)
+    dispatcher.run_once()
+    assert len(receiver.received) == seen
+    # The retries come due and succeed: two per round, new events after them.
+    failing.clear()
+    with arc.db.write_connection() as conn:
+        conn.execute(update(EventDelivery).values(next_attempt_at=now - timedelta(seconds=1)))
+    newest = emit_one(arc, "study.stable", "1.2.31.8")
+    result = dispatcher.run_once()
+    assert result.more and receiver.ids()[seen:] == first[:2]
+    run_until(dispatcher, lambda: newest in receiver.ids())
+    assert store.get("hooks").counts == {"delivered": 4}  # type: ignore[union-attr]
+    assert receiver.ids()[seen:] == [*first, later, newest]
+    # A redelivery row for an event the dispatcher then writes a row for: the first stands.
+    receiver.answer = lambda event: 503
+    again = emit_one(arc, "study.stable", "1.2.31.7")
+    event_fk = store.head()
+    with arc.db.write_connection() as conn:
+        conn.execute(
+            insert(EventDelivery).values(
+                subscription_fk=sub.id,
+                event_fk=event_fk,
+                study_instance_uid="1.2.31.7",
+                status="failed",
+                attempts=0,
+                next_attempt_at=now,
+                created_at=now,
+                updated_at=now,
+            )
+        )
+    dispatcher.run_once()
+    assert receiver.ids()[-1] == again and store.get("hooks").cursor == event_fk  # type: ignore[union-attr]
     dispatcher.close()
 
 

@@ -733,7 +733,9 @@ def test_malformed_requests_do_not_disturb_dcmtk(server: RunningServer, stored: 
 # --- the DIMSE processes ------------------------------------------------------------------------
 def _spawned_children(pid: int) -> list[int]:
     """The acceptor processes ``pid`` started (multiprocessing's spawned children, not its
-    resource tracker)."""
+    resource tracker nor its event delivery process)."""
+    from pacsbridge.event_process import PROCESS_NAME
+
     children = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -741,10 +743,11 @@ def _spawned_children(pid: int) -> list[int]:
         try:
             stat = (entry / "stat").read_text()
             cmdline = (entry / "cmdline").read_bytes()
+            name = (entry / "comm").read_text().strip()
         except OSError:
             continue
         parent = int(stat.rsplit(")", 1)[1].split()[1])
-        if parent == pid and b"spawn_main" in cmdline:
+        if parent == pid and b"spawn_main" in cmdline and name != PROCESS_NAME:
             children.append(int(entry.name))
     return children
 
