@@ -51,7 +51,7 @@ from sqlalchemy.exc import IntegrityError
 from archive.audit import AuditEvent, record_change
 from archive.db import Database
 from archive.models import Patient
-from archive.ordering import find_order, transition
+from archive.ordering import by_resource_id, find_order, transition
 from archive.orders import PERFORMED_STATUSES, ImagingOrder, PerformedProcedureStep
 
 log = logging.getLogger(__name__)
@@ -359,6 +359,8 @@ def _patient_of(conn: Connection, dataset: dict[str, Any], order: Any | None) ->
 
 def _move_order(conn: Connection, order: Any, status: str, study_uid: str | None) -> list[str]:
     """Apply a step's status to its order (see the module's docstring); the events emitted."""
+    # Decided on the order as it stands, locked: a revoke committed since it was found wins.
+    order = by_resource_id(conn, order.resource_id, lock=True) or order
     if order.status in _ORDER_CLOSED:
         log.info(
             "performed step for a closed order: the order is left as it is",

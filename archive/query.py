@@ -82,6 +82,14 @@ class QueryError(ValueError):
     """The query cannot be run as given (C-FIND 0xA900 / 0xC000, QIDO-RS 400)."""
 
 
+class TooManyMatches(Exception):
+    """The query matches more records than :attr:`Query.max_matches` (C-FIND 0xA700)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"more than {limit} matches; narrow the query")
+        self.limit = limit
+
+
 _LEVEL_ORDER = [QueryLevel.PATIENT, QueryLevel.STUDY, QueryLevel.SERIES, QueryLevel.IMAGE]
 UNIQUE_KEYS = {
     QueryLevel.PATIENT: "PatientID",
@@ -273,6 +281,10 @@ class Query:
     extended negotiation byte 2); otherwise date and time are matched independently."""
     limit: int | None = None
     offset: int = 0
+    max_matches: int | None = None
+    """Without ``limit``: at most this many records are read, and a query that matches more
+    raises :class:`TooManyMatches` (where keys are matched from the stored JSON, the records
+    the index selects count)."""
     patient: int | None = None
     """Only the studies (and their series and instances) of the patient row with this key:
     the index's patient identity, one row per Patient ID and Issuer of Patient ID. An exact
@@ -904,6 +916,12 @@ def find_matches(db: Database, query: Query) -> Matches:
     elif query.offset and not json_matchers:
         paging = "offset"
         params["offset"] = query.offset
+    capped = query.max_matches is not None and paging != "limit"
+    if capped:
+        assert query.max_matches is not None
+        paging = "limit"  # one more than allowed tells a query over the limit
+        params["limit"] = query.max_matches + 1
+        params["offset"] = 0 if json_matchers else query.offset
     stmt = _shaped_select(level, tuple(shapes), paging)
     positions = _base_select(level)[2]
 
@@ -914,6 +932,8 @@ def find_matches(db: Database, query: Query) -> Matches:
     )
     with db.engine.connect() as conn:
         rows = conn.execute(stmt, params).all()  # rows read by position: by name costs more
+        if capped and query.max_matches is not None and len(rows) > query.max_matches:
+            raise TooManyMatches(query.max_matches)
         # The computed attributes and documents of the first rows, on the same connection.
         first = _extras(conn, level, rows[:_CHUNK], return_keys, needs_json)
     plan = _result_plan(query, return_keys, positions)

@@ -55,6 +55,7 @@ from archive.query import (
     QueryLevel,
     QueryModel,
     Shape,
+    TooManyMatches,
     _column_json,
     _combined_shape,
     _compile,
@@ -239,9 +240,16 @@ def find_worklist(db: Database, query: Query) -> WorklistMatches:
     elif query.offset:
         paging = "offset"
         params["offset"] = query.offset
+    capped = query.max_matches is not None and paging != "limit"
+    if capped:
+        assert query.max_matches is not None
+        paging = "limit"  # one more than allowed tells a query over the limit
+        params["limit"], params["offset"] = query.max_matches + 1, query.offset
     stmt = _worklist_select(tuple(shapes), paging)
     with db.engine.connect() as conn:
         rows = conn.execute(stmt, params).mappings().all()
+    if capped and query.max_matches is not None and len(rows) > query.max_matches:
+        raise TooManyMatches(query.max_matches)
     return WorklistMatches(_items(query.keys, rows), unsupported)
 
 

@@ -581,6 +581,12 @@ class Settings(BaseSettings):
     relational query (PS3.4 C.4.1.2.2.2) instead of being refused (0xA900), as dcm4chee's
     lenient mode does. Off: only requestors that negotiated relational queries (SOP Class
     Extended Negotiation byte 1, PS3.4 C.5.1.1.1) may leave them out."""
+    query_max_matches: int | None = Field(default=None, ge=1)
+    """A DIMSE C-FIND (Query/Retrieve or Modality Worklist) that matches more than this many
+    records is refused with 0xA700 (Refused: Out of Resources, PS3.4 C.4.1.1.4) before any
+    response is sent, as dcm4chee's QueryMaxNumberOfResults does: the matches of a C-FIND are
+    read into memory at once. None: no limit (a relational query at the IMAGE level without
+    keys then reads every instance of the archive)."""
 
     # --- DICOMweb ----------------------------------------------------------------------
     public_url: str | None = None

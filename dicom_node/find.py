@@ -28,7 +28,15 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 
 from archive import Archive
 from archive.metrics import observe_query
-from archive.query import Key, Query, QueryError, QueryLevel, QueryModel, find_matches
+from archive.query import (
+    Key,
+    Query,
+    QueryError,
+    QueryLevel,
+    QueryModel,
+    TooManyMatches,
+    find_matches,
+)
 from config import Settings
 from dicom_node.audit import DimseAudit
 from dicom_node.identifier import RowEncoder, Unencodable, codec_for, encode_identifier
@@ -192,6 +200,7 @@ class FindService:
             case_insensitive_pn=self.settings.query_case_insensitive_pn,
             combine_date_time=str(event.request.AffectedSOPClassUID)
             in self._combined.get(event.assoc, set()),
+            max_matches=self.settings.query_max_matches,
         )
         wants_retrieve_ae = identifier.get("RetrieveAETitle") is not None
         wants_availability = identifier.get("InstanceAvailability") is not None
@@ -253,6 +262,9 @@ class FindService:
             failed = str(exc)
             batch.flush()
             yield _failure(STATUS_IDENTIFIER_MISMATCH, str(exc))
+        except TooManyMatches as exc:  # raised before the first response
+            failed = str(exc)
+            yield _failure(STATUS_OUT_OF_RESOURCES, str(exc))
         except Exception as exc:
             log.exception("C-FIND failed")
             failed = f"query failed: {type(exc).__name__}"

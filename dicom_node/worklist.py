@@ -25,7 +25,7 @@ from pynetdicom.events import Event
 
 from archive import Archive
 from archive.metrics import observe_query
-from archive.query import Key, QueryError
+from archive.query import Key, QueryError, TooManyMatches
 from archive.worklist import find_worklist, worklist_query
 from config import Settings
 from dicom_node.audit import DimseAudit
@@ -33,6 +33,7 @@ from dicom_node.find import _failure, _response_charset, _text_value
 from dicom_node.status import (
     STATUS_CANCEL,
     STATUS_IDENTIFIER_MISMATCH,
+    STATUS_OUT_OF_RESOURCES,
     STATUS_PENDING,
     STATUS_PENDING_OPTIONAL_KEYS_UNSUPPORTED,
     STATUS_UNABLE_TO_PROCESS,
@@ -116,7 +117,11 @@ class WorklistFind:
             self.audit.queried(event.assoc, sop_class, None, failed="identifier cannot be decoded")
             yield _failure(STATUS_UNABLE_TO_PROCESS, f"identifier cannot be decoded: {exc}")
             return
-        query = worklist_query(keys, case_insensitive_pn=self.settings.query_case_insensitive_pn)
+        query = worklist_query(
+            keys,
+            case_insensitive_pn=self.settings.query_case_insensitive_pn,
+            max_matches=self.settings.query_max_matches,
+        )
         request_charset = identifier.get("SpecificCharacterSet")
         started = time.perf_counter()
         failed: str | None = None
@@ -135,6 +140,9 @@ class WorklistFind:
         except QueryError as exc:
             failed = str(exc)
             yield _failure(STATUS_IDENTIFIER_MISMATCH, str(exc))
+        except TooManyMatches as exc:
+            failed = str(exc)
+            yield _failure(STATUS_OUT_OF_RESOURCES, str(exc))
         except Exception as exc:
             log.exception("worklist C-FIND failed")
             failed = f"query failed: {type(exc).__name__}"

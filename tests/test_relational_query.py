@@ -306,6 +306,27 @@ def test_lenient_setting_with_findscu(strict: Node, lenient: Node, tmp_path: Pat
     assert found == [] and "DataSetDoesNotMatchSOPClass" in log
 
 
+def test_a_query_over_the_match_limit_is_refused(
+    make_backend: Any, pynetdicom_patched: None, tmp_path: Path
+):
+    """``query_max_matches``: a C-FIND that matches more records than the limit is answered
+    0xA700 (Out of Resources) with no match sent; one at the limit gets every match."""
+    backend = make_backend("sqlite", "file", data_dir=str(tmp_path / "capped"))
+    with running_node(backend, query_lenient=True, query_max_matches=3) as node:
+        everything = c_find(node.port, STUDY_ROOT, identifier("IMAGE", SOPInstanceUID=""))
+        assert (everything.status, everything.found) == (0xA700, [])
+        assert "more than 3 matches" in everything.comment
+        every_series = c_find(node.port, STUDY_ROOT, identifier("SERIES", SeriesInstanceUID=""))
+        assert every_series.status == 0xA700
+        studies = c_find(node.port, STUDY_ROOT, identifier("STUDY", StudyInstanceUID=""))
+        assert studies.status == 0x0000 and len(studies.found) == 3  # at the limit
+        ct = c_find(
+            node.port, STUDY_ROOT, identifier("SERIES", SeriesInstanceUID="", Modality="CT")
+        )
+        assert ct.status == 0x0000
+        assert series_uids(ct.found) == node.held.series(lambda p, n, m: m == "CT")
+
+
 def test_lenient_setting_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     monkeypatch.setenv("PACSBRIDGE_DATA_DIR", str(tmp_path))
     assert Settings().query_lenient is False

@@ -577,6 +577,14 @@ def test_worklist_statuses(node: Node):
         assoc.release()
 
 
+def test_worklist_over_the_match_limit_is_refused(make_backend: Any, pynetdicom_patched: None):
+    """``query_max_matches`` holds for the worklist too: 0xA700 with no item sent."""
+    with running_node(make_backend("sqlite", "file"), ORDERS, query_max_matches=2) as capped:
+        ((status, _),) = mwl_find(capped.port, step_query())
+        assert status == 0xA700
+        assert accessions(pending(mwl_find(capped.port, step_query(Modality="MR")))) == {"ACC2"}
+
+
 def test_non_ascii_names_and_character_sets(make_backend: Any, pynetdicom_patched: None):
     orders = [
         Order("ACC1", "P1", "MULLER^J", "19700101", "M", "CT", "CT1", "20260110", "083000",
