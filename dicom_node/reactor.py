@@ -583,7 +583,11 @@ def _assoc_init(self: Association, *args: Any, **kwargs: Any) -> None:
 
 
 def _assoc_kill(self: Association) -> None:
-    self.dul._pb_lease.release()  # type: ignore[attr-defined]
+    lease: SocketLease | None = getattr(self.dul, "_pb_lease", None)
+    if lease is None:  # made before the patches were installed: pynetdicom's own kill
+        _original_assoc_kill(self)
+        return
+    lease.release()
     _wake_association(self)
     dul = self.dul
     if dul.is_alive() and threading.current_thread() is not dul:

@@ -96,11 +96,13 @@ def multiprocess_enabled() -> bool:
 
 
 def mark_process_dead(pid: int) -> None:
-    """A process that counted into the metrics folder has ended: its live gauges go."""
+    """A process that counted into the metrics folder has ended: its live gauges go. Said
+    twice at once (a child's watcher and ``stop``), the second finds them gone: no error."""
     if multiprocess_enabled():
         from prometheus_client import multiprocess
 
-        multiprocess.mark_process_dead(pid)
+        with contextlib.suppress(FileNotFoundError):
+            multiprocess.mark_process_dead(pid)
 
 
 def _running(pid: int) -> bool:
