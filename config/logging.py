@@ -4,8 +4,9 @@ Every line written while an HTTP request or a DICOM association is served carrie
 (``request_id``): :func:`bind_request_id` sets it for the current context (a ``contextvars``
 variable, so concurrent requests on one event loop keep theirs apart). Secrets never reach a
 log line: the values of fields named like a credential (``authorization``, ``password``,
-``token``, ``secret``, ``client_assertion``, ``cookie``), bearer tokens and anything shaped like
-a JWT in a message are replaced by ``[redacted]``.
+``token``, ``secret``, ``client_assertion``, ``cookie``), at any depth of a nested field, bearer
+tokens, anything shaped like a JWT and the password of a URL in a message or a value are
+replaced by ``[redacted]``.
 """
 
 from __future__ import annotations
@@ -39,6 +40,10 @@ _SECRET_TEXT = re.compile(
     r"((?i:bearer|basic))\s+[A-Za-z0-9\-._~+/]+=*"
     r"|eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*(?:\.[A-Za-z0-9_-]*){0,2}"
 )
+# The password of a URL's userinfo (RFC 3986 3.2.1: ``scheme://user:password@host``).
+_URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^\s/:@]*):[^\s/@]*@")
+#: How deep nested fields (dicts, lists) are cleaned; deeper values are replaced whole.
+_MAX_DEPTH = 8
 
 
 @contextlib.contextmanager
@@ -52,15 +57,25 @@ def bind_request_id(value: str | None) -> Iterator[None]:
 
 
 def redact(text: str) -> str:
-    """``text`` with bearer tokens and JWTs replaced by ``[redacted]``."""
-    return _SECRET_TEXT.sub(lambda m: f"{m.group(1)} {REDACTED}" if m.group(1) else REDACTED, text)
+    """``text`` with bearer tokens, JWTs and the passwords of URLs replaced by
+    ``[redacted]``."""
+    text = _SECRET_TEXT.sub(lambda m: f"{m.group(1)} {REDACTED}" if m.group(1) else REDACTED, text)
+    return _URL_PASSWORD.sub(lambda m: f"{m.group(1)}:{REDACTED}@", text)
 
 
-def _clean(key: str, value: Any) -> Any:
-    if _SECRET_FIELD.search(key):
+def _clean(key: str, value: Any, depth: int = 0) -> Any:
+    """A field's value as logged: redacted when its name is a credential's, and so on into
+    nested dicts, lists and tuples (an ``extra={"request": {"headers": {...}}}``)."""
+    if _SECRET_FIELD.search(str(key)):
         return REDACTED
     if isinstance(value, str):
         return redact(value)
+    if isinstance(value, dict | list | tuple) and depth >= _MAX_DEPTH:
+        return REDACTED
+    if isinstance(value, dict):
+        return {k: _clean(str(k), v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean("", v, depth + 1) for v in value]
     return value
 
 

@@ -465,6 +465,12 @@ def test_log_lines_never_hold_secrets() -> None:
     record.client_assertion = "eyJhbGciOiJFUzI1NiJ9.eyJpc3MiOiJ4In0.c2ln"
     record.headers = "authorization: Basic dXNlcjpwYXNz"
     record.study = "1.2.3"
+    record.request = {
+        "headers": {"Authorization": "Bearer abc.def-ghi", "X-Api-Key": "k-77"},
+        "cookies": [{"name": "session", "token": "t-88"}],
+        "url": "amqp://pacs:s3cr%2Ft@broker:5672/%2F",
+    }
+    record.broker = "amqps://events:pw-99@mq.example:5671/vh"
     with bind_request_id("req-1"):
         payload = json.loads(JsonFormatter().format(record))
         text = TextFormatter().format(record)
@@ -472,7 +478,15 @@ def test_log_lines_never_hold_secrets() -> None:
     assert payload["password"] == payload["client_assertion"] == "[redacted]"
     assert payload["headers"] == "authorization: Basic [redacted]"
     assert payload["study"] == "1.2.3" and payload["request_id"] == "req-1"
-    for secret in ("hunter2", "abc.def-ghi", "eyJhbGciOiJFUzI1NiJ9", "dXNlcjpwYXNz"):
+    assert payload["request"]["headers"] == {
+        "Authorization": "[redacted]",
+        "X-Api-Key": "[redacted]",
+    }
+    assert payload["request"]["cookies"] == "[redacted]"
+    assert payload["request"]["url"] == "amqp://pacs:[redacted]@broker:5672/%2F"
+    assert payload["broker"] == "amqps://events:[redacted]@mq.example:5671/vh"
+    secrets = ("hunter2", "abc.def-ghi", "eyJhbGciOiJFUzI1NiJ9", "dXNlcjpwYXNz", "k-77", "t-88")
+    for secret in (*secrets, "s3cr%2Ft", "pw-99"):
         assert secret not in text and secret not in json.dumps(payload)
     assert "request_id=req-1" in text and "study=1.2.3" in text
 
