@@ -247,6 +247,9 @@ async def search_post(request: Request, resource_type: str) -> Response:
         if not content_type.startswith("application/x-www-form-urlencoded"):
             raise FHIRError(415, "POST _search takes application/x-www-form-urlencoded")
         items += parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True)
+    note = request.scope.get("pacsbridge.audit")
+    if note is not None:  # the audit records the search's parameters, the body's included
+        note["search"] = list(items)
     return await run_in_threadpool(_search, request, ctx, provider, items)
 
 

@@ -35,7 +35,7 @@ from __future__ import annotations
 import logging
 import re
 from typing import Any
-from urllib.parse import parse_qsl, unquote
+from urllib.parse import parse_qsl, quote, unquote, urlencode
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -46,7 +46,8 @@ log = logging.getLogger(__name__)
 
 NOTE = "pacsbridge.audit"
 """Scope key of a dict where an endpoint may name the patient and study it served
-(``patient_row``: the index row id of a FHIR Patient, ``patient_id``, ``study_uid``), or say
+(``patient_row``: the index row id of a FHIR Patient, ``patient_id``, ``study_uid``), give
+the parameters of a search that came in the body (``search``: FHIR ``POST _search``), or say
 that its change's event was committed with the change (``recorded``: True)."""
 
 _UID = r"[0-9.]+"
@@ -147,9 +148,7 @@ def _fhir(method: str, path: str, raw_query: bytes) -> AuditEvent | None:
         action, type_code = "E", "110112" if type_code == "110110" else type_code
         if type_code == "110101":
             action = "R"  # PS3.15 A.5.3.2 Audit Log Used: R
-        for name, value in parse_qsl(raw_query.decode("latin-1")):
-            if name in ("patient", "subject") and kind != "AuditEvent":
-                patient_row = _patient_row(value)
+        patient_row = _search_patient(kind, parse_qsl(raw_query.decode("latin-1")))
         entity = kind
     else:
         if (rest and rest.startswith("$")) or (resource_id or "").startswith("$"):
@@ -174,6 +173,15 @@ def _fhir(method: str, path: str, raw_query: bytes) -> AuditEvent | None:
         patient_row=patient_row,
     )
     return event
+
+
+def _search_patient(kind: str, items: list[tuple[str, str]]) -> int | None:
+    """The Patient a FHIR search is limited to (``patient`` / ``subject``), if one is named."""
+    found = None
+    for name, value in items:
+        if name in ("patient", "subject") and kind != "AuditEvent":
+            found = _patient_row(value)
+    return found
 
 
 def _patient_row(value: str) -> int | None:
@@ -233,6 +241,10 @@ class AuditMiddleware:
         event.outcome = outcome_of_status(status)
         if status >= 400:
             event.outcome_text = f"HTTP {status}"
+        searched = note.get("search")
+        if searched is not None and event.entity:  # POST _search: the body's parameters too
+            event.query = _query(urlencode(searched, quote_via=quote).encode("ascii"))
+            event.patient_row = _search_patient(event.entity, searched) or event.patient_row
         event.patient_id = note.get("patient_id") or event.patient_id
         event.study_uid = note.get("study_uid") or event.study_uid
         event.patient_row = note.get("patient_row") or event.patient_row

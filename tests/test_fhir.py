@@ -1236,13 +1236,28 @@ def test_patient_search(http: httpx.Client, patients: Patients) -> None:
         http, "Patient", {"family:contains": "quaxley", "_sort": "-birthdate", "_count": "10"}
     )
     assert ids(ordered) == [p["kim"], p["ida"], p["otto"], p["erika"]]
-    # POST _search takes the same parameters in a form body.
+    # POST _search takes the same parameters in a form body; its audit event keeps them.
     posted = http.post(
-        "/Patient/_search",
-        content=b"family=Quaxleyson",
+        "/Patient/_search?_count=5",
+        content=b"family=Quaxleyson&birthdate=ge1900-01-01",
         headers={"Content-Type": "application/x-www-form-urlencoded"},
     )
     assert posted.status_code == 200 and ids(posted.json()) == [p["ida"]]
+    wanted = "_count=5&family=Quaxleyson&birthdate=ge1900-01-01"
+    queries: list[str] = []
+    deadline = time.monotonic() + 10  # read events are written in the background
+    while wanted not in queries and time.monotonic() < deadline:
+        time.sleep(0.1)
+        trail = http.get(
+            "/AuditEvent", params={"action": "E", "_sort": "-date", "_count": "50"}
+        ).json()
+        queries = [
+            base64.b64decode(entity["query"]).decode()
+            for entry in trail.get("entry", [])
+            for entity in entry["resource"].get("entity", [])
+            if "query" in entity
+        ]
+    assert wanted in queries
 
 
 def test_patient_birthdate_equals_a_day(http: httpx.Client, patients: Patients) -> None:
