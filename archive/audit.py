@@ -125,6 +125,23 @@ class AuditEventRow(Base):
     query: Mapped[str | None] = mapped_column(Text)
 
 
+class AuditExportRow(Base):
+    """Where an export of the audit trail stands, one row per destination (``syslog``: the
+    IHE ATNA export, ``pacsbridge.atna``): the id of the last event it has sent (``cursor``)
+    and the lease of the process that exports now (``locked_by`` until ``locked_until``).
+    Kept in the index, so that an export resumes where it stopped whichever process runs it."""
+
+    __tablename__ = "audit_export"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    cursor: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), nullable=False
+    )
+    locked_by: Mapped[str | None] = mapped_column(String(255))
+    locked_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+
+
 @dataclass(slots=True)
 class AuditEvent:
     """One access or change, as an edge describes it (the row less its id)."""
@@ -296,7 +313,8 @@ def os_user() -> str:
 class AuditLog:
     """The audit trail of one index: in-transaction records, a queue for reads, retention.
 
-    :meth:`submit` never blocks and never touches the database on the caller's thread: a
+    :meth:`submit` does not block and does not touch the database on the caller's thread
+    (unless ``max_queued`` events are waiting already: the caller then writes its own): a
     background thread (started on first use, again in a forked child) writes what is queued
     as soon as it can, up to ``batch_size`` events in one INSERT (under load, the events that
     arrive while one batch is written make the next). While the index cannot be written the
@@ -313,11 +331,13 @@ class AuditLog:
         retention_days: int = 2190,
         flush_interval: float = 0.25,
         batch_size: int = 500,
+        max_queued: int = 100_000,
     ) -> None:
         self.db = db
         self.retention_days = retention_days
         self.flush_interval = flush_interval
         self.batch_size = batch_size
+        self.max_queued = max_queued
         self._queue: queue.SimpleQueue[AuditEvent | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -330,13 +350,21 @@ class AuditLog:
 
     # --- writing ---------------------------------------------------------------------------
     def submit(self, event: AuditEvent) -> None:
-        """Queue an event for the background writer (reads, and changes made elsewhere)."""
+        """Queue an event for the background writer (reads, and changes made elsewhere). With
+        ``max_queued`` events waiting already (the index is slow or away), the caller writes
+        its own now instead: memory stays bounded, and no event is dropped (the caller fails
+        if it cannot be written)."""
         if self._closed:
             self.write([event])
             return
         self._ensure_thread()
         with self._flushed:
-            self._pending += 1
+            full = self._pending >= self.max_queued
+            if not full:
+                self._pending += 1
+        if full:
+            self.write([event])
+            return
         self._queue.put(event)
 
     def write(self, events: Sequence[AuditEvent]) -> None:

@@ -75,7 +75,11 @@ class Archive:
         self.blobs: BlobStore = open_blob_store(settings)
         self.ingestor = IngestService(self.db, self.blobs, settings)
         self.peers = PeerRegistry(self.db, settings.peers)
-        self.audit = AuditLog(self.db, retention_days=settings.audit.retention_days)
+        self.audit = AuditLog(
+            self.db,
+            retention_days=settings.audit.retention_days,
+            max_queued=settings.audit.max_queued,
+        )
         self.jobs = JobQueue(
             self.db,
             max_attempts=settings.job_max_attempts,

@@ -9,15 +9,17 @@ import sqlite3
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
-from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy import Connection, DateTime, Engine, create_engine, event, func, literal, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.sql import ColumnElement
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 _UPGRADE_LOCK = threading.Lock()
@@ -260,6 +262,53 @@ class DirectConnection:
             return call(*args)
         except self._error as exc:
             raise DBAPIError.instance(statement, (), exc, self._error) from exc
+
+
+# --- leases and late commits (the event dispatcher, the audit export) -------------------------
+def server_now(db: Database) -> ColumnElement[datetime]:
+    """Now, by the clock of the index server on PostgreSQL (leases held across hosts compare
+    one clock), by this process's on SQLite (one host)."""
+    if db.is_sqlite:
+        return literal(datetime.now(UTC), DateTime(timezone=True))
+    return func.now()
+
+
+def server_after(db: Database, seconds: float) -> ColumnElement[datetime]:
+    """:func:`server_now` plus ``seconds``."""
+    if db.is_sqlite:
+        return literal(datetime.now(UTC) + timedelta(seconds=seconds), DateTime(timezone=True))
+    return func.now() + timedelta(seconds=seconds)
+
+
+def current_snapshot(db: Database) -> str | None:
+    """PostgreSQL: the current transaction snapshot (``txid_current_snapshot``), to learn
+    later (:func:`snapshot_passed`) whether every transaction running now has ended; None on
+    SQLite (one writer at a time: ids commit in their order).
+
+    On PostgreSQL an id of a ``serial``/``identity`` column is taken when a transaction
+    inserts its row, not when it commits: a reader following a table by id can see a later id
+    before an earlier one. A missing id whose transaction was running at the snapshot is
+    either committed (visible) or rolled back (never) once the snapshot has passed."""
+    if db.is_sqlite:
+        return None
+    with db.engine.connect() as conn:
+        return str(conn.execute(text("SELECT txid_current_snapshot()::text")).scalar_one())
+
+
+def snapshot_passed(db: Database, token: str) -> bool:
+    """Whether every transaction that was running at ``token`` (:func:`current_snapshot`) has
+    committed or rolled back: the oldest transaction still running is newer than any of them
+    (PostgreSQL ``txid_snapshot_xmin`` / ``txid_snapshot_xmax``)."""
+    with db.engine.connect() as conn:
+        return bool(
+            conn.execute(
+                text(
+                    "SELECT txid_snapshot_xmin(txid_current_snapshot()) >= "
+                    "txid_snapshot_xmax(CAST(:token AS txid_snapshot))"
+                ),
+                {"token": token},
+            ).scalar_one()
+        )
 
 
 def alembic_config(engine: Engine) -> AlembicConfig:

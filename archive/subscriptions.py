@@ -20,16 +20,15 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Table, delete, exists, func, literal, or_, select, text, update
+from sqlalchemy import Table, delete, exists, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.sql import ColumnElement
-from sqlalchemy.types import DateTime
 
 from archive.audit import AuditEvent
 from archive.audit import record as record_audit
-from archive.db import Database
+from archive.db import Database, current_snapshot, server_after, server_now, snapshot_passed
 from archive.outbox import CHANNELS, EVENT_TYPES, EventDelivery, EventSubscription, OutboxEvent
 
 log = logging.getLogger(__name__)
@@ -302,14 +301,10 @@ class Subscriptions:
 
     # clock: the server's on PostgreSQL (leases across hosts), ours on SQLite
     def _now(self) -> ColumnElement[datetime]:
-        if self.db.is_sqlite:
-            return literal(datetime.now(UTC), DateTime(timezone=True))
-        return func.now()
+        return server_now(self.db)
 
     def _after(self, seconds: float) -> ColumnElement[datetime]:
-        if self.db.is_sqlite:
-            return literal(datetime.now(UTC) + timedelta(seconds=seconds), DateTime(timezone=True))
-        return func.now() + timedelta(seconds=seconds)
+        return server_after(self.db, seconds)
 
     # --- subscriptions -------------------------------------------------------------------------
     def all(self, *, include_off: bool = True, counts: bool = False) -> list[SubscriptionRecord]:
@@ -845,27 +840,14 @@ class Subscriptions:
         return out
 
     def snapshot(self) -> str | None:
-        """PostgreSQL: the current transaction snapshot (``txid_current_snapshot``), to learn
-        later whether every transaction running now has ended; None on SQLite (one writer at a
-        time: outbox ids commit in their order)."""
-        if self.db.is_sqlite:
-            return None
-        with self.db.engine.connect() as conn:
-            return str(conn.execute(text("SELECT txid_current_snapshot()::text")).scalar_one())
+        """PostgreSQL: the current transaction snapshot (:func:`archive.db.current_snapshot`);
+        None on SQLite (one writer at a time: outbox ids commit in their order)."""
+        return current_snapshot(self.db)
 
     def snapshot_passed(self, token: str) -> bool:
         """Whether every transaction that was running at ``token`` (:meth:`snapshot`) has
         committed or rolled back."""
-        with self.db.engine.connect() as conn:
-            return bool(
-                conn.execute(
-                    text(
-                        "SELECT txid_snapshot_xmin(txid_current_snapshot()) >= "
-                        "txid_snapshot_xmax(CAST(:token AS txid_snapshot))"
-                    ),
-                    {"token": token},
-                ).scalar_one()
-            )
+        return snapshot_passed(self.db, token)
 
     def waiting_studies(self, subscription_id: int, now: datetime) -> set[str]:
         """The studies of the subscription's ``failed`` rows whose retry is later than ``now``:

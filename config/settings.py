@@ -434,6 +434,10 @@ class AuditSettings(BaseModel):
     (RFC 5425). None: not sent."""
     syslog_ca_file: Path | None = None
     """CA certificates that verify a ``tls://`` collector (default: the system's)."""
+    max_queued: int = Field(default=100_000, ge=1)
+    """Events of reads waiting in memory for the index, at most: beyond, a request writes its
+    own event before it is answered (waiting for the index, failing if it cannot be written),
+    so that memory stays bounded and no event is dropped."""
 
     @field_validator("syslog_url")
     @classmethod

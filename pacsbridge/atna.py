@@ -7,9 +7,24 @@ The exporter is a background thread of ``pacsbridge serve`` that follows the ``a
 table by id: it sends what every process recorded (the DIMSE acceptor processes, workers and
 the command line included), and no request ever waits for it. Events recorded while the
 collector is unreachable are sent once it is back (the table is the queue; the exporter keeps
-at most one batch in memory). It starts after the newest event of its start: events recorded
-while no exporter ran are in the index (FHIR AuditEvent) but not sent. One exporter per
-site: configure ``audit.syslog_url`` on one ``serve`` process.
+at most one batch in memory).
+
+Its position is kept in the index (``audit_export``, :mod:`archive.audit_export`): an export
+resumes where it stopped, so the events recorded while no exporter ran (``serve`` down or
+restarting, a worker or a command writing meanwhile) are sent when one runs again; the very
+first start begins after the newest event (a new collector gets the events from then on).
+Several ``serve`` processes on one index may all be configured with ``audit.syslog_url``: a
+lease lets one of them export at a time and another takes over when it stops or its lease
+passes, so the collector gets each event once (at least once: a process that loses its lease
+in the middle of a round may have sent that round's events when the next one sends them
+again).
+
+On PostgreSQL an id is taken when a transaction inserts the event, not when it commits: a
+later id can be visible before an earlier one. The cursor never passes a missing id while a
+transaction that was running when the gap was seen may still commit it
+(``txid_current_snapshot``); once every such transaction has ended, an id still missing was
+rolled back and is passed. An event whose message cannot be built is logged with its id and
+passed: it never stalls the export.
 """
 
 from __future__ import annotations
@@ -20,16 +35,19 @@ import os
 import socket
 import ssl
 import threading
+import time
+import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from sqlalchemy import func, select
-
 from archive import Archive
-from archive.audit import EVENT_TYPES, AuditEvent, AuditEventRow
+from archive.audit import EVENT_TYPES, AuditEvent, AuditEventRow, event_of_row
+from archive.audit_export import AuditExports
+from archive.db import current_snapshot, snapshot_passed
 
 log = logging.getLogger(__name__)
 
@@ -213,6 +231,28 @@ class SyslogSender:
                 self._sock = None
 
 
+#: The ``audit_export`` row of this export.
+EXPORT_NAME = "syslog"
+#: How long a process holds the export without renewing its lease (seconds).
+LEASE_SECONDS = 30.0
+#: How long after a missing id is first seen its snapshot is taken: an insert takes its id a
+#: moment before its transaction gets a transaction id (the snapshot must count it running).
+GAP_MIN_AGE = 0.1
+#: How long a missing id is waited for before a warning names it (it is still waited for).
+GAP_WARN_AFTER = 60.0
+
+
+@dataclass(slots=True)
+class _Gap:
+    """A missing id the cursor waits at (PostgreSQL)."""
+
+    at: int
+    since: float
+    token: str | None = None
+    resolved: bool = False
+    warned: bool = False
+
+
 class AtnaExporter:
     """Follows the audit table and sends each new event to the collector."""
 
@@ -224,6 +264,8 @@ class AtnaExporter:
         source_id: str,
         interval: float = 1.0,
         batch: int = 500,
+        lease_seconds: float = LEASE_SECONDS,
+        name: str = EXPORT_NAME,
     ) -> None:
         self.archive = archive
         self.sender = sender
@@ -231,41 +273,119 @@ class AtnaExporter:
         self.host = socket.gethostname()
         self.interval = interval
         self.batch = batch
+        self.lease_seconds = lease_seconds
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        with archive.db.session() as session:
-            self.after = int(session.scalar(select(func.max(AuditEventRow.id))) or 0)
+        # Unique per exporter: two in one process are two owners of the lease.
+        owner = f"{self.host}:{os.getpid()}:atna:{uuid.uuid4().hex[:8]}"
+        self.store = AuditExports(archive.db, name, owner)
+        self.store.start()  # the first start of the export begins after the newest event
+        self._gap: _Gap | None = None
+        self._more = False
         self.sent = 0
 
     def run_once(self) -> int:
-        """Send the events recorded since the last call; how many were sent (raises when the
-        collector cannot be reached: they are sent on the next call)."""
-        events = self.archive.audit.since(self.after, self.batch)
-        if not events:
+        """Send the events recorded after the stored cursor (a batch) when this process holds
+        the export; how many were sent (raises when the collector cannot be reached: they
+        are sent on a later call)."""
+        self._more = False
+        state = self.store.state()
+        if state is None:  # the row is gone (an index restored from before the export)
+            self.store.start()
             return 0
-        messages = [
-            syslog_message(event, source_id=self.source_id, host=self.host) for _, event in events
-        ]
-        self.sender.send(messages)
-        self.after = events[-1][0]
-        self.sent += len(events)
-        return len(events)
+        if not state.free:
+            return 0  # another process exports
+        cursor = state.cursor
+        rows = self.store.rows(cursor, self.batch)
+        if not rows:
+            return 0
+        held = self.store.take_lease(self.lease_seconds)
+        if held is None:
+            return 0  # taken by another process meanwhile
+        if held != cursor:  # moved by another process since the read
+            cursor = held
+            rows = self.store.rows(cursor, self.batch)
+        read = len(rows)
+        rows = self._contiguous(cursor, rows)
+        # Another round at once after a full batch, not while a gap is waited for.
+        more = read == self.batch and len(rows) == read
+        if not rows:
+            return 0
+        messages = []
+        for row in rows:
+            try:
+                event = event_of_row(row)
+                messages.append(syslog_message(event, source_id=self.source_id, host=self.host))
+            except Exception:
+                log.exception(
+                    "audit event cannot be exported: passed", extra={"audit_event_id": row.id}
+                )
+        if messages:
+            self.sender.send(messages)  # raises: the cursor stays, the events are sent later
+        self.sent += len(messages)
+        # After the collector accepted them (RFC 6587/5425 give no acknowledgement: what
+        # the connection took), by compare-and-set on the cursor the round read.
+        if not self.store.advance(cursor, rows[-1].id, self.lease_seconds):
+            log.warning(
+                "audit export lease lost: the process that holds it sends from its cursor",
+                extra={"owner": self.store.owner},
+            )
+            return len(messages)
+        self._more = self._more or more
+        return len(messages)
+
+    def _contiguous(self, cursor: int, rows: list[AuditEventRow]) -> list[AuditEventRow]:
+        """The rows up to the first id still missing that a running transaction may yet
+        commit (PostgreSQL); all of them on SQLite (one writer at a time: ids commit in
+        their order)."""
+        if self.archive.db.is_sqlite:
+            return rows
+        expected = cursor + 1
+        for index, row in enumerate(rows):
+            if row.id == expected:
+                expected += 1
+                continue
+            gap = self._gap
+            if gap is not None and gap.at == expected and gap.resolved:
+                # Every transaction that may have held the missing ids has ended since, and
+                # this read, made after, does not see them: they were rolled back.
+                self._gap = None
+                expected = row.id + 1
+                continue
+            if gap is None or gap.at != expected:
+                self._gap = _Gap(expected, time.monotonic())
+                return rows[:index]
+            age = time.monotonic() - gap.since
+            if gap.token is None and age >= GAP_MIN_AGE:
+                gap.token = current_snapshot(self.archive.db)
+            if gap.token is not None and snapshot_passed(self.archive.db, gap.token):
+                gap.resolved = True  # the next read sees the ids that were committed
+                self._more = True
+            if age >= GAP_WARN_AFTER and not gap.warned:
+                gap.warned = True
+                log.warning(
+                    "audit export waits for a transaction that holds audit event ids",
+                    extra={"from": expected, "to": row.id - 1},
+                )
+            return rows[:index]
+        return rows
 
     def _run(self) -> None:
         failures = 0
         while not self._stop.is_set():
             try:
-                sent = self.run_once()
+                self.run_once()
                 failures = 0
             except Exception as exc:
                 failures += 1
                 if failures == 1 or failures % 60 == 0:
                     log.warning(
-                        "audit collector unreachable: events wait in the index",
+                        "audit export failed (collector or index unreachable): events wait "
+                        "in the index",
                         extra={"err": str(exc), "port": self.sender.port},
                     )
-                sent = 0
-            if sent < self.batch:
+                self._more = False
+            if not self._more:
                 self._stop.wait(min(self.interval * (1 + min(failures, 30)), 30.0))
 
     def start(self) -> None:
@@ -273,7 +393,7 @@ class AtnaExporter:
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Send what is left (one last round), then stop."""
+        """Send what is left (one last round), then stop and give the lease back."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
@@ -282,11 +402,16 @@ class AtnaExporter:
                 self.sender.close()
                 return
         try:
-            while self.run_once() == self.batch:
-                pass
+            self.run_once()
+            while self._more:
+                self.run_once()
         except Exception as exc:
             log.warning("audit events not sent at shutdown", extra={"err": str(exc)})
         self.sender.close()
+        try:
+            self.store.release()
+        except Exception as exc:
+            log.warning("audit export lease not given back", extra={"err": str(exc)})
 
 
 def start_exporter(archive: Archive) -> AtnaExporter | None:

@@ -7,6 +7,7 @@ import base64
 import io
 import ipaddress
 import json
+import logging
 import os
 import re
 import socket
@@ -14,6 +15,7 @@ import ssl
 import subprocess
 import sys
 import threading
+import time
 import xml.etree.ElementTree as ET
 from collections import Counter
 from collections.abc import Iterator
@@ -44,15 +46,16 @@ from sqlalchemy.exc import DBAPIError
 from ai.registry import ModelRegistry
 from ai.runs import RunStore, execute_run, plan_study
 from archive import Archive
-from archive.audit import AuditEvent, AuditEventRow
+from archive.audit import AuditEvent, AuditEventRow, AuditExportRow, record
 from archive.jobs import JobRecord, JobStatus, PermanentJobError
 from archive.models import AIRun
 from billing.capture import list_charges
 from billing.invoices import create_invoice, issue_invoice
 from billing.prices import load_price_list, store_price_list
 from config import Settings
-from config.settings import AISettings
+from config.settings import AISettings, AuditSettings
 from fhir_bridge.router import _CREATES, _OPERATIONS, _UPDATES
+from pacsbridge import atna
 from pacsbridge.ai_jobs import _build_run, model_registry
 from pacsbridge.app import create_app
 from pacsbridge.atna import AtnaExporter, SyslogSender
@@ -757,6 +760,36 @@ def test_the_database_refuses_to_change_an_event(index_backend: Backend) -> None
         assert [e.agent for _, e in archive.audit.since(0)] == ["ae:X"]
 
 
+def test_a_full_queue_makes_the_reader_write_its_own_event(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``audit.max_queued``: while the writer is stuck (the index slow), at most that many
+    events wait in memory; the next request writes its own at once, and nothing is lost."""
+    settings = Settings(data_dir=tmp_path, audit=AuditSettings(max_queued=2))
+    with closing(Archive(settings)) as archive:
+        audit = archive.audit
+        stuck = threading.Event()
+        original = audit._write_batch
+
+        def slow_writer(batch: list[AuditEvent]) -> None:
+            stuck.wait(30)
+            original(batch)
+
+        monkeypatch.setattr(audit, "_write_batch", slow_writer)
+
+        def read(n: int) -> AuditEvent:
+            return AuditEvent(action="R", type_code="110103", agent=f"user:r{n}", source="fhir")
+
+        for n in range(2):
+            audit.submit(read(n))
+        assert audit.since(0) == []  # both wait in memory
+        audit.submit(read(2))  # the queue is full: written now, by this caller
+        assert [e.agent for _, e in audit.since(0)] == ["user:r2"]
+        stuck.set()
+        assert audit.flush(10)
+        assert sorted(e.agent for _, e in audit.since(0)) == ["user:r0", "user:r1", "user:r2"]
+
+
 def test_control_characters_a_request_smuggles_in_are_left_out(index_backend: Backend) -> None:
     """A path or query with NUL (PostgreSQL refuses it in text) or other C0 controls (XML 1.0
     refuses them) is recorded without them: the writer never stalls on one event."""
@@ -992,6 +1025,209 @@ def test_export_waits_for_an_unreachable_collector(tmp_path: Path) -> None:
         finally:
             sender.close()
             collector.close()
+
+
+def _read(agent: str) -> AuditEvent:
+    return AuditEvent(action="R", type_code="110103", agent=agent, source="dimse")
+
+
+def _agents(frames: list[bytes]) -> list[str]:
+    """The requestor of each message, in the order the collector got them."""
+    agents = []
+    for message in _check_frames(frames):
+        requestor = message.find("ActiveParticipant")
+        assert requestor is not None
+        agents.append(requestor.get("UserID") or "")
+    return agents
+
+
+def _settled(collector: _Collector, count: int) -> list[str]:
+    """The agents of the collector's messages once ``count`` arrived and a moment passed
+    without more (a duplicate would arrive in that moment)."""
+    collector.wait_for(count)
+    threading.Event().wait(0.3)
+    with collector.arrived:
+        return _agents(list(collector.frames))
+
+
+def _stored_cursor(archive: Archive) -> int:
+    with archive.db.session() as session:
+        return int(
+            session.scalars(
+                select(AuditExportRow.cursor).where(AuditExportRow.name == atna.EXPORT_NAME)
+            ).one()
+        )
+
+
+def test_the_export_resumes_where_it_stopped(index_backend: Backend) -> None:
+    """Events recorded while no exporter runs (``serve`` down or restarting, a worker writing
+    meanwhile) are sent by the next exporter: its position is kept in the index."""
+    collector = _Collector()
+    url = f"tcp://127.0.0.1:{collector.port}"
+    try:
+        with closing(Archive(index_backend.settings)) as archive:
+            archive.audit.write([_read("ae:BEFORE")])  # before the first start: not sent
+            first = AtnaExporter(archive, SyslogSender(url), source_id="PACSBRIDGE")
+            archive.audit.write([_read("ae:ONE")])
+            assert first.run_once() == 1
+            first.stop()
+        with closing(Archive(index_backend.settings)) as worker:  # no exporter runs
+            worker.audit.write([_read("ae:DOWN-1"), _read("ae:DOWN-2")])
+        with closing(Archive(index_backend.settings)) as archive:  # serve starts again
+            second = AtnaExporter(archive, SyslogSender(url), source_id="PACSBRIDGE")
+            archive.audit.write([_read("ae:AFTER")])
+            assert second.run_once() == 3
+            assert second.run_once() == 0
+            second.stop()
+            newest = max(i for i, _ in archive.audit.since(0))
+            assert _stored_cursor(archive) == newest
+        assert _settled(collector, 4) == ["ae:ONE", "ae:DOWN-1", "ae:DOWN-2", "ae:AFTER"]
+    finally:
+        collector.close()
+
+
+def test_two_exporters_on_one_index_send_each_event_once(index_backend: Backend) -> None:
+    """Scale-out: two ``serve`` processes export to one collector; a lease lets one of them
+    export at a time, the other takes over when it stops."""
+    collector = _Collector()
+    url = f"tcp://127.0.0.1:{collector.port}"
+    try:
+        with (
+            closing(Archive(index_backend.settings)) as one,
+            closing(Archive(index_backend.settings)) as two,
+        ):
+            exporters = [
+                AtnaExporter(archive, SyslogSender(url), source_id=name, interval=0.02, batch=7)
+                for archive, name in ((one, "ONE"), (two, "TWO"))
+            ]
+            for exporter in exporters:
+                exporter.start()
+            wanted = []
+            for n in range(12):
+                batch = [f"ae:E{n}-{i}" for i in range(5)]
+                (one if n % 2 else two).audit.write([_read(agent) for agent in batch])
+                wanted += batch
+                threading.Event().wait(0.03)
+            collector.wait_for(len(wanted))
+            holder = next(e for e in exporters if e.sent)
+            holder.stop()  # its lease is given back: the other takes over at once
+            other = next(e for e in exporters if e is not holder)
+            batch = [f"ae:LAST-{i}" for i in range(5)]
+            one.audit.write([_read(agent) for agent in batch])
+            wanted += batch
+            collector.wait_for(len(wanted))
+            other.stop()
+            agents = _settled(collector, len(wanted))
+        assert Counter(agents) == Counter(wanted)  # each once
+        assert agents == wanted  # in id order
+        assert sum(e.sent for e in exporters) == len(wanted)
+    finally:
+        collector.close()
+
+
+def test_another_exporter_takes_over_when_the_lease_passes(index_backend: Backend) -> None:
+    collector = _Collector()
+    url = f"tcp://127.0.0.1:{collector.port}"
+    try:
+        with closing(Archive(index_backend.settings)) as archive:
+            first, second = (
+                AtnaExporter(archive, SyslogSender(url), source_id="PACSBRIDGE", lease_seconds=0.5)
+                for _ in range(2)
+            )
+            archive.audit.write([_read("ae:A1"), _read("ae:A2")])
+            assert second.run_once() == 2  # the first to find work holds the export
+            archive.audit.write([_read("ae:B1")])
+            assert first.run_once() == 0  # held by the other
+            threading.Event().wait(0.7)  # the holder is gone: its lease passes
+            assert first.run_once() == 1
+            archive.audit.write([_read("ae:C1")])
+            assert second.run_once() == 0  # held by the other now
+            assert first.run_once() == 1
+            for exporter in (first, second):
+                exporter.stop()
+        assert _settled(collector, 4) == ["ae:A1", "ae:A2", "ae:B1", "ae:C1"]
+    finally:
+        collector.close()
+
+
+def _rounds(exporter: AtnaExporter, collector: _Collector, count: int) -> None:
+    """Rounds until the collector has ``count`` messages (a gap resolves in a few)."""
+    deadline = time.monotonic() + 20
+    while len(collector.frames) < count:
+        assert time.monotonic() < deadline, _agents(list(collector.frames))
+        exporter.run_once()
+        threading.Event().wait(0.05)
+
+
+@pytest.mark.parametrize("index_backend", ["postgresql"], indirect=True)
+def test_an_event_committed_late_is_still_sent(index_backend: Backend) -> None:
+    """PostgreSQL takes an id when a transaction inserts the row, not when it commits: the
+    export never passes an id a running transaction may still commit, and passes one whose
+    transaction rolled back once it has ended."""
+    collector = _Collector()
+    url = f"tcp://127.0.0.1:{collector.port}"
+    try:
+        with closing(Archive(index_backend.settings)) as archive:
+            exporter = AtnaExporter(archive, SyslogSender(url), source_id="PACSBRIDGE")
+            start = _stored_cursor(archive)
+            with archive.db.engine.connect() as conn:
+                late = conn.begin()
+                record(conn, _read("ae:LATE"))  # its id now, its commit later
+                archive.audit.write([_read("ae:EARLY")])  # a later id, committed first
+                for _ in range(3):  # the gap's snapshot is taken and still running
+                    assert exporter.run_once() == 0
+                    threading.Event().wait(0.15)
+                assert _stored_cursor(archive) == start
+                late.commit()
+            _rounds(exporter, collector, 2)
+            for _ in range(3):
+                assert exporter.run_once() == 0
+            with archive.db.engine.connect() as conn:
+                gone = conn.begin()
+                record(conn, _read("ae:ROLLED-BACK"))
+                archive.audit.write([_read("ae:AFTER")])
+                assert exporter.run_once() == 0
+                gone.rollback()
+            _rounds(exporter, collector, 3)
+            exporter.stop()
+        assert _settled(collector, 3) == ["ae:LATE", "ae:EARLY", "ae:AFTER"]
+    finally:
+        collector.close()
+
+
+def test_an_event_that_cannot_be_exported_is_passed(
+    index_backend: Backend, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One event whose message cannot be built is logged with its id and passed: the events
+    after it are sent, the export never stalls on it."""
+    built = atna.syslog_message
+
+    def syslog_message(event: AuditEvent, *, source_id: str, host: str) -> bytes:
+        if event.agent.startswith("ae:BROKEN"):
+            raise ValueError("this event cannot be built")
+        return built(event, source_id=source_id, host=host)
+
+    monkeypatch.setattr(atna, "syslog_message", syslog_message)
+    collector = _Collector()
+    url = f"tcp://127.0.0.1:{collector.port}"
+    try:
+        with closing(Archive(index_backend.settings)) as archive:
+            exporter = AtnaExporter(archive, SyslogSender(url), source_id="PACSBRIDGE")
+            archive.audit.write([_read("ae:BEFORE"), _read("ae:BROKEN"), _read("ae:AFTER")])
+            with caplog.at_level(logging.ERROR, logger="pacsbridge.atna"):
+                assert exporter.run_once() == 2
+                archive.audit.write([_read("ae:BROKEN-ALONE")])
+                assert exporter.run_once() == 0  # nothing to send, the cursor passes it
+            ids = {e.agent: i for i, e in archive.audit.since(0)}
+            assert _stored_cursor(archive) == ids["ae:BROKEN-ALONE"]
+            logged = [getattr(r, "audit_event_id", None) for r in caplog.records if r.exc_info]
+            assert logged == [ids["ae:BROKEN"], ids["ae:BROKEN-ALONE"]]
+            archive.audit.write([_read("ae:LATER")])
+            assert exporter.run_once() == 1
+            exporter.stop()
+        assert _settled(collector, 3) == ["ae:BEFORE", "ae:AFTER", "ae:LATER"]
+    finally:
+        collector.close()
 
 
 def test_a_payment_from_the_command_line_is_audited(tmp_path: Path) -> None:
