@@ -59,6 +59,7 @@ EVENT_TYPES = (
     "order.completed",
     "order.discontinued",
     "charge.created",
+    "charge.updated",
     "invoice.issued",
     "invoice.paid",
 )

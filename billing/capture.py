@@ -336,6 +336,35 @@ def announce_charge(session: Session, charge_id: int, values: dict[str, Any]) ->
     )
 
 
+def announce_charge_change(session: Session, charge: ChargeItem) -> None:
+    """The ``charge.updated`` event of a change to a charge (its new version), in the change's
+    transaction: voided when its study was deleted or by hand (``entered-in-error``), priced,
+    billed on an issued invoice, credited. Codes, status and amounts, never the reason's text
+    (free text a clerk typed)."""
+
+    def money(value: Any) -> str | None:
+        return None if value is None else str(value)
+
+    emit(
+        session,
+        "charge.updated",
+        study_uid=charge.study_instance_uid,
+        patient_id=charge.patient_id,
+        resource=f"ChargeItem/{charge.id}",
+        data={
+            "charge_id": charge.id,
+            "version": charge.version,
+            "kind": charge.kind,
+            "status": charge.status,
+            "code_system": charge.code_system,
+            "code": charge.code,
+            "net": money(charge.net),
+            "total": money(charge.total),
+            "currency": charge.currency,
+        },
+    )
+
+
 def _capture(
     session: Session,
     settings: Settings,
@@ -626,6 +655,7 @@ def _change(
     charge.version += 1
     charge.updated_at = datetime.now(UTC)
     session.flush()
+    announce_charge_change(session, charge)
     _event(
         session,
         charge.id,

@@ -24,7 +24,7 @@ from archive.jobs import JobQueue
 from archive.models import AIRun, Study
 from archive.outbox import EVENT_TYPES, OutboxEvent
 from archive.stable import StableStudyScanner
-from billing.capture import capture_technical
+from billing.capture import capture_technical, void_study
 from billing.invoices import (
     BillingError,
     create_invoice,
@@ -389,6 +389,17 @@ def test_charges_and_invoices(priced: Archive) -> None:
     )
     assert issued.data["charges"] == [charge_id]
     assert issued.data["version"] == 2  # draft 1, issued 2 (Invoice.meta.versionId)
+    (billed,) = events(arc, "charge.updated")  # the charge is billed with the issue
+    assert (billed.resource, billed.study_instance_uid, billed.patient_id) == (
+        f"ChargeItem/{charge_id}",
+        study,
+        "P-B",
+    )
+    assert (billed.data["status"], billed.data["version"], billed.data["total"]) == (
+        "billed",
+        2,
+        "202.30",
+    )
 
     record_payment(arc, invoice_id, Decimal("100.00"), actor="cashier")
     assert events(arc, "invoice.paid") == []  # paid in part
@@ -408,6 +419,20 @@ def test_charges_and_invoices(priced: Archive) -> None:
     created = events(arc, "charge.created")
     assert [e.resource for e in created] == [f"ChargeItem/{charge_id}", f"ChargeItem/{credit}"]
     assert created[1].data["total"] == "-202.30"
+    credited = events(arc, "charge.updated")[-1]  # the credited charge's new version
+    assert (credited.resource, credited.data["version"]) == (f"ChargeItem/{charge_id}", 3)
+
+    # A study deleted: its open charges are voided, each announced with its new status.
+    other = store(arc, ct_study(1, patient_id="P-V"))
+    (open_charge,) = capture_technical(arc, arc.settings, other)
+    assert void_study(arc, other, actor="test", reason="study deleted") == 1
+    voided = events(arc, "charge.updated")[-1]
+    assert (voided.resource, voided.study_instance_uid, voided.data["status"]) == (
+        f"ChargeItem/{open_charge}",
+        other,
+        "entered-in-error",
+    )
+    assert voided.data["version"] == 2 and "study deleted" not in str(voided.data)
 
 
 def test_manual_charge_created(priced: Archive) -> None:
