@@ -58,8 +58,8 @@ log = logging.getLogger(__name__)
 
 #: How long an outbox id passed by ``gap_timeout`` is still looked for (seconds).
 LATE_WATCH = 600.0
-#: A gap younger than this is not resolved by the snapshot alone (an insert takes its id a
-#: moment before its transaction id).
+#: The snapshot that resolves a gap is taken this long after the gap is seen (an insert takes
+#: its id a moment before its transaction id).
 GAP_MIN_AGE = 0.1
 
 
@@ -554,13 +554,16 @@ class Dispatcher:
                 continue
             result.more = False  # wait a poll interval for the transaction, unless resolved
             if gap is None or gap.at != expected:
-                state.gap = _Gap(expected, time.monotonic(), self.store.snapshot())
+                state.gap = _Gap(expected, time.monotonic(), None)
                 return events[:index]
             age = time.monotonic() - gap.since
-            if age >= self.settings.gap_timeout or (
-                age >= GAP_MIN_AGE
-                and gap.token is not None
-                and self.store.snapshot_passed(gap.token)
+            if gap.token is None and age >= GAP_MIN_AGE:
+                # Taken a moment after the gap was seen: the transaction that holds the id
+                # has its transaction id by then (it takes one as it writes the row, just
+                # after the id), so the snapshot counts it as running.
+                gap.token = self.store.snapshot()
+            elif age >= self.settings.gap_timeout or (
+                gap.token is not None and self.store.snapshot_passed(gap.token)
             ):
                 gap.resolved = True  # the next read sees the id if it was committed
                 result.more = True
