@@ -352,8 +352,9 @@ class AuditLog:
     def submit(self, event: AuditEvent) -> None:
         """Queue an event for the background writer (reads, and changes made elsewhere). With
         ``max_queued`` events waiting already (the index is slow or away), the caller writes
-        its own now instead: memory stays bounded, and no event is dropped (the caller fails
-        if it cannot be written)."""
+        its own now instead (it waits for the index: :meth:`full` tells an event loop to call
+        from a worker thread), so that memory stays bounded. An event that cannot be written
+        then is logged whole, at ERROR, as the one record left of it."""
         if self._closed:
             self.write([event])
             return
@@ -362,10 +363,21 @@ class AuditLog:
             full = self._pending >= self.max_queued
             if not full:
                 self._pending += 1
-        if full:
-            self.write([event])
+        if not full:
+            self._queue.put(event)
             return
-        self._queue.put(event)
+        try:
+            self.write([event])
+        except Exception:
+            log.exception(
+                "audit event not written: the queue is full and the index refuses it",
+                extra={"audit_event": asdict(event)},
+            )
+
+    def full(self) -> bool:
+        """Whether :meth:`submit` would write on the caller's thread (``max_queued`` events
+        wait already)."""
+        return self._pending >= self.max_queued
 
     def write(self, events: Sequence[AuditEvent]) -> None:
         """Write events now, in a transaction of their own."""

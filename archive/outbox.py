@@ -152,6 +152,12 @@ class EventDelivery(Base):
             "status IN ('held', 'failed', 'dead', 'delivered')", name="ck_event_delivery_status"
         ),
         Index("ix_event_delivery_subscription_fk_status", "subscription_fk", "status"),
+        Index(
+            "ix_event_delivery_subscription_study_status",
+            "subscription_fk",
+            "study_instance_uid",
+            "status",
+        ),
         {"sqlite_autoincrement": True},
     )
 

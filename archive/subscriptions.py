@@ -818,13 +818,14 @@ class Subscriptions:
 
     def due(self) -> dict[int, tuple[datetime | None, int]]:
         """Per subscription with ``failed`` or ``held`` rows: (the earliest retry time of its
-        failed rows, how many held rows are free to go: those whose study has no ``failed``
-        row left, which a retry comes due for first)."""
+        failed rows that are first of their study, how many held rows are free to go: those
+        whose study has no ``failed`` row before them; the others go after that row's retry,
+        which comes due first)."""
         failing = _DELIVERY.alias("failing")
         with self.db.engine.connect() as conn:
             failed = conn.execute(
                 select(_DELIVERY.c.subscription_fk, func.min(_DELIVERY.c.next_attempt_at))
-                .where(_DELIVERY.c.status == "failed")
+                .where(_DELIVERY.c.status == "failed", ~_behind_failure(failing))
                 .group_by(_DELIVERY.c.subscription_fk)
             ).all()
             held = conn.execute(
@@ -849,6 +850,22 @@ class Subscriptions:
         committed or rolled back."""
         return snapshot_passed(self.db, token)
 
+    def owing_studies(self, subscription_id: int) -> set[str]:
+        """The studies with a ``failed`` or ``held`` row of the subscription (their new events
+        wait behind those rows)."""
+        with self.db.engine.connect() as conn:
+            return set(
+                conn.execute(
+                    select(_DELIVERY.c.study_instance_uid)
+                    .where(
+                        _DELIVERY.c.subscription_fk == subscription_id,
+                        _DELIVERY.c.status.in_(("failed", "held")),
+                        _DELIVERY.c.study_instance_uid.is_not(None),
+                    )
+                    .distinct()
+                ).scalars()
+            )
+
     def waiting_studies(self, subscription_id: int, now: datetime) -> set[str]:
         """The studies of the subscription's ``failed`` rows whose retry is later than ``now``:
         their later events wait behind them."""
@@ -870,8 +887,8 @@ class Subscriptions:
         self, subscription_id: int, limit: int, now: datetime
     ) -> list[DeliveryRecord]:
         """At most ``limit`` of the subscription's deliveries to try now, in event order:
-        ``failed`` rows whose retry is due and ``held`` rows not behind a ``failed`` row
-        whose retry is not (those wait for it, and are not read every round)."""
+        ``failed`` rows whose retry is due and ``held`` rows, neither behind a ``failed`` row
+        of its study whose retry is not (those wait for it, and are not read every round)."""
         failing = _DELIVERY.alias("failing")
         with self.db.engine.connect() as conn:
             rows = conn.execute(
@@ -885,8 +902,9 @@ class Subscriptions:
                             _DELIVERY.c.next_attempt_at.is_(None),
                             _DELIVERY.c.next_attempt_at <= now,
                         ),
-                        (_DELIVERY.c.status == "held") & ~_behind_failure(failing, not_due_at=now),
+                        _DELIVERY.c.status == "held",
                     ),
+                    ~_behind_failure(failing, not_due_at=now),
                 )
                 .order_by(_DELIVERY.c.event_fk)
                 .limit(limit)

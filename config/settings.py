@@ -435,9 +435,10 @@ class AuditSettings(BaseModel):
     syslog_ca_file: Path | None = None
     """CA certificates that verify a ``tls://`` collector (default: the system's)."""
     max_queued: int = Field(default=100_000, ge=1)
-    """Events of reads waiting in memory for the index, at most: beyond, a request writes its
-    own event before it is answered (waiting for the index, failing if it cannot be written),
-    so that memory stays bounded and no event is dropped."""
+    """Events of reads waiting in memory for the index, at most: beyond, each new event is
+    written by the thread that records it (a DICOM handler before its response, an HTTP
+    request's after its answer, off the event loop), waiting for the index, so that memory
+    stays bounded. One that cannot be written then is logged whole at ERROR."""
 
     @field_validator("syslog_url")
     @classmethod

@@ -290,23 +290,24 @@ class AmqpChannel:
         self._acked.clear()
         self._nacked.clear()
         self._returned.clear()
+        frames = self._frames
+        assert frames is not None
+        data = bytearray()
+        for event, body in items:  # encoded first: a tag is taken only by what is sent
+            data += frames.message(
+                event.type,
+                body,
+                content_type="application/json",
+                message_id=event.event_id,
+                type=event.type,
+                timestamp=int(event.created_at.timestamp()),
+                app_id="pacsbridge",
+                headers={"study": event.study_instance_uid, "sequence": event.id},
+            )
+        for index in range(len(items)):
+            self._tag += 1
+            self._pending[self._tag] = index
         try:
-            frames = self._frames
-            assert frames is not None
-            data = bytearray()
-            for index, (event, body) in enumerate(items):
-                data += frames.message(
-                    event.type,
-                    body,
-                    content_type="application/json",
-                    message_id=event.event_id,
-                    type=event.type,
-                    timestamp=int(event.created_at.timestamp()),
-                    app_id="pacsbridge",
-                    headers={"study": event.study_instance_uid, "sequence": event.id},
-                )
-                self._tag += 1
-                self._pending[self._tag] = index
             # The batch in one send: it leaves in full segments, not a small packet per frame,
             # which spares the broker's CPU as much as ours.
             self._connection.transport.write(bytes(data))

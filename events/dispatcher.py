@@ -5,8 +5,7 @@ hold (a lease in the index: one process delivers a subscription at a time, which
 order):
 
 1. retries: its ``failed`` deliveries that are due and its ``held`` ones whose study has no
-   earlier failing delivery left, in event order, a batch at a time (new events wait until
-   the retries are through);
+   earlier failing delivery left, in event order, a batch at a time;
 2. new events: those after its cursor (a batch in id order), filtered by its types. An event
    whose study has a failed or held delivery waits behind it (``held``); an event that fails
    gets a ``failed`` row (retried with exponential back-off, ``dead`` after the
@@ -325,9 +324,8 @@ class Dispatcher:
                 "next_attempt_at": now + timedelta(seconds=self._backoff(attempts)),
             }
 
-        # 1. retries and held deliveries, in event order (a page of them: the new events
-        # wait until the retries are through); the later events of a study whose retry is
-        # not due yet wait behind it
+        # 1. retries and held deliveries, in event order (a page of them); the later events
+        # of a study whose retry is not due yet wait behind it
         blocked.update(self.store.waiting_studies(sub.id, now))
         pending = self.store.pending_deliveries(sub.id, self.settings.batch_size, now)
         retries_left = len(pending) == self.settings.batch_size
@@ -359,13 +357,14 @@ class Dispatcher:
         except _LeaseLost:
             return self._lost(sub, result)
 
-        # 2. new events after the cursor
+        # 2. new events after the cursor (with more retries than a page, those of every study
+        # that still owes a delivery wait behind them: the next round reads the next page)
         cursor = sub.cursor
         if retries_left and down is None:
-            result.more = True  # the next page of retries first
-        elif down is None:
+            blocked.update(self.store.owing_studies(sub.id))
+        if down is None:
             events = self.store.batch(sub.cursor, self.settings.batch_size)
-            result.more = len(events) == self.settings.batch_size
+            result.more = retries_left or len(events) == self.settings.batch_size
             events = self._contiguous(sub, state, events, result)
             try:
                 if isinstance(state.channel, BatchChannel):

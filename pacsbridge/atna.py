@@ -393,7 +393,10 @@ class AtnaExporter:
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Send what is left (one last round), then stop and give the lease back."""
+        """Send what is left (rounds until none is full, for ``timeout`` seconds at most: a
+        backlog left is sent by the next process that exports, from the stored cursor), then
+        stop and give the lease back."""
+        deadline = time.monotonic() + timeout
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
@@ -403,7 +406,7 @@ class AtnaExporter:
                 return
         try:
             self.run_once()
-            while self._more:
+            while self._more and time.monotonic() < deadline:
                 self.run_once()
         except Exception as exc:
             log.warning("audit events not sent at shutdown", extra={"err": str(exc)})

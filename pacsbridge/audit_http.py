@@ -37,6 +37,7 @@ import re
 from typing import Any
 from urllib.parse import parse_qsl, quote, unquote, urlencode
 
+from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from archive.audit import AuditEvent, AuditLog, outcome_of_status
@@ -228,7 +229,10 @@ class AuditMiddleware:
         finally:
             # A change whose event is in the change's transaction: nothing more to write.
             if not (note.get("recorded") and status < 400):
-                self._finish(scope, event, note, status)
+                if self.audit.full():  # it is written now: off the event loop
+                    await run_in_threadpool(self._finish, scope, event, note, status)
+                else:
+                    self._finish(scope, event, note, status)
 
     def _finish(self, scope: Scope, event: AuditEvent, note: dict[str, Any], status: int) -> None:
         principal = scope.get("pacsbridge.principal")

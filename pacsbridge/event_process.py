@@ -106,8 +106,13 @@ class EventDeliveryProcess:
         process = ctx.Process(
             target=_child, args=(data, theirs, self.name), name=PROCESS_NAME, daemon=True
         )
-        process.start()
-        theirs.close()
+        try:
+            process.start()
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
         with self._lock:
             if not self._stopping.is_set():
                 self._child = (process, ours)

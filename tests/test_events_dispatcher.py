@@ -187,7 +187,8 @@ def test_retries_wait_in_the_index_and_come_a_batch_at_a_time(
 ) -> None:
     """A study whose retry is not due holds its later events without the dispatcher reading
     them each round (the subscription is not due); once due, the retries go in event order,
-    a batch per round, before any new event; a row a redelivery wrote meanwhile stands."""
+    a batch per round, and new events of the studies that owe none go beside them; a row a
+    redelivery wrote meanwhile stands."""
     store = Subscriptions(arc.db)
     sub = store.create("hooks", channel="webhook", endpoint=receiver.url, secret=SECRET)
     failing = {"1.2.31.1", "1.2.31.2", "1.2.31.3"}
@@ -216,11 +217,12 @@ def test_retries_wait_in_the_index_and_come_a_batch_at_a_time(
     with arc.db.write_connection() as conn:
         conn.execute(update(EventDelivery).values(next_attempt_at=now - timedelta(seconds=1)))
     newest = emit_one(arc, "study.stable", "1.2.31.8")
+    held_back = emit_one(arc, "study.stable", "1.2.31.3")  # its study still owes a retry
     result = dispatcher.run_once()
-    assert result.more and receiver.ids()[seen:] == first[:2]
-    run_until(dispatcher, lambda: newest in receiver.ids())
-    assert store.get("hooks").counts == {"delivered": 4}  # type: ignore[union-attr]
-    assert receiver.ids()[seen:] == [*first, later, newest]
+    assert result.more and receiver.ids()[seen:] == [*first[:2], newest]
+    run_until(dispatcher, lambda: held_back in receiver.ids())
+    assert store.get("hooks").counts == {"delivered": 5}  # type: ignore[union-attr]
+    assert receiver.ids()[seen:] == [*first[:2], newest, first[2], later, held_back]
     # A redelivery row for an event the dispatcher then writes a row for: the first stands.
     receiver.answer = lambda event: 503
     again = emit_one(arc, "study.stable", "1.2.31.7")
