@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Table, delete, exists, func, or_, select, update
+from sqlalchemy import Table, bindparam, delete, exists, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
@@ -759,10 +759,7 @@ class Subscriptions:
     def active(self) -> list[SubscriptionRecord]:
         """Subscriptions to deliver: ``active`` and ``error`` (an erring one keeps trying)."""
         with self.db.engine.connect() as conn:
-            rows = conn.execute(
-                select(_SUB).where(_SUB.c.status.in_(("active", "error"))).order_by(_SUB.c.id)
-            )
-            return [SubscriptionRecord.from_row(row) for row in rows]
+            return [SubscriptionRecord.from_row(row) for row in conn.execute(_ACTIVE)]
 
     def take_lease(
         self, subscription_id: int, owner: str, seconds: float
@@ -798,9 +795,7 @@ class Subscriptions:
     def batch(self, after: int, limit: int) -> list[EventRecord]:
         """Outbox events after id ``after``, in id order."""
         with self.db.engine.connect() as conn:
-            rows = conn.execute(
-                select(_EVENT).where(_EVENT.c.id > after).order_by(_EVENT.c.id).limit(limit)
-            )
+            rows = conn.execute(_BATCH, {"after": after, "limit": limit})
             return [EventRecord.from_row(row) for row in rows]
 
     def events_by_id(self, ids: Iterable[int]) -> list[EventRecord]:
@@ -814,25 +809,16 @@ class Subscriptions:
     def head(self) -> int:
         """The newest outbox id (0 when the outbox is empty)."""
         with self.db.engine.connect() as conn:
-            return int(conn.execute(select(func.coalesce(func.max(_EVENT.c.id), 0))).scalar_one())
+            return int(conn.execute(_HEAD).scalar_one())
 
     def due(self) -> dict[int, tuple[datetime | None, int]]:
         """Per subscription with ``failed`` or ``held`` rows: (the earliest retry time of its
         failed rows that are first of their study, how many held rows are free to go: those
         whose study has no ``failed`` row before them; the others go after that row's retry,
         which comes due first)."""
-        failing = _DELIVERY.alias("failing")
         with self.db.engine.connect() as conn:
-            failed = conn.execute(
-                select(_DELIVERY.c.subscription_fk, func.min(_DELIVERY.c.next_attempt_at))
-                .where(_DELIVERY.c.status == "failed", ~_behind_failure(failing))
-                .group_by(_DELIVERY.c.subscription_fk)
-            ).all()
-            held = conn.execute(
-                select(_DELIVERY.c.subscription_fk, func.count())
-                .where(_DELIVERY.c.status == "held", ~_behind_failure(failing))
-                .group_by(_DELIVERY.c.subscription_fk)
-            ).all()
+            failed = conn.execute(_DUE_FAILED).all()
+            held = conn.execute(_DUE_HELD).all()
         out: dict[int, tuple[datetime | None, int]] = {
             sub_id: (_aware(first), 0) for sub_id, first in failed
         }
@@ -1005,6 +991,29 @@ def _behind_failure(failing: Any, *, not_due_at: datetime | None = None) -> Colu
     if not_due_at is not None:
         conditions.append(failing.c.next_attempt_at > not_due_at)
     return exists().where(*conditions)
+
+
+# The statements the dispatcher runs each round, built once (a statement with an alias costs
+# more to build than to run on a small table).
+_FAILING = _DELIVERY.alias("failing")
+_ACTIVE = select(_SUB).where(_SUB.c.status.in_(("active", "error"))).order_by(_SUB.c.id)
+_HEAD = select(func.coalesce(func.max(_EVENT.c.id), 0))
+_BATCH = (
+    select(_EVENT)
+    .where(_EVENT.c.id > bindparam("after"))
+    .order_by(_EVENT.c.id)
+    .limit(bindparam("limit"))
+)
+_DUE_FAILED = (
+    select(_DELIVERY.c.subscription_fk, func.min(_DELIVERY.c.next_attempt_at))
+    .where(_DELIVERY.c.status == "failed", ~_behind_failure(_FAILING))
+    .group_by(_DELIVERY.c.subscription_fk)
+)
+_DUE_HELD = (
+    select(_DELIVERY.c.subscription_fk, func.count())
+    .where(_DELIVERY.c.status == "held", ~_behind_failure(_FAILING))
+    .group_by(_DELIVERY.c.subscription_fk)
+)
 
 
 def _comparable(values: Mapping[str, Any]) -> Iterable[tuple[str, Any]]:

@@ -215,7 +215,8 @@ class Dispatcher:
                 held_sub = self.store.take_lease(sub.id, self.name, self.settings.lease_seconds)
             if held_sub is None:
                 continue
-            result = self._serve(held_sub)
+            # Its retries are read only when it has failed or held deliveries at all.
+            result = self._serve(held_sub, owes=sub.id in due)
             total.delivered += result.delivered
             total.failed += result.failed
             total.more = total.more or result.more
@@ -274,7 +275,7 @@ class Dispatcher:
         return min(delay, self.settings.backoff_max) * random.uniform(0.9, 1.1)
 
     # --- one subscription ---------------------------------------------------------------------
-    def _serve(self, sub: SubscriptionRecord) -> RoundResult:
+    def _serve(self, sub: SubscriptionRecord, *, owes: bool = True) -> RoundResult:
         result = RoundResult()
         state = self._channel(sub)
         patterns = sub.event_types
@@ -326,8 +327,10 @@ class Dispatcher:
 
         # 1. retries and held deliveries, in event order (a page of them); the later events
         # of a study whose retry is not due yet wait behind it
-        blocked.update(self.store.waiting_studies(sub.id, now))
-        pending = self.store.pending_deliveries(sub.id, self.settings.batch_size, now)
+        pending = []
+        if owes:
+            blocked.update(self.store.waiting_studies(sub.id, now))
+            pending = self.store.pending_deliveries(sub.id, self.settings.batch_size, now)
         retries_left = len(pending) == self.settings.batch_size
         try:
             for row in pending:
