@@ -464,7 +464,8 @@ def test_auth_required_rejects_undeclared_calling_aes_at_association(
         ae = AE(ae_title="STRANGER")
         ae.add_requested_context(Verification)
         assoc = ae.associate("127.0.0.1", server.dimse_port, ae_title=server.ae_title)
-        assert assoc.is_rejected
+        state = {"aborted": assoc.is_aborted, "established": assoc.is_established}
+        assert assoc.is_rejected, (state, server.log()[-3000:])
         rj = assoc.acceptor.primitive
         assert rj is not None
         # Rejected-permanent; DICOM UL service-user; calling-AE-title-not-recognized.
