@@ -734,19 +734,25 @@ def create_service_request(
                 )
 
             row = ordering.create(session, draft, render)
-            event = change_event(
-                ctx.audit,
-                f"ServiceRequest/{row.resource_id}",
-                patient_row=row.patient_fk,
-                study_uid=row.study_instance_uid,
-            )
-            if event is not None:
-                record(session, event)
-            created = resource(row.resource_id, row.version, row.updated_at, row.document)
+            created = _recorded(ctx, session, row)
     except ordering.OrderError as exc:
         raise _order_error(exc) from exc
     committed(ctx.audit)
     return created, 201
+
+
+def _recorded(ctx: Context, session: Session, row: Any) -> dict[str, Any]:
+    """The audit event of a write of the order ``row`` (in its transaction), and the
+    ServiceRequest as written."""
+    event = change_event(
+        ctx.audit,
+        f"ServiceRequest/{row.resource_id}",
+        patient_row=row.patient_fk,
+        study_uid=row.study_instance_uid,
+    )
+    if event is not None:
+        record(session, event)
+    return resource(row.resource_id, row.version, row.updated_at, row.document)
 
 
 def update_service_request(
@@ -809,15 +815,7 @@ def update_service_request(
                 ),
             )
             row = ordering.update_order(session, current.id, draft, document)
-            event = change_event(
-                ctx.audit,
-                f"ServiceRequest/{row.resource_id}",
-                patient_row=row.patient_fk,
-                study_uid=row.study_instance_uid,
-            )
-            if event is not None:
-                record(session, event)
-            updated = resource(row.resource_id, row.version, row.updated_at, row.document)
+            updated = _recorded(ctx, session, row)
     except ordering.OrderError as exc:
         raise _order_error(exc) from exc
     committed(ctx.audit)
@@ -843,15 +841,9 @@ def delete_service_request(ctx: Context, provider: Provider, resource_id: str) -
                 "business-rule",
             )
         row = ordering.cancel(session, current.id)
-        if row.version != current.version:
-            event = change_event(
-                ctx.audit,
-                f"ServiceRequest/{row.resource_id}",
-                patient_row=row.patient_fk,
-                study_uid=row.study_instance_uid,
-            )
-            if event is not None:
-                record(session, event)
-        deleted = resource(row.resource_id, row.version, row.updated_at, row.document)
+        if row.version == current.version:  # revoked already: nothing changed, nothing recorded
+            deleted = resource(row.resource_id, row.version, row.updated_at, row.document)
+        else:
+            deleted = _recorded(ctx, session, row)
     committed(ctx.audit)
     return deleted
