@@ -461,17 +461,33 @@ def _create_step(
             if order is not None
             else []
         )
-        patient_id = text(dataset, PATIENT_ID)
-        record_change(
-            conn,
-            audit,
-            entity=f"Procedure/{sop_instance_uid}",
-            patient_id=patient_id,
-            study_uid=columns["study_instance_uid"],
+        return _recorded(
+            conn, audit, sop_instance_uid, IN_PROGRESS, dataset, columns, order, events
         )
+
+
+def _recorded(
+    conn: Connection,
+    audit: Any,
+    sop_instance_uid: str,
+    status: str,
+    dataset: dict[str, Any],
+    columns: dict[str, Any],
+    order: Any | None,
+    events: list[str],
+) -> StepResult:
+    """The audit event of a step written (in its transaction), and what it did."""
+    patient_id = text(dataset, PATIENT_ID)
+    record_change(
+        conn,
+        audit,
+        entity=f"Procedure/{sop_instance_uid}",
+        patient_id=patient_id,
+        study_uid=columns["study_instance_uid"],
+    )
     return StepResult(
         sop_instance_uid,
-        IN_PROGRESS,
+        status,
         columns["study_instance_uid"],
         patient_id,
         order.id if order is not None else None,
@@ -550,20 +566,4 @@ def update_step(
         events: list[str] = []
         if order is not None and status != IN_PROGRESS:
             events = _move_order(conn, order, status, columns["study_instance_uid"])
-        patient_id = text(dataset, PATIENT_ID)
-        record_change(
-            conn,
-            audit,
-            entity=f"Procedure/{sop_instance_uid}",
-            patient_id=patient_id,
-            study_uid=columns["study_instance_uid"],
-        )
-    return StepResult(
-        sop_instance_uid,
-        status,
-        columns["study_instance_uid"],
-        patient_id,
-        order.id if order is not None else None,
-        order.resource_id if order is not None else None,
-        events,
-    )
+        return _recorded(conn, audit, sop_instance_uid, status, dataset, columns, order, events)
