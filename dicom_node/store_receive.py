@@ -233,6 +233,11 @@ def _receive(assoc: Association, dul: Any, lease: Any, store: StoreFunction) -> 
     while lease.held_here and assoc.is_established and not assoc._kill:
         if not dul.to_provider_queue.empty() or not dul.event_queue.empty():
             return  # the DUL has work of its own (an abort, say): it needs its socket
+        dimse = assoc.dimse
+        if dimse.message is not None or not dimse.msg_queue.empty():
+            # The DUL read (part of) the next request before it lent the socket: the peer
+            # waits for its answer, which comes through pynetdicom.
+            return
         pdu = lease.read_pdu(POLL)
         if pdu is None:
             if time.monotonic() - idle_since >= HOLD_IDLE:

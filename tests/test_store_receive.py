@@ -6,7 +6,10 @@ association."""
 from __future__ import annotations
 
 import struct
+import threading
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -16,6 +19,7 @@ import pytest
 from pydicom.uid import generate_uid
 from pynetdicom import AE, build_context
 from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
 from dicom_node.pdata import c_store_request_command, pdata_pdus
@@ -229,18 +233,50 @@ def test_abort_in_the_middle_of_a_data_set(server: RunningServer, tmp_path: Path
     assert blob_count(server) == 1
 
 
-def test_requests_after_the_first_are_read_off_the_socket(
+def _wait_for_the_reader(node: Any, timeout: float = 10.0) -> None:
+    """Wait until the node's one association has lent its socket to its reader."""
+    from pynetdicom.association import Association
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        acceptors = [
+            t
+            for t in threading.enumerate()
+            if isinstance(t, Association) and t.is_acceptor and t.ae is node.ae
+        ]
+        lease: Any = getattr(acceptors[0].dul, "_pb_lease", None) if acceptors else None
+        if lease is not None and lease.holder is acceptors[0]:
+            return
+        time.sleep(0.005)
+    raise AssertionError("the association thread did not take the socket")
+
+
+@dataclass
+class _Node:
+    """A DimseServer in the test process, and the instances its socket reader stored."""
+
+    node: Any
+    archive: Any
+    host: str
+    port: int
+    ae_title: str
+    read: list[str]
+
+
+@pytest.fixture
+def in_process_node(
     tmp_path: Path, pynetdicom_patched, monkeypatch: pytest.MonkeyPatch
-):
-    """In-process node: the first C-STORE of an association goes through pynetdicom, the
-    following ones through the socket reader, until a message of another kind comes."""
+) -> Iterator[_Node]:
     from archive import Archive
     from config import Settings
     from dicom_node import DimseServer, store_receive
+    from dicom_node.reactor import SocketLease
 
-    # The reader gives the socket back after HOLD_IDLE seconds of silence: on a loaded machine
-    # the test's SCU may be slower than that between two requests, which is not the path tested.
-    monkeypatch.setattr(store_receive, "HOLD_IDLE", 10.0)
+    # The reader gives the socket back after HOLD_IDLE seconds of silence, and does without
+    # it when the DUL has not granted it within GRANT_TIMEOUT: on a loaded machine the test's
+    # SCU may be slower than the one, the DUL thread than the other; neither is the path tested.
+    monkeypatch.setattr(store_receive, "HOLD_IDLE", 3600.0)
+    monkeypatch.setattr(SocketLease, "GRANT_TIMEOUT", 10.0)
 
     settings = Settings(data_dir=tmp_path / "data", dimse_host="127.0.0.1", dimse_port=0)
     archive = Archive(settings)
@@ -255,20 +291,81 @@ def test_requests_after_the_first_are_read_off_the_socket(
     node.store_received = counting  # type: ignore[method-assign,assignment]
     host, port = node.start()
     try:
-        files = write_series(tmp_path / "ct", 5, size=32)
-        uids = [str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files]
-        assoc = _ae().associate(host, port, contexts=_store_contexts(), ae_title=settings.ae_title)
-        assert assoc.is_established
-        try:
-            for path in files[:3]:
-                assert assoc.send_c_store(path).Status == 0x0000
-            assert assoc.send_c_echo().Status == 0x0000
-            for path in files[3:]:
-                assert assoc.send_c_store(path).Status == 0x0000
-        finally:
-            assoc.release()
-        assert read == uids[1:3] + uids[4:]
-        assert archive.stats().instances == 5
+        yield _Node(node, archive, host, port, settings.ae_title, read)
     finally:
         node.stop()
         archive.close()
+
+
+def test_requests_after_the_first_are_read_off_the_socket(in_process_node: _Node, tmp_path: Path):
+    """The first C-STORE of an association goes through pynetdicom, the following ones
+    through the socket reader, until a message of another kind comes."""
+    node = in_process_node
+    files = write_series(tmp_path / "ct", 5, size=32)
+    uids = [str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files]
+    assoc = _ae().associate(
+        node.host, node.port, contexts=_store_contexts(), ae_title=node.ae_title
+    )
+    assert assoc.is_established
+    try:
+        # The association thread asks for the socket once its C-STORE is answered: a request
+        # the peer sends before the DUL has lent it is read by pynetdicom (which stores it just
+        # as well; see the next test). Each request here waits for the lease, so that the path
+        # each one takes is known.
+        for path in files[:3]:
+            assert assoc.send_c_store(path).Status == 0x0000
+            _wait_for_the_reader(node.node)
+        assert assoc.send_c_echo().Status == 0x0000
+        for path in files[3:]:
+            assert assoc.send_c_store(path).Status == 0x0000
+            _wait_for_the_reader(node.node)
+    finally:
+        assoc.release()
+    assert node.read == uids[1:3] + uids[4:]
+    assert node.archive.stats().instances == 5
+
+
+def test_requests_read_before_the_socket_is_lent_are_answered(
+    in_process_node: _Node, tmp_path: Path
+):
+    """A peer that sends its next requests before the first is answered: the DUL reads them
+    before it can lend the socket, and the reader hands the socket straight back so that
+    pynetdicom answers them. (Held for HOLD_IDLE instead, set here to an hour, the peer would
+    wait past its DIMSE timeout.)"""
+    node = in_process_node
+    files = write_series(tmp_path / "ct", 3, size=32)
+    assoc = _ae().associate(
+        node.host, node.port, contexts=_store_contexts(), ae_title=node.ae_title
+    )
+    assert assoc.is_established
+    context_id = next(
+        int(cx.context_id or 0)
+        for cx in assoc.accepted_contexts
+        if cx.abstract_syntax == CTImageStorage
+    )
+    requests = b""
+    for message_id, path in enumerate(files, start=1):
+        ds = pydicom.dcmread(path)
+        command = c_store_request_command(
+            str(ds.SOPClassUID), str(ds.SOPInstanceUID), message_id=message_id, priority=0
+        )
+        data = encode(ds, False, True)
+        assert data is not None
+        requests += pdata_pdus(context_id, command, data, assoc.acceptor.maximum_length or 0)
+    # As send_c_store does: the association's own reactor leaves the responses alone.
+    assoc._reactor_checkpoint.clear()
+    while not assoc._is_paused:
+        time.sleep(0.001)
+    try:
+        raw: Any = assoc.dul.socket.socket  # type: ignore[union-attr]
+        raw.sendall(requests)
+        answered = []
+        for _ in files:
+            _, response = assoc.dimse.get_msg(block=True)
+            assert response is not None, "no response within the DIMSE timeout"
+            answered.append((response.MessageIDBeingRespondedTo, response.Status))
+    finally:
+        assoc._reactor_checkpoint.set()
+        assoc.release()
+    assert answered == [(1, 0x0000), (2, 0x0000), (3, 0x0000)]
+    assert node.archive.stats().instances == 3
