@@ -31,6 +31,11 @@ An order already ``completed``, ``revoked`` or ``entered-in-error`` is not moved
 
 The step row, the order's change, its event and the audit event (PS3.15 A.5.3 "Procedure
 Record", 110111, action C for N-CREATE, U for N-SET) commit in one transaction.
+
+**Retrieve.** A step's attributes are read back by its SOP Instance UID (:func:`read_step`,
+the N-GET of the Modality Performed Procedure Step Retrieve SOP Class, PS3.4 F.8), by the
+Performed Procedure Step Manager or Order Filler that did not receive the modality's own
+requests.
 """
 
 from __future__ import annotations
@@ -494,6 +499,17 @@ def _recorded(
         order.resource_id if order is not None else None,
         events,
     )
+
+
+def read_step(db: Database, sop_instance_uid: str) -> dict[str, Any] | None:
+    """N-GET (PS3.4 F.8.2.1, the Modality Performed Procedure Step Retrieve SOP Class): the
+    step's attributes as they stand (the N-CREATE's with each N-SET's applied), as DICOM
+    JSON; None when there is no such step."""
+    with db.engine.connect() as conn:
+        row = conn.execute(
+            select(_STEP.c.dataset).where(_STEP.c.sop_instance_uid == sop_instance_uid)
+        ).first()
+    return None if row is None else dict(row.dataset or {})
 
 
 def _merged(dataset: dict[str, Any], modifications: dict[str, Any]) -> dict[str, Any]:

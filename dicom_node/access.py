@@ -43,7 +43,16 @@ from typing import Any
 
 from pynetdicom import evt
 from pynetdicom.association import Association
-from pynetdicom.dimse_primitives import C_ECHO, C_FIND, C_GET, C_MOVE, C_STORE, N_CREATE, N_SET
+from pynetdicom.dimse_primitives import (
+    C_ECHO,
+    C_FIND,
+    C_GET,
+    C_MOVE,
+    C_STORE,
+    N_CREATE,
+    N_GET,
+    N_SET,
+)
 from pynetdicom.events import Event
 
 from archive.peers import PeerRecord, PeerRegistry
@@ -69,6 +78,8 @@ SERVICES: dict[type, str] = {
     # performed changes orders, as storing changes the archive.
     N_CREATE: "store",
     N_SET: "store",
+    # Reading a step back (its Retrieve SOP Class) discloses the patient, as a query does.
+    N_GET: "find",
 }
 #: The services any calling AE title may use (unless it is a peer's, without the permission).
 OPEN_SERVICES = frozenset(("echo", "store"))
@@ -256,7 +267,7 @@ class AccessControl:
         )
         rsp = type(msg)()
         rsp.MessageIDBeingRespondedTo = msg.MessageID
-        if isinstance(msg, N_SET):
+        if isinstance(msg, (N_SET, N_GET)):
             rsp.AffectedSOPClassUID = msg.RequestedSOPClassUID
             rsp.AffectedSOPInstanceUID = msg.RequestedSOPInstanceUID
         else:

@@ -1,4 +1,5 @@
-"""Modality Performed Procedure Step SCP (PS3.4 F.7, SOP Class 1.2.840.10008.3.1.2.3.3).
+"""Modality Performed Procedure Step SCP (PS3.4 F.7, SOP Class 1.2.840.10008.3.1.2.3.3) and
+Modality Performed Procedure Step Retrieve SCP (PS3.4 F.8, SOP Class 1.2.840.10008.3.1.2.3.4).
 
 A modality reports the procedure step it performs: N-CREATE when it starts (IN PROGRESS), N-SET
 as it goes and when it ends (COMPLETED or DISCONTINUED). The steps and their effect on the
@@ -14,16 +15,26 @@ DICOM JSON and answers with the statuses PS3.4 F.7.2.1.2 / F.7.2.2.2 and PS3.7 C
   does not allow it to;
 - 0120H Missing Attribute / 0121H Missing Attribute Value: an N-CREATE without a Type 1
   attribute, a COMPLETED or DISCONTINUED step without its final-state attributes (the N-SET
-  response names them in its Attribute Identifier List).
+  response names them in its Attribute Identifier List);
+- 0211H Unrecognized Operation: an N-CREATE or N-SET on the Retrieve SOP Class.
+
+**Retrieve.** An N-GET (PS3.4 F.8.2.1) returns the attributes its Attribute Identifier List
+names, as the step holds them (sequences whole; PS3.7 10.1.2: no list, every attribute), with
+the step's Specific Character Set (0008,0005) so that its values decode as they were sent.
+Attributes the step does not hold are left out (F.8.2.1.1: the SCU copes). An unknown step is
+0112H No Such Object Instance. The step is one SOP Instance of all three MPPS SOP Classes
+(F.8.2), so an N-GET on the Modality Performed Procedure Step SOP Class is answered too.
 
 **Who may.** Reporting performed steps changes orders, so it needs the ``store`` permission of
 the calling AE (``archive.peers.PERMISSIONS``), checked by the node's access control before the
 request is served (``dicom_node.access``: an undeclared AE may store, and so report steps,
 unless ``auth = "required"``; a declared peer without ``store`` is refused with 0124H).
+Reading a step back (N-GET) discloses the patient's demographics as a query does: it needs
+``find``.
 
 **Audit.** Each step created or changed is a "Procedure Record" event (PS3.15 A.5.3, 110111;
-action C for N-CREATE, U for N-SET) committed with the step; a refused request is recorded
-with its outcome (minor failure).
+action C for N-CREATE, U for N-SET) committed with the step; an N-GET is one with action R; a
+refused request is recorded with its outcome (minor failure).
 """
 
 from __future__ import annotations
@@ -35,18 +46,24 @@ from typing import Any, cast
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 from pynetdicom import AE, evt
-from pynetdicom.dimse_primitives import N_CREATE, N_SET
+from pynetdicom.dimse_primitives import N_CREATE, N_GET, N_SET
 from pynetdicom.events import Event
-from pynetdicom.sop_class import ModalityPerformedProcedureStep  # type: ignore[attr-defined]
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    ModalityPerformedProcedureStep,
+    ModalityPerformedProcedureStepRetrieve,
+)
 
 from archive import Archive
 from archive.audit import MINOR_FAILURE, SERIOUS_FAILURE, AuditEvent
 from archive.dicom_json import dataset_to_json
 from archive.mpps import (
     NO_LONGER_UPDATABLE_ERROR_ID,
+    PATIENT_ID,
     MppsError,
     MppsErrorKind,
     create_step,
+    read_step,
+    text,
     update_step,
 )
 from config import Settings
@@ -60,11 +77,14 @@ from dicom_node.status import (
     STATUS_NO_SUCH_OBJECT_INSTANCE,
     STATUS_PROCESSING_FAILURE,
     STATUS_SUCCESS,
+    STATUS_UNRECOGNIZED_OPERATION,
 )
 
 log = logging.getLogger(__name__)
 
 MPPS_SOP_CLASS = str(ModalityPerformedProcedureStep)
+MPPS_RETRIEVE_SOP_CLASS = str(ModalityPerformedProcedureStepRetrieve)
+_SPECIFIC_CHARACTER_SET = 0x00080005
 
 # The failure status of each refusal (PS3.4 F.7.2.1.2, F.7.2.2.2; PS3.7 Annex C).
 _STATUS_FOR_ERROR = {
@@ -101,8 +121,26 @@ def _failure(
     return ds
 
 
+_SERVICE_OF_ACTION = {"C": "N-CREATE", "U": "N-SET", "R": "N-GET"}
+
+
+def _selected(step: Dataset, identifiers: Any) -> Dataset:
+    """The N-GET's Attribute List: the attributes the Attribute Identifier List names (all
+    when it names none, PS3.7 10.1.2.1), and the Specific Character Set their values need."""
+    if identifiers is None or identifiers == []:
+        return step
+    wanted = {int(tag) for tag in (identifiers if isinstance(identifiers, list) else [identifiers])}
+    wanted.add(_SPECIFIC_CHARACTER_SET)
+    reply = Dataset()
+    for element in step:
+        if int(element.tag) in wanted:
+            reply.add(element)
+    return reply
+
+
 class MppsService:
-    """N-CREATE and N-SET of the Modality Performed Procedure Step SOP Class."""
+    """N-CREATE and N-SET of the Modality Performed Procedure Step SOP Class, N-GET of its
+    Retrieve SOP Class."""
 
     def __init__(self, archive: Archive, settings: Settings) -> None:
         self.archive = archive
@@ -110,9 +148,14 @@ class MppsService:
 
     def add_contexts(self, ae: AE) -> None:
         ae.add_supported_context(MPPS_SOP_CLASS)
+        ae.add_supported_context(MPPS_RETRIEVE_SOP_CLASS)
 
     def handlers(self) -> list[Handler]:
-        return [(evt.EVT_N_CREATE, self.handle_create), (evt.EVT_N_SET, self.handle_set)]
+        return [
+            (evt.EVT_N_CREATE, self.handle_create),
+            (evt.EVT_N_SET, self.handle_set),
+            (evt.EVT_N_GET, self.handle_get),
+        ]
 
     # --- N-CREATE --------------------------------------------------------------------------
     def handle_create(self, event: Event) -> tuple[Dataset | int, Dataset | None]:
@@ -121,6 +164,10 @@ class MppsService:
         # PS3.4 F.7.2.1.2: the SCU gives the SOP Instance UID, or the SCP assigns one (and
         # returns it in the response's Affected SOP Instance UID).
         uid = str(given) if given else f"2.25.{uuid.uuid4().int}"
+        if not self._managed_here(event):
+            return _failure(
+                STATUS_UNRECOGNIZED_OPERATION, "N-CREATE of the Retrieve SOP Class"
+            ), None
         attributes = self._decode(event, "attribute_list")
         if isinstance(attributes, Dataset):
             self._refused(event, "C", uid, attributes.ErrorComment)
@@ -150,6 +197,8 @@ class MppsService:
     def handle_set(self, event: Event) -> tuple[Dataset | int, Dataset | None]:
         request = cast(N_SET, event.request)
         uid = str(request.RequestedSOPInstanceUID or "")
+        if not self._managed_here(event):
+            return _failure(STATUS_UNRECOGNIZED_OPERATION, "N-SET of the Retrieve SOP Class"), None
         modifications = self._decode(event, "modification_list")
         if isinstance(modifications, Dataset):
             self._refused(event, "U", uid, modifications.ErrorComment)
@@ -168,7 +217,33 @@ class MppsService:
         )
         return STATUS_SUCCESS, None
 
+    # --- N-GET -----------------------------------------------------------------------------
+    def handle_get(self, event: Event) -> tuple[Dataset | int, Dataset | None]:
+        request = cast(N_GET, event.request)
+        uid = str(request.RequestedSOPInstanceUID or "")
+        try:
+            attributes = read_step(self.archive.db, uid)
+            if attributes is None:
+                self._refused(event, "R", uid, f"no step {uid}")
+                return _failure(STATUS_NO_SUCH_OBJECT_INSTANCE, f"no step {uid}"), None
+            reply = _selected(Dataset.from_json(attributes), request.AttributeIdentifierList)
+        except Exception:
+            log.exception("MPPS N-GET failed", extra={"sop": uid})
+            self._refused(event, "R", uid, "processing failure", serious=True)
+            return _failure(STATUS_PROCESSING_FAILURE, "processing failure"), None
+        audit = self._event(event, "R")
+        audit.entity = f"Procedure/{uid}"
+        audit.patient_id = text(attributes, PATIENT_ID)
+        self.archive.audit.submit(audit)
+        return STATUS_SUCCESS, reply
+
     # --- helpers ---------------------------------------------------------------------------
+    @staticmethod
+    def _managed_here(event: Event) -> bool:
+        """N-CREATE and N-SET belong to the Modality Performed Procedure Step SOP Class only
+        (PS3.4 F.7.1; the Retrieve SOP Class has N-GET alone, F.8.1)."""
+        return str(event.context.abstract_syntax) == MPPS_SOP_CLASS
+
     @staticmethod
     def _decode(event: Event, name: str) -> dict[str, Any] | Dataset:
         """The request's attribute list as DICOM JSON, or the failure to answer with."""
@@ -190,7 +265,7 @@ class MppsService:
             agent=agent,
             agent_address=address,
             source="dimse",
-            entity="N-CREATE" if action == "C" else "N-SET",
+            entity=_SERVICE_OF_ACTION[action],
         )
 
     def _answer_error(
@@ -201,7 +276,7 @@ class MppsService:
             "MPPS request refused",
             extra={
                 "sop": uid,
-                "service": "N-CREATE" if action == "C" else "N-SET",
+                "service": _SERVICE_OF_ACTION[action],
                 "status": f"0x{status:04X}",
                 "reason": exc.reason,
             },

@@ -37,11 +37,12 @@ STATUS_OUT_OF_RESOURCES_MATCHES = 0xA701  # unable to calculate number of matche
 STATUS_OUT_OF_RESOURCES_SUBOPERATIONS = 0xA702  # unable to perform sub-operations
 STATUS_MOVE_DESTINATION_UNKNOWN = int(Status.MOVE_DESTINATION_UNKNOWN)  # 0xA801
 
-# --- Modality Performed Procedure Step, N-CREATE / N-SET (PS3.4 F.7.2, PS3.7 C) -------------
+# --- Modality Performed Procedure Step, N-CREATE / N-SET / N-GET (PS3.4 F.7.2, F.8.2, PS3.7 C)
 STATUS_INVALID_ATTRIBUTE_VALUE = 0x0106
 STATUS_NO_SUCH_OBJECT_INSTANCE = 0x0112
 STATUS_MISSING_ATTRIBUTE = 0x0120
 STATUS_MISSING_ATTRIBUTE_VALUE = 0x0121
+STATUS_UNRECOGNIZED_OPERATION = 0x0211  # an operation the SOP Class does not have (PS3.7 C)
 
 #: Each code above, the pynetdicom status table of the service it is answered in, and the
 #: category PS3.4 gives it there (checked against pynetdicom by the tests).
@@ -132,6 +133,11 @@ CATEGORIES: dict[str, tuple[int, str, str]] = {
     "STATUS_MISSING_ATTRIBUTE": (STATUS_MISSING_ATTRIBUTE, "PROCEDURE_STEP_STATUS", "Failure"),
     "STATUS_MISSING_ATTRIBUTE_VALUE": (
         STATUS_MISSING_ATTRIBUTE_VALUE,
+        "PROCEDURE_STEP_STATUS",
+        "Failure",
+    ),
+    "STATUS_UNRECOGNIZED_OPERATION": (
+        STATUS_UNRECOGNIZED_OPERATION,
         "PROCEDURE_STEP_STATUS",
         "Failure",
     ),

@@ -6,6 +6,7 @@ the outbox events and the audit rows of the index, and the FHIR Procedure and Se
 over HTTP (every body validated with ``fhir.resources.R4B``). Then the refusals, each with its
 DIMSE status: an unknown instance, a change after COMPLETED, a bad status, missing attributes,
 a duplicate, a change of what N-SET may not change, and a declared peer without ``store``.
+Steps are read back with N-GET (the Retrieve SOP Class, PS3.4 F.8).
 """
 
 from __future__ import annotations
@@ -21,10 +22,14 @@ import httpx
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
+from pydicom.tag import Tag
 from pydicom.uid import generate_uid
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
-from pynetdicom.sop_class import ModalityPerformedProcedureStep  # type: ignore[attr-defined]
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    ModalityPerformedProcedureStep,
+    ModalityPerformedProcedureStepRetrieve,
+)
 from sqlalchemy import select
 
 from archive.audit import AuditEventRow
@@ -39,6 +44,7 @@ PATIENT_SYSTEM = "urn:pacsbridge:patient-id"
 LOINC = "http://loinc.org"
 ACSN = "http://terminology.hl7.org/CodeSystem/v2-0203"
 MPPS = str(ModalityPerformedProcedureStep)
+MPPS_RETRIEVE = str(ModalityPerformedProcedureStepRetrieve)
 MODALITY_AE = "CT_MPPS"
 FHIR_JSON = {"Content-Type": "application/fhir+json"}
 
@@ -242,6 +248,7 @@ class Modality:
     def __init__(self, server: RunningServer, ae_title: str = MODALITY_AE) -> None:
         ae = AE(ae_title=ae_title)
         ae.add_requested_context(MPPS)
+        ae.add_requested_context(MPPS_RETRIEVE)
         self.created: list[str] = []
         handlers: list[Any] = [(evt.EVT_DIMSE_RECV, self._received)]
         self.assoc: Association = ae.associate(
@@ -261,6 +268,13 @@ class Modality:
     def set(self, ds: Dataset, uid: str) -> Dataset:
         status, _ = self.assoc.send_n_set(ds, MPPS, uid)
         return status
+
+    def get(
+        self, uid: str, tags: list[int] | None = None, sop_class: str = MPPS_RETRIEVE
+    ) -> tuple[Dataset, Dataset | None]:
+        identifiers = [Tag(tag) for tag in tags or []]
+        status, attributes = self.assoc.send_n_get(identifiers, sop_class, uid)
+        return status, attributes
 
     def close(self) -> None:
         self.assoc.release()
@@ -590,6 +604,78 @@ def test_a_peer_without_store_may_not_report_steps(server: RunningServer) -> Non
             ).all()
             == []
         )
+
+
+def test_steps_are_read_back_with_n_get(server: RunningServer, http: httpx.Client) -> None:
+    """N-GET of the Retrieve SOP Class (PS3.4 F.8.2.1): the attributes asked for, as the step
+    holds them after each N-SET, in the step's character set; all of them when none are
+    named; 0112H for an unknown step; N-CREATE is not an operation of the Retrieve class."""
+    order = place_order(http, "MPPS-5")
+    modality = Modality(server)
+    try:
+        uid = generate_uid()
+        ds = in_progress(patient_id="MPPS-5", accession=accession_of(order))
+        ds.PatientName = "Müller^Jürgen"  # ISO_IR 100 (Latin-1)
+        assert modality.create(ds, uid).Status == 0x0000
+        change = Dataset()
+        change.PerformedProcedureStepDescription = "CT head, contrast"
+        assert modality.set(change, uid).Status == 0x0000
+
+        asked = [0x00100010, 0x00400252, 0x00400254, 0x00400270, 0x00081030]
+        status, got = modality.get(uid, asked)
+        assert status.Status == 0x0000
+        assert got is not None
+        # What was asked and the step holds (not Study Description), and the character set.
+        assert sorted(int(e.tag) for e in got) == [
+            0x00080005,
+            0x00100010,
+            0x00400252,
+            0x00400254,
+            0x00400270,
+        ]
+        assert got.SpecificCharacterSet == "ISO_IR 100"
+        assert str(got.PatientName) == "Müller^Jürgen"
+        assert got.PerformedProcedureStepStatus == "IN PROGRESS"
+        assert got.PerformedProcedureStepDescription == "CT head, contrast"
+        assert got.ScheduledStepAttributesSequence[0].AccessionNumber == accession_of(order)
+
+        assert modality.set(completed(generate_uid(), [generate_uid()]), uid).Status == 0
+        status, every = modality.get(uid)
+        assert status.Status == 0x0000
+        assert every is not None
+        assert every.PerformedProcedureStepStatus == "COMPLETED"
+        assert every.PerformedStationAETitle == MODALITY_AE
+        assert every.PerformedProcedureStepEndTime == "103000"
+        assert len(every.PerformedSeriesSequence) == 1
+
+        # The step is one instance of all three MPPS SOP Classes (F.8.2).
+        status, same = modality.get(uid, [0x00400252], sop_class=MPPS)
+        assert status.Status == 0x0000
+        assert same is not None and same.PerformedProcedureStepStatus == "COMPLETED"
+
+        status, nothing = modality.get(generate_uid(), [0x00400252])
+        assert status.Status == 0x0112  # No Such Object Instance
+        assert nothing is None
+
+        status, _ = modality.assoc.send_n_create(in_progress(patient_id="MPPS-5"), MPPS_RETRIEVE)
+        assert status.Status == 0x0211  # Unrecognized Operation
+    finally:
+        modality.close()
+
+    reads = wait_for(lambda: [a for a in audit_rows(server, f"Procedure/{uid}") if a.action == "R"])
+    assert [(a.outcome, a.agent, a.patient_id) for a in reads] == [
+        (0, f"ae:{MODALITY_AE}", "MPPS-5")
+    ] * 3
+
+    # A declared peer without ``find`` may not read steps.
+    echo_only = Modality(server, ae_title="ECHO_ONLY")
+    try:
+        status, attributes = echo_only.get(uid, [0x00400252])
+        assert status.Status == 0x0124  # Refused: Not Authorized
+        assert "find" in status.ErrorComment
+        assert attributes is None
+    finally:
+        echo_only.close()
 
 
 def test_procedure_interactions_are_those_the_statement_declares(
