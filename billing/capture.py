@@ -723,10 +723,19 @@ def reprice_planned(
     return count
 
 
-def void_study(archive: Archive, study_uid: str, actor: str, reason: str = "study deleted") -> int:
+def void_study(
+    archive: Archive,
+    study_uid: str,
+    actor: str,
+    reason: str = "study deleted",
+    *,
+    audit: AuditEvent | None = None,
+) -> int:
     """The study's open (planned or billable) charges become entered-in-error, each with a
     charge event saying why. Returns how many. A ``billed`` charge (on an issued invoice) is
-    left as it is: it is corrected by a credit (``billing.invoices.credit_charge``)."""
+    left as it is: it is corrected by a credit (``billing.invoices.credit_charge``).
+    ``audit``: the caller's event, recorded for each charge voided (the charge, its patient and
+    study) in the same transaction."""
     with archive.db.write_session() as session:
         charges = session.scalars(
             select(ChargeItem)
@@ -739,6 +748,12 @@ def void_study(archive: Archive, study_uid: str, actor: str, reason: str = "stud
         ).all()
         for charge in charges:
             _change(session, charge, {"status": ENTERED_IN_ERROR}, actor, reason)
+            _audit_capture(
+                session,
+                audit,
+                charge.id,
+                {"patient_id": charge.patient_id, "study_instance_uid": charge.study_instance_uid},
+            )
         return len(charges)
 
 

@@ -431,8 +431,15 @@ def delete(
             count = archive.delete_patient(patient, issuer, audit=audit)
         voided = 0
         if count:
+            # Each charge voided is a change of the patient's record (PS3.15 A.5.3.9, action
+            # U), recorded with the void.
+            void_audit = AuditEvent(
+                action="U", type_code="110110", agent=audit_os_user(), source="cli"
+            )
             for uid in studies:
-                voided += void_study(archive, uid, actor=os_user(), reason="study deleted")
+                voided += void_study(
+                    archive, uid, actor=os_user(), reason="study deleted", audit=void_audit
+                )
     finally:
         archive.close()
     result = {"deleted_instances": count}

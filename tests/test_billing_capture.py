@@ -24,6 +24,7 @@ from pydicom.uid import generate_uid
 from sqlalchemy import func, select
 
 from archive import Archive
+from archive.audit import AuditEventRow
 from archive.jobs import JobStatus
 from archive.models import ReportDocument
 from billing.capture import (
@@ -289,6 +290,17 @@ def test_deleting_the_study_voids_its_open_charges(
     last = charge_events(arc, charge_id)[-1]
     assert (last.status, last.reason) == ("entered-in-error", "study deleted")
     assert [c.status for c in list_charges(arc, study=kept)] == ["billable"]
+    # The void is a change of the patient's record of its own (PS3.15 A.5.3.9, U), beside the
+    # deletion's DICOM Study Deleted.
+    with arc.db.session() as session:
+        audits = session.scalars(
+            select(AuditEventRow).where(AuditEventRow.study_uid == study)
+        ).all()
+    assert sorted((a.type_code, a.action, a.source, a.entity) for a in audits) == [
+        ("110105", "D", "cli", f"delete {study}"),
+        ("110110", "U", "cli", f"ChargeItem/{charge_id}"),
+    ]
+    assert {a.patient_id for a in audits if a.type_code == "110110"} == {charge.patient_id}
     assert void_study(arc, study, actor="test") == 0  # nothing open is left
 
     # Stored again under the same UID: the same charge comes back, as a new version.
