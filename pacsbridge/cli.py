@@ -916,6 +916,8 @@ def ai_run(
     import time
 
     from ai.runs import RunStore, plan_study
+    from archive.audit import AuditEvent
+    from archive.audit import os_user as audit_os_user
     from pacsbridge.ai_jobs import enqueue_runs, model_registry
 
     settings = _settings(data_dir=data_dir)
@@ -930,6 +932,22 @@ def ai_run(
             console.print(f"[red]no series of study {study} is selected by a model[/red]")
             raise typer.Exit(1)
         enqueue_runs(archive, planned, study)
+        # PS3.15 A.5.3.1 Application Activity, as POST /api/ai/runs is audited: who asked for
+        # models to read the study (the patient is looked up from it). Each run's own event
+        # (the model reading the study, 110103) is recorded by the job that runs it.
+        archive.audit.write(
+            [
+                AuditEvent(
+                    action="E",
+                    type_code="110100",
+                    agent=audit_os_user(),
+                    source="cli",
+                    study_uid=study,
+                    entity=f"ai run {study}"[:255],
+                    query=f"model={model}" if model else None,
+                )
+            ]
+        )
         store = RunStore(archive)
         deadline = time.monotonic() + timeout
         while True:

@@ -11,6 +11,7 @@ import json
 import subprocess
 import time
 from collections.abc import Iterator
+from contextlib import closing
 from copy import deepcopy
 from pathlib import Path
 
@@ -21,10 +22,13 @@ from dicomweb_client.api import DICOMwebClient
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, generate_uid
+from sqlalchemy import select
 
 from ai.registry import ModelRegistry
 from ai.runs import RunStore, execute_run, plan_study
 from archive import Archive
+from archive.audit import AuditEventRow
+from archive.models import Patient, Study
 from config import Settings
 from config.settings import AISettings
 from tests.ai_data import (
@@ -884,6 +888,20 @@ def test_cli_lists_models_and_runs(ai_server: RunningServer, brain_study: tuple[
     assert done.returncode == 0, done.stderr
     [finished] = json.loads(done.stdout)
     assert finished["status"] == "done" and finished["trigger"] == "manual"
+    # Who asked is audited (Application Activity, as POST /api/ai/runs), with the patient.
+    with closing(ai_server.archive()) as arc, arc.db.session() as session:
+        asked = session.scalars(
+            select(AuditEventRow).where(
+                AuditEventRow.source == "cli", AuditEventRow.study_uid == study
+            )
+        ).all()
+        patient = session.scalars(
+            select(Patient.patient_id).join(Study).where(Study.study_instance_uid == study)
+        ).one()
+    assert [(a.type_code, a.action, a.entity, a.query) for a in asked] == [
+        ("110100", "E", f"ai run {study}", "model=brain-mr")
+    ]
+    assert asked[0].agent.startswith("os:") and asked[0].patient_id == patient
     listed = subprocess.run(
         [str(VENV_BIN / "pacsbridge"), "ai", "runs", "--study", study],
         capture_output=True,
