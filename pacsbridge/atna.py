@@ -23,8 +23,9 @@ On PostgreSQL an id is taken when a transaction inserts the event, not when it c
 later id can be visible before an earlier one. The cursor never passes a missing id while a
 transaction that was running when the gap was seen may still commit it
 (``txid_current_snapshot``); once every such transaction has ended, an id still missing was
-rolled back and is passed. An event whose message cannot be built is logged with its id and
-passed: it never stalls the export.
+rolled back and is passed. One snapshot covers every id missing below the highest one read, so
+a burst of rolled-back events costs one wait, not one per event. An event whose message
+cannot be built is logged with its id and passed: it never stalls the export.
 """
 
 from __future__ import annotations
@@ -244,9 +245,13 @@ GAP_WARN_AFTER = 60.0
 
 @dataclass(slots=True)
 class _Gap:
-    """A missing id the cursor waits at (PostgreSQL)."""
+    """Missing ids the cursor waits at (PostgreSQL): from ``at`` up to ``upto``, the highest
+    id of the read that found them. Each of them was taken before ``upto`` was, so one
+    snapshot taken after that read covers them all: once it has passed, those still missing
+    were rolled back, however many there are."""
 
     at: int
+    upto: int
     since: float
     token: str | None = None
     resolved: bool = False
@@ -346,14 +351,13 @@ class AtnaExporter:
                 expected += 1
                 continue
             gap = self._gap
-            if gap is not None and gap.at == expected and gap.resolved:
+            if gap is not None and gap.resolved and gap.at <= expected <= gap.upto:
                 # Every transaction that may have held the missing ids has ended since, and
                 # this read, made after, does not see them: they were rolled back.
-                self._gap = None
                 expected = row.id + 1
                 continue
-            if gap is None or gap.at != expected:
-                self._gap = _Gap(expected, time.monotonic())
+            if gap is None or not gap.at <= expected <= gap.upto:
+                self._gap = _Gap(expected, rows[-1].id, time.monotonic())
                 return rows[:index]
             age = time.monotonic() - gap.since
             if gap.token is None and age >= GAP_MIN_AGE:
@@ -368,7 +372,15 @@ class AtnaExporter:
                     extra={"from": expected, "to": row.id - 1},
                 )
             return rows[:index]
+        if self._gap is not None and self._gap.resolved and expected > self._gap.upto:
+            self._gap = None  # every id it covered is sent or passed
         return rows
+
+    @property
+    def _gap_young(self) -> bool:
+        """A gap waits for its snapshot: the next round comes after GAP_MIN_AGE, not after
+        the interval."""
+        return self._gap is not None and self._gap.token is None
 
     def _run(self) -> None:
         failures = 0
@@ -386,7 +398,10 @@ class AtnaExporter:
                     )
                 self._more = False
             if not self._more:
-                self._stop.wait(min(self.interval * (1 + min(failures, 30)), 30.0))
+                wait = min(self.interval * (1 + min(failures, 30)), 30.0)
+                if self._gap_young and not failures:
+                    wait = min(wait, GAP_MIN_AGE)
+                self._stop.wait(wait)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="atna-export", daemon=True)

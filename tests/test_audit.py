@@ -47,6 +47,7 @@ from ai.registry import ModelRegistry
 from ai.runs import RunStore, execute_run, plan_study
 from archive import Archive
 from archive.audit import AuditEvent, AuditEventRow, AuditExportRow, record
+from archive.db import current_snapshot
 from archive.jobs import JobRecord, JobStatus, PermanentJobError
 from archive.models import AIRun
 from billing.capture import list_charges
@@ -1191,6 +1192,39 @@ def test_an_event_committed_late_is_still_sent(index_backend: Backend) -> None:
             _rounds(exporter, collector, 3)
             exporter.stop()
         assert _settled(collector, 3) == ["ae:LATE", "ae:EARLY", "ae:AFTER"]
+    finally:
+        collector.close()
+
+
+@pytest.mark.parametrize("index_backend", ["postgresql"], indirect=True)
+def test_a_burst_of_rolled_back_events_costs_one_snapshot(
+    index_backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ids missing below the highest one read were all taken before it: one snapshot after
+    that read settles them all, not one wait per rolled-back event."""
+    taken: list[str | None] = []
+
+    def counted(db: Any) -> str | None:
+        token = current_snapshot(db)
+        taken.append(token)
+        return token
+
+    monkeypatch.setattr(atna, "current_snapshot", counted)
+    collector = _Collector()
+    url = f"tcp://127.0.0.1:{collector.port}"
+    try:
+        with closing(Archive(index_backend.settings)) as archive:
+            exporter = AtnaExporter(archive, SyslogSender(url), source_id="PACSBRIDGE")
+            with archive.db.engine.connect() as conn:
+                for n in range(5):
+                    gone = conn.begin()
+                    record(conn, _read(f"ae:ROLLED-BACK-{n}"))
+                    archive.audit.write([_read(f"ae:KEPT-{n}")])
+                    gone.rollback()
+            _rounds(exporter, collector, 5)
+            exporter.stop()
+        assert _settled(collector, 5) == [f"ae:KEPT-{n}" for n in range(5)]
+        assert len(taken) == 1, taken
     finally:
         collector.close()
 
