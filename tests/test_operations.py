@@ -471,6 +471,8 @@ def test_log_lines_never_hold_secrets() -> None:
         "url": "amqp://pacs:s3cr%2Ft@broker:5672/%2F",
     }
     record.broker = "amqps://events:pw-99@mq.example:5671/vh"
+    # "@" and "/" in a password that should have been percent-encoded (RFC 3986 3.2.1).
+    record.database = 'url="postgresql://pb:p@ss/w0rd@db:5432/pacs" pool=5'
     with bind_request_id("req-1"):
         payload = json.loads(JsonFormatter().format(record))
         text = TextFormatter().format(record)
@@ -485,8 +487,9 @@ def test_log_lines_never_hold_secrets() -> None:
     assert payload["request"]["cookies"] == "[redacted]"
     assert payload["request"]["url"] == "amqp://pacs:[redacted]@broker:5672/%2F"
     assert payload["broker"] == "amqps://events:[redacted]@mq.example:5671/vh"
+    assert payload["database"] == 'url="postgresql://pb:[redacted]@db:5432/pacs" pool=5'
     secrets = ("hunter2", "abc.def-ghi", "eyJhbGciOiJFUzI1NiJ9", "dXNlcjpwYXNz", "k-77", "t-88")
-    for secret in (*secrets, "s3cr%2Ft", "pw-99"):
+    for secret in (*secrets, "s3cr%2Ft", "pw-99", "p@ss", "w0rd"):
         assert secret not in text and secret not in json.dumps(payload)
     assert "request_id=req-1" in text and "study=1.2.3" in text
 
