@@ -162,7 +162,9 @@ def tie_study(conn: Connection, study_uid: str) -> str | None:
             select(Study.id).where(Study.study_instance_uid == order.study_instance_uid)
         ).first()
         if has_images is None:
-            transition(conn, order.id, study_instance_uid=study_uid)
+            # A new version of the ServiceRequest (its urn:dicom:uid identifier changes):
+            # subscribers hear of it as of any other change of the order.
+            transition(conn, order.id, study_instance_uid=study_uid, event="order.updated")
             log.info(
                 "study tied to its order", extra={"study": study_uid, "order": order.resource_id}
             )

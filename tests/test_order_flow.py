@@ -33,7 +33,7 @@ from tests.conftest import Backend, RunningServer, _backend, require_tool, start
 from tests.dicom_factory import ct_slice
 from tests.fhir_support import FHIRValidator
 from tests.test_fhir_billing import SAMPLE, captures_done, run_cli, wait_until
-from tests.test_mpps import MPPS, completed, in_progress, order_row, step_row
+from tests.test_mpps import MPPS, completed, in_progress, order_events, order_row, step_row
 
 pytestmark = pytest.mark.dcmtk
 
@@ -316,6 +316,11 @@ def test_images_tied_by_requested_procedure_id_at_stable_time(
     assert {"system": "urn:dicom:uid", "value": f"urn:oid:{study}"} in [
         {"system": i.get("system"), "value": i.get("value")} for i in identifiers["identifier"]
     ]
+    # The order's new version is announced, under the study it now has.
+    events = order_events(server, placed.id)
+    assert [e.type for e in events] == ["order.scheduled", "order.updated"]
+    assert events[-1].study_instance_uid == study
+    assert events[-1].data["version"] == 2
     wait_until(lambda: captures_done(server, study) >= 1, server)
     with closing(server.archive()) as arc, arc.db.session() as session:
         codes = session.scalars(
