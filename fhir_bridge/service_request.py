@@ -57,7 +57,7 @@ from datetime import UTC, date, datetime, time, tzinfo
 from typing import Any
 from urllib.parse import parse_qsl
 
-from sqlalchemy import Select, and_, false, literal, or_, select
+from sqlalchemy import Select, and_, false, func, literal, or_, select
 from sqlalchemy.orm import Session
 
 from archive import ordering
@@ -111,6 +111,7 @@ class ServiceRequestProvider(Provider):
         "update",
         "delete",
         "history-instance",
+        "history-type",
     )
     creatable = True
     updatable = True
@@ -370,6 +371,27 @@ class ServiceRequestProvider(Provider):
         return [
             resource(row.resource_id, v.version, v.created_at, v.document)
             for v in ordering.versions(session, row.id)
+        ]
+
+    def history_type(
+        self, ctx: Context, session: Session, since: datetime | None, offset: int, count: int
+    ) -> tuple[int, list[dict[str, Any]]]:
+        """Every version of every order, newest first (FHIR R4 http "history", type level); with
+        ``_since``, those written from then on."""
+        versions, orders = ordering.VERSIONS, ordering.ORDERS
+        rows = select(
+            orders.c.resource_id, versions.c.version, versions.c.created_at, versions.c.document
+        ).join(orders, orders.c.id == versions.c.order_fk)
+        if since is not None:
+            rows = rows.where(versions.c.created_at >= since)
+        total = session.scalar(select(func.count()).select_from(rows.subquery())) or 0
+        page = session.execute(
+            rows.order_by(versions.c.created_at.desc(), versions.c.id.desc())
+            .offset(offset)
+            .limit(count)
+        ).all()
+        return int(total), [
+            resource(r.resource_id, r.version, r.created_at, r.document) for r in page
         ]
 
     def vread(

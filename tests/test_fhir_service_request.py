@@ -13,10 +13,12 @@ import os
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -560,6 +562,38 @@ def test_update_versions_and_cancel(world: World) -> None:
     _outcome(admin.get(f"/ServiceRequest/{resource_id}/_history/7"), 404, "not-found")
 
 
+def test_history_of_every_order(world: World) -> None:
+    """Type-level history: every version of every order written since ``_since``, newest
+    first, in pages."""
+    admin = world.admin
+    since = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    time.sleep(0.01)
+    first = admin.post("/ServiceRequest", json=_order(world.alice), headers=JSON).json()
+    second = admin.post("/ServiceRequest", json=_order(world.betty), headers=JSON).json()
+    held = admin.put(
+        f"/ServiceRequest/{first['id']}", json={**first, "status": "on-hold"}, headers=JSON
+    )
+    assert held.status_code == 200, held.text
+    history = admin.get("/ServiceRequest/_history", params={"_since": since}).json()
+    assert history["type"] == "history" and history["total"] == 3
+    assert [
+        (e["resource"]["id"], e["resource"]["meta"]["versionId"], e["resource"]["status"])
+        for e in history["entry"]
+    ] == [
+        (first["id"], "2", "on-hold"),
+        (second["id"], "1", "active"),
+        (first["id"], "1", "active"),
+    ]
+    assert history["entry"][2]["resource"] == first
+    page = admin.get("/ServiceRequest/_history", params={"_since": since, "_count": "2"}).json()
+    assert [e["resource"]["meta"]["versionId"] for e in page["entry"]] == ["2", "1"]
+    following = next(link["url"] for link in page["link"] if link["relation"] == "next")
+    rest = admin.get(following).json()
+    assert [(e["resource"]["id"], e["resource"]["meta"]["versionId"]) for e in rest["entry"]] == [
+        (first["id"], "1")
+    ]
+
+
 def test_delete_revokes_the_order(world: World) -> None:
     admin = world.admin
     created = admin.post("/ServiceRequest", json=_order(world.betty), headers=JSON).json()
@@ -730,6 +764,8 @@ def test_scopes_roles_and_the_patient_compartment(world: World, validator: FHIRV
         assert _ids(by_patient) == set()
         _outcome(portal.get(f"/ServiceRequest/{of_betty['id']}"), 404, "not-found")
         _outcome(portal.get(f"/ServiceRequest/{of_betty['id']}/_history"), 404, "not-found")
+        # Every order's history is not a compartment's.
+        _outcome(portal.get("/ServiceRequest/_history"), 403, "forbidden")
         assert portal.get(f"/ServiceRequest/{of_alice['id']}").status_code == 200
         # patient/ scopes grant no writes.
         assert (
@@ -774,6 +810,7 @@ def test_capability_statement_entry_works(world: World) -> None:
         "update",
         "delete",
         "history-instance",
+        "history-type",
     }
     assert entry["conditionalCreate"] is True
     names = {p["name"] for p in entry["searchParam"]}
@@ -805,4 +842,4 @@ def test_capability_statement_entry_works(world: World) -> None:
     for value in entry["searchInclude"]:
         answer = world.admin.get("/ServiceRequest", params={"_include": value}, headers=STRICT)
         assert answer.status_code == 200, answer.text
-    _outcome(world.admin.get("/ServiceRequest/_history"), 405, "not-supported")
+    assert world.admin.get("/ServiceRequest/_history", headers=STRICT).status_code == 200
