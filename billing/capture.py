@@ -491,12 +491,16 @@ ORDER_CODE_SYSTEMS = {
 
 
 def ordered_procedure(
-    session: Session, study_uid: str, performed: list[Procedure], on: date
+    session: Session,
+    study_uid: str,
+    performed: list[Procedure],
+    on: date,
+    kind: str = "technical",
 ) -> Procedure | None:
-    """The study's one technical procedure when it was made for an order (archive.order_links)
-    whose procedure code the price list prices on ``on``: coded as ordered, with what its
-    series showed (modality, body part, laterality, contrast, conditions). None otherwise: the
-    procedures the series show are charged then."""
+    """The study's one procedure when it was made for an order (archive.order_links) whose
+    procedure code the price list prices for ``kind`` on ``on``: coded as ordered, with what
+    its series showed (modality, body part, laterality, contrast, conditions). None otherwise:
+    the procedures the series show are charged then."""
     order = order_for_study(session, study_uid)
     if order is None or not order.procedure_code or not performed:
         return None
@@ -504,7 +508,7 @@ def ordered_procedure(
     if system is None:
         return None
     code = str(order.procedure_code)
-    if find_definition(session, kind="technical", on=on, procedure_codes=[(system, code)]) is None:
+    if find_definition(session, kind=kind, on=on, procedure_codes=[(system, code)]) is None:
         return None
     first = performed[0]
     contrast = any(p.contrast for p in performed)
@@ -586,7 +590,9 @@ def capture_professional(
     """One professional charge per signed report of the study: every current (not superseded)
     VERIFIED report document, keyed by its root UID (amending or signing it again never
     charges twice), performed by its verifying observer on its verification date, priced
-    as the study's first procedure (else planned for review)."""
+    as the ordered procedure when the study was made for an order whose code the price list
+    prices for reading on that date, else as the study's first procedure (else planned for
+    review)."""
     with archive.db.write_session() as session:
         found = _study_and_patient(session, study_uid)
         if found is None:
@@ -610,10 +616,12 @@ def capture_professional(
         for report in reports:
             signed = report.verification_datetime or report.content_datetime
             on = signed.date() if signed is not None else study_day(study)
-            definition = _find(session, "professional", on, first) if first else None
+            procedure = ordered_procedure(session, study_uid, procedures, on, "professional")
+            procedure = procedure or first
+            definition = _find(session, "professional", on, procedure) if procedure else None
             missing = (
-                f"no professional price for {first.label} on {on.isoformat()}"
-                if first
+                f"no professional price for {procedure.label} on {on.isoformat()}"
+                if procedure
                 else "no performed procedure in the study to price its reading by"
             )
             base = {
@@ -627,8 +635,8 @@ def capture_professional(
                 "performer": report.verifying_observer,
                 "occurred_on": on,
                 **(
-                    _procedure_columns(first)
-                    if first
+                    _procedure_columns(procedure)
+                    if procedure
                     else {"display": report.title_meaning or "report", "conditions": []}
                 ),
             }

@@ -279,6 +279,22 @@ def test_order_to_worklist_to_mpps_images_and_charge(
     written = fhirpy.reference("DiagnosticReport", report.id).to_resource().serialize()
     assert written["basedOn"] == [{"reference": f"ServiceRequest/{placed.id}"}]
 
+    # The signed report's reading is charged as the ordered procedure's (the price list prices
+    # "CT Head report" for its code; the images carry no code of their own).
+    def professional() -> list[ChargeItem]:
+        with closing(server.archive()) as arc, arc.db.session() as session:
+            return list(
+                session.scalars(
+                    select(ChargeItem).where(
+                        ChargeItem.study_instance_uid == study, ChargeItem.kind == "professional"
+                    )
+                ).all()
+            )
+
+    (reading,) = wait_until(professional, server)
+    assert (reading.code_system, reading.code, reading.status) == ("loinc", "24725-4", "billable")
+    assert (str(reading.net), reading.performer) == ("60.00", "Rad^Rita")
+
 
 def test_images_tied_by_requested_procedure_id_at_stable_time(
     server: RunningServer, fhirpy: Any, workdir: Path
