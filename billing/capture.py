@@ -9,7 +9,12 @@ Contrast/Bolus Agent (0018,0010) not empty). Series that are not images (SR, SEG
 REG, RTSTRUCT, or only SR instances) are skipped. A study has one procedure per distinct code (or
 modality + body part + laterality + contrast key), however many series show it. A study made for
 an order (``archive.order_links``) whose procedure code the price list prices has one technical
-procedure instead: the ordered one (:func:`ordered_procedure`).
+procedure instead: the ordered one (:func:`ordered_procedure`). When the order is linked only
+after the study's charges were captured (an order placed for images that came first, found at a
+later capture), the open technical charges of the procedures the series showed are voided
+(``entered-in-error``, "re-coded as ordered") as the ordered one is captured, so the study is
+never charged twice; if one of them is billed already (on an issued invoice), the charges stay
+as they are (a credit corrects them).
 
 **Conditions** a price component may name: ``contrast`` (a series of the procedure had a
 contrast agent), ``after_hours`` (Study Time before 07:00 or from 19:00, the study's local time)
@@ -30,6 +35,7 @@ the same transaction.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -49,6 +55,8 @@ from billing.metrics import count_charge_on_commit
 from billing.models import BillingAccount, ChargeEvent, ChargeItem, ChargeItemDefinition
 from billing.prices import CODE_SYSTEMS, find_definition, price
 from config import Settings
+
+log = logging.getLogger(__name__)
 
 PLANNED = "planned"
 BILLABLE = "billable"
@@ -526,6 +534,47 @@ def ordered_procedure(
     )
 
 
+def _recoded_as_ordered(
+    session: Session, study_uid: str, ordered_key: str, actor: str, audit: AuditEvent | None
+) -> bool:
+    """Void the study's open technical charges captured under another key than the ordered
+    procedure's (see the module's docstring); False, voiding nothing, when one of them is
+    billed already: the study is then charged as its series show, as before."""
+    prefix = f"technical|{study_uid}|"
+    others = [
+        charge
+        for charge in session.scalars(
+            select(ChargeItem)
+            .where(
+                ChargeItem.study_instance_uid == study_uid,
+                ChargeItem.kind == "technical",
+                ChargeItem.idempotency_key != ordered_key,
+                ChargeItem.status != ENTERED_IN_ERROR,
+            )
+            .order_by(ChargeItem.id)
+            .with_for_update()
+        ).all()
+        if charge.idempotency_key.startswith(prefix)
+    ]
+    if any(charge.status not in OPEN_STATUSES for charge in others):
+        log.info(
+            "study made for an order, but charged and billed as its series show: left as it is",
+            extra={"study": study_uid, "ordered": ordered_key.removeprefix(prefix)},
+        )
+        return False
+    reason = f"re-coded as ordered: {ordered_key.removeprefix(prefix)}"
+    change = dataclasses.replace(audit, action="U") if audit is not None else None
+    for charge in others:
+        _change(session, charge, {"status": ENTERED_IN_ERROR}, actor, reason)
+        _audit_capture(
+            session,
+            change,
+            charge.id,
+            {"patient_id": charge.patient_id, "study_instance_uid": charge.study_instance_uid},
+        )
+    return True
+
+
 def capture_technical(
     archive: Archive,
     settings: Settings,
@@ -548,7 +597,9 @@ def capture_technical(
         account = _account(session, patient)
         on = study_day(study)
         ordered = ordered_procedure(session, study_uid, procedures, on)
-        if ordered is not None:
+        if ordered is not None and _recoded_as_ordered(
+            session, study_uid, f"technical|{study_uid}|{ordered.key}", actor, audit
+        ):
             procedures = [ordered]
         ids = []
         for procedure in procedures:

@@ -347,6 +347,103 @@ def test_images_tied_by_requested_procedure_id_at_stable_time(
     assert codes == ["24725-4"]
 
 
+def test_an_order_placed_after_its_images_recodes_the_study_charge(
+    server: RunningServer, fhirpy: Any
+) -> None:
+    """Images that came before their order (the accession number the EHR gives the order
+    later): charged as their series show, then, at the next capture once the order is known,
+    re-coded as ordered: the first charge voided, never both billable."""
+    patient = fhirpy.resource(
+        "Patient",
+        identifier=[{"system": PATIENT_SYSTEM, "value": "FLOW-4"}],
+        name=[{"family": "Flow", "given": ["Lena"]}],
+    )
+    patient.save()
+    walk_in = Dataset()
+    walk_in.StudyInstanceUID = study = generate_uid()
+    walk_in.AccessionNumber = "LATE-4"
+    walk_in.RequestedProcedureID = ""
+    walk_in.PatientID, walk_in.PatientName = "FLOW-4", "Flow^Lena"
+    walk_in.ScheduledProcedureStepSequence = Sequence([Dataset()])
+    walk_in.ScheduledProcedureStepSequence[0].ScheduledProcedureStepID = ""
+    _, slices = images(walk_in, 2)
+    ae = AE(ae_title=STATION)
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", server.dimse_port, ae_title=server.ae_title)
+    try:
+        for ds in slices:
+            assert assoc.send_c_store(ds).Status == 0x0000
+    finally:
+        assoc.release()
+
+    def technical() -> list[tuple[str, str, str]]:
+        with closing(server.archive()) as arc, arc.db.session() as session:
+            return [
+                (c.idempotency_key.rsplit("|", 1)[1], c.status, str(c.net))
+                for c in session.scalars(
+                    select(ChargeItem)
+                    .where(ChargeItem.study_instance_uid == study, ChargeItem.kind == "technical")
+                    .order_by(ChargeItem.id)
+                )
+            ]
+
+    assert wait_until(technical, server) == [("CT/HEAD/-/plain", "billable", "170.00")]
+
+    placed = fhirpy.resource(
+        "ServiceRequest",
+        status="active",
+        intent="order",
+        code={"coding": [{"system": LOINC, "code": "24725-4", "display": "CT Head"}]},
+        subject={"reference": f"Patient/{patient.id}"},
+        identifier=[
+            {
+                "type": {
+                    "coding": [
+                        {"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "ACSN"}
+                    ]
+                },
+                "value": "LATE-4",
+            }
+        ],
+    )
+    placed.save()
+    # A signed report makes the study stable again: the next capture knows the order.
+    fhirpy.resource(
+        "DiagnosticReport",
+        status="final",
+        code={"coding": [{"system": LOINC, "code": "18748-4", "display": "Diagnostic imaging"}]},
+        subject={"reference": f"Patient/{patient.id}"},
+        imagingStudy=[{"reference": f"ImagingStudy/{study}"}],
+        conclusion="Normal.",
+        resultsInterpreter=[{"display": "Rad^Rita"}],
+        presentedForm=[
+            {"contentType": "text/plain", "data": base64.b64encode(b"Normal.").decode()}
+        ],
+    ).save()
+    recoded = [
+        ("CT/HEAD/-/plain", "entered-in-error", "170.00"),
+        ("loinc:24725-4", "billable", "180.00"),
+    ]
+    assert wait_until(lambda: technical() == recoded, server)
+    with closing(server.archive()) as arc, arc.db.session() as session:
+        voided = session.scalars(
+            select(ChargeItem).where(
+                ChargeItem.idempotency_key == f"technical|{study}|CT/HEAD/-/plain"
+            )
+        ).one()
+    assert charge_events_of(server, voided.id)[-1] == (
+        "entered-in-error",
+        "re-coded as ordered: loinc:24725-4",
+    )
+
+
+def charge_events_of(server: RunningServer, charge_id: int) -> list[tuple[str, str | None]]:
+    from billing.capture import charge_events
+
+    with closing(server.archive()) as arc:
+        return [(e.status, e.reason) for e in charge_events(arc, charge_id)]
+
+
 def test_a_cancelled_order_leaves_the_worklist(
     server: RunningServer, fhirpy: Any, workdir: Path
 ) -> None:
