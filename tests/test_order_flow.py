@@ -200,6 +200,24 @@ def perform(server: RunningServer, item: Dataset) -> tuple[str, str]:
     return step, series_uid
 
 
+def sign_report(fhirpy: Any, patient: str, study: str, conclusion: str) -> Any:
+    """A final DiagnosticReport of the study, signed by Rad^Rita (stored as a VERIFIED SR)."""
+    report = fhirpy.resource(
+        "DiagnosticReport",
+        status="final",
+        code={"coding": [{"system": LOINC, "code": "18748-4", "display": "Diagnostic imaging"}]},
+        subject={"reference": f"Patient/{patient}"},
+        imagingStudy=[{"reference": f"ImagingStudy/{study}"}],
+        conclusion=conclusion,
+        resultsInterpreter=[{"display": "Rad^Rita"}],
+        presentedForm=[
+            {"contentType": "text/plain", "data": base64.b64encode(conclusion.encode()).decode()}
+        ],
+    )
+    report.save()
+    return report
+
+
 # --- the loop ---------------------------------------------------------------------------------
 
 
@@ -263,19 +281,7 @@ def test_order_to_worklist_to_mpps_images_and_charge(
         assert charges[0].idempotency_key == f"technical|{study}|loinc:24725-4"
 
     # The report of the study points to the order too.
-    report = fhirpy.resource(
-        "DiagnosticReport",
-        status="final",
-        code={"coding": [{"system": LOINC, "code": "18748-4", "display": "Diagnostic imaging"}]},
-        subject={"reference": f"Patient/{patient.id}"},
-        imagingStudy=[{"reference": f"ImagingStudy/{study}"}],
-        conclusion="No haemorrhage.",
-        resultsInterpreter=[{"display": "Rad^Rita"}],
-        presentedForm=[
-            {"contentType": "text/plain", "data": base64.b64encode(b"Normal CT head.").decode()}
-        ],
-    )
-    report.save()
+    report = sign_report(fhirpy, patient.id, study, "No haemorrhage.")
     written = fhirpy.reference("DiagnosticReport", report.id).to_resource().serialize()
     assert written["basedOn"] == [{"reference": f"ServiceRequest/{placed.id}"}]
 
@@ -408,18 +414,7 @@ def test_an_order_placed_after_its_images_recodes_the_study_charge(
     )
     placed.save()
     # A signed report makes the study stable again: the next capture knows the order.
-    fhirpy.resource(
-        "DiagnosticReport",
-        status="final",
-        code={"coding": [{"system": LOINC, "code": "18748-4", "display": "Diagnostic imaging"}]},
-        subject={"reference": f"Patient/{patient.id}"},
-        imagingStudy=[{"reference": f"ImagingStudy/{study}"}],
-        conclusion="Normal.",
-        resultsInterpreter=[{"display": "Rad^Rita"}],
-        presentedForm=[
-            {"contentType": "text/plain", "data": base64.b64encode(b"Normal.").decode()}
-        ],
-    ).save()
+    sign_report(fhirpy, patient.id, study, "Normal.")
     recoded = [
         ("CT/HEAD/-/plain", "entered-in-error", "170.00"),
         ("loinc:24725-4", "billable", "180.00"),
