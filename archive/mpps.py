@@ -7,16 +7,20 @@ N-SET's applied. The edge decodes the DIMSE attribute lists into DICOM JSON; thi
 no protocol and answers bad requests with an :class:`MppsError` whose :class:`MppsErrorKind`
 the edge turns into a status.
 
-**The order.** A step is tied to the order (:class:`~archive.orders.ImagingOrder`) that an item
-of its Scheduled Step Attributes Sequence (0040,0270) names, by Accession Number, Requested
-Procedure ID or Study Instance UID (the first item that names an order wins; a step that names
-none is an unscheduled one, PS3.4 F.7.2.1 and IHE RAD SWF "unscheduled case", kept without an
-order). Its effects on the order, through :func:`archive.ordering.transition` (which writes the
-order's new version and its outbox event):
+**The orders.** A step is tied to every order (:class:`~archive.orders.ImagingOrder`) that an
+item of its Scheduled Step Attributes Sequence (0040,0270) names, by Accession Number, Requested
+Procedure ID or Study Instance UID: one item per Requested Procedure, so several in the IHE RAD
+SWF "group case" (one acquisition performs several ordered procedures), each order moved alike
+(:class:`~archive.orders.PerformedStepOrder`; the first named is the step's ``order_fk``). A
+step that names none is an unscheduled one (PS3.4 F.7.2.1, IHE RAD SWF "unscheduled case"),
+kept without an order. The effects on each order, through
+:func:`archive.ordering.transition` (which writes the order's new version and its outbox
+event):
 
 - IN PROGRESS (N-CREATE): the Scheduled Procedure Step Status becomes STARTED,
   event ``order.in-progress``; the order's Study Instance UID follows the step's when the
-  modality chose another one (and no other order holds that one);
+  modality chose another one (and no other order holds that one: in a group case the first
+  order moved takes it);
 - COMPLETED: the ServiceRequest becomes ``completed``, the step COMPLETED, event
   ``order.completed``;
 - DISCONTINUED: the step becomes DISCONTINUED, event ``order.discontinued``; the
@@ -57,12 +61,18 @@ from archive.audit import AuditEvent, record_change
 from archive.db import Database
 from archive.models import Patient
 from archive.ordering import by_resource_id, find_order, transition
-from archive.orders import PERFORMED_STATUSES, ImagingOrder, PerformedProcedureStep
+from archive.orders import (
+    PERFORMED_STATUSES,
+    ImagingOrder,
+    PerformedProcedureStep,
+    PerformedStepOrder,
+)
 
 log = logging.getLogger(__name__)
 
 _STEP: Table = PerformedProcedureStep.__table__  # type: ignore[assignment]
 _ORDER: Table = ImagingOrder.__table__  # type: ignore[assignment]
+_STEP_ORDER: Table = PerformedStepOrder.__table__  # type: ignore[assignment]
 
 IN_PROGRESS, COMPLETED, DISCONTINUED = PERFORMED_STATUSES
 
@@ -158,7 +168,9 @@ class StepResult:
     order_id: int | None = None
     order_resource_id: str | None = None
     events: list[str] = field(default_factory=list)
-    """The order events this request emitted (their types)."""
+    """The order events this request emitted (their types), of every order."""
+    order_resource_ids: list[str] = field(default_factory=list)
+    """The ServiceRequest ids of every order the step performs (the first is ``order_id``'s)."""
 
 
 # --- DICOM JSON ------------------------------------------------------------------------------
@@ -325,23 +337,46 @@ def _columns(dataset: dict[str, Any]) -> dict[str, Any]:
 # --- the order -------------------------------------------------------------------------------
 
 
-def _order_of(conn: Connection, dataset: dict[str, Any]) -> Any | None:
-    """The order an item of the Scheduled Step Attributes Sequence names (the first found)."""
+def _orders_of(conn: Connection, dataset: dict[str, Any]) -> list[Any]:
+    """The orders the items of the Scheduled Step Attributes Sequence name, each once, in the
+    order of the items (an item names its order by the first of its Accession Number,
+    Requested Procedure ID and Study Instance UID that finds one)."""
+    found: dict[int, Any] = {}
     for item in items(dataset, SCHEDULED_STEP_ATTRIBUTES_SEQUENCE):
-        accession = text(item, ACCESSION_NUMBER)
-        requested = text(item, REQUESTED_PROCEDURE_ID)
-        study = text(item, STUDY_INSTANCE_UID)
         for keys in (
-            {"accession_number": accession},
-            {"requested_procedure_id": requested},
-            {"study_instance_uid": study},
+            {"accession_number": text(item, ACCESSION_NUMBER)},
+            {"requested_procedure_id": text(item, REQUESTED_PROCEDURE_ID)},
+            {"study_instance_uid": text(item, STUDY_INSTANCE_UID)},
         ):
             if not next(iter(keys.values())):
                 continue
             order = find_order(conn, **keys)
             if order is not None:
-                return order
-    return None
+                found.setdefault(int(order.id), order)
+                break
+    return list(found.values())
+
+
+def _orders_of_step(conn: Connection, step_id: int, first: int | None) -> list[Any]:
+    """The orders a step was tied to when it was created, its first (``order_fk``) first."""
+    rows = conn.execute(
+        select(_ORDER)
+        .join(_STEP_ORDER, _STEP_ORDER.c.order_fk == _ORDER.c.id)
+        .where(_STEP_ORDER.c.step_fk == step_id)
+        .order_by(_ORDER.c.id)
+    ).all()
+    return sorted(rows, key=lambda row: row.id != first)
+
+
+def _move_orders(
+    conn: Connection, orders: list[Any], status: str, study_uid: str | None
+) -> list[str]:
+    """:func:`_move_order` for each order, locked in the order of their ids (two steps that
+    name the same orders never wait for each other crosswise)."""
+    events: list[str] = []
+    for order in sorted(orders, key=lambda row: row.id):
+        events += _move_order(conn, order, status, study_uid)
+    return events
 
 
 def _patient_of(conn: Connection, dataset: dict[str, Any], order: Any | None) -> int | None:
@@ -406,7 +441,7 @@ def create_step(
     calling_ae_title: str = "",
     audit: AuditEvent | None = None,
 ) -> StepResult:
-    """N-CREATE (PS3.4 F.7.2.1): a new step IN PROGRESS, tied to its order, which starts.
+    """N-CREATE (PS3.4 F.7.2.1): a new step IN PROGRESS, tied to its orders, which start.
     ``attributes``: the request's Attribute List as DICOM JSON; ``audit``: the requestor's
     event, recorded in the step's transaction. Two requests for one SOP Instance UID at once:
     the second is a duplicate (0111), as it is when it comes later."""
@@ -434,7 +469,7 @@ def _create_step(
     calling_ae_title: str = "",
     audit: AuditEvent | None = None,
 ) -> StepResult:
-    """N-CREATE (PS3.4 F.7.2.1): a new step IN PROGRESS, tied to its order, which starts.
+    """N-CREATE (PS3.4 F.7.2.1): a new step IN PROGRESS, tied to its orders, which start.
     ``attributes``: the request's Attribute List as DICOM JSON; ``audit``: the requestor's
     event, recorded in the step's transaction."""
     _check_create(attributes)
@@ -446,9 +481,10 @@ def _create_step(
             select(_STEP.c.id).where(_STEP.c.sop_instance_uid == sop_instance_uid)
         ).first():
             raise MppsError(MppsErrorKind.DUPLICATE, f"step {sop_instance_uid} exists already")
-        order = _order_of(conn, dataset)
+        orders = _orders_of(conn, dataset)
+        order = orders[0] if orders else None
         patient_fk = _patient_of(conn, dataset, order)
-        conn.execute(
+        inserted = conn.execute(
             insert(_STEP).values(
                 sop_instance_uid=sop_instance_uid,
                 order_fk=order.id if order is not None else None,
@@ -461,13 +497,15 @@ def _create_step(
                 **columns,
             )
         )
-        events = (
-            _move_order(conn, order, IN_PROGRESS, columns["study_instance_uid"])
-            if order is not None
-            else []
-        )
+        step_id = inserted.inserted_primary_key[0] if inserted.inserted_primary_key else None
+        if orders:
+            conn.execute(
+                insert(_STEP_ORDER),
+                [{"step_fk": step_id, "order_fk": o.id} for o in orders],
+            )
+        events = _move_orders(conn, orders, IN_PROGRESS, columns["study_instance_uid"])
         return _recorded(
-            conn, audit, sop_instance_uid, IN_PROGRESS, dataset, columns, order, events
+            conn, audit, sop_instance_uid, IN_PROGRESS, dataset, columns, orders, events
         )
 
 
@@ -478,7 +516,7 @@ def _recorded(
     status: str,
     dataset: dict[str, Any],
     columns: dict[str, Any],
-    order: Any | None,
+    orders: list[Any],
     events: list[str],
 ) -> StepResult:
     """The audit event of a step written (in its transaction), and what it did."""
@@ -490,14 +528,16 @@ def _recorded(
         patient_id=patient_id,
         study_uid=columns["study_instance_uid"],
     )
+    first = orders[0] if orders else None
     return StepResult(
         sop_instance_uid,
         status,
         columns["study_instance_uid"],
         patient_id,
-        order.id if order is not None else None,
-        order.resource_id if order is not None else None,
+        first.id if first is not None else None,
+        first.resource_id if first is not None else None,
         events,
+        [str(o.resource_id) for o in orders],
     )
 
 
@@ -576,10 +616,8 @@ def update_step(
                 **columns,
             )
         )
-        order = None
-        if row.order_fk is not None:
-            order = conn.execute(select(_ORDER).where(_ORDER.c.id == row.order_fk)).first()
+        orders = _orders_of_step(conn, row.id, row.order_fk)
         events: list[str] = []
-        if order is not None and status != IN_PROGRESS:
-            events = _move_order(conn, order, status, columns["study_instance_uid"])
-        return _recorded(conn, audit, sop_instance_uid, status, dataset, columns, order, events)
+        if status != IN_PROGRESS:
+            events = _move_orders(conn, orders, status, columns["study_instance_uid"])
+        return _recorded(conn, audit, sop_instance_uid, status, dataset, columns, orders, events)

@@ -6,8 +6,9 @@ PS3.3 C.4.13 / IHE RAD SWF), and a study made for an order has the Study Instanc
 worklist gave (PS3.4 K.6.1.2.2). Nothing of this is looked at while an instance is stored:
 
 - **at view time** (:func:`orders_of_studies`): a study's orders are those whose Study Instance
-  UID is the study's, or whose Accession Number is the study's: one query on indexed columns
-  for a whole page of studies;
+  UID is the study's, or whose Accession Number is the study's, and those a modality's
+  performed step for the study performed with them (MPPS, the group case): two queries on
+  indexed columns for a whole page of studies;
 - **at stable time** (:func:`tie_stable_study`, called by the stable-study scanner in the
   transaction that declares the study stable, when the index holds orders at all): a study
   whose images name an order only by its Requested Procedure ID, or by an accession number
@@ -32,11 +33,13 @@ from sqlalchemy.orm import Session
 from archive.db import Database
 from archive.models import Instance, Series, Study
 from archive.ordering import find_order, transition
-from archive.orders import ImagingOrder
+from archive.orders import ImagingOrder, PerformedProcedureStep, PerformedStepOrder
 
 log = logging.getLogger(__name__)
 
 ORDERS: Table = ImagingOrder.__table__  # type: ignore[assignment]
+STEPS: Table = PerformedProcedureStep.__table__  # type: ignore[assignment]
+STEP_ORDERS: Table = PerformedStepOrder.__table__  # type: ignore[assignment]
 
 ACCESSION_NUMBER = "00080050"
 STUDY_INSTANCE_UID = "0020000D"
@@ -52,7 +55,10 @@ def orders_of_studies(
     target: Target, studies: Iterable[tuple[str, str | None]]
 ) -> dict[str, list[str]]:
     """``{study uid: [ServiceRequest id, …]}`` for ``(study uid, accession number)`` pairs:
-    the orders with the study's Study Instance UID or its Accession Number (one query)."""
+    the orders with the study's Study Instance UID or its Accession Number, then those a
+    performed step of the study (in progress or completed) performed with them (the IHE SWF
+    group case: one study for several orders, only one of which can hold its UID). Two
+    queries."""
     pairs = [(uid, accession or None) for uid, accession in studies]
     uids = {uid for uid, _ in pairs}
     accessions = {accession for _, accession in pairs if accession}
@@ -73,6 +79,21 @@ def orders_of_studies(
                 ids = found.setdefault(uid, [])
                 if row.resource_id not in ids:
                     ids.append(row.resource_id)
+    grouped = target.execute(
+        select(STEPS.c.study_instance_uid, ORDERS.c.resource_id)
+        .join(STEP_ORDERS, STEP_ORDERS.c.step_fk == STEPS.c.id)
+        .join(ORDERS, ORDERS.c.id == STEP_ORDERS.c.order_fk)
+        .where(
+            STEPS.c.study_instance_uid.in_(uids),
+            STEPS.c.status != "DISCONTINUED",  # what was not done is no one's basis
+            ORDERS.c.status.not_in(_NOT_AN_ORDER),
+        )
+        .order_by(ORDERS.c.id)
+    ).all()
+    for uid, resource_id in grouped:
+        ids = found.setdefault(uid, [])
+        if resource_id not in ids:
+            ids.append(resource_id)
     return found
 
 

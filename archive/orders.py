@@ -4,8 +4,8 @@ An EHR's order (FHIR ServiceRequest) is one Requested Procedure with one Schedul
 Step (PS3.3 C.4.10 / C.4.11, the Modality Worklist attributes of PS3.4 K.6.1): the rows of
 :class:`ImagingOrder` are what the worklist C-FIND matches on. A modality's Modality Performed
 Procedure Step (PS3.4 F.7, N-CREATE / N-SET) is one :class:`PerformedProcedureStep`, tied to the
-order it names (Accession Number, Requested Procedure ID, Study Instance UID of its Scheduled
-Step Attributes Sequence).
+orders it names (Accession Number, Requested Procedure ID, Study Instance UID of the items of its
+Scheduled Step Attributes Sequence; :class:`PerformedStepOrder`).
 
 The archive knows no protocol: the FHIR edge turns a ServiceRequest into these rows, the DICOM
 edge turns them into worklist items and takes MPPS into them.
@@ -166,3 +166,18 @@ class PerformedProcedureStep(Base):
     dataset: Mapped[dict] = mapped_column(DicomJson, nullable=False)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class PerformedStepOrder(Base):
+    """Each order a performed step performed: every one its Scheduled Step Attributes Sequence
+    names (the IHE RAD SWF "group case": one acquisition for several Requested Procedures).
+    ``PerformedProcedureStep.order_fk`` is the first of them."""
+
+    __tablename__ = "performed_step_order"
+
+    step_fk: Mapped[int] = mapped_column(
+        ForeignKey("performed_procedure_step.id", ondelete="CASCADE"), primary_key=True
+    )
+    order_fk: Mapped[int] = mapped_column(
+        ForeignKey("imaging_order.id", ondelete="CASCADE"), primary_key=True, index=True
+    )

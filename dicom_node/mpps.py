@@ -213,7 +213,11 @@ class MppsService:
             return _failure(STATUS_PROCESSING_FAILURE, "processing failure"), None
         log.info(
             "MPPS N-SET",
-            extra={"sop": uid, "status": result.status, "order": result.order_resource_id or "-"},
+            extra={
+                "sop": uid,
+                "status": result.status,
+                "order": ",".join(result.order_resource_ids) or "-",
+            },
         )
         return STATUS_SUCCESS, None
 

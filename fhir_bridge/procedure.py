@@ -6,8 +6,8 @@ reported (``archive.mpps``), as a view of its row.
 - ``status``: IN PROGRESS → ``in-progress``, COMPLETED → ``completed``, DISCONTINUED →
   ``stopped`` (R4 event-status), ``statusReason`` from the Discontinuation Reason Code
   Sequence;
-- ``basedOn``: the ServiceRequest of the order the step performed (none for an unscheduled
-  step); ``partOf``: none;
+- ``basedOn``: the ServiceRequests of the orders the step performed (several in the IHE SWF
+  group case, the first named first; none for an unscheduled step); ``partOf``: none;
 - ``code``: the step's Procedure Code Sequence (0008,1032), else the order's code;
 - ``subject``: the step's patient (``Patient/<id>``), else its Patient ID as an identifier;
 - ``performedPeriod``: start and end date and time of the step (in ``dicom_timezone``);
@@ -27,7 +27,7 @@ from sqlalchemy import Select, and_, func, literal, select
 from sqlalchemy.orm import Session
 
 from archive.mpps import DISCONTINUATION_REASON_SEQUENCE, code_of
-from archive.orders import ImagingOrder, PerformedProcedureStep
+from archive.orders import ImagingOrder, PerformedProcedureStep, PerformedStepOrder
 from archive.query import tm_sql
 from config.settings import dicom_zone
 from fhir_bridge import identity, search
@@ -172,8 +172,10 @@ class ProcedureProvider(Provider):
         resource_id = search.reference_id(value, "ServiceRequest")
         if resource_id is None:
             return literal(False)
-        return _Step.order_fk.in_(
-            select(ImagingOrder.id).where(ImagingOrder.resource_id == resource_id)
+        return _Step.id.in_(
+            select(PerformedStepOrder.step_fk)
+            .join(ImagingOrder, ImagingOrder.id == PerformedStepOrder.order_fk)
+            .where(ImagingOrder.resource_id == resource_id)
         )
 
     def _date(self, value: str, modifier: str | None) -> Any:
@@ -230,9 +232,23 @@ class ProcedureProvider(Provider):
                 .where(_Step.id.in_(list(row_ids)))
             )
         }
-        return [self._resource(rows[i]) for i in row_ids if i in rows]
+        # Every order each step performed (the group case names several): one query.
+        based_on: dict[int, list[str]] = {}
+        for step_fk, order_fk, resource_id in session.execute(
+            select(PerformedStepOrder.step_fk, ImagingOrder.id, ImagingOrder.resource_id)
+            .join(ImagingOrder, ImagingOrder.id == PerformedStepOrder.order_fk)
+            .where(PerformedStepOrder.step_fk.in_(list(row_ids)))
+            .order_by(ImagingOrder.id)
+        ):
+            first = rows[step_fk].PerformedProcedureStep.order_fk if step_fk in rows else None
+            orders = based_on.setdefault(step_fk, [])
+            if order_fk == first:
+                orders.insert(0, resource_id)  # the first the step named, first
+            else:
+                orders.append(resource_id)
+        return [self._resource(rows[i], based_on.get(i, [])) for i in row_ids if i in rows]
 
-    def _resource(self, row: Any) -> dict[str, Any]:
+    def _resource(self, row: Any, based_on: list[str]) -> dict[str, Any]:
         step: PerformedProcedureStep = row.PerformedProcedureStep
         identifiers: list[dict[str, Any]] = [
             {
@@ -250,8 +266,8 @@ class ProcedureProvider(Provider):
             "meta": meta(step.version, step.updated_at),
             "identifier": identifiers,
         }
-        if row.resource_id:
-            resource["basedOn"] = [{"reference": f"ServiceRequest/{row.resource_id}"}]
+        if based_on:
+            resource["basedOn"] = [{"reference": f"ServiceRequest/{o}"} for o in based_on]
         resource["status"] = status
         if step.status == "DISCONTINUED":
             reason = code_of(step.dataset or {}, DISCONTINUATION_REASON_SEQUENCE)

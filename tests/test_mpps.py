@@ -23,7 +23,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.tag import Tag
-from pydicom.uid import generate_uid
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
@@ -37,6 +37,7 @@ from archive.orders import ImagingOrder, PerformedProcedureStep
 from archive.outbox import OutboxEvent
 from config import Settings
 from tests.conftest import Backend, RunningServer, _backend, start_server
+from tests.dicom_factory import ct_slice
 from tests.fhir_support import FHIRValidator
 from tests.test_fhir import INTERACTIONS, exercise, outcome
 
@@ -463,6 +464,67 @@ def in_progress_then_completed(server: RunningServer, http: httpx.Client) -> Non
     ]
     assert {a.patient_id for a in audits} == {"MPPS-1"}
     assert {a.study_uid for a in audits} == {study_uid}
+
+
+def test_a_step_that_performs_two_orders_moves_both(
+    server: RunningServer, http: httpx.Client
+) -> None:
+    """IHE RAD SWF group case: one acquisition for two Requested Procedures, one item each in
+    the Scheduled Step Attributes Sequence. Both orders start and complete; the Procedure is
+    based on both, the first named first."""
+    head = place_order(http, "MPPS-6")
+    chest = place_order(http, "MPPS-6", code="24627-2", display="CT Chest")
+    modality = Modality(server)
+    try:
+        uid = generate_uid()
+        ds = in_progress(
+            patient_id="MPPS-6", accession=accession_of(head), study_uid=study_uid_of(head)
+        )
+        second = Dataset()
+        second.StudyInstanceUID = study_uid_of(head)  # one study for both
+        second.AccessionNumber = accession_of(chest)
+        second.RequestedProcedureID = requested_procedure_of(chest)
+        second.ScheduledProcedureStepID = ""
+        second.ScheduledProcedureStepDescription = ""
+        second.ReferencedStudySequence = Sequence([])
+        ds.ScheduledStepAttributesSequence.append(second)
+        assert modality.create(ds, uid).Status == 0x0000
+        for order in (head, chest):
+            row = order_row(server, order["id"])
+            assert (row.status, row.step_status) == ("active", "STARTED"), order["id"]
+        # The study is the first order's: the second keeps its own pre-assigned UID.
+        assert order_row(server, chest["id"]).study_instance_uid == study_uid_of(chest)
+        procedure = http.get(f"/Procedure/{uid}").json()
+        assert procedure["basedOn"] == [
+            {"reference": f"ServiceRequest/{head['id']}"},
+            {"reference": f"ServiceRequest/{chest['id']}"},
+        ]
+        found = http.get("/Procedure", params={"based-on": f"ServiceRequest/{chest['id']}"})
+        assert [e["resource"]["id"] for e in found.json()["entry"]] == [uid]
+        # The images of the one study: the ImagingStudy is based on both orders too.
+        image = ct_slice(study_uid=study_uid_of(head), series_uid=generate_uid(), index=0)
+        image.PatientID = "MPPS-6"
+        images = AE(ae_title=MODALITY_AE)
+        images.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        stored = images.associate("127.0.0.1", server.dimse_port, ae_title=server.ae_title)
+        try:
+            assert stored.send_c_store(image).Status == 0x0000
+        finally:
+            stored.release()
+        study = http.get(f"/ImagingStudy/{study_uid_of(head)}").json()
+        assert study["basedOn"] == procedure["basedOn"]
+
+        assert modality.set(completed(generate_uid(), [generate_uid()]), uid).Status == 0
+    finally:
+        modality.close()
+    for order in (head, chest):
+        assert http.get(f"/ServiceRequest/{order['id']}").json()["status"] == "completed"
+        assert [e.type for e in order_events(server, order["id"])] == [
+            "order.scheduled",
+            "order.in-progress",
+            "order.completed",
+        ]
+    assert step_row(server, uid).order_fk == order_row(server, head["id"]).id
 
 
 def test_discontinued_step_leaves_the_order_on_the_worklist(
