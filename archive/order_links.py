@@ -15,7 +15,8 @@ worklist gave (PS3.4 K.6.1.2.2). Nothing of this is looked at while an instance 
   while they carry another Study Instance UID than the one pre-assigned, moves the order's
   Study Instance UID to theirs (:func:`archive.ordering.transition`), after which the view
   finds it by UID.
-  :func:`order_for_study` is the full look-up (the charge capture uses it too).
+  :func:`order_for_study` is the full look-up, :func:`orders_for_study` with the other orders
+  of a group case (the charge capture uses them).
 
 Orders ``entered-in-error`` are no one's order.
 """
@@ -148,6 +149,28 @@ def order_for_study(target: Target, study_uid: str) -> Row[Any] | None:
             if row is not None:
                 return row
     return None
+
+
+def orders_for_study(target: Target, study_uid: str) -> list[Row[Any]]:
+    """Every order of a stored study: :func:`order_for_study`'s first, then the others a
+    performed step of the study (in progress or completed) performed with it (the IHE SWF
+    group case), in the order of their ids. Empty when none."""
+    first = order_for_study(target, study_uid)
+    others = target.execute(
+        select(ORDERS)
+        .join(STEP_ORDERS, STEP_ORDERS.c.order_fk == ORDERS.c.id)
+        .join(STEPS, STEPS.c.id == STEP_ORDERS.c.step_fk)
+        .where(
+            STEPS.c.study_instance_uid == study_uid,
+            STEPS.c.status != "DISCONTINUED",
+            ORDERS.c.status.not_in(_NOT_AN_ORDER),
+        )
+        .order_by(ORDERS.c.id)
+    ).all()
+    found = {int(row.id): row for row in ([first] if first is not None else [])}
+    for row in others:
+        found.setdefault(int(row.id), row)
+    return list(found.values())
 
 
 def _first_instances(study_row: int) -> Any:

@@ -8,8 +8,10 @@ procedure — else its Modality + Body Part Examined (+ Laterality / Image Later
 Contrast/Bolus Agent (0018,0010) not empty). Series that are not images (SR, SEG, KO, PR, DOC,
 REG, RTSTRUCT, or only SR instances) are skipped. A study has one procedure per distinct code (or
 modality + body part + laterality + contrast key), however many series show it. A study made for
-an order (``archive.order_links``) whose procedure code the price list prices has one technical
-procedure instead: the ordered one (:func:`ordered_procedure`). When the order is linked only
+an order (``archive.order_links``) whose procedure code the price list prices has its ordered
+procedures instead: one per order (several when one acquisition performed several orders, the
+IHE SWF group case) whose code the price list prices (:func:`ordered_procedures`). When the
+order is linked only
 after the study's charges were captured (an order placed for images that came first, found at a
 later capture), the open technical charges of the procedures the series showed are voided
 (``entered-in-error``, "re-coded as ordered") as the ordered one is captured, so the study is
@@ -49,7 +51,7 @@ from sqlalchemy.orm import Session
 from archive import Archive
 from archive.audit import AuditEvent, record_change
 from archive.models import Instance, Patient, ReportDocument, Series, Study
-from archive.order_links import order_for_study
+from archive.order_links import orders_for_study
 from archive.outbox import emit
 from billing.metrics import count_charge_on_commit
 from billing.models import BillingAccount, ChargeEvent, ChargeItem, ChargeItemDefinition
@@ -498,47 +500,57 @@ ORDER_CODE_SYSTEMS = {
 }
 
 
-def ordered_procedure(
+def ordered_procedures(
     session: Session,
     study_uid: str,
     performed: list[Procedure],
     on: date,
     kind: str = "technical",
-) -> Procedure | None:
-    """The study's one procedure when it was made for an order (archive.order_links) whose
-    procedure code the price list prices for ``kind`` on ``on``: coded as ordered, with what
-    its series showed (modality, body part, laterality, contrast, conditions). None otherwise:
-    the procedures the series show are charged then."""
-    order = order_for_study(session, study_uid)
-    if order is None or not order.procedure_code or not performed:
-        return None
-    system = ORDER_CODE_SYSTEMS.get((order.procedure_scheme or "").strip())
-    if system is None:
-        return None
-    code = str(order.procedure_code)
-    if find_definition(session, kind=kind, on=on, procedure_codes=[(system, code)]) is None:
-        return None
+) -> list[Procedure]:
+    """The study's procedures when it was made for orders (archive.order_links: one, or
+    several in a group case) whose procedure codes the price list prices for ``kind`` on
+    ``on``: one per code, coded as ordered, with what the series showed (modality, body part,
+    laterality, contrast, conditions). Empty otherwise: the procedures the series show are
+    charged then."""
+    if not performed:
+        return []
     first = performed[0]
     contrast = any(p.contrast for p in performed)
-    return Procedure(
-        key=f"{system}:{code}",
-        display=order.procedure_display or f"{system} {code}",
-        code_system=system,
-        code=code,
-        modality=first.modality,
-        body_part=first.body_part,
-        laterality=first.laterality,
-        contrast=contrast,
-        conditions=sorted({c for p in performed for c in p.conditions}),
-        series=[uid for p in performed for uid in p.series],
-    )
+    procedures: dict[str, Procedure] = {}
+    for order in orders_for_study(session, study_uid):
+        system = ORDER_CODE_SYSTEMS.get((order.procedure_scheme or "").strip())
+        if system is None or not order.procedure_code:
+            continue
+        code = str(order.procedure_code)
+        if find_definition(session, kind=kind, on=on, procedure_codes=[(system, code)]) is None:
+            continue
+        procedures.setdefault(
+            f"{system}:{code}",
+            Procedure(
+                key=f"{system}:{code}",
+                display=order.procedure_display or f"{system} {code}",
+                code_system=system,
+                code=code,
+                modality=first.modality,
+                body_part=first.body_part,
+                laterality=first.laterality,
+                contrast=contrast,
+                conditions=sorted({c for p in performed for c in p.conditions}),
+                series=[uid for p in performed for uid in p.series],
+            ),
+        )
+    return list(procedures.values())
 
 
 def _recoded_as_ordered(
-    session: Session, study_uid: str, ordered_key: str, actor: str, audit: AuditEvent | None
+    session: Session,
+    study_uid: str,
+    ordered_keys: list[str],
+    actor: str,
+    audit: AuditEvent | None,
 ) -> bool:
-    """Void the study's open technical charges captured under another key than the ordered
-    procedure's (see the module's docstring); False, voiding nothing, when one of them is
+    """Void the study's open technical charges captured under other keys than the ordered
+    procedures' (see the module's docstring); False, voiding nothing, when one of them is
     billed already: the study is then charged as its series show, as before."""
     prefix = f"technical|{study_uid}|"
     others = [
@@ -548,7 +560,7 @@ def _recoded_as_ordered(
             .where(
                 ChargeItem.study_instance_uid == study_uid,
                 ChargeItem.kind == "technical",
-                ChargeItem.idempotency_key != ordered_key,
+                ChargeItem.idempotency_key.not_in(ordered_keys),
                 ChargeItem.status != ENTERED_IN_ERROR,
             )
             .order_by(ChargeItem.id)
@@ -559,10 +571,10 @@ def _recoded_as_ordered(
     if any(charge.status not in OPEN_STATUSES for charge in others):
         log.info(
             "study made for an order, but charged and billed as its series show: left as it is",
-            extra={"study": study_uid, "ordered": ordered_key.removeprefix(prefix)},
+            extra={"study": study_uid, "ordered": ", ".join(ordered_keys)},
         )
         return False
-    reason = f"re-coded as ordered: {ordered_key.removeprefix(prefix)}"
+    reason = "re-coded as ordered: " + ", ".join(k.removeprefix(prefix) for k in ordered_keys)
     change = dataclasses.replace(audit, action="U") if audit is not None else None
     for charge in others:
         _change(session, charge, {"status": ENTERED_IN_ERROR}, actor, reason)
@@ -596,11 +608,10 @@ def capture_technical(
             return []
         account = _account(session, patient)
         on = study_day(study)
-        ordered = ordered_procedure(session, study_uid, procedures, on)
-        if ordered is not None and _recoded_as_ordered(
-            session, study_uid, f"technical|{study_uid}|{ordered.key}", actor, audit
-        ):
-            procedures = [ordered]
+        ordered = ordered_procedures(session, study_uid, procedures, on)
+        keys = [f"technical|{study_uid}|{p.key}" for p in ordered]
+        if ordered and _recoded_as_ordered(session, study_uid, keys, actor, audit):
+            procedures = ordered
         ids = []
         for procedure in procedures:
             definition = _find(session, "technical", on, procedure)
@@ -667,8 +678,8 @@ def capture_professional(
         for report in reports:
             signed = report.verification_datetime or report.content_datetime
             on = signed.date() if signed is not None else study_day(study)
-            procedure = ordered_procedure(session, study_uid, procedures, on, "professional")
-            procedure = procedure or first
+            readings = ordered_procedures(session, study_uid, procedures, on, "professional")
+            procedure = readings[0] if readings else first
             definition = _find(session, "professional", on, procedure) if procedure else None
             missing = (
                 f"no professional price for {procedure.label} on {on.isoformat()}"

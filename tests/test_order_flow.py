@@ -432,6 +432,72 @@ def test_an_order_placed_after_its_images_recodes_the_study_charge(
     )
 
 
+def test_one_acquisition_for_two_orders_charges_both(
+    server: RunningServer, fhirpy: Any, workdir: Path
+) -> None:
+    """IHE RAD SWF group case: a CT head and a CT chest ordered, performed in one step and one
+    study. Both orders complete, and each ordered procedure is a technical charge."""
+    patient = fhirpy.resource(
+        "Patient",
+        identifier=[{"system": PATIENT_SYSTEM, "value": "FLOW-5"}],
+        name=[{"family": "Flow", "given": ["Gus"]}],
+    )
+    patient.save()
+    head = order(fhirpy, patient.id, "24725-4", "CT Head")
+    chest = order(fhirpy, patient.id, "24627-2", "CT Chest")
+    items = [i for i in worklist(server, workdir / "wl-5") if str(i.PatientID) == "FLOW-5"]
+    assert len(items) == 2
+    first, other = sorted(items, key=lambda i: str(i.RequestedProcedureCodeSequence[0].CodeValue))
+    study = str(first.StudyInstanceUID)  # one study for both: the first item's
+    ae = AE(ae_title=STATION)
+    ae.add_requested_context(MPPS)
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", server.dimse_port, ae_title=server.ae_title)
+    assert assoc.is_established
+    try:
+        step = generate_uid()
+        started = in_progress(
+            patient_id="FLOW-5",
+            accession=str(first.AccessionNumber),
+            study_uid=study,
+            requested_procedure=str(first.RequestedProcedureID),
+        )
+        second = Dataset()
+        second.StudyInstanceUID = study
+        second.AccessionNumber = other.AccessionNumber
+        second.RequestedProcedureID = other.RequestedProcedureID
+        second.ScheduledProcedureStepID = other.ScheduledProcedureStepSequence[
+            0
+        ].ScheduledProcedureStepID
+        started.ScheduledStepAttributesSequence.append(second)
+        assert assoc.send_n_create(started, MPPS, step)[0].Status == 0x0000
+        series_uid, slices = images(first, 2)
+        for ds in slices:
+            assert assoc.send_c_store(ds).Status == 0x0000
+        ended = completed(series_uid, [str(ds.SOPInstanceUID) for ds in slices])
+        assert assoc.send_n_set(ended, MPPS, step)[0].Status == 0x0000
+    finally:
+        assoc.release()
+    for placed in (head, chest):
+        assert fhirpy.reference("ServiceRequest", placed.id).to_resource().status == "completed"
+    imaging = fhirpy.reference("ImagingStudy", study).to_resource().serialize()
+    assert {b["reference"] for b in imaging["basedOn"]} == {
+        f"ServiceRequest/{head.id}",
+        f"ServiceRequest/{chest.id}",
+    }
+    wait_until(lambda: captures_done(server, study) >= 1, server)
+    with closing(server.archive()) as arc, arc.db.session() as session:
+        charges = session.scalars(
+            select(ChargeItem)
+            .where(ChargeItem.study_instance_uid == study, ChargeItem.kind == "technical")
+            .order_by(ChargeItem.code)
+        ).all()
+        assert [(c.code, c.display, str(c.net), c.status) for c in charges] == [
+            ("24627-2", "CT Chest", "210.00", "billable"),
+            ("24725-4", "CT Head", "180.00", "billable"),
+        ]
+
+
 def charge_events_of(server: RunningServer, charge_id: int) -> list[tuple[str, str | None]]:
     from billing.capture import charge_events
 
