@@ -167,9 +167,10 @@ def images(item: Dataset, count: int) -> tuple[str, list[Dataset]]:
     return series_uid, slices
 
 
-def perform(server: RunningServer, item: Dataset) -> tuple[str, str]:
+def perform(server: RunningServer, item: Dataset, *also: Dataset) -> tuple[str, str]:
     """MPPS IN PROGRESS, the images, MPPS COMPLETED over one association (a modality's day):
-    (the step's SOP Instance UID, the series UID)."""
+    (the step's SOP Instance UID, the series UID). ``also``: more worklist items the same
+    step performs, in ``item``'s study (the IHE SWF group case)."""
     ae = AE(ae_title=STATION)
     ae.add_requested_context(MPPS)
     ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
@@ -187,6 +188,15 @@ def perform(server: RunningServer, item: Dataset) -> tuple[str, str]:
             0
         ].ScheduledProcedureStepID = item.ScheduledProcedureStepSequence[0].ScheduledProcedureStepID
         started.PatientName = item.PatientName
+        for other in also:
+            grouped = Dataset()
+            grouped.StudyInstanceUID = item.StudyInstanceUID
+            grouped.AccessionNumber = other.AccessionNumber
+            grouped.RequestedProcedureID = other.RequestedProcedureID
+            grouped.ScheduledProcedureStepID = other.ScheduledProcedureStepSequence[
+                0
+            ].ScheduledProcedureStepID
+            started.ScheduledStepAttributesSequence.append(grouped)
         status, _ = assoc.send_n_create(started, MPPS, step)
         assert status.Status == 0x0000
         series_uid, slices = images(item, 3)
@@ -448,36 +458,8 @@ def test_one_acquisition_for_two_orders_charges_both(
     items = [i for i in worklist(server, workdir / "wl-5") if str(i.PatientID) == "FLOW-5"]
     assert len(items) == 2
     first, other = sorted(items, key=lambda i: str(i.RequestedProcedureCodeSequence[0].CodeValue))
+    perform(server, first, other)
     study = str(first.StudyInstanceUID)  # one study for both: the first item's
-    ae = AE(ae_title=STATION)
-    ae.add_requested_context(MPPS)
-    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
-    assoc = ae.associate("127.0.0.1", server.dimse_port, ae_title=server.ae_title)
-    assert assoc.is_established
-    try:
-        step = generate_uid()
-        started = in_progress(
-            patient_id="FLOW-5",
-            accession=str(first.AccessionNumber),
-            study_uid=study,
-            requested_procedure=str(first.RequestedProcedureID),
-        )
-        second = Dataset()
-        second.StudyInstanceUID = study
-        second.AccessionNumber = other.AccessionNumber
-        second.RequestedProcedureID = other.RequestedProcedureID
-        second.ScheduledProcedureStepID = other.ScheduledProcedureStepSequence[
-            0
-        ].ScheduledProcedureStepID
-        started.ScheduledStepAttributesSequence.append(second)
-        assert assoc.send_n_create(started, MPPS, step)[0].Status == 0x0000
-        series_uid, slices = images(first, 2)
-        for ds in slices:
-            assert assoc.send_c_store(ds).Status == 0x0000
-        ended = completed(series_uid, [str(ds.SOPInstanceUID) for ds in slices])
-        assert assoc.send_n_set(ended, MPPS, step)[0].Status == 0x0000
-    finally:
-        assoc.release()
     for placed in (head, chest):
         assert fhirpy.reference("ServiceRequest", placed.id).to_resource().status == "completed"
     imaging = fhirpy.reference("ImagingStudy", study).to_resource().serialize()
