@@ -9,14 +9,13 @@ Contrast/Bolus Agent (0018,0010) not empty). Series that are not images (SR, SEG
 REG, RTSTRUCT, or only SR instances) are skipped. A study has one procedure per distinct code (or
 modality + body part + laterality + contrast key), however many series show it. A study made for
 an order (``archive.order_links``) whose procedure code the price list prices has its ordered
-procedures instead: one per order (several when one acquisition performed several orders, the
-IHE SWF group case) whose code the price list prices (:func:`ordered_procedures`). When the
-order is linked only
-after the study's charges were captured (an order placed for images that came first, found at a
-later capture), the open technical charges of the procedures the series showed are voided
-(``entered-in-error``, "re-coded as ordered") as the ordered one is captured, so the study is
-never charged twice; if one of them is billed already (on an issued invoice), the charges stay
-as they are (a credit corrects them).
+procedures instead: one per order whose code the price list prices (several when one
+acquisition performed several orders, the IHE SWF group case; :func:`ordered_procedures`).
+When the order is linked only after the study's charges were captured (an order placed for
+images that came first, found at a later capture), the open technical charges of the
+procedures the series showed are voided (``entered-in-error``, "re-coded as ordered") as the
+ordered ones are captured, so the study is never charged twice; if one of them is billed
+already (on an issued invoice), the charges stay as they are (a credit corrects them).
 
 **Conditions** a price component may name: ``contrast`` (a series of the procedure had a
 contrast agent), ``after_hours`` (Study Time before 07:00 or from 19:00, the study's local time)
