@@ -299,6 +299,10 @@ class PacsbridgeTarget(Target):
             "PACSBRIDGE_HTTP_HOST": LOOPBACK,
             "PACSBRIDGE_HTTP_PORT": str(self.http_port),
             "PACSBRIDGE_LOG_LEVEL": "WARNING",
+            # The models that run on every stable study are not what these benchmarks time
+            # (bench/ai.py does): their results would add instances to the counts checked and
+            # their CPU would land in whatever run comes next. A benchmark may turn them on.
+            "PACSBRIDGE_AI": '{"enabled": false}',
         }
         if database_url:
             settings["PACSBRIDGE_DATABASE_URL"] = database_url

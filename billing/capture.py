@@ -9,13 +9,18 @@ Contrast/Bolus Agent (0018,0010) not empty). Series that are not images (SR, SEG
 REG, RTSTRUCT, or only SR instances) are skipped. A study has one procedure per distinct code (or
 modality + body part + laterality + contrast key), however many series show it. A study made for
 an order (``archive.order_links``) whose procedure code the price list prices has its ordered
-procedures instead: one per order whose code the price list prices (several when one
-acquisition performed several orders, the IHE SWF group case; :func:`ordered_procedures`).
-When the order is linked only after the study's charges were captured (an order placed for
-images that came first, found at a later capture), the open technical charges of the
-procedures the series showed are voided (``entered-in-error``, "re-coded as ordered") as the
-ordered ones are captured, so the study is never charged twice; if one of them is billed
-already (on an issued invoice), the charges stay as they are (a credit corrects them).
+procedures instead, one per order (several when one acquisition performed several orders, the
+IHE SWF group case; :func:`ordered_procedures`), as soon as the price list prices one of their
+codes.
+
+**Re-coding**: each capture makes the study's technical charges those of its procedures as
+they stand. An open technical charge of the study under another key is voided
+(``entered-in-error``, "re-coded as ordered: …" / "re-coded as performed: …"): the order was
+linked only after the study was charged (images that came before their order), or it no longer
+counts (revoked as entered-in-error, its code no longer priced); a voided charge whose
+procedure comes back is captured again. So a study is never charged both ways. If one of the
+charges to void is billed already (on an issued invoice), nothing changes and a warning is
+logged: a credit corrects it.
 
 **Conditions** a price component may name: ``contrast`` (a series of the procedure had a
 contrast agent), ``after_hours`` (Study Time before 07:00 or from 19:00, the study's local time)
@@ -506,51 +511,56 @@ def ordered_procedures(
     on: date,
     kind: str = "technical",
 ) -> list[Procedure]:
-    """The study's procedures when it was made for orders (archive.order_links: one, or
-    several in a group case) whose procedure codes the price list prices for ``kind`` on
-    ``on``: one per code, coded as ordered, with what the series showed (modality, body part,
-    laterality, contrast, conditions). Empty otherwise: the procedures the series show are
-    charged then."""
+    """The study's procedures as ordered when it was made for orders (archive.order_links:
+    one, or several in a group case) and the price list prices the code of at least one of
+    them for ``kind`` on ``on``: one per ordered code (those priced first), coded as ordered,
+    with what the series showed (modality, body part, laterality, contrast, conditions). An
+    ordered code without a price is kept (its charge is priced as its series, or planned for
+    review), never dropped. Empty otherwise: the procedures the series show are charged
+    then."""
     if not performed:
         return []
     first = performed[0]
     contrast = any(p.contrast for p in performed)
-    procedures: dict[str, Procedure] = {}
+    priced: dict[str, Procedure] = {}
+    unpriced: dict[str, Procedure] = {}
     for order in orders_for_study(session, study_uid):
         system = ORDER_CODE_SYSTEMS.get((order.procedure_scheme or "").strip())
         if system is None or not order.procedure_code:
             continue
         code = str(order.procedure_code)
-        if find_definition(session, kind=kind, on=on, procedure_codes=[(system, code)]) is None:
-            continue
-        procedures.setdefault(
-            f"{system}:{code}",
-            Procedure(
-                key=f"{system}:{code}",
-                display=order.procedure_display or f"{system} {code}",
-                code_system=system,
-                code=code,
-                modality=first.modality,
-                body_part=first.body_part,
-                laterality=first.laterality,
-                contrast=contrast,
-                conditions=sorted({c for p in performed for c in p.conditions}),
-                series=[uid for p in performed for uid in p.series],
-            ),
+        key = f"{system}:{code}"
+        procedure = Procedure(
+            key=key,
+            display=order.procedure_display or f"{system} {code}",
+            code_system=system,
+            code=code,
+            modality=first.modality,
+            body_part=first.body_part,
+            laterality=first.laterality,
+            contrast=contrast,
+            conditions=sorted({c for p in performed for c in p.conditions}),
+            series=[uid for p in performed for uid in p.series],
         )
-    return list(procedures.values())
+        coded = find_definition(session, kind=kind, on=on, procedure_codes=[(system, code)])
+        (priced if coded is not None else unpriced).setdefault(key, procedure)
+    if not priced:
+        return []
+    return [*priced.values(), *(p for k, p in unpriced.items() if k not in priced)]
 
 
-def _recoded_as_ordered(
+def _recoded(
     session: Session,
     study_uid: str,
-    ordered_keys: list[str],
+    keys: list[str],
+    how: str,
     actor: str,
     audit: AuditEvent | None,
 ) -> bool:
-    """Void the study's open technical charges captured under other keys than the ordered
-    procedures' (see the module's docstring); False, voiding nothing, when one of them is
-    billed already: the study is then charged as its series show, as before."""
+    """Make the study's technical charges those of ``keys``: its open technical charges
+    under other keys are voided, "re-coded as ``how``" (see the module's docstring). False,
+    voiding nothing, when one of those is billed already (on an issued invoice): the study's
+    charges are then left as they are, for a credit to correct."""
     prefix = f"technical|{study_uid}|"
     others = [
         charge
@@ -559,7 +569,7 @@ def _recoded_as_ordered(
             .where(
                 ChargeItem.study_instance_uid == study_uid,
                 ChargeItem.kind == "technical",
-                ChargeItem.idempotency_key.not_in(ordered_keys),
+                ChargeItem.idempotency_key.not_in(keys),
                 ChargeItem.status != ENTERED_IN_ERROR,
             )
             .order_by(ChargeItem.id)
@@ -568,12 +578,16 @@ def _recoded_as_ordered(
         if charge.idempotency_key.startswith(prefix)
     ]
     if any(charge.status not in OPEN_STATUSES for charge in others):
-        log.info(
-            "study made for an order, but charged and billed as its series show: left as it is",
-            extra={"study": study_uid, "ordered": ", ".join(ordered_keys)},
+        log.warning(
+            "study's procedures changed after one of its charges was billed: left as they are "
+            "(a credit corrects them)",
+            extra={
+                "study": study_uid,
+                "charged_as": ", ".join(k.removeprefix(prefix) for k in keys),
+            },
         )
         return False
-    reason = "re-coded as ordered: " + ", ".join(k.removeprefix(prefix) for k in ordered_keys)
+    reason = f"re-coded as {how}: " + ", ".join(k.removeprefix(prefix) for k in keys)
     change = dataclasses.replace(audit, action="U") if audit is not None else None
     for charge in others:
         _change(session, charge, {"status": ENTERED_IN_ERROR}, actor, reason)
@@ -608,9 +622,23 @@ def capture_technical(
         account = _account(session, patient)
         on = study_day(study)
         ordered = ordered_procedures(session, study_uid, procedures, on)
-        keys = [f"technical|{study_uid}|{p.key}" for p in ordered]
-        if ordered and _recoded_as_ordered(session, study_uid, keys, actor, audit):
+        if ordered:
             procedures = ordered
+        keys = [f"technical|{study_uid}|{p.key}" for p in procedures]
+        if not _recoded(
+            session, study_uid, keys, "ordered" if ordered else "performed", actor, audit
+        ):
+            return list(
+                session.scalars(
+                    select(ChargeItem.id)
+                    .where(
+                        ChargeItem.study_instance_uid == study_uid,
+                        ChargeItem.kind == "technical",
+                        ChargeItem.status != ENTERED_IN_ERROR,
+                    )
+                    .order_by(ChargeItem.id)
+                )
+            )
         ids = []
         for procedure in procedures:
             definition = _find(session, "technical", on, procedure)
@@ -677,6 +705,7 @@ def capture_professional(
         for report in reports:
             signed = report.verification_datetime or report.content_datetime
             on = signed.date() if signed is not None else study_day(study)
+            # The first ordered code the price list prices for reading, else the series'.
             readings = ordered_procedures(session, study_uid, procedures, on, "professional")
             procedure = readings[0] if readings else first
             definition = _find(session, "professional", on, procedure) if procedure else None

@@ -408,7 +408,7 @@ def delete(
     archive = _archive(settings)
     try:
         # Whole studies deleted: their open charges become entered-in-error (a deleted series
-        # or instance leaves the study's charges as they are).
+        # or instance leaves the study's charges as they are until it is captured again).
         studies = [study] if study else []
         # PS3.15 A.5.3.5 DICOM Study Deleted; a series or instance: A.5.3.3, action D.
         audit = AuditEvent(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -36,6 +37,7 @@ from billing.capture import (
     study_procedures,
     void_study,
 )
+from billing.invoices import create_invoice, issue_invoice
 from billing.models import ChargeItem
 from billing.prices import load_price_list, store_price_list
 from tests.conftest import Backend, start_server
@@ -313,6 +315,59 @@ def test_deleting_the_study_voids_its_open_charges(
     by_patient = run_cli(index_backend, tmp_path, "delete", "--patient", "PAT-K")
     assert json.loads(by_patient.stdout) == {"deleted_instances": 1, "voided_charges": 1}
     assert [c.status for c in list_charges(arc, study=kept)] == ["entered-in-error"]
+
+
+def _two_procedure_study(arc: Archive) -> tuple[str, str]:
+    """A study of a coded CT head series and an uncoded one: (study uid, uncoded series uid)."""
+    coded = ct_study(1, procedure=code("24725-4", "LN", "CT Head"), patient_id="PAT-R")
+    plain = ct_study(1, study_uid=str(coded[0].StudyInstanceUID), patient_id="PAT-R")
+    study = store(arc, coded + plain)
+    return study, str(plain[0].SeriesInstanceUID)
+
+
+def _technical(arc: Archive, study: str) -> list[tuple[str, str]]:
+    return [
+        (c.idempotency_key.rsplit("|", 1)[1], c.status)
+        for c in list_charges(arc, study=study)
+        if c.kind == "technical"
+    ]
+
+
+def test_a_procedure_gone_from_the_study_is_re_coded_away(arc: Archive):
+    """Each capture makes the study's technical charges those of its procedures as they
+    stand: the charge of a series' procedure deleted since is voided, and comes back with it."""
+    study, plain_series = _two_procedure_study(arc)
+    capture_technical(arc, arc.settings, study)
+    assert _technical(arc, study) == [
+        ("loinc:24725-4", "billable"),
+        ("CT/HEAD/-/plain", "billable"),
+    ]
+    assert arc.delete_series(plain_series) == 1
+    capture_technical(arc, arc.settings, study)
+    assert _technical(arc, study) == [
+        ("loinc:24725-4", "billable"),
+        ("CT/HEAD/-/plain", "entered-in-error"),
+    ]
+    (voided,) = [c for c in list_charges(arc, study=study) if c.status == "entered-in-error"]
+    last = charge_events(arc, voided.id)[-1]
+    assert (last.status, last.reason) == (
+        "entered-in-error",
+        "re-coded as performed: loinc:24725-4",
+    )
+
+
+def test_a_billed_charge_is_not_re_coded(arc: Archive, caplog: pytest.LogCaptureFixture):
+    """A charge already on an issued invoice is left as it is (a credit corrects it), and so
+    is every other charge of the study."""
+    study, plain_series = _two_procedure_study(arc)
+    head, plain = capture_technical(arc, arc.settings, study)
+    invoice = create_invoice(arc, arc.settings, charge_ids=[plain], actor="clerk")
+    issue_invoice(arc, arc.settings, invoice, actor="clerk")
+    assert arc.delete_series(plain_series) == 1
+    with caplog.at_level(logging.WARNING, logger="billing.capture"):
+        assert capture_technical(arc, arc.settings, study) == [head, plain]
+    assert _technical(arc, study) == [("loinc:24725-4", "billable"), ("CT/HEAD/-/plain", "billed")]
+    assert any("left as they are" in r.getMessage() for r in caplog.records)
 
 
 def test_site_tax_rate_prices_captured_and_repriced_charges(arc: Archive, tmp_path: Path):

@@ -441,6 +441,18 @@ def test_an_order_placed_after_its_images_recodes_the_study_charge(
         "re-coded as ordered: loinc:24725-4",
     )
 
+    # The order was entered in error after all: the next capture charges the study as its
+    # series show again (the first charge comes back), and the ordered charge is voided.
+    current = fhirpy.reference("ServiceRequest", placed.id).to_resource()  # its UID moved
+    current["status"] = "entered-in-error"
+    current.save()
+    sign_report(fhirpy, patient.id, study, "Normal, addendum.")
+    back = [
+        ("CT/HEAD/-/plain", "billable", "170.00"),
+        ("loinc:24725-4", "entered-in-error", "180.00"),
+    ]
+    assert wait_until(lambda: technical() == back, server)
+
 
 def test_one_acquisition_for_two_orders_charges_both(
     server: RunningServer, fhirpy: Any, workdir: Path
