@@ -20,7 +20,7 @@ event):
 - IN PROGRESS (N-CREATE): the Scheduled Procedure Step Status becomes STARTED,
   event ``order.in-progress``; the order's Study Instance UID follows the step's when the
   modality chose another one (and no other order holds that one: in a group case the first
-  order moved takes it);
+  order named takes it);
 - COMPLETED: the ServiceRequest becomes ``completed``, the step COMPLETED, event
   ``order.completed``;
 - DISCONTINUED: the step becomes DISCONTINUED, event ``order.discontinued``; the
@@ -368,13 +368,26 @@ def _orders_of_step(conn: Connection, step_id: int, first: int | None) -> list[A
     return sorted(rows, key=lambda row: row.id != first)
 
 
+def _lock_orders(conn: Connection, orders: list[Any]) -> None:
+    """Lock the orders (PostgreSQL; SQLite writers take turns already) in the order of their
+    ids, before anything refers to them: the step's rows would otherwise take key-share locks
+    on them first, and two steps naming the same orders would each wait for the other's."""
+    if orders:
+        conn.execute(
+            select(_ORDER.c.id)
+            .where(_ORDER.c.id.in_([o.id for o in orders]))
+            .order_by(_ORDER.c.id)
+            .with_for_update()
+        ).all()
+
+
 def _move_orders(
     conn: Connection, orders: list[Any], status: str, study_uid: str | None
 ) -> list[str]:
-    """:func:`_move_order` for each order, locked in the order of their ids (two steps that
-    name the same orders never wait for each other crosswise)."""
+    """:func:`_move_order` for each order (locked already: :func:`_lock_orders`), in the
+    order the step names them: the first takes the step's Study Instance UID when it moves."""
     events: list[str] = []
-    for order in sorted(orders, key=lambda row: row.id):
+    for order in orders:
         events += _move_order(conn, order, status, study_uid)
     return events
 
@@ -482,6 +495,7 @@ def _create_step(
         ).first():
             raise MppsError(MppsErrorKind.DUPLICATE, f"step {sop_instance_uid} exists already")
         orders = _orders_of(conn, dataset)
+        _lock_orders(conn, orders)
         order = orders[0] if orders else None
         patient_fk = _patient_of(conn, dataset, order)
         inserted = conn.execute(
@@ -619,5 +633,6 @@ def update_step(
         orders = _orders_of_step(conn, row.id, row.order_fk)
         events: list[str] = []
         if status != IN_PROGRESS:
+            _lock_orders(conn, orders)
             events = _move_orders(conn, orders, status, columns["study_instance_uid"])
         return _recorded(conn, audit, sop_instance_uid, status, dataset, columns, orders, events)

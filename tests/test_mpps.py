@@ -470,20 +470,20 @@ def test_a_step_that_performs_two_orders_moves_both(
     server: RunningServer, http: httpx.Client
 ) -> None:
     """IHE RAD SWF group case: one acquisition for two Requested Procedures, one item each in
-    the Scheduled Step Attributes Sequence. Both orders start and complete; the Procedure is
-    based on both, the first named first."""
+    the Scheduled Step Attributes Sequence, in a study of the modality's own. Both orders
+    start and complete; the first named (placed last here) takes the study's UID; the
+    Procedure and the ImagingStudy are based on both, the first named first."""
     head = place_order(http, "MPPS-6")
     chest = place_order(http, "MPPS-6", code="24627-2", display="CT Chest")
+    study = generate_uid()  # the modality's own
     modality = Modality(server)
     try:
         uid = generate_uid()
-        ds = in_progress(
-            patient_id="MPPS-6", accession=accession_of(head), study_uid=study_uid_of(head)
-        )
+        ds = in_progress(patient_id="MPPS-6", accession=accession_of(chest), study_uid=study)
         second = Dataset()
-        second.StudyInstanceUID = study_uid_of(head)  # one study for both
-        second.AccessionNumber = accession_of(chest)
-        second.RequestedProcedureID = requested_procedure_of(chest)
+        second.StudyInstanceUID = study  # one study for both
+        second.AccessionNumber = accession_of(head)
+        second.RequestedProcedureID = requested_procedure_of(head)
         second.ScheduledProcedureStepID = ""
         second.ScheduledProcedureStepDescription = ""
         second.ReferencedStudySequence = Sequence([])
@@ -492,17 +492,18 @@ def test_a_step_that_performs_two_orders_moves_both(
         for order in (head, chest):
             row = order_row(server, order["id"])
             assert (row.status, row.step_status) == ("active", "STARTED"), order["id"]
-        # The study is the first order's: the second keeps its own pre-assigned UID.
-        assert order_row(server, chest["id"]).study_instance_uid == study_uid_of(chest)
+        # The study is the first named order's now; the other keeps its pre-assigned UID.
+        assert order_row(server, chest["id"]).study_instance_uid == study
+        assert order_row(server, head["id"]).study_instance_uid == study_uid_of(head)
         procedure = http.get(f"/Procedure/{uid}").json()
         assert procedure["basedOn"] == [
-            {"reference": f"ServiceRequest/{head['id']}"},
             {"reference": f"ServiceRequest/{chest['id']}"},
+            {"reference": f"ServiceRequest/{head['id']}"},
         ]
-        found = http.get("/Procedure", params={"based-on": f"ServiceRequest/{chest['id']}"})
+        found = http.get("/Procedure", params={"based-on": f"ServiceRequest/{head['id']}"})
         assert [e["resource"]["id"] for e in found.json()["entry"]] == [uid]
         # The images of the one study: the ImagingStudy is based on both orders too.
-        image = ct_slice(study_uid=study_uid_of(head), series_uid=generate_uid(), index=0)
+        image = ct_slice(study_uid=study, series_uid=generate_uid(), index=0)
         image.PatientID = "MPPS-6"
         images = AE(ae_title=MODALITY_AE)
         images.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
@@ -511,8 +512,8 @@ def test_a_step_that_performs_two_orders_moves_both(
             assert stored.send_c_store(image).Status == 0x0000
         finally:
             stored.release()
-        study = http.get(f"/ImagingStudy/{study_uid_of(head)}").json()
-        assert study["basedOn"] == procedure["basedOn"]
+        imaging = http.get(f"/ImagingStudy/{study}").json()
+        assert imaging["basedOn"] == procedure["basedOn"]
 
         assert modality.set(completed(generate_uid(), [generate_uid()]), uid).Status == 0
     finally:
@@ -524,7 +525,7 @@ def test_a_step_that_performs_two_orders_moves_both(
             "order.in-progress",
             "order.completed",
         ]
-    assert step_row(server, uid).order_fk == order_row(server, head["id"]).id
+    assert step_row(server, uid).order_fk == order_row(server, chest["id"]).id
 
 
 def test_discontinued_step_leaves_the_order_on_the_worklist(
