@@ -287,6 +287,7 @@ class AtnaExporter:
         self.store.start()  # the first start of the export begins after the newest event
         self._gap: _Gap | None = None
         self._more = False
+        self._gap_young = False  # this round left a gap waiting for its snapshot
         self.sent = 0
 
     def run_once(self) -> int:
@@ -294,6 +295,7 @@ class AtnaExporter:
         the export; how many were sent (raises when the collector cannot be reached: they
         are sent on a later call)."""
         self._more = False
+        self._gap_young = False
         state = self.store.state()
         if state is None:  # the row is gone (an index restored from before the export)
             self.store.start()
@@ -358,6 +360,7 @@ class AtnaExporter:
                 continue
             if gap is None or not gap.at <= expected <= gap.upto:
                 self._gap = _Gap(expected, rows[-1].id, time.monotonic())
+                self._gap_young = True
                 return rows[:index]
             age = time.monotonic() - gap.since
             if gap.token is None and age >= GAP_MIN_AGE:
@@ -365,6 +368,9 @@ class AtnaExporter:
             if gap.token is not None and snapshot_passed(self.archive.db, gap.token):
                 gap.resolved = True  # the next read sees the ids that were committed
                 self._more = True
+            # The snapshot is due GAP_MIN_AGE after the gap was seen: look again then, not
+            # after the interval (only in a round that holds the export and read the gap).
+            self._gap_young = gap.token is None
             if age >= GAP_WARN_AFTER and not gap.warned:
                 gap.warned = True
                 log.warning(
@@ -375,12 +381,6 @@ class AtnaExporter:
         if self._gap is not None and self._gap.resolved and expected > self._gap.upto:
             self._gap = None  # every id it covered is sent or passed
         return rows
-
-    @property
-    def _gap_young(self) -> bool:
-        """A gap waits for its snapshot: the next round comes after GAP_MIN_AGE, not after
-        the interval."""
-        return self._gap is not None and self._gap.token is None
 
     def _run(self) -> None:
         failures = 0
