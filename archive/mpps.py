@@ -555,15 +555,29 @@ def _recorded(
     )
 
 
-def read_step(db: Database, sop_instance_uid: str) -> dict[str, Any] | None:
+@dataclass(slots=True)
+class StoredStep:
+    """A step as N-GET reads it."""
+
+    attributes: dict[str, Any]
+    """The N-CREATE's attributes with each N-SET's applied, as DICOM JSON."""
+    study_instance_uid: str | None
+    patient_id: str | None
+
+
+def read_step(db: Database, sop_instance_uid: str) -> StoredStep | None:
     """N-GET (PS3.4 F.8.2.1, the Modality Performed Procedure Step Retrieve SOP Class): the
-    step's attributes as they stand (the N-CREATE's with each N-SET's applied), as DICOM
-    JSON; None when there is no such step."""
+    step as it stands; None when there is no such step."""
     with db.engine.connect() as conn:
         row = conn.execute(
-            select(_STEP.c.dataset).where(_STEP.c.sop_instance_uid == sop_instance_uid)
+            select(_STEP.c.dataset, _STEP.c.study_instance_uid).where(
+                _STEP.c.sop_instance_uid == sop_instance_uid
+            )
         ).first()
-    return None if row is None else dict(row.dataset or {})
+    if row is None:
+        return None
+    attributes = dict(row.dataset or {})
+    return StoredStep(attributes, row.study_instance_uid, text(attributes, PATIENT_ID))
 
 
 def _merged(dataset: dict[str, Any], modifications: dict[str, Any]) -> dict[str, Any]:

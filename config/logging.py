@@ -43,8 +43,9 @@ _SECRET_TEXT = re.compile(
 # The password of a URL's userinfo (RFC 3986 3.2.1: ``scheme://user:password@host``). RFC 3986
 # wants "@" and "/" in a password percent-encoded; written raw they still belong to it, so the
 # password runs to the last "@" before the next space or quote (a URL without userinfo but with
-# an "@" further on loses its port and path in the log instead: the safe side).
-_URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^\s/:@\"']*):[^\s\"']*@")
+# an "@" further on loses its port and path in the log instead: the safe side). Both parts are
+# bounded, so that no line makes the match slow.
+_URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]{0,31}://[^\s/:@\"']{0,256}):[^\s\"']{0,256}@")
 #: How deep nested fields (dicts, lists) are cleaned; deeper values are replaced whole.
 _MAX_DEPTH = 8
 

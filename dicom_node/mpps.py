@@ -16,14 +16,16 @@ DICOM JSON and answers with the statuses PS3.4 F.7.2.1.2 / F.7.2.2.2 and PS3.7 C
 - 0120H Missing Attribute / 0121H Missing Attribute Value: an N-CREATE without a Type 1
   attribute, a COMPLETED or DISCONTINUED step without its final-state attributes (the N-SET
   response names them in its Attribute Identifier List);
-- 0211H Unrecognized Operation: an N-CREATE or N-SET on the Retrieve SOP Class.
+- 0211H Unrecognized Operation: an N-CREATE or N-SET on the Retrieve SOP Class (recorded as a
+  refused request, like the others).
 
 **Retrieve.** An N-GET (PS3.4 F.8.2.1) returns the attributes its Attribute Identifier List
 names, as the step holds them (sequences whole; PS3.7 10.1.2: no list, every attribute), with
 the step's Specific Character Set (0008,0005) so that its values decode as they were sent.
-Attributes the step does not hold are left out (F.8.2.1.1: the SCU copes). An unknown step is
-0112H No Such Object Instance. The step is one SOP Instance of all three MPPS SOP Classes
-(F.8.2), so an N-GET on the Modality Performed Procedure Step SOP Class is answered too.
+Attributes the step does not hold are left out (F.8.2.1.1: the SCU copes); text an N-SET in
+another character set made unrepresentable in the step's goes out in ISO_IR 192. An unknown
+step is 0112H No Such Object Instance; an N-GET that names the Modality Performed Procedure
+Step SOP Class rather than the Retrieve class is 0211H (F.8.2: it names the Retrieve class).
 
 **Who may.** Reporting performed steps changes orders, so it needs the ``store`` permission of
 the calling AE (``archive.peers.PERMISSIONS``), checked by the node's access control before the
@@ -41,9 +43,12 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Iterator
 from typing import Any, cast
 
+from pydicom.charset import convert_encodings
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.tag import Tag
 from pynetdicom import AE, evt
 from pynetdicom.dimse_primitives import N_CREATE, N_GET, N_SET
@@ -58,12 +63,10 @@ from archive.audit import MINOR_FAILURE, SERIOUS_FAILURE, AuditEvent
 from archive.dicom_json import dataset_to_json
 from archive.mpps import (
     NO_LONGER_UPDATABLE_ERROR_ID,
-    PATIENT_ID,
     MppsError,
     MppsErrorKind,
     create_step,
     read_step,
-    text,
     update_step,
 )
 from config import Settings
@@ -138,6 +141,41 @@ def _selected(step: Dataset, identifiers: Any) -> Dataset:
     return reply
 
 
+#: Value representations whose values are text in the Specific Character Set (PS3.5 6.1.2.3).
+_TEXT_VRS = frozenset(("SH", "LO", "ST", "LT", "UC", "UT", "PN"))
+
+
+def _texts(dataset: Dataset) -> Iterator[str]:
+    for element in dataset:
+        if element.VR == "SQ":
+            for item in element.value or []:
+                yield from _texts(item)
+        elif element.VR in _TEXT_VRS and element.value is not None:
+            values = element.value if element.VM > 1 else [element.value]
+            yield from (str(v) for v in values)
+
+
+def _in_a_character_set_that_holds(reply: Dataset) -> Dataset:
+    """The reply with a Specific Character Set its text can be written in: the step's, else
+    ISO_IR 192 (UTF-8). A step holds decoded text, and an N-SET in another character set than
+    the N-CREATE's replaced the step's: the values of both must still come out as sent."""
+    declared = reply.get("SpecificCharacterSet") or ""
+    codecs = convert_encodings(list(declared) if isinstance(declared, MultiValue) else declared)
+
+    def fits(character: str) -> bool:
+        for codec in codecs:
+            try:
+                character.encode(codec)
+                return True
+            except (UnicodeError, LookupError):
+                continue
+        return False
+
+    if any(not fits(c) for text in _texts(reply) for c in set(text) if ord(c) > 0x7F):
+        reply.SpecificCharacterSet = "ISO_IR 192"
+    return reply
+
+
 class MppsService:
     """N-CREATE and N-SET of the Modality Performed Procedure Step SOP Class, N-GET of its
     Retrieve SOP Class."""
@@ -165,9 +203,7 @@ class MppsService:
         # returns it in the response's Affected SOP Instance UID).
         uid = str(given) if given else f"2.25.{uuid.uuid4().int}"
         if not self._managed_here(event):
-            return _failure(
-                STATUS_UNRECOGNIZED_OPERATION, "N-CREATE of the Retrieve SOP Class"
-            ), None
+            return self._unrecognized(event, "C", uid, "N-CREATE of the Retrieve SOP Class"), None
         attributes = self._decode(event, "attribute_list")
         if isinstance(attributes, Dataset):
             self._refused(event, "C", uid, attributes.ErrorComment)
@@ -198,7 +234,7 @@ class MppsService:
         request = cast(N_SET, event.request)
         uid = str(request.RequestedSOPInstanceUID or "")
         if not self._managed_here(event):
-            return _failure(STATUS_UNRECOGNIZED_OPERATION, "N-SET of the Retrieve SOP Class"), None
+            return self._unrecognized(event, "U", uid, "N-SET of the Retrieve SOP Class"), None
         modifications = self._decode(event, "modification_list")
         if isinstance(modifications, Dataset):
             self._refused(event, "U", uid, modifications.ErrorComment)
@@ -225,19 +261,26 @@ class MppsService:
     def handle_get(self, event: Event) -> tuple[Dataset | int, Dataset | None]:
         request = cast(N_GET, event.request)
         uid = str(request.RequestedSOPInstanceUID or "")
+        if str(event.context.abstract_syntax) != MPPS_RETRIEVE_SOP_CLASS:
+            # PS3.4 F.8.2: the N-GET names the Retrieve SOP Class; the MPPS SOP Class itself
+            # has N-CREATE and N-SET only (F.7.1).
+            return self._unrecognized(event, "R", uid, "N-GET of the MPPS SOP Class"), None
         try:
-            attributes = read_step(self.archive.db, uid)
-            if attributes is None:
+            step = read_step(self.archive.db, uid)
+            if step is None:
                 self._refused(event, "R", uid, f"no step {uid}")
                 return _failure(STATUS_NO_SUCH_OBJECT_INSTANCE, f"no step {uid}"), None
-            reply = _selected(Dataset.from_json(attributes), request.AttributeIdentifierList)
+            reply = _in_a_character_set_that_holds(
+                _selected(Dataset.from_json(step.attributes), request.AttributeIdentifierList)
+            )
         except Exception:
             log.exception("MPPS N-GET failed", extra={"sop": uid})
             self._refused(event, "R", uid, "processing failure", serious=True)
             return _failure(STATUS_PROCESSING_FAILURE, "processing failure"), None
         audit = self._event(event, "R")
         audit.entity = f"Procedure/{uid}"
-        audit.patient_id = text(attributes, PATIENT_ID)
+        audit.patient_id = step.patient_id
+        audit.study_uid = step.study_instance_uid
         self.archive.audit.submit(audit)
         return STATUS_SUCCESS, reply
 
@@ -247,6 +290,15 @@ class MppsService:
         """N-CREATE and N-SET belong to the Modality Performed Procedure Step SOP Class only
         (PS3.4 F.7.1; the Retrieve SOP Class has N-GET alone, F.8.1)."""
         return str(event.context.abstract_syntax) == MPPS_SOP_CLASS
+
+    def _unrecognized(self, event: Event, action: str, uid: str, what: str) -> Dataset:
+        """0211H Unrecognized Operation (PS3.7 C): an operation the SOP Class does not have."""
+        log.warning(
+            "MPPS request refused",
+            extra={"sop": uid, "service": _SERVICE_OF_ACTION[action], "reason": what},
+        )
+        self._refused(event, action, uid, what)
+        return _failure(STATUS_UNRECOGNIZED_OPERATION, what)
 
     @staticmethod
     def _decode(event: Event, name: str) -> dict[str, Any] | Dataset:

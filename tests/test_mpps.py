@@ -711,10 +711,29 @@ def test_steps_are_read_back_with_n_get(server: RunningServer, http: httpx.Clien
         assert every.PerformedProcedureStepEndTime == "103000"
         assert len(every.PerformedSeriesSequence) == 1
 
-        # The step is one instance of all three MPPS SOP Classes (F.8.2).
+        # F.8.2: an N-GET names the Retrieve SOP Class, not the MPPS SOP Class.
         status, same = modality.get(uid, [0x00400252], sop_class=MPPS)
-        assert status.Status == 0x0000
-        assert same is not None and same.PerformedProcedureStepStatus == "COMPLETED"
+        assert status.Status == 0x0211  # Unrecognized Operation
+        assert same is None
+
+        # Japanese names in UTF-8, then an N-SET in Latin-1: the step's character set is now
+        # Latin-1, which cannot hold the names; the reply is in ISO_IR 192 and both read back.
+        other = generate_uid()
+        japanese = in_progress(patient_id="MPPS-5", accession=accession_of(order))
+        japanese.SpecificCharacterSet = "ISO_IR 192"
+        japanese.PatientName = "山田^太郎"
+        assert modality.create(japanese, other).Status == 0x0000
+        latin = Dataset()
+        latin.SpecificCharacterSet = "ISO_IR 100"
+        latin.PerformedProcedureStepDescription = "Schädel"
+        assert modality.set(latin, other).Status == 0x0000
+        status, mixed = modality.get(other, [0x00100010, 0x00400254])
+        assert status.Status == 0x0000 and mixed is not None
+        assert mixed.SpecificCharacterSet == "ISO_IR 192"
+        assert (str(mixed.PatientName), mixed.PerformedProcedureStepDescription) == (
+            "山田^太郎",
+            "Schädel",
+        )
 
         status, nothing = modality.get(generate_uid(), [0x00400252])
         assert status.Status == 0x0112  # No Such Object Instance
@@ -726,9 +745,13 @@ def test_steps_are_read_back_with_n_get(server: RunningServer, http: httpx.Clien
         modality.close()
 
     reads = wait_for(lambda: [a for a in audit_rows(server, f"Procedure/{uid}") if a.action == "R"])
-    assert [(a.outcome, a.agent, a.patient_id) for a in reads] == [
-        (0, f"ae:{MODALITY_AE}", "MPPS-5")
-    ] * 3
+    study = step_row(server, uid).study_instance_uid
+    # Two reads; the N-GET of the MPPS SOP Class refused (minor failure).
+    assert [(a.outcome, a.agent, a.patient_id, a.study_uid) for a in reads] == [
+        (0, f"ae:{MODALITY_AE}", "MPPS-5", study),
+        (0, f"ae:{MODALITY_AE}", "MPPS-5", study),
+        (4, f"ae:{MODALITY_AE}", None, None),
+    ]
 
     # A declared peer without ``find`` may not read steps.
     echo_only = Modality(server, ae_title="ECHO_ONLY")
