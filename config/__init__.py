@@ -1,6 +1,6 @@
 """Settings and logging for pacsbridge (env vars ``PACSBRIDGE_*``, ``.env``, a TOML file)."""
 
-from config.logging import configure_logging
+from config.logging import configure_logging, dump_stacks_on_sigusr1
 from config.settings import (
     DestinationSettings,
     PeerSettings,
@@ -15,5 +15,6 @@ __all__ = [
     "RouteSettings",
     "Settings",
     "configure_logging",
+    "dump_stacks_on_sigusr1",
     "get_settings",
 ]

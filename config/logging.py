@@ -60,6 +60,19 @@ def bind_request_id(value: str | None) -> Iterator[None]:
         request_id.reset(token)
 
 
+def dump_stacks_on_sigusr1() -> None:
+    """``kill -USR1 <pid>`` writes the stack of every thread of this process to stderr (the
+    log): what a process that does not stop or answer is doing. Nothing where SIGUSR1 does not
+    exist."""
+    import faulthandler
+    import signal
+
+    usr1 = getattr(signal, "SIGUSR1", None)
+    if usr1 is not None:
+        with contextlib.suppress(ValueError, RuntimeError, OSError):
+            faulthandler.register(usr1, all_threads=True)
+
+
 def redact(text: str) -> str:
     """``text`` with bearer tokens, JWTs and the passwords of URLs replaced by
     ``[redacted]``."""

@@ -23,7 +23,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from config import Settings, configure_logging
+from config import Settings, configure_logging, dump_stacks_on_sigusr1
 
 app = typer.Typer(
     name="pacsbridge",
@@ -118,6 +118,7 @@ def serve(
     # Before any metric is made (by the imports below): this process and the ones it starts
     # count into the data dir's metrics folder, which /metrics sums (pacsbridge/metrics.py).
     prepare_multiprocess(settings, clean=True)
+    dump_stacks_on_sigusr1()  # kill -USR1: every thread's stack into the log
     from dicom_node import DimseServer, patches
     from dicom_node.tls import TLSConfigurationError
     from pacsbridge import http_server
@@ -634,6 +635,7 @@ def worker(data_dir: DataDir = None) -> None:
     # Its metrics (ingest of AI results, AI stages, charges) count into the data dir's metrics
     # folder: a `serve` on this data dir shows them (pacsbridge/metrics.py).
     prepare_multiprocess(settings)
+    dump_stacks_on_sigusr1()  # kill -USR1: every thread's stack into the log
     from pacsbridge.routing_jobs import install_arrival_routes
 
     archive = _archive(settings)

@@ -32,7 +32,7 @@ from multiprocessing.process import BaseProcess
 from multiprocessing.reduction import recv_handle, send_handle
 from typing import Any
 
-from config import Settings, configure_logging
+from config import Settings, configure_logging, dump_stacks_on_sigusr1
 from pacsbridge.metrics import mark_process_dead
 
 log = logging.getLogger(__name__)
@@ -111,8 +111,16 @@ def _child(settings_data: dict[str, Any], parent: Connection) -> None:
     patches.install(settings.log_level)
     configure_logging(settings.log_level, settings.log_format)
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    serving = threading.Event()
+
+    def on_sigterm(*_: Any) -> None:
+        if not serving.is_set():
+            raise SystemExit(0)  # still starting (the index, say): no association to finish
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
+    dump_stacks_on_sigusr1()
     from pacsbridge.routing_jobs import install_arrival_routes
 
     archive = Archive(settings, migrate=False)
@@ -124,6 +132,7 @@ def _child(settings_data: dict[str, Any], parent: Connection) -> None:
             parent.send_bytes(_CLOSED + address.encode())
 
     server = DimseServer(archive, settings, handed_over=True, on_connection_closed=closed)
+    serving.set()  # from here a SIGTERM lets the open associations finish
     server.start()
 
     def receive() -> None:

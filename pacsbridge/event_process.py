@@ -27,7 +27,7 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any
 
-from config import Settings, configure_logging
+from config import Settings, configure_logging, dump_stacks_on_sigusr1
 from pacsbridge.metrics import mark_process_dead
 
 log = logging.getLogger(__name__)
@@ -56,13 +56,22 @@ def _child(settings_data: dict[str, Any], parent: Connection, name: str) -> None
     prepare_multiprocess(settings)  # before any metric is made
     configure_logging(settings.log_level, settings.log_format)
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    delivering = threading.Event()
+
+    def on_sigterm(*_: Any) -> None:
+        if not delivering.is_set():
+            raise SystemExit(0)  # still starting (the index, say): nothing to finish
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
+    dump_stacks_on_sigusr1()
     from archive import Archive
     from pacsbridge.event_delivery import build_dispatcher
 
-    archive = Archive(settings, migrate=False)
+    archive: Archive | None = None
     try:
+        archive = Archive(settings, migrate=False)
         dispatcher = build_dispatcher(archive, settings, name, sync=False)
         if dispatcher is None:
             return
@@ -73,12 +82,14 @@ def _child(settings_data: dict[str, Any], parent: Connection, name: str) -> None
             stop.set()
 
         threading.Thread(target=watch_parent, name="events-parent", daemon=True).start()
+        delivering.set()  # from here a SIGTERM lets the delivery in progress end
         dispatcher.start()
         stop.wait()
         if not dispatcher.stop(settings.shutdown_timeout):
             log.warning("event delivery still running at exit; its lease lapses on its own")
     finally:
-        archive.close()
+        if archive is not None:
+            archive.close()
 
 
 class EventDeliveryProcess:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -251,9 +252,28 @@ class RunningServer:
             try:
                 self.proc.wait(20)
             except subprocess.TimeoutExpired:
+                # Not stopped: every thread's stack of it and its children into the log
+                # (SIGUSR1, config.logging.dump_stacks_on_sigusr1), then kill it.
+                for pid in (self.proc.pid, *child_pids(self.proc.pid)):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGUSR1)
+                time.sleep(1.0)
                 self.proc.kill()
                 self.proc.wait(10)
         return self.proc.returncode
+
+
+def child_pids(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (Linux /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid:
+                found.append(int(entry.name))
+    return found
 
 
 def start_server(backend: Backend, tmp_path: Path, **extra_env: str) -> RunningServer:

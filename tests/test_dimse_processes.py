@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,15 +13,10 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
-from tests.conftest import start_server
+from tests.conftest import child_pids, start_server
 from tests.dicom_factory import write_series
 
 pytestmark = pytest.mark.dcmtk
-
-
-def _children(pid: int) -> list[int]:
-    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True)
-    return [int(x) for x in out.stdout.split()]
 
 
 def _alive(pid: int) -> bool:
@@ -42,7 +36,7 @@ def test_associations_spread_over_processes_and_all_are_stored(make_backend, tmp
     backend = make_backend(dimse_processes=3)
     server = start_server(backend, tmp_path)
     try:
-        children = _children(server.proc.pid)
+        children = child_pids(server.proc.pid)
         assert len(children) >= 2, children  # the spawned acceptors (plus, maybe, a tracker)
         # /health reports the acceptors; all of them become ready.
         deadline = time.monotonic() + 60
@@ -84,7 +78,7 @@ def test_associations_spread_over_processes_and_all_are_stored(make_backend, tmp
 
 def test_acceptors_exit_when_the_parent_is_killed(make_backend, tmp_path: Path):
     server = start_server(make_backend(dimse_processes=2), tmp_path)
-    children = _children(server.proc.pid)
+    children = child_pids(server.proc.pid)
     assert children
     os.kill(server.proc.pid, signal.SIGKILL)
     server.proc.wait(10)
@@ -92,3 +86,36 @@ def test_acceptors_exit_when_the_parent_is_killed(make_backend, tmp_path: Path):
     while any(_alive(c) for c in children) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(_alive(c) for c in children)
+
+
+def test_sigusr1_writes_every_threads_stack_to_the_log(make_backend, tmp_path: Path):
+    """``kill -USR1`` on serve and on its child processes (the acceptor, the event delivery)
+    writes each one's threads' stacks into the log, and each goes on serving."""
+    server = start_server(make_backend(dimse_processes=2), tmp_path)
+    try:
+        deadline = time.monotonic() + 60
+        while len(child_pids(server.proc.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)  # the acceptor and the event delivery process
+        pids = [server.proc.pid, *child_pids(server.proc.pid)]
+        for pid in pids:
+            os.kill(pid, signal.SIGUSR1)
+        deadline = time.monotonic() + 20
+        while server.log().count("most recent call first") < len(pids):
+            assert time.monotonic() < deadline, server.log()[-3000:]
+            time.sleep(0.1)
+        assert 'File "' in server.log()
+        assert server.proc.poll() is None
+        assert all(_alive(pid) for pid in pids)
+    finally:
+        assert server.stop() == 0, server.log()[-3000:]
+
+
+def test_serve_stopped_as_soon_as_it_is_ready_stops_at_once(make_backend, tmp_path: Path):
+    """A SIGTERM while the child processes may still start: they end at once (a child that
+    has not started yet has nothing to let finish), and serve exits 0 before the harness
+    would kill it (20 s)."""
+    for attempt in range(3):
+        workdir = tmp_path / str(attempt)
+        workdir.mkdir()
+        server = start_server(make_backend(dimse_processes=2), workdir)
+        assert server.stop() == 0, server.log()[-3000:]
