@@ -101,6 +101,7 @@ def receive_connections(
 
 
 def _child(settings_data: dict[str, Any], parent: Connection) -> None:
+    dump_stacks_on_sigusr1()  # first: before it, SIGUSR1 would end the process
     from pacsbridge.metrics import prepare_multiprocess
 
     settings = Settings(**settings_data)
@@ -120,7 +121,6 @@ def _child(settings_data: dict[str, Any], parent: Connection) -> None:
 
     signal.signal(signal.SIGTERM, on_sigterm)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
-    dump_stacks_on_sigusr1()
     from pacsbridge.routing_jobs import install_arrival_routes
 
     archive = Archive(settings, migrate=False)

@@ -52,6 +52,7 @@ def _child(settings_data: dict[str, Any], parent: Connection, name: str) -> None
     from pacsbridge.metrics import prepare_multiprocess
 
     _name_process(PROCESS_NAME)
+    dump_stacks_on_sigusr1()  # first: before it, SIGUSR1 would end the process
     settings = Settings(**settings_data)
     prepare_multiprocess(settings)  # before any metric is made
     configure_logging(settings.log_level, settings.log_format)
@@ -65,7 +66,6 @@ def _child(settings_data: dict[str, Any], parent: Connection, name: str) -> None
 
     signal.signal(signal.SIGTERM, on_sigterm)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
-    dump_stacks_on_sigusr1()
     from archive import Archive
     from pacsbridge.event_delivery import build_dispatcher
 

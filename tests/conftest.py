@@ -254,7 +254,7 @@ class RunningServer:
             except subprocess.TimeoutExpired:
                 # Not stopped: every thread's stack of it and its children into the log
                 # (SIGUSR1, config.logging.dump_stacks_on_sigusr1), then kill it.
-                for pid in (self.proc.pid, *child_pids(self.proc.pid)):
+                for pid in (self.proc.pid, *child_pids(self.proc.pid, spawned=True)):
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGUSR1)
                 time.sleep(1.0)
@@ -263,16 +263,20 @@ class RunningServer:
         return self.proc.returncode
 
 
-def child_pids(pid: int) -> list[int]:
-    """The processes whose parent is ``pid`` (Linux /proc)."""
+def child_pids(pid: int, *, spawned: bool = False) -> list[int]:
+    """The processes whose parent is ``pid`` (Linux /proc); ``spawned``: only those it started
+    with multiprocessing (the DICOM acceptors, the event delivery), not its resource tracker."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         with contextlib.suppress(OSError, ValueError, IndexError):
             fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            if int(fields[1]) == pid:
-                found.append(int(entry.name))
+            if int(fields[1]) != pid:
+                continue
+            if spawned and b"spawn_main" not in (entry / "cmdline").read_bytes():
+                continue
+            found.append(int(entry.name))
     return found
 
 

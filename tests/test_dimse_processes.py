@@ -91,12 +91,21 @@ def test_acceptors_exit_when_the_parent_is_killed(make_backend, tmp_path: Path):
 def test_sigusr1_writes_every_threads_stack_to_the_log(make_backend, tmp_path: Path):
     """``kill -USR1`` on serve and on its child processes (the acceptor, the event delivery)
     writes each one's threads' stacks into the log, and each goes on serving."""
+    from pacsbridge.event_process import PROCESS_NAME
+
     server = start_server(make_backend(dimse_processes=2), tmp_path)
     try:
+        # Both children running their own code: the acceptor ready, the event delivery named.
         deadline = time.monotonic() + 60
-        while len(child_pids(server.proc.pid)) < 2 and time.monotonic() < deadline:
-            time.sleep(0.1)  # the acceptor and the event delivery process
-        pids = [server.proc.pid, *child_pids(server.proc.pid)]
+        while time.monotonic() < deadline:
+            health = httpx.get(f"{server.http}/health", timeout=10).json()["dimse_processes"]
+            children = child_pids(server.proc.pid, spawned=True)
+            names = {Path(f"/proc/{pid}/comm").read_text().strip() for pid in children}
+            if health["ready"] == health["configured"] and PROCESS_NAME in names:
+                break
+            time.sleep(0.1)
+        pids = [server.proc.pid, *children]
+        assert len(pids) == 3, pids
         for pid in pids:
             os.kill(pid, signal.SIGUSR1)
         deadline = time.monotonic() + 20

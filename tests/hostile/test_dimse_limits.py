@@ -404,11 +404,12 @@ def test_all_128_presentation_contexts_in_the_longest_request_are_answered(
             assert read_to_end(sock) == b""
 
     with Alongside(server, series):
-        for _ in range(16):
+        for _ in range(32):
             answered_in_full()
     # Each request takes the process that decodes it some 11 MB while it does; once the
-    # allocator's arenas hold that much (the requests above), 40 more leave no trace (keeping
-    # the decoded requests would take 400 MB).
+    # allocator's arenas of every DIMSE process hold that much (the requests above, spread
+    # over the processes by their load), 40 more leave no trace (keeping the decoded requests
+    # would take 400 MB).
     before = server_rss(server)
     for _ in range(40):
         answered_in_full()
