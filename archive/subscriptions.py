@@ -839,31 +839,25 @@ class Subscriptions:
     def owing_studies(self, subscription_id: int) -> set[str]:
         """The studies with a ``failed`` or ``held`` row of the subscription (their new events
         wait behind those rows)."""
-        with self.db.engine.connect() as conn:
-            return set(
-                conn.execute(
-                    select(_DELIVERY.c.study_instance_uid)
-                    .where(
-                        _DELIVERY.c.subscription_fk == subscription_id,
-                        _DELIVERY.c.status.in_(("failed", "held")),
-                        _DELIVERY.c.study_instance_uid.is_not(None),
-                    )
-                    .distinct()
-                ).scalars()
-            )
+        return self._studies_of(subscription_id, _DELIVERY.c.status.in_(("failed", "held")))
 
     def waiting_studies(self, subscription_id: int, now: datetime) -> set[str]:
         """The studies of the subscription's ``failed`` rows whose retry is later than ``now``:
         their later events wait behind them."""
+        return self._studies_of(
+            subscription_id, _DELIVERY.c.status == "failed", _DELIVERY.c.next_attempt_at > now
+        )
+
+    def _studies_of(self, subscription_id: int, *conditions: Any) -> set[str]:
+        """The studies of the subscription's delivery rows that meet ``conditions``."""
         with self.db.engine.connect() as conn:
             return set(
                 conn.execute(
                     select(_DELIVERY.c.study_instance_uid)
                     .where(
                         _DELIVERY.c.subscription_fk == subscription_id,
-                        _DELIVERY.c.status == "failed",
-                        _DELIVERY.c.next_attempt_at > now,
                         _DELIVERY.c.study_instance_uid.is_not(None),
+                        *conditions,
                     )
                     .distinct()
                 ).scalars()

@@ -43,7 +43,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any
@@ -589,15 +589,26 @@ def _recoded(
         return False
     reason = f"re-coded as {how}: " + ", ".join(k.removeprefix(prefix) for k in keys)
     change = dataclasses.replace(audit, action="U") if audit is not None else None
-    for charge in others:
+    _void(session, others, actor, reason, change)
+    return True
+
+
+def _void(
+    session: Session,
+    charges: Sequence[ChargeItem],
+    actor: str,
+    reason: str,
+    audit: AuditEvent | None,
+) -> None:
+    """The charges become entered-in-error, each with its charge event and ``audit``."""
+    for charge in charges:
         _change(session, charge, {"status": ENTERED_IN_ERROR}, actor, reason)
         _audit_capture(
             session,
-            change,
+            audit,
             charge.id,
             {"patient_id": charge.patient_id, "study_instance_uid": charge.study_instance_uid},
         )
-    return True
 
 
 def capture_technical(
@@ -844,14 +855,7 @@ def void_study(
             .order_by(ChargeItem.id)
             .with_for_update()
         ).all()
-        for charge in charges:
-            _change(session, charge, {"status": ENTERED_IN_ERROR}, actor, reason)
-            _audit_capture(
-                session,
-                audit,
-                charge.id,
-                {"patient_id": charge.patient_id, "study_instance_uid": charge.study_instance_uid},
-            )
+        _void(session, charges, actor, reason, audit)
         return len(charges)
 
 
