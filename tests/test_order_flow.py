@@ -113,6 +113,23 @@ def order(fhirpy: Any, patient: str, code: str, display: str) -> Any:
     return request
 
 
+def flow_patient(
+    fhirpy: Any, value: str, given: str, *, gender: str | None = None, birth_date: str | None = None
+) -> Any:
+    """A Patient of the EHR, created over FHIR (Patient ID ``value``, family name Flow)."""
+    fields: dict[str, Any] = {
+        "identifier": [{"system": PATIENT_SYSTEM, "value": value}],
+        "name": [{"family": "Flow", "given": [given]}],
+    }
+    if gender:
+        fields["gender"] = gender
+    if birth_date:
+        fields["birthDate"] = birth_date
+    patient = fhirpy.resource("Patient", **fields)
+    patient.save()
+    return patient
+
+
 def worklist(server: RunningServer, out: Path) -> list[Dataset]:
     """``findscu -W`` for today's CT station's scheduled steps: the items as data sets."""
     tool = require_tool("findscu")
@@ -234,14 +251,7 @@ def sign_report(fhirpy: Any, patient: str, study: str, conclusion: str) -> Any:
 def test_order_to_worklist_to_mpps_images_and_charge(
     server: RunningServer, fhirpy: Any, workdir: Path
 ) -> None:
-    patient = fhirpy.resource(
-        "Patient",
-        identifier=[{"system": PATIENT_SYSTEM, "value": "FLOW-1"}],
-        name=[{"family": "Flow", "given": ["Olivia"]}],
-        gender="female",
-        birthDate="1970-01-01",
-    )
-    patient.save()
+    patient = flow_patient(fhirpy, "FLOW-1", "Olivia", gender="female", birth_date="1970-01-01")
     placed = order(fhirpy, patient.id, "24725-4", "CT Head")
 
     (item,) = worklist(server, workdir / "wl-1")
@@ -317,14 +327,7 @@ def test_images_tied_by_requested_procedure_id_at_stable_time(
 ) -> None:
     """A modality without MPPS that makes its own Study Instance UID and keeps only the
     Requested Procedure ID: the stable study takes the order over."""
-    patient = fhirpy.resource(
-        "Patient",
-        identifier=[{"system": PATIENT_SYSTEM, "value": "FLOW-2"}],
-        name=[{"family": "Flow", "given": ["Peter"]}],
-        gender="male",
-        birthDate="1960-01-01",
-    )
-    patient.save()
+    patient = flow_patient(fhirpy, "FLOW-2", "Peter", gender="male", birth_date="1960-01-01")
     placed = order(fhirpy, patient.id, "24725-4", "CT Head")
     (item,) = [i for i in worklist(server, workdir / "wl-3") if str(i.PatientID) == "FLOW-2"]
     item.StudyInstanceUID = generate_uid()  # the modality's own
@@ -369,12 +372,7 @@ def test_an_order_placed_after_its_images_recodes_the_study_charge(
     """Images that came before their order (the accession number the EHR gives the order
     later): charged as their series show, then, at the next capture once the order is known,
     re-coded as ordered: the first charge voided, never both billable."""
-    patient = fhirpy.resource(
-        "Patient",
-        identifier=[{"system": PATIENT_SYSTEM, "value": "FLOW-4"}],
-        name=[{"family": "Flow", "given": ["Lena"]}],
-    )
-    patient.save()
+    patient = flow_patient(fhirpy, "FLOW-4", "Lena")
     walk_in = Dataset()
     walk_in.StudyInstanceUID = study = generate_uid()
     walk_in.AccessionNumber = "LATE-4"
@@ -459,12 +457,7 @@ def test_one_acquisition_for_two_orders_charges_both(
 ) -> None:
     """IHE RAD SWF group case: a CT head and a CT chest ordered, performed in one step and one
     study. Both orders complete, and each ordered procedure is a technical charge."""
-    patient = fhirpy.resource(
-        "Patient",
-        identifier=[{"system": PATIENT_SYSTEM, "value": "FLOW-5"}],
-        name=[{"family": "Flow", "given": ["Gus"]}],
-    )
-    patient.save()
+    patient = flow_patient(fhirpy, "FLOW-5", "Gus")
     head = order(fhirpy, patient.id, "24725-4", "CT Head")
     chest = order(fhirpy, patient.id, "24627-2", "CT Chest")
     items = [i for i in worklist(server, workdir / "wl-5") if str(i.PatientID) == "FLOW-5"]
@@ -502,14 +495,7 @@ def charge_events_of(server: RunningServer, charge_id: int) -> list[tuple[str, s
 def test_a_cancelled_order_leaves_the_worklist(
     server: RunningServer, fhirpy: Any, workdir: Path
 ) -> None:
-    patient = fhirpy.resource(
-        "Patient",
-        identifier=[{"system": PATIENT_SYSTEM, "value": "FLOW-3"}],
-        name=[{"family": "Flow", "given": ["Clara"]}],
-        gender="female",
-        birthDate="1980-01-01",
-    )
-    patient.save()
+    patient = flow_patient(fhirpy, "FLOW-3", "Clara", gender="female", birth_date="1980-01-01")
     placed = order(fhirpy, patient.id, "24627-2", "CT Chest")
     listed = [str(i.PatientID) for i in worklist(server, workdir / "wl-4")]
     assert "FLOW-3" in listed
